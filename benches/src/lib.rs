@@ -1,0 +1,1 @@
+//! Cross-crate benchmarks; the per-codec criterion benches live beside their crates.
