@@ -1,1 +1,179 @@
-//! wip
+//! The message bus between fleetgate services.
+//!
+//! One trait, [`Bus`], with two implementations: [`InProcessBus`] (the default, for `fleetgate
+//! up` on one machine: no network, bounded channels) and [`NatsBus`] (3/ISM over a NATS server,
+//! for replicas). [`AnyBus`] picks one at run time without dynamic dispatch. Both follow NATS
+//! semantics: `.`-separated subjects with `*` and `>` wildcards, queue groups that hand each
+//! message to one member, and an optional reply subject per message. [`Requester`] correlates
+//! replies by the 3/ISM `correlationId`.
+//!
+//! Publishing is bounded in both: when subscribers (in-process) or the NATS connection are
+//! slow, `publish` waits, so that whoever reads from devices slows down instead of buffering.
+//!
+//! This crate moves bytes; it does not know the Avro records (see `fleetgate-messages`).
+
+mod in_process;
+mod nats;
+mod requester;
+mod subject;
+
+use std::future::Future;
+
+use bytes::Bytes;
+
+pub use async_nats::Subject;
+pub use in_process::InProcessBus;
+pub use nats::{NatsBus, NatsOptions};
+pub use requester::Requester;
+pub use subject::{is_valid_subject, subject_matches};
+
+/// One message on the bus.
+#[derive(Debug, Clone)]
+pub struct Message {
+    /// The subject it was published to.
+    pub subject: Subject,
+    /// Where the receiver should answer, if anywhere.
+    pub reply: Option<Subject>,
+    /// The payload (an Avro datum for every 3/ISM message).
+    pub payload: Bytes,
+}
+
+/// Why a bus operation failed. Always the backend's or the configuration's fault, never a
+/// device's.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// A request (a message with a reply subject) found no subscriber at all. Only the
+    /// in-process bus can know this; on NATS the request times out instead.
+    #[error("no subscriber for `{0}`")]
+    NoResponders(String),
+    /// The subject is not a valid NATS subject.
+    #[error("invalid subject `{0}`")]
+    InvalidSubject(String),
+    /// The bus was shut down.
+    #[error("the bus is closed")]
+    Closed,
+    /// No answer within the time allowed.
+    #[error("no reply on `{0}` in time")]
+    Timeout(String),
+    /// The NATS client reported an error.
+    #[error("NATS: {0}")]
+    Nats(String),
+}
+
+/// A stream of messages from [`Bus::subscribe`]. Dropping it unsubscribes.
+pub struct Subscription {
+    inner: SubscriptionInner,
+}
+
+enum SubscriptionInner {
+    InProcess(in_process::InProcessSubscription),
+    Nats(async_nats::Subscriber),
+}
+
+impl Subscription {
+    /// The next message, or `None` once the bus is gone.
+    pub async fn next(&mut self) -> Option<Message> {
+        match &mut self.inner {
+            SubscriptionInner::InProcess(sub) => sub.next().await,
+            SubscriptionInner::Nats(sub) => {
+                use futures_util::StreamExt;
+                loop {
+                    let m = sub.next().await?;
+                    // Status messages (no responders and the like) carry no 3/ISM payload.
+                    if m.status.is_some() && m.payload.is_empty() {
+                        continue;
+                    }
+                    return Some(Message {
+                        subject: m.subject,
+                        reply: m.reply,
+                        payload: m.payload,
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// A 3/ISM message bus.
+pub trait Bus: Clone + Send + Sync + 'static {
+    /// Publishes `payload` to `subject`, asking for answers on `reply`. Returns when the bus
+    /// has accepted the message (in-process: queued to every receiver; NATS: queued in the
+    /// client's bounded outgoing buffer), waiting while it is full.
+    fn publish(
+        &self,
+        subject: Subject,
+        reply: Option<Subject>,
+        payload: Bytes,
+    ) -> impl Future<Output = Result<(), BusError>> + Send;
+
+    /// Subscribes to `subject` (wildcards allowed), in `queue_group` when given: each message
+    /// then goes to one member of the group.
+    fn subscribe(
+        &self,
+        subject: &str,
+        queue_group: Option<&str>,
+    ) -> impl Future<Output = Result<Subscription, BusError>> + Send;
+
+    /// Waits until everything subscribed and published so far has reached the bus (NATS: a
+    /// round trip through the server).
+    fn flush(&self) -> impl Future<Output = Result<(), BusError>> + Send;
+}
+
+/// The bus chosen by configuration: in-process unless a NATS URL is set.
+#[derive(Clone)]
+pub enum AnyBus {
+    /// In-process channels.
+    InProcess(InProcessBus),
+    /// A NATS connection.
+    Nats(NatsBus),
+}
+
+impl Bus for AnyBus {
+    async fn publish(
+        &self,
+        subject: Subject,
+        reply: Option<Subject>,
+        payload: Bytes,
+    ) -> Result<(), BusError> {
+        match self {
+            AnyBus::InProcess(b) => b.publish(subject, reply, payload).await,
+            AnyBus::Nats(b) => b.publish(subject, reply, payload).await,
+        }
+    }
+
+    async fn subscribe(
+        &self,
+        subject: &str,
+        queue_group: Option<&str>,
+    ) -> Result<Subscription, BusError> {
+        match self {
+            AnyBus::InProcess(b) => b.subscribe(subject, queue_group).await,
+            AnyBus::Nats(b) => b.subscribe(subject, queue_group).await,
+        }
+    }
+
+    async fn flush(&self) -> Result<(), BusError> {
+        match self {
+            AnyBus::InProcess(b) => b.flush().await,
+            AnyBus::Nats(b) => b.flush().await,
+        }
+    }
+}
+
+impl AnyBus {
+    /// `in-process` or `nats`, for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AnyBus::InProcess(_) => "in-process",
+            AnyBus::Nats(_) => "nats",
+        }
+    }
+
+    /// Whether the bus can carry messages right now (NATS: connected).
+    pub fn is_connected(&self) -> bool {
+        match self {
+            AnyBus::InProcess(_) => true,
+            AnyBus::Nats(b) => b.is_connected(),
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! The NATS bus against a real `nats-server` child process.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use fleetgate_bus::{Bus, NatsBus, NatsOptions, Subject};
+use fleetgate_testkit::NatsServer;
+
+async fn connect(server: &NatsServer, name: &str) -> NatsBus {
+    NatsBus::connect(&NatsOptions::new(server.url(), name))
+        .await
+        .expect("connect")
+}
+
+async fn next_payload(sub: &mut fleetgate_bus::Subscription) -> Option<Bytes> {
+    tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .ok()
+        .flatten()
+        .map(|m| m.payload)
+}
+
+#[tokio::test]
+async fn publish_subscribe_with_reply_subject() {
+    let server = NatsServer::start();
+    let a = connect(&server, "a").await;
+    let b = connect(&server, "b").await;
+    let mut sub = b
+        .subscribe("kaa.v1.service.dcx.esp.ClientData", Some("dcx"))
+        .await
+        .expect("sub");
+    b.flush().await.expect("flush");
+    a.publish(
+        Subject::from_static("kaa.v1.service.dcx.esp.ClientData"),
+        Some(Subject::from_static(
+            "kaa.v1.replica.gw-1.esp.ExtensionData",
+        )),
+        Bytes::from_static(b"x"),
+    )
+    .await
+    .expect("publish");
+    let msg = tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .expect("in time")
+        .expect("msg");
+    assert_eq!(&msg.payload[..], b"x");
+    assert_eq!(
+        msg.reply.as_deref(),
+        Some("kaa.v1.replica.gw-1.esp.ExtensionData")
+    );
+}
+
+#[tokio::test]
+async fn queue_group_members_share_messages() {
+    let server = NatsServer::start();
+    let publisher = connect(&server, "p").await;
+    let r1 = connect(&server, "r1").await;
+    let r2 = connect(&server, "r2").await;
+    let mut s1 = r1.subscribe("svc", Some("g")).await.expect("sub");
+    let mut s2 = r2.subscribe("svc", Some("g")).await.expect("sub");
+    r1.flush().await.expect("flush");
+    r2.flush().await.expect("flush");
+    for i in 0..200u32 {
+        publisher
+            .publish(
+                Subject::from_static("svc"),
+                None,
+                Bytes::from(i.to_string()),
+            )
+            .await
+            .expect("publish");
+    }
+    publisher.flush().await.expect("flush");
+    let (mut n1, mut n2) = (0, 0);
+    while n1 + n2 < 200 {
+        tokio::select! {
+            Some(_) = next_payload(&mut s1) => n1 += 1,
+            Some(_) = next_payload(&mut s2) => n2 += 1,
+            else => break,
+        }
+    }
+    assert_eq!(n1 + n2, 200, "every message reaches exactly one member");
+    assert!(n1 > 0 && n2 > 0, "both members get a share: {n1} / {n2}");
+}
+
+#[tokio::test]
+async fn reconnects_after_a_server_restart() {
+    let mut server = NatsServer::start();
+    let a = connect(&server, "a").await;
+    let mut sub = a.subscribe("x", None).await.expect("sub");
+    server.restart();
+    // The client reconnects and resubscribes by itself.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        a.publish(
+            Subject::from_static("x"),
+            None,
+            Bytes::from_static(b"after"),
+        )
+        .await
+        .expect("publish");
+        if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(300), sub.next()).await {
+            assert_eq!(&m.payload[..], b"after");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no message after restart"
+        );
+    }
+}
+
+#[tokio::test]
+async fn connect_failure_names_the_url() {
+    let port = fleetgate_testkit::free_port();
+    let mut options = NatsOptions::new(format!("nats://127.0.0.1:{port}"), "x");
+    options.connect_timeout = Duration::from_millis(500);
+    let err = NatsBus::connect(&options).await.err().expect("must fail");
+    assert!(err.to_string().contains(&port.to_string()), "{err}");
+}
