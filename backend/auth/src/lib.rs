@@ -1,1 +1,410 @@
-//! wip
+//! The endpoint and client authentication provider (16/ECAP), backed by configuration.
+//!
+//! Answers `ep-token-request` from the endpoints listed in `auth.endpoints` (or, with
+//! `auth.auto_register`, makes any token an endpoint: for load tests), and
+//! `client-username-password-request` from `auth.clients` (anonymous clients are let in when
+//! `auth.allow_anonymous`). fleetgate passes the app version name as the 16/ECAP `appName`, so a
+//! token belongs to one app version.
+//!
+//! It knows the bus and the Avro records; it keeps no state beyond its configuration, so any
+//! number of replicas can share the queue group. It does not store credentials elsewhere, rotate
+//! tokens or publish revocations yet.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use fleetgate_bus::{Bus, BusError, Message, Subject, now_ms};
+use fleetgate_messages::{
+    ClientUsernamePasswordValidationRequest, ClientUsernamePasswordValidationResponse,
+    EndpointTokenValidationRequest, EndpointTokenValidationResponse, Record, subjects,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+/// Auth provider settings (`auth.*`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Service instance name: `kaa.v1.service.<instance>.ecap.*`, queue group `<instance>`.
+    pub instance: String,
+    /// Any token is a valid endpoint whose id is derived from app version and token. For load
+    /// tests; never in production.
+    pub auto_register: bool,
+    /// Known endpoints.
+    pub endpoints: Vec<EndpointEntry>,
+    /// Known clients (MQTT user names and passwords).
+    pub clients: Vec<ClientEntry>,
+    /// Whether a client that presents no user name may connect.
+    pub allow_anonymous: bool,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            instance: "auth".into(),
+            auto_register: false,
+            endpoints: Vec::new(),
+            clients: Vec::new(),
+            allow_anonymous: true,
+        }
+    }
+}
+
+/// An endpoint and its token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointEntry {
+    /// App version name (the 16/ECAP `appName` fleetgate sends).
+    pub app_version: String,
+    /// The endpoint token devices put in 1/KP paths.
+    pub token: String,
+    /// The endpoint id extensions see.
+    pub endpoint_id: String,
+}
+
+/// A client credential.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientEntry {
+    /// MQTT user name.
+    pub username: String,
+    /// MQTT password.
+    pub password: String,
+    /// Client id reported to the gateway; the user name when unset.
+    #[serde(default)]
+    pub client_id: Option<String>,
+}
+
+/// Why the provider could not start. A configuration or backend fault.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    /// The instance name cannot be a subject token.
+    #[error("auth.instance: `{0}` is not a valid subject token")]
+    InvalidInstance(String),
+    /// Two entries for one app version and token.
+    #[error("auth.endpoints: token `{token}` of app version `{app_version}` is listed twice")]
+    DuplicateToken {
+        /// App version.
+        app_version: String,
+        /// Token.
+        token: String,
+    },
+    /// The bus refused a subscription.
+    #[error("auth: cannot subscribe: {0}")]
+    Bus(#[from] BusError),
+}
+
+/// A running provider replica.
+pub struct AuthProvider {
+    task: tokio::task::JoinHandle<()>,
+}
+
+struct Directory {
+    auto_register: bool,
+    allow_anonymous: bool,
+    endpoints: HashMap<(String, String), String>,
+    clients: HashMap<String, ClientEntry>,
+}
+
+impl AuthProvider {
+    /// Subscribes (and waits until the bus has the subscriptions) and serves until `shutdown`.
+    pub async fn start<B: Bus>(
+        bus: B,
+        config: AuthConfig,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<Self, AuthError> {
+        if !subjects::is_valid_token(&config.instance) {
+            return Err(AuthError::InvalidInstance(config.instance));
+        }
+        let mut endpoints = HashMap::new();
+        for e in &config.endpoints {
+            let key = (e.app_version.clone(), e.token.clone());
+            if endpoints.insert(key, e.endpoint_id.clone()).is_some() {
+                return Err(AuthError::DuplicateToken {
+                    app_version: e.app_version.clone(),
+                    token: e.token.clone(),
+                });
+            }
+        }
+        if config.auto_register {
+            tracing::warn!("auth.auto_register is on: every token is accepted as an endpoint");
+        }
+        let directory = Arc::new(Directory {
+            auto_register: config.auto_register,
+            allow_anonymous: config.allow_anonymous,
+            endpoints,
+            clients: config
+                .clients
+                .iter()
+                .map(|c| (c.username.clone(), c.clone()))
+                .collect(),
+        });
+        let group = Some(config.instance.as_str());
+        let mut tokens = bus
+            .subscribe(&subjects::ecap_token_request(&config.instance), group)
+            .await?;
+        let mut passwords = bus
+            .subscribe(
+                &subjects::ecap_username_password_request(&config.instance),
+                group,
+            )
+            .await?;
+        bus.flush().await?;
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    Some(m) = tokens.next() => answer(&bus, m, |p| directory.validate_token(p)).await,
+                    Some(m) = passwords.next() => answer(&bus, m, |p| directory.validate_client(p)).await,
+                    _ = fleetgate_bus::stopped(&mut shutdown) => break,
+                    else => break,
+                }
+            }
+        });
+        tracing::info!(instance = %config.instance, "auth provider started");
+        Ok(Self { task })
+    }
+
+    /// Waits until the provider has stopped.
+    pub async fn join(self) {
+        let _ = self.task.await;
+    }
+}
+
+async fn answer<B: Bus>(
+    bus: &B,
+    msg: Message,
+    respond: impl FnOnce(&[u8]) -> Option<bytes::Bytes>,
+) {
+    let Some(reply) = msg.reply else {
+        tracing::warn!(subject = %msg.subject, "16/ECAP request without reply subject dropped");
+        return;
+    };
+    let Some(response) = respond(&msg.payload) else {
+        return;
+    };
+    if let Err(e) = bus.publish(reply, None, response).await {
+        tracing::warn!(error = %e, "cannot answer a 16/ECAP request");
+    }
+}
+
+impl Directory {
+    fn validate_token(&self, payload: &[u8]) -> Option<bytes::Bytes> {
+        let request = EndpointTokenValidationRequest::decode(payload)
+            .inspect_err(|e| tracing::warn!(error = %e, "undecodable ep-token-request dropped"))
+            .ok()?;
+        let key = (request.app_name.to_owned(), request.token.to_owned());
+        let endpoint_id = match self.endpoints.get(&key) {
+            Some(id) => Some(id.clone()),
+            None if self.auto_register => {
+                Some(derived_endpoint_id(request.app_name, request.token))
+            }
+            None => None,
+        };
+        let token_id = endpoint_id.as_ref().map(|id| format!("token-{id}"));
+        let response = EndpointTokenValidationResponse {
+            correlation_id: request.correlation_id,
+            timestamp_ms: now_ms(),
+            timeout_ms: 0,
+            token_id: token_id.as_deref(),
+            endpoint_id: endpoint_id.as_deref(),
+            status_code: if endpoint_id.is_some() { 200 } else { 401 },
+            reason_phrase: endpoint_id.is_none().then_some("unknown endpoint token"),
+        };
+        Some(response.to_bytes())
+    }
+
+    fn validate_client(&self, payload: &[u8]) -> Option<bytes::Bytes> {
+        let request = ClientUsernamePasswordValidationRequest::decode(payload)
+            .inspect_err(|e| tracing::warn!(error = %e, "undecodable password request dropped"))
+            .ok()?;
+        let (status, client_id, reason) = match request.username {
+            None if self.allow_anonymous => (200, None, None),
+            None => (401, None, Some("user name required")),
+            Some(user) => match self.clients.get(user) {
+                Some(c)
+                    if constant_time_eq(
+                        c.password.as_bytes(),
+                        request.password.unwrap_or("").as_bytes(),
+                    ) =>
+                {
+                    (
+                        200,
+                        Some(c.client_id.clone().unwrap_or_else(|| c.username.clone())),
+                        None,
+                    )
+                }
+                _ => (401, None, Some("bad user name or password")),
+            },
+        };
+        let response = ClientUsernamePasswordValidationResponse {
+            correlation_id: request.correlation_id,
+            timestamp_ms: now_ms(),
+            timeout_ms: 0,
+            credential_id: client_id.as_deref(),
+            client_id: client_id.as_deref(),
+            status_code: status,
+            reason_phrase: reason,
+        };
+        Some(response.to_bytes())
+    }
+}
+
+/// A stable endpoint id for an auto-registered token: the same on every replica and restart.
+pub fn derived_endpoint_id(app_version: &str, token: &str) -> String {
+    // FNV-1a, 64 bit: stable across processes, unlike std's randomly keyed hasher.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in app_version.bytes().chain([b'/']).chain(token.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("ep-{h:016x}")
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The subject a consumer sends token validation requests to, for tests and tools.
+pub fn token_request_subject(instance: &str) -> Subject {
+    Subject::from(subjects::ecap_token_request(instance))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use fleetgate_bus::{InProcessBus, Requester};
+
+    use super::*;
+
+    fn correlation(p: &[u8]) -> Option<&str> {
+        fleetgate_messages::avro::Reader::new(p)
+            .str("correlationId")
+            .ok()
+    }
+
+    async fn provider(config: AuthConfig) -> (InProcessBus, watch::Sender<bool>) {
+        let bus = InProcessBus::new(64);
+        let (stop, rx) = watch::channel(false);
+        AuthProvider::start(bus.clone(), config, rx)
+            .await
+            .expect("start");
+        (bus, stop)
+    }
+
+    async fn validate(bus: &InProcessBus, app: &str, token: &str) -> (i32, Option<String>) {
+        let requester = Requester::start(
+            bus.clone(),
+            Subject::from_static("me.ecap.ep-token-response"),
+            correlation,
+        )
+        .await
+        .expect("requester");
+        let request = EndpointTokenValidationRequest {
+            correlation_id: "c1",
+            timestamp_ms: now_ms(),
+            timeout_ms: 0,
+            app_name: app,
+            token,
+        };
+        let reply = requester
+            .request(
+                token_request_subject("auth"),
+                "c1",
+                request.to_bytes(),
+                Duration::from_secs(2),
+            )
+            .await
+            .expect("reply");
+        let r = EndpointTokenValidationResponse::decode(&reply.payload).expect("decode");
+        (r.status_code, r.endpoint_id.map(str::to_owned))
+    }
+
+    fn endpoint(app: &str, token: &str, id: &str) -> EndpointEntry {
+        EndpointEntry {
+            app_version: app.into(),
+            token: token.into(),
+            endpoint_id: id.into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn known_and_unknown_tokens() {
+        let config = AuthConfig {
+            endpoints: vec![endpoint("demo-v1", "t1", "ep-1")],
+            ..Default::default()
+        };
+        let (bus, _stop) = provider(config).await;
+        assert_eq!(
+            validate(&bus, "demo-v1", "t1").await,
+            (200, Some("ep-1".into()))
+        );
+        assert_eq!(validate(&bus, "demo-v1", "t2").await, (401, None));
+        assert_eq!(validate(&bus, "demo-v2", "t1").await, (401, None));
+    }
+
+    #[tokio::test]
+    async fn auto_register_accepts_any_token_stably() {
+        let (bus, _stop) = provider(AuthConfig {
+            auto_register: true,
+            ..Default::default()
+        })
+        .await;
+        let (status, id) = validate(&bus, "demo-v1", "anything").await;
+        assert_eq!(status, 200);
+        assert_eq!(id, Some(derived_endpoint_id("demo-v1", "anything")));
+        assert_ne!(
+            derived_endpoint_id("demo-v1", "a"),
+            derived_endpoint_id("demo-v1", "b")
+        );
+    }
+
+    #[tokio::test]
+    async fn duplicate_tokens_are_a_config_error() {
+        let config = AuthConfig {
+            endpoints: vec![endpoint("a", "t", "1"), endpoint("a", "t", "2")],
+            ..Default::default()
+        };
+        let (_stop, rx) = watch::channel(false);
+        let err = AuthProvider::start(InProcessBus::new(4), config, rx)
+            .await
+            .err()
+            .expect("error");
+        assert!(err.to_string().contains("listed twice"), "{err}");
+    }
+
+    #[test]
+    fn passwords() {
+        let d = Directory {
+            auto_register: false,
+            allow_anonymous: false,
+            endpoints: HashMap::new(),
+            clients: [(
+                "dev".to_owned(),
+                ClientEntry {
+                    username: "dev".into(),
+                    password: "pw".into(),
+                    client_id: None,
+                },
+            )]
+            .into_iter()
+            .collect(),
+        };
+        let check = |user: Option<&str>, pw: Option<&str>| {
+            let req = ClientUsernamePasswordValidationRequest {
+                correlation_id: "c",
+                timestamp_ms: 0,
+                timeout_ms: 0,
+                username: user,
+                password: pw,
+            };
+            let bytes = d.validate_client(&req.to_bytes()).expect("answer");
+            let r = ClientUsernamePasswordValidationResponse::decode(&bytes).expect("decode");
+            (r.status_code, r.client_id.map(str::to_owned))
+        };
+        assert_eq!(check(Some("dev"), Some("pw")), (200, Some("dev".into())));
+        assert_eq!(check(Some("dev"), Some("px")), (401, None));
+        assert_eq!(check(Some("who"), Some("pw")), (401, None));
+        assert_eq!(check(None, None), (401, None));
+    }
+}

@@ -177,3 +177,31 @@ impl AnyBus {
         }
     }
 }
+
+/// Milliseconds since the Unix epoch, the unit of every 3/ISM `timestamp`.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Whether a 3/ISM message created at `timestamp_ms` with `timeout_ms` (0: never) has expired.
+pub fn is_expired(timestamp_ms: i64, timeout_ms: i64) -> bool {
+    timeout_ms > 0 && now_ms() > timestamp_ms.saturating_add(timeout_ms)
+}
+
+/// A replica id for a service instance: `<instance>-<8 hex digits>`, unique per process start.
+/// Replica ids are subject tokens (`kaa.v1.replica.<id>...`), so they contain no `.`.
+pub fn new_replica_id(instance: &str) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.write_i64(now_ms());
+    format!("{instance}-{:08x}", h.finish() as u32)
+}
+
+/// Resolves once `shutdown` turns true (or its sender is gone): the stop signal every service
+/// loop selects on.
+pub async fn stopped(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
