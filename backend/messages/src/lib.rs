@@ -77,6 +77,12 @@ pub trait Record<'a>: Sized {
     }
 }
 
+/// The `correlationId` of any 3/ISM record here (it is every record's first field), without
+/// decoding the rest: what a requester needs to match a reply to its request.
+pub fn correlation_id(payload: &[u8]) -> Option<&str> {
+    avro::Reader::new(payload).str(header::CORRELATION_ID).ok()
+}
+
 /// The 3/ISM common fields that open every record here: `correlationId`, `timestamp`,
 /// `timeout`.
 pub(crate) mod header {

@@ -97,6 +97,21 @@ pub trait KpHandler: Send + Sync + 'static {
         request: KpRequest,
     ) -> impl Future<Output = Result<(), KpError>> + Send;
 
+    /// The session asks for copies of responses and pushes whose path matches `filter` (MQTT
+    /// topic filter syntax: `+` one level, `#` the rest), besides those for its own requests,
+    /// which it gets anyway. Copies carry `tag`. An error refuses the filter (401 unknown token,
+    /// 403 a filter that does not name one endpoint token, 404 unknown app version or
+    /// extension).
+    fn subscribe(
+        &self,
+        session: SessionId,
+        filter: &str,
+        tag: u64,
+    ) -> impl Future<Output = Result<(), KpError>> + Send;
+
+    /// Cancels [`KpHandler::subscribe`]; false when there was no such subscription.
+    fn unsubscribe(&self, session: SessionId, filter: &str) -> bool;
+
     /// The session has ended (disconnect, error or timeout). Idempotent.
     fn close_session(&self, session: SessionId);
 }

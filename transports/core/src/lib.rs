@@ -7,6 +7,7 @@
 //! error body. It knows nothing of sockets, the bus or any extension's payloads.
 
 mod handler;
+pub mod metrics;
 mod status;
 mod topic;
 

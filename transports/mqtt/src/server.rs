@@ -1,1 +1,808 @@
-//! placeholder
+//! The tokio glue: a TCP listener and one task per MQTT connection, feeding 1/KP requests to a
+//! [`KpHandler`] and writing its responses and pushes back as PUBLISH packets.
+//!
+//! fleetgate is not a broker (DESIGN decision 2): responses and pushes for a connection's
+//! endpoints are written to that connection whether or not it subscribed. A client may also
+//! subscribe to filters that name an endpoint token (`kp1/<appver>/<ext>/<token>/...`) to get
+//! copies of that endpoint's responses and pushes, e.g. a `mosquitto_sub` beside a
+//! `mosquitto_pub`; filters that do not name a token are refused. QoS 2 is refused (MQTT 5: DISCONNECT
+//! 0x9B after CONNACK advertised Maximum QoS 1; 3.1.1, which has no way to refuse: the
+//! connection is closed). Retained messages and wills are not supported.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use fleetgate_transport_core::metrics::{Counter, Gauge, write_metric};
+use fleetgate_transport_core::{
+    ClientCredentials, KpError, KpHandler, KpOutcome, KpRequest, KpResponse, KpTopic, SessionId,
+    Transport,
+};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::codec::{
+    AckProperties, Codec, ConnAck, ConnAckProperties, Connect, DecodeError, Disconnect,
+    DisconnectProperties, Packet, ProtocolVersion, PubAck, Publish, PublishHeader, QoS, ReasonCode,
+    SubAck, Subscribe, UnsubAck, Unsubscribe,
+};
+
+/// MQTT listener settings (`transports.mqtt.*`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MqttConfig {
+    /// Whether to listen at all.
+    pub enabled: bool,
+    /// Address and port to listen on.
+    pub listen: SocketAddr,
+    /// Share the port with other processes (SO_REUSEPORT), for several gateway replicas on one
+    /// host. Off by default, so that a port taken by something else is a start-up error.
+    pub reuse_port: bool,
+    /// Largest packet accepted from a client, fixed header included; larger ones close the
+    /// connection (MQTT 5: DISCONNECT 0x95) before their body is read.
+    pub max_packet_size_bytes: u32,
+    /// Time a new connection has to send CONNECT.
+    pub connect_timeout_ms: u64,
+    /// Longest keep-alive granted; a client asking for more (or for none) gets this (MQTT 5
+    /// Server Keep Alive). 0: whatever the client asks.
+    pub max_keep_alive_secs: u16,
+    /// QoS 1 PUBLISH packets a client may have unacknowledged (MQTT 5 Receive Maximum).
+    pub receive_maximum: u16,
+    /// Topic aliases a client may use (MQTT 5 Topic Alias Maximum).
+    pub topic_alias_maximum: u16,
+    /// QoS 1 responses sent but not yet acknowledged by a 3.1.1 client (5.0 clients state their
+    /// own Receive Maximum).
+    pub max_inflight_v311: u16,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
+            reuse_port: false,
+            max_packet_size_bytes: 1024 * 1024,
+            connect_timeout_ms: 10_000,
+            max_keep_alive_secs: 0,
+            receive_maximum: 1024,
+            topic_alias_maximum: 64,
+            max_inflight_v311: 64,
+        }
+    }
+}
+
+/// MQTT counters for `/metrics`.
+#[derive(Debug, Default)]
+pub struct MqttMetrics {
+    /// Connections accepted.
+    pub connections_accepted: Counter,
+    /// Connections open now.
+    pub connections_open: Gauge,
+    /// CONNECTs refused (bad credentials, unavailable auth, bad protocol version).
+    pub connections_refused: Counter,
+    /// PUBLISH packets received.
+    pub messages_received: Counter,
+    /// PUBLISH packets sent (responses and pushes).
+    pub messages_sent: Counter,
+    /// Responses not sent because they exceeded the client's Maximum Packet Size.
+    pub messages_too_large: Counter,
+    /// Connections closed for a protocol violation or malformed packet.
+    pub protocol_errors: Counter,
+    /// Connections closed for exceeding the keep-alive.
+    pub keep_alive_timeouts: Counter,
+}
+
+impl MqttMetrics {
+    /// Appends the Prometheus text exposition.
+    pub fn render(&self, out: &mut String) {
+        let l = "{transport=\"mqtt\"}";
+        let c = "counter";
+        write_metric(
+            out,
+            c,
+            "fleetgate_transport_connections_accepted_total",
+            "Connections accepted",
+            l,
+            self.connections_accepted.get(),
+        );
+        write_metric(
+            out,
+            "gauge",
+            "fleetgate_transport_connections_open",
+            "Connections open",
+            l,
+            self.connections_open.get(),
+        );
+        write_metric(
+            out,
+            c,
+            "fleetgate_transport_connections_refused_total",
+            "Connections refused at CONNECT",
+            l,
+            self.connections_refused.get(),
+        );
+        write_metric(
+            out,
+            c,
+            "fleetgate_transport_messages_received_total",
+            "Messages received from devices",
+            l,
+            self.messages_received.get(),
+        );
+        write_metric(
+            out,
+            c,
+            "fleetgate_transport_messages_sent_total",
+            "Responses and pushes sent to devices",
+            l,
+            self.messages_sent.get(),
+        );
+        write_metric(
+            out,
+            c,
+            "fleetgate_transport_messages_too_large_total",
+            "Responses dropped for exceeding the client's maximum packet size",
+            l,
+            self.messages_too_large.get(),
+        );
+        write_metric(
+            out,
+            c,
+            "fleetgate_transport_protocol_errors_total",
+            "Connections closed for malformed packets or protocol violations",
+            l,
+            self.protocol_errors.get(),
+        );
+        write_metric(
+            out,
+            c,
+            "fleetgate_transport_keep_alive_timeouts_total",
+            "Connections closed for keep-alive timeout",
+            l,
+            self.keep_alive_timeouts.get(),
+        );
+    }
+}
+
+/// The MQTT transport, bound and ready to serve.
+pub struct MqttTransport {
+    listener: TcpListener,
+    config: Arc<MqttConfig>,
+    metrics: Arc<MqttMetrics>,
+}
+
+impl MqttTransport {
+    /// Binds the listener. An error here (port taken, no permission) is a start-up error.
+    pub fn bind(config: MqttConfig) -> std::io::Result<Self> {
+        let addr = config.listen;
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        socket.set_reuse_address(true)?;
+        if config.reuse_port {
+            socket.set_reuse_port(true)?;
+        }
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(4096)?;
+        let listener = TcpListener::from_std(socket.into())?;
+        Ok(Self {
+            listener,
+            config: Arc::new(config),
+            metrics: Arc::default(),
+        })
+    }
+
+    /// The transport's counters.
+    pub fn metrics(&self) -> Arc<MqttMetrics> {
+        self.metrics.clone()
+    }
+}
+
+impl Transport for MqttTransport {
+    fn name(&self) -> &'static str {
+        "mqtt"
+    }
+
+    fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().unwrap_or(self.config.listen)
+    }
+
+    async fn serve<H: KpHandler>(self, handler: Arc<H>, mut shutdown: watch::Receiver<bool>) {
+        let mut connections = JoinSet::new();
+        loop {
+            tokio::select! {
+                accepted = self.listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        self.metrics.connections_accepted.inc();
+                        let conn = Connection::new(handler.clone(), self.config.clone(), self.metrics.clone(), peer, shutdown.clone());
+                        let span = tracing::info_span!("mqtt", %peer);
+                        connections.spawn(conn.run(stream).instrument(span));
+                    }
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                _ = stopped(&mut shutdown) => break,
+            }
+            while connections.try_join_next().is_some() {}
+        }
+        // Connections see the same shutdown signal and close themselves.
+        while connections.join_next().await.is_some() {}
+    }
+}
+
+async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// Why a connection ends.
+enum Close {
+    /// The client disconnected or the socket failed: nothing more to send.
+    Quietly,
+    /// Send DISCONNECT with this reason (MQTT 5 only), then close.
+    Disconnect(ReasonCode),
+}
+
+/// How responses to a request are published: the tag a request carries is `1 + its QoS`;
+/// pushes (tag 0) go at QoS 1.
+fn response_qos(tag: u64) -> QoS {
+    if tag == 1 {
+        QoS::AtMostOnce
+    } else {
+        QoS::AtLeastOnce
+    }
+}
+
+struct Connection<H> {
+    handler: Arc<H>,
+    config: Arc<MqttConfig>,
+    metrics: Arc<MqttMetrics>,
+    peer: SocketAddr,
+    shutdown: watch::Receiver<bool>,
+    codec: Codec,
+    read: BytesMut,
+    write: BytesMut,
+    session: Option<SessionId>,
+    /// Topic aliases the client has set (MQTT 5), index = alias - 1.
+    aliases: Vec<Option<Bytes>>,
+    /// Our QoS 1 PUBLISH packets not yet acknowledged, and how many may be.
+    inflight: u16,
+    max_inflight: u16,
+    next_packet_id: u16,
+}
+
+impl<H: KpHandler> Connection<H> {
+    fn new(
+        handler: Arc<H>,
+        config: Arc<MqttConfig>,
+        metrics: Arc<MqttMetrics>,
+        peer: SocketAddr,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        let codec = Codec::new(config.max_packet_size_bytes);
+        Self {
+            handler,
+            config,
+            metrics,
+            peer,
+            shutdown,
+            codec,
+            read: BytesMut::with_capacity(4096),
+            write: BytesMut::with_capacity(4096),
+            session: None,
+            aliases: Vec::new(),
+            inflight: 0,
+            max_inflight: 0,
+            next_packet_id: 0,
+        }
+    }
+
+    fn is_v5(&self) -> bool {
+        self.codec.version() == Some(ProtocolVersion::V5)
+    }
+
+    async fn run(mut self, stream: TcpStream) {
+        self.metrics.connections_open.inc();
+        let _ = stream.set_nodelay(true);
+        let (mut rd, mut wr) = stream.into_split();
+        let connect_timeout = Duration::from_millis(self.config.connect_timeout_ms);
+        let connected = tokio::time::timeout(connect_timeout, self.accept_connect(&mut rd)).await;
+        let outcome = match connected {
+            Ok(Ok((outbox, keep_alive))) => {
+                let _ = wr.write_all(&self.write).await;
+                self.write.clear();
+                self.serve(&mut rd, &mut wr, outbox, keep_alive).await
+            }
+            Ok(Err(close)) => close,
+            Err(_) => {
+                tracing::debug!("no CONNECT in time");
+                Close::Quietly
+            }
+        };
+        if let Close::Disconnect(reason) = outcome
+            && self.is_v5()
+        {
+            let packet = Packet::Disconnect(Disconnect {
+                reason_code: reason,
+                properties: DisconnectProperties::default(),
+            });
+            let _ = self.codec.encode(&packet, &mut self.write);
+        }
+        if !self.write.is_empty() {
+            let _ = wr.write_all(&self.write).await;
+        }
+        let _ = wr.shutdown().await;
+        if let Some(session) = self.session {
+            self.handler.close_session(session);
+        }
+        self.metrics.connections_open.dec();
+    }
+
+    async fn read_more(&mut self, rd: &mut tokio::net::tcp::OwnedReadHalf) -> Result<(), Close> {
+        if self.read.capacity() - self.read.len() < 1024 {
+            self.read.reserve(8192);
+        }
+        match rd.read_buf(&mut self.read).await {
+            Ok(0) | Err(_) => Err(Close::Quietly),
+            Ok(_) => Ok(()),
+        }
+    }
+
+    fn decode_error(&mut self, e: &DecodeError) -> Close {
+        self.metrics.protocol_errors.inc();
+        tracing::debug!(error = %e, "closing on a bad packet");
+        Close::Disconnect(e.reason_code())
+    }
+
+    /// Reads CONNECT, authenticates, and queues CONNACK. Returns the outbox receiver and the
+    /// keep-alive to enforce.
+    async fn accept_connect(
+        &mut self,
+        rd: &mut tokio::net::tcp::OwnedReadHalf,
+    ) -> Result<(mpsc::Receiver<KpResponse>, Option<Duration>), Close> {
+        let connect = loop {
+            match self.codec.decode(&mut self.read) {
+                Ok(Some(Packet::Connect(c))) => break c,
+                Ok(Some(_)) => return Err(Close::Quietly),
+                Ok(None) => self.read_more(rd).await?,
+                Err(DecodeError::UnsupportedProtocolVersion(level)) => {
+                    // 3.1.1 §3.1.2.2: answer return code 1 in a 3.1.1 CONNACK, then close.
+                    tracing::debug!(level, "unsupported MQTT protocol level");
+                    self.metrics.connections_refused.inc();
+                    self.write.extend_from_slice(&[0x20, 0x02, 0x00, 0x01]);
+                    return Err(Close::Quietly);
+                }
+                Err(e) => {
+                    let close = self.decode_error(&e);
+                    return Err(if self.is_v5() { close } else { Close::Quietly });
+                }
+            }
+        };
+        self.open_session(*connect).await
+    }
+
+    async fn open_session(
+        &mut self,
+        connect: Connect,
+    ) -> Result<(mpsc::Receiver<KpResponse>, Option<Duration>), Close> {
+        let v5 = self.is_v5();
+        let props = &connect.properties;
+        if props.authentication_method.is_some() {
+            return Err(self.refuse(ReasonCode::BadAuthenticationMethod));
+        }
+        let client_id = std::str::from_utf8(&connect.client_id)
+            .unwrap_or_default()
+            .to_owned();
+        if client_id.is_empty() && !connect.clean_start && !v5 {
+            // 3.1.1 §3.1.3.1: a zero-length id needs CleanSession = 1.
+            return Err(self.refuse(ReasonCode::ClientIdentifierNotValid));
+        }
+        let username = connect
+            .username
+            .as_deref()
+            .and_then(|u| std::str::from_utf8(u).ok());
+        let (tx, rx) = mpsc::channel(usize::from(self.config.receive_maximum).max(64) * 4);
+        let credentials = ClientCredentials {
+            transport: "mqtt",
+            client_id: &client_id,
+            username,
+            password: connect.password.as_deref(),
+            peer: self.peer,
+        };
+        let identity = match self.handler.open_session(credentials, tx).await {
+            Ok(identity) => identity,
+            Err(e) => {
+                tracing::info!(status = e.status, reason = %e.reason, "connection refused");
+                let reason = match e.status {
+                    401 => ReasonCode::BadUserNameOrPassword,
+                    403 => ReasonCode::NotAuthorized,
+                    _ => ReasonCode::ServerUnavailable,
+                };
+                return Err(self.refuse(reason));
+            }
+        };
+        self.session = Some(identity.session);
+        if connect.will.is_some() {
+            tracing::debug!("will message ignored: fleetgate does not publish wills");
+        }
+        self.max_inflight = if v5 {
+            props.receive_maximum.unwrap_or(u16::MAX)
+        } else {
+            self.config.max_inflight_v311
+        }
+        .max(1);
+        if let Some(max) = props.maximum_packet_size {
+            self.codec.set_max_outbound_packet_size(max);
+        }
+        let max_ka = self.config.max_keep_alive_secs;
+        let asked = connect.keep_alive_secs;
+        let granted = if max_ka > 0 && v5 && (asked == 0 || asked > max_ka) {
+            max_ka
+        } else {
+            asked
+        };
+        let keep_alive = (granted > 0).then(|| Duration::from_millis(u64::from(granted) * 1500));
+        let mut properties = ConnAckProperties::default();
+        if v5 {
+            properties.receive_maximum = Some(self.config.receive_maximum.max(1));
+            properties.maximum_qos = Some(QoS::AtLeastOnce);
+            properties.retain_available = Some(false);
+            properties.maximum_packet_size = Some(self.config.max_packet_size_bytes);
+            properties.topic_alias_maximum = Some(self.config.topic_alias_maximum);
+            properties.wildcard_subscription_available = Some(true);
+            properties.subscription_identifiers_available = Some(false);
+            properties.shared_subscription_available = Some(false);
+            if props.session_expiry_interval.is_some_and(|s| s > 0) {
+                properties.session_expiry_interval = Some(0);
+            }
+            if granted != asked {
+                properties.server_keep_alive = Some(granted);
+            }
+            if client_id.is_empty() {
+                let assigned = format!("fleetgate-{}", identity.session.0);
+                properties.assigned_client_identifier = Some(Bytes::from(assigned));
+            }
+        }
+        self.aliases = vec![None; usize::from(self.config.topic_alias_maximum)];
+        let connack = ConnAck {
+            session_present: false,
+            reason_code: ReasonCode::Success,
+            properties,
+        };
+        self.encode(&Packet::ConnAck(Box::new(connack)));
+        tracing::debug!(client_id, v5, "connected");
+        Ok((rx, keep_alive))
+    }
+
+    /// Queues a refusing CONNACK.
+    fn refuse(&mut self, reason: ReasonCode) -> Close {
+        self.metrics.connections_refused.inc();
+        let connack = ConnAck {
+            session_present: false,
+            reason_code: reason,
+            properties: ConnAckProperties::default(),
+        };
+        self.encode(&Packet::ConnAck(Box::new(connack)));
+        Close::Quietly
+    }
+
+    fn encode(&mut self, packet: &Packet) {
+        if let Err(e) = self.codec.encode(packet, &mut self.write) {
+            tracing::warn!(error = %e, "cannot encode a packet");
+        }
+    }
+
+    async fn serve(
+        &mut self,
+        rd: &mut tokio::net::tcp::OwnedReadHalf,
+        wr: &mut tokio::net::tcp::OwnedWriteHalf,
+        mut outbox: mpsc::Receiver<KpResponse>,
+        keep_alive: Option<Duration>,
+    ) -> Close {
+        let idle = keep_alive.unwrap_or(Duration::from_secs(86_400 * 365));
+        let deadline = tokio::time::sleep(idle);
+        tokio::pin!(deadline);
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            // Packets already buffered (several can arrive in one read) are handled first.
+            loop {
+                match self.codec.decode(&mut self.read) {
+                    Ok(Some(packet)) => {
+                        if let Err(close) = self.on_packet(packet).await {
+                            return close;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => return self.decode_error(&e),
+                }
+            }
+            // Then whatever responses are ready, within the client's receive window.
+            while self.inflight < self.max_inflight {
+                match outbox.try_recv() {
+                    Ok(response) => self.on_response(response),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        return Close::Disconnect(ReasonCode::ServerBusy);
+                    }
+                }
+            }
+            if !self.write.is_empty() {
+                if wr.write_all(&self.write).await.is_err() {
+                    return Close::Quietly;
+                }
+                self.write.clear();
+            }
+            let window_open = self.inflight < self.max_inflight;
+            tokio::select! {
+                read = self.read_more(rd) => {
+                    if let Err(close) = read {
+                        return close;
+                    }
+                    if keep_alive.is_some() {
+                        deadline.as_mut().reset(Instant::now() + idle);
+                    }
+                }
+                response = outbox.recv(), if window_open => match response {
+                    Some(response) => self.on_response(response),
+                    // The gateway dropped the session: it could not keep up with its responses.
+                    None => return Close::Disconnect(ReasonCode::ServerBusy),
+                },
+                _ = &mut deadline, if keep_alive.is_some() => {
+                    self.metrics.keep_alive_timeouts.inc();
+                    tracing::debug!("keep-alive timeout");
+                    return Close::Disconnect(ReasonCode::KeepAliveTimeout);
+                }
+                _ = stopped(&mut shutdown) => return Close::Disconnect(ReasonCode::ServerShuttingDown),
+            }
+        }
+    }
+
+    async fn on_packet(&mut self, packet: Packet) -> Result<(), Close> {
+        match packet {
+            Packet::Publish(publish) => self.on_publish(publish).await,
+            Packet::PubAck(_) => {
+                self.inflight = self.inflight.saturating_sub(1);
+                Ok(())
+            }
+            Packet::Subscribe(subscribe) => {
+                self.on_subscribe(subscribe).await;
+                Ok(())
+            }
+            Packet::Unsubscribe(unsubscribe) => {
+                self.on_unsubscribe(unsubscribe);
+                Ok(())
+            }
+            Packet::PingReq => {
+                self.encode(&Packet::PingResp);
+                Ok(())
+            }
+            Packet::Disconnect(_) => Err(Close::Quietly),
+            Packet::Auth(_) => Err(Close::Disconnect(ReasonCode::BadAuthenticationMethod)),
+            // QoS 2 flows, or packets only a server sends.
+            other => {
+                self.metrics.protocol_errors.inc();
+                tracing::debug!(packet = ?std::mem::discriminant(&other), "unexpected packet");
+                Err(Close::Disconnect(ReasonCode::ProtocolError))
+            }
+        }
+    }
+
+    async fn on_publish(&mut self, publish: Publish) -> Result<(), Close> {
+        self.metrics.messages_received.inc();
+        if publish.qos == QoS::ExactlyOnce {
+            tracing::debug!("QoS 2 refused");
+            self.metrics.protocol_errors.inc();
+            return Err(Close::Disconnect(ReasonCode::QoSNotSupported));
+        }
+        let v5 = self.is_v5();
+        if v5 && publish.retain {
+            return Err(Close::Disconnect(ReasonCode::RetainNotSupported));
+        }
+        let topic = self.resolve_alias(&publish)?;
+        let tag = 1 + publish.qos as u64;
+        match KpTopic::parse(topic.clone()) {
+            Ok(topic) => {
+                let request = KpRequest {
+                    topic: topic.clone(),
+                    payload: publish.payload,
+                    tag,
+                };
+                if let Err(e) = self.handler.handle(self.session_id(), request).await {
+                    let response = KpResponse {
+                        base: topic.base(),
+                        request_id: topic.request_id(),
+                        tag,
+                        outcome: KpOutcome::Error(e),
+                    };
+                    self.on_response(response);
+                }
+            }
+            Err(e) => {
+                // Not a 1/KP path: answer on `<topic>/error` all the same.
+                let response = KpResponse {
+                    base: topic,
+                    request_id: None,
+                    tag,
+                    outcome: KpOutcome::Error(KpError::not_found(e.to_string())),
+                };
+                self.on_response(response);
+            }
+        }
+        if let Some(packet_id) = publish.packet_id {
+            let ack = PubAck {
+                packet_id,
+                reason_code: ReasonCode::Success,
+                properties: AckProperties::default(),
+            };
+            self.encode(&Packet::PubAck(ack));
+        }
+        Ok(())
+    }
+
+    fn session_id(&self) -> SessionId {
+        self.session.unwrap_or(SessionId(0))
+    }
+
+    /// MQTT 5 topic aliases: a PUBLISH with a topic and an alias sets it; one with an empty
+    /// topic and an alias uses it.
+    fn resolve_alias(&mut self, publish: &Publish) -> Result<Bytes, Close> {
+        let Some(alias) = publish.properties.topic_alias else {
+            if publish.topic.is_empty() {
+                return Err(Close::Disconnect(ReasonCode::ProtocolError));
+            }
+            return Ok(publish.topic.clone());
+        };
+        let Some(slot) = usize::from(alias)
+            .checked_sub(1)
+            .and_then(|i| self.aliases.get_mut(i))
+        else {
+            self.metrics.protocol_errors.inc();
+            return Err(Close::Disconnect(ReasonCode::TopicAliasInvalid));
+        };
+        if publish.topic.is_empty() {
+            slot.clone()
+                .ok_or(Close::Disconnect(ReasonCode::ProtocolError))
+        } else {
+            *slot = Some(publish.topic.clone());
+            Ok(publish.topic.clone())
+        }
+    }
+
+    /// Subscriptions are granted at most QoS 1 and only for filters that name one endpoint
+    /// token the client knows (the gateway decides); responses to the client's own requests
+    /// need no subscription.
+    async fn on_subscribe(&mut self, subscribe: Subscribe) {
+        let mut reason_codes = Vec::with_capacity(subscribe.subscriptions.len());
+        for s in &subscribe.subscriptions {
+            let granted = s.options.qos.min(QoS::AtLeastOnce);
+            let filter = std::str::from_utf8(&s.filter).unwrap_or_default();
+            let tag = 1 + granted as u64;
+            let code = match self.handler.subscribe(self.session_id(), filter, tag).await {
+                Ok(()) if granted == QoS::AtMostOnce => ReasonCode::Success,
+                Ok(()) => ReasonCode::GrantedQoS1,
+                Err(e) => {
+                    tracing::debug!(filter, status = e.status, reason = %e.reason, "subscription refused");
+                    match e.status {
+                        401 | 403 => ReasonCode::NotAuthorized,
+                        404 => ReasonCode::TopicFilterInvalid,
+                        _ => ReasonCode::UnspecifiedError,
+                    }
+                }
+            };
+            reason_codes.push(code);
+        }
+        let ack = SubAck {
+            packet_id: subscribe.packet_id,
+            reason_codes,
+            properties: AckProperties::default(),
+        };
+        self.encode(&Packet::SubAck(ack));
+    }
+
+    fn on_unsubscribe(&mut self, unsubscribe: Unsubscribe) {
+        let session = self.session_id();
+        let reason_codes = unsubscribe
+            .filters
+            .iter()
+            .map(|f| {
+                let filter = std::str::from_utf8(f).unwrap_or_default();
+                if self.handler.unsubscribe(session, filter) {
+                    ReasonCode::Success
+                } else {
+                    ReasonCode::NoSubscriptionExisted
+                }
+            })
+            .collect();
+        let ack = UnsubAck {
+            packet_id: unsubscribe.packet_id,
+            reason_codes,
+            properties: AckProperties::default(),
+        };
+        self.encode(&Packet::UnsubAck(ack));
+    }
+
+    /// Writes a response or push as PUBLISH to `<base>[/<request id>]/status|error`.
+    fn on_response(&mut self, response: KpResponse) {
+        let qos = response_qos(response.tag);
+        let packet_id = (qos == QoS::AtLeastOnce).then(|| {
+            self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
+            self.next_packet_id
+        });
+        let error_body;
+        let (suffix, payload): (&[u8], &[u8]) = match &response.outcome {
+            KpOutcome::Success(payload) => (b"/status", payload),
+            KpOutcome::Error(e) => {
+                error_body = e.body();
+                (b"/error", &error_body)
+            }
+        };
+        let mut digits = [0u8; 11];
+        let id: &[u8] = match response.request_id {
+            Some(id) => format_request_id(id, &mut digits),
+            None => b"",
+        };
+        let parts: [&[u8]; 3] = [&response.base, id, suffix];
+        let header = PublishHeader {
+            dup: false,
+            qos,
+            retain: false,
+            packet_id,
+        };
+        match self
+            .codec
+            .encode_publish_parts(header, &parts, None, payload, &mut self.write)
+        {
+            Ok(()) => {
+                self.metrics.messages_sent.inc();
+                if packet_id.is_some() {
+                    self.inflight += 1;
+                }
+            }
+            Err(e) => {
+                self.metrics.messages_too_large.inc();
+                tracing::warn!(error = %e, "response not sent");
+            }
+        }
+    }
+}
+
+/// `/<id>` in decimal, written into `buf`.
+fn format_request_id(id: u32, buf: &mut [u8; 11]) -> &[u8] {
+    let mut i = buf.len();
+    let mut n = id;
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    i -= 1;
+    buf[i] = b'/';
+    &buf[i..]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_format() {
+        let mut buf = [0u8; 11];
+        assert_eq!(format_request_id(42, &mut buf), b"/42");
+        assert_eq!(format_request_id(0, &mut buf), b"/0");
+        assert_eq!(format_request_id(u32::MAX, &mut buf), b"/4294967295");
+    }
+}

@@ -1,0 +1,179 @@
+//! fleetgate's configuration tree (DESIGN "Conventions": YAML, `FLEETGATE_*` overrides,
+//! unknown keys are errors, units in key names). Each service owns its section's type.
+
+pub mod loader;
+
+use std::net::SocketAddr;
+
+use fleetgate_auth::AuthConfig;
+use fleetgate_dcx::DcxConfig;
+use fleetgate_transport_mqtt::server::MqttConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::service::GatewayConfig;
+
+/// The whole configuration of a fleetgate process.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The NATS bus; unset `url` means the in-process bus.
+    pub nats: NatsConfig,
+    /// The in-process bus.
+    pub bus: BusConfig,
+    /// Health, readiness and metrics over HTTP.
+    pub admin: AdminConfig,
+    /// Device transports.
+    pub transports: TransportsConfig,
+    /// The communication service.
+    pub gateway: GatewayConfig,
+    /// The data collection extension.
+    pub dcx: DcxConfig,
+    /// The 16/ECAP provider.
+    pub auth: AuthConfig,
+    /// Logging and shutdown.
+    pub process: ProcessConfig,
+}
+
+/// `nats.*`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsConfig {
+    /// `nats://host:port` (several comma-separated); unset: the in-process bus.
+    pub url: Option<String>,
+    /// Outgoing messages buffered before publishing waits (backpressure to devices).
+    pub publish_capacity: usize,
+    /// Incoming messages buffered per subscription.
+    pub subscription_capacity: usize,
+    /// Time allowed for the first connection.
+    pub connect_timeout_ms: u64,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            publish_capacity: 8192,
+            subscription_capacity: 65_536,
+            connect_timeout_ms: 5000,
+        }
+    }
+}
+
+/// `bus.*`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BusConfig {
+    /// Messages buffered per in-process subscription before publishers wait.
+    pub in_process_capacity: usize,
+}
+
+impl Default for BusConfig {
+    fn default() -> Self {
+        Self {
+            in_process_capacity: 4096,
+        }
+    }
+}
+
+/// `admin.*`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Whether to serve `/healthz`, `/readyz` and `/metrics`.
+    pub enabled: bool,
+    /// Address and port of the admin HTTP server.
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: SocketAddr::from(([0, 0, 0, 0], 8008)),
+        }
+    }
+}
+
+/// `transports.*`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TransportsConfig {
+    /// MQTT 3.1.1 and 5.0 over TCP.
+    pub mqtt: MqttConfig,
+}
+
+/// `process.*`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProcessConfig {
+    /// `tracing` filter, e.g. `info` or `fleetgate=debug,info`; `RUST_LOG` wins when set.
+    pub log_filter: String,
+    /// On SIGTERM, how long to keep serving requests already in flight (readiness is already
+    /// failing) before closing connections.
+    pub drain_timeout_ms: u64,
+}
+
+impl Default for ProcessConfig {
+    fn default() -> Self {
+        Self {
+            log_filter: "info".into(),
+            drain_timeout_ms: 5000,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::loader::{ConfigSource, load};
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn issue_settings_exist_under_their_names() {
+        let vars = env(&[
+            ("FLEETGATE_TRANSPORTS_MQTT_LISTEN", "127.0.0.1:11883"),
+            ("FLEETGATE_ADMIN_LISTEN", "127.0.0.1:18008"),
+            ("FLEETGATE_NATS_URL", "nats://nats:4222"),
+            ("FLEETGATE_AUTH_AUTO_REGISTER", "true"),
+            (
+                "FLEETGATE_AUTH_ENDPOINTS",
+                "[{app_version: demo-v1, token: t1, endpoint_id: e1}]",
+            ),
+            ("FLEETGATE_DCX_RELIABLE_RECEIVERS", "[epts]"),
+            ("FLEETGATE_DCX_RECEIVER_TIMEOUT_MS", "250"),
+        ]);
+        let c: Config = load(&ConfigSource::BuiltInDefaults, &vars).expect("valid");
+        assert_eq!(
+            c.transports.mqtt.listen,
+            "127.0.0.1:11883".parse().expect("addr")
+        );
+        assert_eq!(c.admin.listen, "127.0.0.1:18008".parse().expect("addr"));
+        assert_eq!(c.nats.url.as_deref(), Some("nats://nats:4222"));
+        assert!(c.auth.auto_register);
+        assert_eq!(c.auth.endpoints.len(), 1);
+        assert_eq!(c.auth.endpoints[0].endpoint_id, "e1");
+        assert_eq!(c.dcx.reliable_receivers, ["epts"]);
+        assert_eq!(c.dcx.receiver_timeout_ms, 250);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let dir =
+            std::env::temp_dir().join(format!("fleetgate-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("c.yml");
+        std::fs::write(&path, "transports:\n  mqtt:\n    listn: 0.0.0.0:1\n").expect("write");
+        let err =
+            load::<Config>(&ConfigSource::File(path), &HashMap::new()).expect_err("unknown key");
+        assert!(err.to_string().contains("transports.mqtt.listn"), "{err}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

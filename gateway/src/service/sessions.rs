@@ -1,0 +1,239 @@
+//! Open sessions, the endpoints each has used, and the reverse index from endpoint to sessions
+//! that pushes need.
+
+use std::sync::Arc;
+
+use fleetgate_transport_core::{KpResponse, Outbox, SessionId};
+use tokio::sync::mpsc::error::TrySendError;
+
+use super::sharded::Sharded;
+
+struct Session {
+    outbox: Outbox,
+    #[allow(dead_code)] // kept for debugging and future per-transport limits
+    transport: &'static str,
+    /// Endpoints used in this session: (endpoint id, app version, token).
+    endpoints: Vec<(Arc<str>, Arc<str>, Arc<str>)>,
+    /// Topic filters subscribed to: (token, filter).
+    filters: Vec<(Arc<str>, Arc<str>)>,
+}
+
+/// A session that subscribed to a filter naming an endpoint token.
+#[derive(Clone)]
+pub(crate) struct Subscriber {
+    pub(crate) session: SessionId,
+    pub(crate) filter: Arc<str>,
+    pub(crate) tag: u64,
+}
+
+/// Where a push for an endpoint goes.
+pub(crate) struct Route {
+    pub(crate) session: SessionId,
+    pub(crate) app_version: Arc<str>,
+    pub(crate) token: Arc<str>,
+}
+
+/// What became of a response.
+pub(crate) enum Delivery {
+    Queued,
+    NoSession,
+    /// The session's queue is full: it does not read its responses.
+    TooSlow,
+}
+
+#[derive(Default)]
+pub(crate) struct Sessions {
+    sessions: Sharded<SessionId, Session>,
+    by_endpoint: Sharded<Arc<str>, Vec<Route>>,
+    /// Subscriptions by the endpoint token their filter names.
+    by_token: Sharded<Arc<str>, Vec<Subscriber>>,
+}
+
+impl Sessions {
+    pub(crate) fn open(&self, id: SessionId, outbox: Outbox, transport: &'static str) {
+        self.sessions.shard(&id).insert(
+            id,
+            Session {
+                outbox,
+                transport,
+                endpoints: Vec::new(),
+                filters: Vec::new(),
+            },
+        );
+    }
+
+    /// Records that `session` used `endpoint_id`. `Some(true)` the first time (a 9/ELCE
+    /// connected event is due), `Some(false)` after, `None` if the session is gone.
+    pub(crate) fn note_endpoint(
+        &self,
+        session: SessionId,
+        endpoint_id: &Arc<str>,
+        app_version: &str,
+        token: &str,
+    ) -> Option<bool> {
+        let (app_version, token) = {
+            let mut shard = self.sessions.shard(&session);
+            let s = shard.get_mut(&session)?;
+            let known = s.endpoints.iter().any(|(e, a, t)| {
+                e == endpoint_id && a.as_ref() == app_version && t.as_ref() == token
+            });
+            if known {
+                return Some(false);
+            }
+            let entry = (
+                endpoint_id.clone(),
+                Arc::<str>::from(app_version),
+                Arc::<str>::from(token),
+            );
+            let pair = (entry.1.clone(), entry.2.clone());
+            s.endpoints.push(entry);
+            pair
+        };
+        self.by_endpoint
+            .shard(endpoint_id)
+            .entry(endpoint_id.clone())
+            .or_default()
+            .push(Route {
+                session,
+                app_version,
+                token,
+            });
+        Some(true)
+    }
+
+    /// Records a subscription of `session` to `filter`, which names `token`. False if the
+    /// session is gone.
+    pub(crate) fn subscribe(
+        &self,
+        session: SessionId,
+        token: &str,
+        filter: &str,
+        tag: u64,
+    ) -> bool {
+        let (token, filter): (Arc<str>, Arc<str>) = (token.into(), filter.into());
+        {
+            let mut shard = self.sessions.shard(&session);
+            let Some(s) = shard.get_mut(&session) else {
+                return false;
+            };
+            if !s.filters.iter().any(|(_, f)| *f == filter) {
+                s.filters.push((token.clone(), filter.clone()));
+            }
+        }
+        let mut shard = self.by_token.shard(&token);
+        let subscribers = shard.entry(token.clone()).or_default();
+        subscribers.retain(|s| !(s.session == session && s.filter == filter));
+        subscribers.push(Subscriber {
+            session,
+            filter,
+            tag,
+        });
+        true
+    }
+
+    /// Removes a subscription; false if there was none.
+    pub(crate) fn unsubscribe(&self, session: SessionId, filter: &str) -> bool {
+        let token = {
+            let mut shard = self.sessions.shard(&session);
+            let Some(s) = shard.get_mut(&session) else {
+                return false;
+            };
+            let Some(i) = s.filters.iter().position(|(_, f)| f.as_ref() == filter) else {
+                return false;
+            };
+            s.filters.swap_remove(i).0
+        };
+        self.remove_subscriber(&token, session, Some(filter));
+        true
+    }
+
+    fn remove_subscriber(&self, token: &Arc<str>, session: SessionId, filter: Option<&str>) {
+        let mut shard = self.by_token.shard(token);
+        if let Some(subscribers) = shard.get_mut(token) {
+            subscribers.retain(|s| {
+                !(s.session == session && filter.is_none_or(|f| f == s.filter.as_ref()))
+            });
+            if subscribers.is_empty() {
+                shard.remove(token);
+            }
+        }
+    }
+
+    /// The subscriptions whose filters name `token`.
+    pub(crate) fn subscribers_of(&self, token: &str) -> Vec<Subscriber> {
+        self.by_token
+            .shard(token)
+            .get(token)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Queues a response for `session` without waiting.
+    pub(crate) fn deliver(&self, session: SessionId, response: KpResponse) -> Delivery {
+        let shard = self.sessions.shard(&session);
+        let Some(s) = shard.get(&session) else {
+            return Delivery::NoSession;
+        };
+        match s.outbox.try_send(response) {
+            Ok(()) => Delivery::Queued,
+            Err(TrySendError::Full(_)) => Delivery::TooSlow,
+            Err(TrySendError::Closed(_)) => Delivery::NoSession,
+        }
+    }
+
+    /// Sessions using `endpoint_id` (under `app_version`, when given) and how to address it.
+    pub(crate) fn routes_of(&self, endpoint_id: &str, app_version: Option<&str>) -> Vec<Route> {
+        let shard = self.by_endpoint.shard(endpoint_id);
+        let Some(routes) = shard.get(endpoint_id) else {
+            return Vec::new();
+        };
+        routes
+            .iter()
+            .filter(|r| app_version.is_none_or(|a| a == r.app_version.as_ref()))
+            .map(|r| Route {
+                session: r.session,
+                app_version: r.app_version.clone(),
+                token: r.token.clone(),
+            })
+            .collect()
+    }
+
+    /// Sessions using `endpoint_id` under `app_version`.
+    pub(crate) fn sessions_of(&self, endpoint_id: &str, app_version: &str) -> Vec<SessionId> {
+        self.routes_of(endpoint_id, Some(app_version))
+            .into_iter()
+            .map(|r| r.session)
+            .collect()
+    }
+
+    /// Ends a session (dropping its outbox closes the connection) and returns the endpoints it
+    /// used, as (endpoint id, app version), for the 9/ELCE disconnected event. `None` if it
+    /// was already gone.
+    pub(crate) fn close(&self, session: SessionId) -> Option<Vec<(Arc<str>, Arc<str>)>> {
+        let s = self.sessions.shard(&session).remove(&session)?;
+        for (token, _) in &s.filters {
+            self.remove_subscriber(token, session, None);
+        }
+        let mut endpoints: Vec<(Arc<str>, Arc<str>)> = Vec::with_capacity(s.endpoints.len());
+        for (endpoint_id, app_version, _) in s.endpoints {
+            let mut shard = self.by_endpoint.shard(&endpoint_id);
+            if let Some(routes) = shard.get_mut(&endpoint_id) {
+                routes.retain(|r| r.session != session);
+                if routes.is_empty() {
+                    shard.remove(&endpoint_id);
+                }
+            }
+            if !endpoints
+                .iter()
+                .any(|(e, a)| *e == endpoint_id && *a == app_version)
+            {
+                endpoints.push((endpoint_id, app_version));
+            }
+        }
+        Some(endpoints)
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.sessions.len()
+    }
+}

@@ -1,0 +1,142 @@
+//! Endpoint token → endpoint id, through 16/ECAP with a cache.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use fleetgate_bus::{Bus, BusError, Requester, Subject, now_ms};
+use fleetgate_messages::{EndpointTokenValidationRequest, EndpointTokenValidationResponse, Record};
+use fleetgate_transport_core::KpError;
+use fleetgate_transport_core::metrics::Counter;
+use tokio::time::Instant;
+
+use super::GatewayConfig;
+use super::sharded::Sharded;
+
+struct Cached {
+    app_version: Box<str>,
+    endpoint: Result<Arc<str>, KpError>,
+    expires: Instant,
+}
+
+/// Validated tokens, keyed by token, per app version (fleetgate sends the app version name as
+/// the 16/ECAP `appName`).
+pub(crate) struct TokenCache<B: Bus> {
+    requester: Requester<B>,
+    subject: Subject,
+    cache: Sharded<Box<str>, Vec<Cached>>,
+    timeout: Duration,
+    ttl: Duration,
+    negative_ttl: Duration,
+    next_request: AtomicU64,
+}
+
+impl<B: Bus> TokenCache<B> {
+    pub(crate) fn new(requester: Requester<B>, subject: Subject, config: &GatewayConfig) -> Self {
+        Self {
+            requester,
+            subject,
+            cache: Sharded::default(),
+            timeout: Duration::from_millis(config.auth_timeout_ms),
+            ttl: Duration::from_millis(config.token_cache_ttl_ms),
+            negative_ttl: Duration::from_millis(config.token_negative_cache_ttl_ms),
+            next_request: AtomicU64::new(1),
+        }
+    }
+
+    fn cached(&self, app_version: &str, token: &str) -> Option<Result<Arc<str>, KpError>> {
+        let shard = self.cache.shard(token);
+        let entry = shard
+            .get(token)?
+            .iter()
+            .find(|c| &*c.app_version == app_version)?;
+        (entry.expires > Instant::now()).then(|| entry.endpoint.clone())
+    }
+
+    /// The endpoint id of `token` in `app_version`: 401 when the provider does not know it,
+    /// 503 when the provider does not answer.
+    pub(crate) async fn resolve(
+        &self,
+        app_version: &str,
+        token: &str,
+        misses: &Counter,
+    ) -> Result<Arc<str>, KpError> {
+        if let Some(hit) = self.cached(app_version, token) {
+            return hit;
+        }
+        misses.inc();
+        // Replies come to this replica's own subject, so a counter is unique enough.
+        let correlation_id = format!(
+            "token-{}",
+            self.next_request.fetch_add(1, Ordering::Relaxed)
+        );
+        let request = EndpointTokenValidationRequest {
+            correlation_id: &correlation_id,
+            timestamp_ms: now_ms(),
+            timeout_ms: i64::try_from(self.timeout.as_millis()).unwrap_or(0),
+            app_name: app_version,
+            token,
+        };
+        let reply = self
+            .requester
+            .request(
+                self.subject.clone(),
+                &correlation_id,
+                request.to_bytes(),
+                self.timeout,
+            )
+            .await
+            .map_err(|e| match e {
+                BusError::NoResponders(_) => {
+                    KpError::unavailable("no authentication service is running")
+                }
+                _ => KpError::unavailable("the authentication service did not answer"),
+            })?;
+        let answer = EndpointTokenValidationResponse::decode(&reply.payload).map_err(|e| {
+            tracing::warn!(error = %e, "undecodable ep-token-response");
+            KpError::unavailable("the authentication service gave an unreadable answer")
+        })?;
+        let endpoint = match (answer.status_code, answer.endpoint_id) {
+            (200..=299, Some(id)) => Ok(Arc::<str>::from(id)),
+            (200..=299 | 401 | 404, _) => Err(KpError::unauthorized("unknown endpoint token")),
+            (403, _) => Err(KpError::forbidden(
+                answer
+                    .reason_phrase
+                    .unwrap_or("token not permitted")
+                    .to_owned(),
+            )),
+            (status, _) => {
+                tracing::warn!(status, "token validation failed");
+                return Err(KpError::unavailable("the authentication service failed"));
+            }
+        };
+        let ttl = if endpoint.is_ok() {
+            self.ttl
+        } else {
+            self.negative_ttl
+        };
+        let entry = Cached {
+            app_version: app_version.into(),
+            endpoint: endpoint.clone(),
+            expires: Instant::now() + ttl,
+        };
+        let mut shard = self.cache.shard(token);
+        let entries = shard.entry(token.into()).or_default();
+        entries.retain(|c| &*c.app_version != app_version);
+        entries.push(entry);
+        endpoint
+    }
+
+    /// Forgets every cached token of `endpoint_id` in `app_version` (16/ECAP revocation).
+    pub(crate) fn evict_endpoint(&self, app_version: &str, endpoint_id: &str) {
+        self.cache.for_each_shard(|map| {
+            map.retain(|_, entries| {
+                entries.retain(|c| {
+                    !(&*c.app_version == app_version
+                        && c.endpoint.as_ref().is_ok_and(|e| e.as_ref() == endpoint_id))
+                });
+                !entries.is_empty()
+            });
+        });
+    }
+}
