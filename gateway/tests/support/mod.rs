@@ -1,0 +1,285 @@
+//! Shared by the end-to-end tests: the real `fleetgate` binary as a child process, real MQTT
+//! clients and a NATS observer.
+
+#![allow(dead_code)] // each test file uses a different part
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use fleetgate_testkit::free_port;
+use futures_util::StreamExt;
+
+/// A `fleetgate` child process with its own ports, killed on drop.
+pub struct Fleetgate {
+    child: Option<Child>,
+    pub mqtt: SocketAddr,
+    pub admin: SocketAddr,
+    log: PathBuf,
+}
+
+impl Fleetgate {
+    /// Starts `fleetgate <command>` with `env` overrides on free ports, and waits until
+    /// `/readyz` says ready.
+    pub fn start(command: &str, env: &[(&str, String)]) -> Self {
+        let mut fg = Self::spawn(command, env);
+        fg.wait_ready();
+        fg
+    }
+
+    /// Starts without waiting.
+    pub fn spawn(command: &str, env: &[(&str, String)]) -> Self {
+        let mqtt = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let log = std::env::temp_dir().join(format!(
+            "fleetgate-test-{}-{}.log",
+            std::process::id(),
+            admin.port()
+        ));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fleetgate"));
+        cmd.arg(command)
+            .env_remove("FLEETGATE_CONFIG")
+            .env("FLEETGATE_TRANSPORTS_MQTT_LISTEN", mqtt.to_string())
+            .env("FLEETGATE_ADMIN_LISTEN", admin.to_string())
+            .env("RUST_LOG", "info,fleetgate=debug")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn fleetgate");
+        Self {
+            child: Some(child),
+            mqtt,
+            admin,
+            log,
+        }
+    }
+
+    pub fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("fleetgate exited at start-up ({status}):\n{}", self.log());
+            }
+            if http_get(self.admin, "/readyz").is_some_and(|(code, _)| code == 200) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "fleetgate not ready:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits for the process to exit by itself and returns its exit code and log.
+    pub fn wait_exit(&mut self, timeout: Duration) -> (Option<i32>, String) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                return (status.code(), self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "fleetgate did not exit:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL: the process gets no chance to finish anything.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let child = self.child.as_ref()?;
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        self.wait_exit(Duration::from_secs(15)).0
+    }
+
+    /// The value of a metric sample line that starts with `name` on `/metrics`.
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        let (_, body) = http_get(self.admin, "/metrics")?;
+        body.lines()
+            .find(|l| l.starts_with(name) && !l.starts_with('#'))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+}
+
+impl Drop for Fleetgate {
+    fn drop(&mut self) {
+        self.kill();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_file(&self.log);
+        } else {
+            eprintln!(
+                "--- fleetgate log ({}) ---\n{}",
+                self.log.display(),
+                self.log()
+            );
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 GET: (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let code = text.split(' ').nth(1)?.parse().ok()?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Some((code, body))
+}
+
+/// The auth settings of a test: one endpoint with token `tok-1` in app version `demo-v1`.
+pub fn demo_endpoint_env() -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "FLEETGATE_AUTH_ENDPOINTS",
+            "[{app_version: demo-v1, token: tok-1, endpoint_id: ep-1}]".into(),
+        ),
+        ("FLEETGATE_GATEWAY_APP_VERSIONS", "[demo-v1]".into()),
+    ]
+}
+
+/// A NATS subscriber that records what arrives on the subjects of interest.
+pub struct NatsObserver {
+    pub client: async_nats::Client,
+    client_data: async_nats::Subscriber,
+    samples: async_nats::Subscriber,
+}
+
+impl NatsObserver {
+    pub async fn connect(url: &str) -> Self {
+        let client = async_nats::connect(url).await.expect("observer connects");
+        let client_data = client
+            .subscribe("kaa.v1.service.dcx.esp.ClientData")
+            .await
+            .expect("sub");
+        let samples = client
+            .subscribe("kaa.v1.events.dcx.endpoint.data-collection.data-samples-received")
+            .await
+            .expect("sub");
+        client.flush().await.expect("flush");
+        // A round trip, so that the server has the subscriptions before anything is published.
+        let inbox = client.new_inbox();
+        let mut probe = client.subscribe(inbox.clone()).await.expect("probe");
+        client.publish(inbox, Bytes::new()).await.expect("probe");
+        tokio::time::timeout(Duration::from_secs(5), probe.next())
+            .await
+            .expect("probe back");
+        Self {
+            client,
+            client_data,
+            samples,
+        }
+    }
+
+    /// The next `ClientData` payload.
+    pub async fn client_data(&mut self) -> async_nats::Message {
+        tokio::time::timeout(Duration::from_secs(10), self.client_data.next())
+            .await
+            .expect("ClientData in time")
+            .expect("subscription open")
+    }
+
+    /// The next `DataSamplesEvent` message.
+    pub async fn samples_event(&mut self) -> async_nats::Message {
+        tokio::time::timeout(Duration::from_secs(10), self.samples.next())
+            .await
+            .expect("DataSamplesEvent in time")
+            .expect("subscription open")
+    }
+
+    /// Every message that arrives on the samples subject within `quiet` of the previous one.
+    pub async fn drain_samples(&mut self, quiet: Duration) -> Vec<async_nats::Message> {
+        let mut out = Vec::new();
+        while let Ok(Some(m)) = tokio::time::timeout(quiet, self.samples.next()).await {
+            out.push(m);
+        }
+        out
+    }
+}
+
+/// Publishes with rumqttc (MQTT 3.1.1) and returns the first PUBLISH the gateway sends back.
+pub async fn rumqttc_request(
+    addr: SocketAddr,
+    subscribe_first: Option<&str>,
+    topic: &str,
+    payload: &[u8],
+) -> rumqttc::Publish {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    let mut options = MqttOptions::new(
+        format!("test-{}", free_port()),
+        addr.ip().to_string(),
+        addr.port(),
+    );
+    options.set_keep_alive(Duration::from_secs(30));
+    let (client, mut events) = AsyncClient::new(options, 16);
+    if let Some(filter) = subscribe_first {
+        client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .expect("subscribe");
+    }
+    client
+        .publish(topic, QoS::AtLeastOnce, false, payload.to_vec())
+        .await
+        .expect("publish");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut acked = false;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let event = tokio::time::timeout(left, events.poll())
+            .await
+            .expect("response in time");
+        match event.expect("connection stays up") {
+            Event::Incoming(Packet::PubAck(_)) => acked = true,
+            Event::Incoming(Packet::Publish(p)) => {
+                assert!(
+                    acked || p.topic.ends_with("/error"),
+                    "PUBACK comes before the status"
+                );
+                let _ = client.disconnect().await;
+                return p;
+            }
+            _ => {}
+        }
+    }
+}
