@@ -1,0 +1,178 @@
+//! fleetgate on a real NATS server (a `nats-server` child process): `fleetgate up` on NATS,
+//! gateway, DCX and auth as separate processes, and DCX replicas sharing a queue group.
+
+mod support;
+
+use std::collections::{BTreeSet, HashSet};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use fleetgate_messages::{ClientData, DataSamplesEvent, Record};
+use fleetgate_testkit::NatsServer;
+use support::{Fleetgate, NatsObserver, demo_endpoint_env, rumqttc_request};
+
+const BATCH: &[u8] = br#"[{"temperature":21},{"temperature":22}]"#;
+const TOPIC: &str = "kp1/demo-v1/dcx/tok-1/json/42";
+
+fn with_nats(nats: &NatsServer, extra: &[(&'static str, String)]) -> Vec<(&'static str, String)> {
+    let mut env = demo_endpoint_env();
+    env.push(("FLEETGATE_NATS_URL", nats.url()));
+    env.extend_from_slice(extra);
+    env
+}
+
+/// One request's trace on NATS: exactly one ClientData and one DataSamplesEvent with 2 samples.
+async fn expect_on_nats(observer: &mut NatsObserver) {
+    let msg = observer.client_data().await;
+    let data = ClientData::decode(&msg.payload).expect("ClientData decodes");
+    assert_eq!(data.app_version_name, "demo-v1");
+    assert_eq!(data.endpoint_id, Some("ep-1"));
+    assert_eq!(data.resource_path, "/json");
+    assert_eq!(data.request_id, Some(42));
+    assert_eq!(data.payload, BATCH);
+    let reply = msg.reply.expect("ClientData has a reply subject");
+    assert!(reply.starts_with("kaa.v1.replica.") && reply.ends_with(".esp.ExtensionData"), "{reply}");
+    let msg = observer.samples_event().await;
+    let event = DataSamplesEvent::decode(&msg.payload).expect("DataSamplesEvent decodes");
+    assert_eq!(event.endpoint_id, "ep-1");
+    assert_eq!(event.data_samples, [&br#"{"temperature":21}"#[..], br#"{"temperature":22}"#]);
+    let reply = msg.reply.expect("event has a reply subject");
+    assert!(reply.ends_with(".dstp.DataSamplesProcessed"), "{reply}");
+    assert!(observer.drain_samples(Duration::from_millis(200)).await.is_empty(), "exactly one event");
+}
+
+/// rumqttc without and with SUBSCRIBE, then mosquitto_pub beside mosquitto_sub.
+async fn every_client_gets_status(fg: &Fleetgate, observer: &mut NatsObserver) {
+    for subscribe in [None, Some("kp1/demo-v1/dcx/tok-1/json/#")] {
+        let p = rumqttc_request(fg.mqtt, subscribe, TOPIC, BATCH).await;
+        assert_eq!(p.topic, format!("{TOPIC}/status"));
+        assert!(p.payload.is_empty());
+        expect_on_nats(observer).await;
+    }
+    let port = fg.mqtt.port().to_string();
+    let sub = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &port, "-t", "kp1/demo-v1/dcx/tok-1/json/#", "-v", "-C", "1", "-W", "10"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port, "-q", "1", "-t", TOPIC, "-m"])
+        .arg(std::str::from_utf8(BATCH).expect("utf8"))
+        .status()
+        .expect("mosquitto_pub");
+    assert!(status.success());
+    let out = sub.wait_with_output().expect("mosquitto_sub");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim_end(), format!("{TOPIC}/status (null)"));
+    expect_on_nats(observer).await;
+}
+
+#[tokio::test]
+async fn up_on_nats() {
+    let nats = NatsServer::start();
+    let mut observer = NatsObserver::connect(&nats.url()).await;
+    let fg = Fleetgate::start("up", &with_nats(&nats, &[]));
+    every_client_gets_status(&fg, &mut observer).await;
+}
+
+#[tokio::test]
+async fn gateway_dcx_and_auth_as_separate_processes() {
+    let nats = NatsServer::start();
+    let mut observer = NatsObserver::connect(&nats.url()).await;
+    let env = with_nats(&nats, &[]);
+    let _auth = Fleetgate::start("auth", &env);
+    let _dcx = Fleetgate::start("dcx", &env);
+    let gateway = Fleetgate::start("gateway", &env);
+    every_client_gets_status(&gateway, &mut observer).await;
+}
+
+#[tokio::test]
+async fn connectivity_events_on_nats() {
+    let nats = NatsServer::start();
+    let client = async_nats::connect(nats.url()).await.expect("connect");
+    let mut events = client.subscribe("kaa.v1.events.kpc.endpoint.connectivity.*").await.expect("sub");
+    client.flush().await.expect("flush");
+    let fg = Fleetgate::start("up", &with_nats(&nats, &[]));
+    rumqttc_request(fg.mqtt, None, TOPIC, BATCH).await;
+    use futures_util::StreamExt;
+    for expected in ["connected", "disconnected"] {
+        let msg = tokio::time::timeout(Duration::from_secs(10), events.next()).await.expect("event").expect("open");
+        assert!(msg.subject.ends_with(expected), "{}", msg.subject);
+        let event = fleetgate_messages::ConnectedEvent::decode(&msg.payload).expect("decodes");
+        assert_eq!(event.endpoints, [("ep-1", "demo-v1")]);
+        assert!(event.originator_replica_id.starts_with("kpc-"));
+    }
+}
+
+/// Two DCX replicas in one queue group share the requests; killing one (SIGKILL) mid-stream
+/// loses no request the device already got a `/status` for.
+#[tokio::test]
+async fn dcx_replicas_share_load_and_a_killed_one_loses_nothing_acknowledged() {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    const N: u32 = 400;
+    let nats = NatsServer::start();
+    let mut observer = NatsObserver::connect(&nats.url()).await;
+    let env = with_nats(&nats, &[("FLEETGATE_GATEWAY_REQUEST_TIMEOUT_MS", "2000".into())]);
+    let _auth = Fleetgate::start("auth", &env);
+    let mut dcx_a = Fleetgate::start("dcx", &env);
+    let _dcx_b = Fleetgate::start("dcx", &env);
+    let gateway = Fleetgate::start("gateway", &env);
+
+    let mut options = MqttOptions::new("replicas", "127.0.0.1", gateway.mqtt.port());
+    options.set_inflight(50);
+    let (client, mut events) = AsyncClient::new(options, 64);
+    let publisher = tokio::spawn(async move {
+        for seq in 1..=N {
+            let topic = format!("kp1/demo-v1/dcx/tok-1/json/{seq}");
+            let payload = format!("[{{\"seq\":{seq}}}]");
+            client.publish(topic, QoS::AtLeastOnce, false, payload).await.expect("publish");
+            if seq % 50 == 0 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        client
+    });
+    let mut acknowledged = BTreeSet::new();
+    let mut failed = BTreeSet::new();
+    let mut killed = false;
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while acknowledged.len() + failed.len() < N as usize {
+            let Event::Incoming(Packet::Publish(p)) = events.poll().await.expect("connected") else { continue };
+            let mut levels = p.topic.rsplit('/');
+            let outcome = levels.next().expect("suffix");
+            let seq: u32 = levels.next().and_then(|s| s.parse().ok()).expect("request id");
+            match outcome {
+                "status" => acknowledged.insert(seq),
+                _ => failed.insert(seq),
+            };
+            if !killed && acknowledged.len() >= 100 {
+                dcx_a.kill();
+                killed = true;
+            }
+        }
+    })
+    .await
+    .expect("every request answered");
+    let _client = publisher.await.expect("publisher");
+    eprintln!("acknowledged {}, failed {}", acknowledged.len(), failed.len());
+    assert!(killed);
+    assert!(acknowledged.len() > 200, "the surviving replica took over: {} acknowledged", acknowledged.len());
+
+    // Every acknowledged request's samples reached NATS, and both replicas did some of the work.
+    let mut seen = HashSet::new();
+    let mut replicas = HashSet::new();
+    for msg in observer.drain_samples(Duration::from_millis(500)).await {
+        let event = DataSamplesEvent::decode(&msg.payload).expect("decodes");
+        for sample in event.data_samples {
+            let v: serde_json::Value = serde_json::from_slice(sample).expect("sample is JSON");
+            seen.insert(v["seq"].as_u64().expect("seq") as u32);
+        }
+        if let Some(reply) = msg.reply {
+            replicas.insert(reply.split('.').nth(3).unwrap_or_default().to_owned());
+        }
+    }
+    let lost: Vec<_> = acknowledged.iter().filter(|s| !seen.contains(s)).collect();
+    assert!(lost.is_empty(), "acknowledged but never broadcast: {lost:?}");
+    assert_eq!(replicas.len(), 2, "both DCX replicas served requests: {replicas:?}");
+    assert!(failed.iter().all(|s| !acknowledged.contains(s)));
+}
