@@ -75,15 +75,9 @@ fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>>
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
         "/readyz" => {
             if !state.ready.load(Ordering::Relaxed) {
-                text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "not ready: starting or draining\n".into(),
-                )
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready: starting or draining\n".into())
             } else if !(state.bus_connected)() {
-                text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "not ready: bus disconnected\n".into(),
-                )
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready: bus disconnected\n".into())
             } else {
                 text(StatusCode::OK, "ready\n".into())
             }
@@ -100,16 +94,11 @@ fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>>
             );
             r
         }
-        _ => text(
-            StatusCode::NOT_FOUND,
-            "not found: try /healthz, /readyz or /metrics\n".into(),
-        ),
+        _ => text(StatusCode::NOT_FOUND, "not found: try /healthz, /readyz or /metrics\n".into()),
     }
 }
 
 /// The address the admin server is bound to, for logs.
 pub fn describe(listener: &TcpListener) -> String {
-    listener
-        .local_addr()
-        .map_or_else(|_| "?".into(), |a: SocketAddr| a.to_string())
+    listener.local_addr().map_or_else(|_| "?".into(), |a: SocketAddr| a.to_string())
 }

@@ -55,10 +55,7 @@ fn main() -> ExitCode {
     if source == ConfigSource::BuiltInDefaults && matches!(role, Role::Up | Role::Auth) {
         add_demo_endpoint(&mut config.auth);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("fleetgate: cannot start the async runtime: {e}");
@@ -80,8 +77,5 @@ fn init_logging(filter: &str) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(filter))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }

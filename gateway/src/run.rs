@@ -97,17 +97,16 @@ pub async fn run(role: Role, config: Config) -> Result<(), StartError> {
         false => None,
     };
     let serves_devices = matches!(role, Role::Up | Role::Gateway);
-    let mqtt =
-        match serves_devices && config.transports.mqtt.enabled {
-            true => Some(MqttTransport::bind(config.transports.mqtt.clone()).map_err(
-                |source| StartError::Bind {
-                    setting: "transports.mqtt.listen",
-                    addr: config.transports.mqtt.listen,
-                    source,
-                },
-            )?),
-            false => None,
-        };
+    let mqtt = match serves_devices && config.transports.mqtt.enabled {
+        true => Some(MqttTransport::bind(config.transports.mqtt.clone()).map_err(|source| {
+            StartError::Bind {
+                setting: "transports.mqtt.listen",
+                addr: config.transports.mqtt.listen,
+                source,
+            }
+        })?),
+        false => None,
+    };
 
     let service_error = |e: &dyn std::fmt::Display| StartError::Service(e.to_string());
     let mut metrics: Vec<MetricsSource> = Vec::new();
@@ -188,30 +187,19 @@ async fn connect_bus(role: Role, config: &Config) -> Result<AnyBus, StartError> 
             Ok(AnyBus::Nats(bus))
         }
         _ if role != Role::Up => Err(StartError::NeedsNats(role.name())),
-        _ => Ok(AnyBus::InProcess(InProcessBus::new(
-            config.bus.in_process_capacity,
-        ))),
+        _ => Ok(AnyBus::InProcess(InProcessBus::new(config.bus.in_process_capacity))),
     }
 }
 
 async fn bind_tcp(setting: &'static str, addr: SocketAddr) -> Result<TcpListener, StartError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind {
-            setting,
-            addr,
-            source,
-        })
+    TcpListener::bind(addr).await.map_err(|source| StartError::Bind { setting, addr, source })
 }
 
 async fn wait_for_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
+        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
             (Ok(mut term), Ok(mut int)) => {
                 tokio::select! {
                     _ = term.recv() => {}

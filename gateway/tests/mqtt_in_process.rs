@@ -39,13 +39,7 @@ async fn batch_gets_status_without_subscribe() {
 async fn batch_gets_status_with_subscribe() {
     let fg = up();
     let filter = "kp1/demo-v1/dcx/tok-1/json/#";
-    let p = rumqttc_request(
-        fg.mqtt,
-        Some(filter),
-        "kp1/demo-v1/dcx/tok-1/json/42",
-        BATCH,
-    )
-    .await;
+    let p = rumqttc_request(fg.mqtt, Some(filter), "kp1/demo-v1/dcx/tok-1/json/42", BATCH).await;
     assert_eq!(p.topic, "kp1/demo-v1/dcx/tok-1/json/42/status");
     assert!(p.payload.is_empty());
 }
@@ -59,12 +53,7 @@ async fn mqtt5_client_gets_status() {
     let options = MqttOptions::new("v5-client", "127.0.0.1", fg.mqtt.port());
     let (client, mut events) = AsyncClient::new(options, 16);
     client
-        .publish(
-            "kp1/demo-v1/dcx/tok-1/json/7",
-            QoS::AtLeastOnce,
-            false,
-            BATCH.to_vec(),
-        )
+        .publish("kp1/demo-v1/dcx/tok-1/json/7", QoS::AtLeastOnce, false, BATCH.to_vec())
         .await
         .expect("publish");
     let publish = tokio::time::timeout(Duration::from_secs(10), async {
@@ -102,21 +91,9 @@ async fn errors_go_to_the_error_topic() {
 #[tokio::test]
 async fn plain_metric_and_single_value() {
     let fg = up();
-    let p = rumqttc_request(
-        fg.mqtt,
-        None,
-        "kp1/demo-v1/dcx/tok-1/plain/humidity/9",
-        b"47%",
-    )
-    .await;
+    let p = rumqttc_request(fg.mqtt, None, "kp1/demo-v1/dcx/tok-1/plain/humidity/9", b"47%").await;
     assert_eq!(p.topic, "kp1/demo-v1/dcx/tok-1/plain/humidity/9/status");
-    let p = rumqttc_request(
-        fg.mqtt,
-        None,
-        "kp1/demo-v1/dcx/tok-1/json/10",
-        br#"{"t":1}"#,
-    )
-    .await;
+    let p = rumqttc_request(fg.mqtt, None, "kp1/demo-v1/dcx/tok-1/json/10", br#"{"t":1}"#).await;
     assert_eq!(p.topic, "kp1/demo-v1/dcx/tok-1/json/10/status");
     assert_eq!(fg.metric("fleetgate_dcx_samples_total"), Some(2.0));
 }
@@ -149,10 +126,9 @@ fn mosquitto_pub_and_sub() {
     .spawn()
     .expect("mosquitto_sub is installed (.ci/run installs mosquitto-clients)");
     std::thread::sleep(Duration::from_millis(300));
-    for (topic, payload) in [
-        ("kp1/demo-v1/dcx/tok-1/json/42", &BATCH[..]),
-        ("kp1/demo-v1/dcx/tok-1/json/43", b"[1,"),
-    ] {
+    for (topic, payload) in
+        [("kp1/demo-v1/dcx/tok-1/json/42", BATCH), ("kp1/demo-v1/dcx/tok-1/json/43", &b"[1,"[..])]
+    {
         let status = mosquitto(&[
             "mosquitto_pub",
             "-h",
@@ -175,10 +151,7 @@ fn mosquitto_pub_and_sub() {
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 2, "{text}");
     // mosquitto_sub -v prints an empty payload as `(null)`.
-    assert_eq!(
-        lines[0], "kp1/demo-v1/dcx/tok-1/json/42/status (null)",
-        "empty payload: {text}"
-    );
+    assert_eq!(lines[0], "kp1/demo-v1/dcx/tok-1/json/42/status (null)", "empty payload: {text}");
     assert!(
         lines[1].starts_with("kp1/demo-v1/dcx/tok-1/json/43/error {\"statusCode\":400"),
         "{text}"
@@ -189,11 +162,7 @@ fn mosquitto_pub_and_sub() {
 fn subscriptions_must_name_a_known_token() {
     let fg = up();
     let port = fg.mqtt.port().to_string();
-    for filter in [
-        "kp1/#",
-        "kp1/demo-v1/dcx/+/json/#",
-        "kp1/demo-v1/dcx/unknown-token/#",
-    ] {
+    for filter in ["kp1/#", "kp1/demo-v1/dcx/+/json/#", "kp1/demo-v1/dcx/unknown-token/#"] {
         let out = mosquitto(&[
             "mosquitto_sub",
             "-V",
@@ -218,8 +187,7 @@ fn subscriptions_must_name_a_known_token() {
 
 /// Reads until the server closes the connection; panics if it stays open.
 fn expect_closed(mut s: TcpStream) -> Vec<u8> {
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
+    s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
     let mut got = Vec::new();
     let mut buf = [0u8; 512];
     loop {
@@ -239,21 +207,16 @@ const CONNECT_V5: &[u8] = b"\x10\x11\x00\x04MQTT\x05\x02\x00\x3c\x00\x00\x04test
 fn oversized_packet_is_a_clean_disconnect() {
     let fg = Fleetgate::start(
         "up",
-        &[(
-            "FLEETGATE_TRANSPORTS_MQTT_MAX_PACKET_SIZE_BYTES",
-            "1024".into(),
-        )],
+        &[("FLEETGATE_TRANSPORTS_MQTT_MAX_PACKET_SIZE_BYTES", "1024".into())],
     );
     // MQTT 5: DISCONNECT with 0x95 Packet too large, sent before any of the body arrives.
     let mut s = TcpStream::connect(fg.mqtt).expect("connect");
     s.write_all(CONNECT_V5).expect("connect");
-    s.write_all(b"\x30\xff\xff\x03")
-        .expect("header of a 65535-byte PUBLISH");
+    s.write_all(b"\x30\xff\xff\x03").expect("header of a 65535-byte PUBLISH");
     let got = expect_closed(s);
     assert!(got.starts_with(b"\x20"), "CONNACK first: {got:02x?}");
     assert!(
-        got.windows(3)
-            .any(|w| w == b"\xe0\x01\x95" || w == b"\xe0\x02\x95"),
+        got.windows(3).any(|w| w == b"\xe0\x01\x95" || w == b"\xe0\x02\x95"),
         "DISCONNECT 0x95: {got:02x?}"
     );
     // MQTT 3.1.1: the connection is closed.
@@ -267,14 +230,10 @@ fn oversized_packet_is_a_clean_disconnect() {
     s.write_all(CONNECT_V311).expect("connect");
     s.write_all(b"\xc0\x00").expect("pingreq");
     let mut buf = [0u8; 6];
-    s.set_read_timeout(Some(Duration::from_secs(5)))
-        .expect("timeout");
+    s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
     s.read_exact(&mut buf).expect("connack and pingresp");
     assert_eq!(&buf, b"\x20\x02\x00\x00\xd0\x00");
-    assert_eq!(
-        fg.metric("fleetgate_transport_protocol_errors_total"),
-        Some(2.0)
-    );
+    assert_eq!(fg.metric("fleetgate_transport_protocol_errors_total"), Some(2.0));
 }
 
 #[test]
@@ -295,11 +254,8 @@ fn truncated_and_garbage_frames_disconnect() {
         expect_closed(s);
     }
     // After CONNECT: a PUBLISH with QoS 3, one with a wildcard topic, one cut short.
-    let after_connect: [&[u8]; 3] = [
-        b"\x36\x05\x00\x01a\x00\x01",
-        b"\x30\x05\x00\x03a/#",
-        b"\x32\x09\x00\x03a/b",
-    ];
+    let after_connect: [&[u8]; 3] =
+        [b"\x36\x05\x00\x01a\x00\x01", b"\x30\x05\x00\x03a/#", b"\x32\x09\x00\x03a/b"];
     for bytes in after_connect {
         let mut s = TcpStream::connect(fg.mqtt).expect("connect");
         s.write_all(CONNECT_V311).expect("connect");
@@ -308,10 +264,7 @@ fn truncated_and_garbage_frames_disconnect() {
         expect_closed(s);
     }
     // Still alive and serving.
-    assert_eq!(
-        support::http_get(fg.admin, "/healthz").map(|r| r.0),
-        Some(200)
-    );
+    assert_eq!(support::http_get(fg.admin, "/healthz").map(|r| r.0), Some(200));
 }
 
 #[test]
@@ -319,12 +272,10 @@ fn qos2_is_refused() {
     let fg = up();
     let mut s = TcpStream::connect(fg.mqtt).expect("connect");
     s.write_all(CONNECT_V5).expect("connect");
-    s.write_all(b"\x34\x0a\x00\x03a/b\x00\x01\x00xy")
-        .expect("QoS 2 publish");
+    s.write_all(b"\x34\x0a\x00\x03a/b\x00\x01\x00xy").expect("QoS 2 publish");
     let got = expect_closed(s);
     assert!(
-        got.windows(3)
-            .any(|w| w == b"\xe0\x01\x9b" || w == b"\xe0\x02\x9b"),
+        got.windows(3).any(|w| w == b"\xe0\x01\x9b" || w == b"\xe0\x02\x9b"),
         "DISCONNECT 0x9B: {got:02x?}"
     );
 }
@@ -334,14 +285,9 @@ fn keep_alive_timeout_closes() {
     let fg = up();
     let mut s = TcpStream::connect(fg.mqtt).expect("connect");
     // Keep-alive 1 s: silent for 1.5 s means gone.
-    s.write_all(b"\x10\x10\x00\x04MQTT\x04\x02\x00\x01\x00\x04test")
-        .expect("connect");
+    s.write_all(b"\x10\x10\x00\x04MQTT\x04\x02\x00\x01\x00\x04test").expect("connect");
     let started = std::time::Instant::now();
     let got = expect_closed(s);
     assert_eq!(got, b"\x20\x02\x00\x00");
-    assert!(
-        started.elapsed() >= Duration::from_millis(1400),
-        "{:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() >= Duration::from_millis(1400), "{:?}", started.elapsed());
 }

@@ -31,14 +31,20 @@ async fn expect_on_nats(observer: &mut NatsObserver) {
     assert_eq!(data.request_id, Some(42));
     assert_eq!(data.payload, BATCH);
     let reply = msg.reply.expect("ClientData has a reply subject");
-    assert!(reply.starts_with("kaa.v1.replica.") && reply.ends_with(".esp.ExtensionData"), "{reply}");
+    assert!(
+        reply.starts_with("kaa.v1.replica.") && reply.ends_with(".esp.ExtensionData"),
+        "{reply}"
+    );
     let msg = observer.samples_event().await;
     let event = DataSamplesEvent::decode(&msg.payload).expect("DataSamplesEvent decodes");
     assert_eq!(event.endpoint_id, "ep-1");
     assert_eq!(event.data_samples, [&br#"{"temperature":21}"#[..], br#"{"temperature":22}"#]);
     let reply = msg.reply.expect("event has a reply subject");
     assert!(reply.ends_with(".dstp.DataSamplesProcessed"), "{reply}");
-    assert!(observer.drain_samples(Duration::from_millis(200)).await.is_empty(), "exactly one event");
+    assert!(
+        observer.drain_samples(Duration::from_millis(200)).await.is_empty(),
+        "exactly one event"
+    );
 }
 
 /// rumqttc without and with SUBSCRIBE, then mosquitto_pub beside mosquitto_sub.
@@ -51,7 +57,19 @@ async fn every_client_gets_status(fg: &Fleetgate, observer: &mut NatsObserver) {
     }
     let port = fg.mqtt.port().to_string();
     let sub = Command::new("mosquitto_sub")
-        .args(["-h", "127.0.0.1", "-p", &port, "-t", "kp1/demo-v1/dcx/tok-1/json/#", "-v", "-C", "1", "-W", "10"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-t",
+            "kp1/demo-v1/dcx/tok-1/json/#",
+            "-v",
+            "-C",
+            "1",
+            "-W",
+            "10",
+        ])
         .stdout(Stdio::piped())
         .spawn()
         .expect("mosquitto_sub");
@@ -90,13 +108,17 @@ async fn gateway_dcx_and_auth_as_separate_processes() {
 async fn connectivity_events_on_nats() {
     let nats = NatsServer::start();
     let client = async_nats::connect(nats.url()).await.expect("connect");
-    let mut events = client.subscribe("kaa.v1.events.kpc.endpoint.connectivity.*").await.expect("sub");
+    let mut events =
+        client.subscribe("kaa.v1.events.kpc.endpoint.connectivity.*").await.expect("sub");
     client.flush().await.expect("flush");
     let fg = Fleetgate::start("up", &with_nats(&nats, &[]));
     rumqttc_request(fg.mqtt, None, TOPIC, BATCH).await;
     use futures_util::StreamExt;
     for expected in ["connected", "disconnected"] {
-        let msg = tokio::time::timeout(Duration::from_secs(10), events.next()).await.expect("event").expect("open");
+        let msg = tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await
+            .expect("event")
+            .expect("open");
         assert!(msg.subject.ends_with(expected), "{}", msg.subject);
         let event = fleetgate_messages::ConnectedEvent::decode(&msg.payload).expect("decodes");
         assert_eq!(event.endpoints, [("ep-1", "demo-v1")]);
@@ -137,7 +159,10 @@ async fn dcx_replicas_share_load_and_a_killed_one_loses_nothing_acknowledged() {
     let mut killed = false;
     tokio::time::timeout(Duration::from_secs(60), async {
         while acknowledged.len() + failed.len() < N as usize {
-            let Event::Incoming(Packet::Publish(p)) = events.poll().await.expect("connected") else { continue };
+            let Event::Incoming(Packet::Publish(p)) = events.poll().await.expect("connected")
+            else {
+                continue;
+            };
             let mut levels = p.topic.rsplit('/');
             let outcome = levels.next().expect("suffix");
             let seq: u32 = levels.next().and_then(|s| s.parse().ok()).expect("request id");
@@ -156,7 +181,11 @@ async fn dcx_replicas_share_load_and_a_killed_one_loses_nothing_acknowledged() {
     let _client = publisher.await.expect("publisher");
     eprintln!("acknowledged {}, failed {}", acknowledged.len(), failed.len());
     assert!(killed);
-    assert!(acknowledged.len() > 200, "the surviving replica took over: {} acknowledged", acknowledged.len());
+    assert!(
+        acknowledged.len() > 200,
+        "the surviving replica took over: {} acknowledged",
+        acknowledged.len()
+    );
 
     // Every acknowledged request's samples reached NATS, and both replicas did some of the work.
     let mut seen = HashSet::new();

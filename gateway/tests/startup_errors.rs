@@ -18,7 +18,8 @@ fn start_fails(command: &str, env: &[(&str, String)]) -> String {
 fn unknown_key_in_the_file_is_named() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("fleetgate.yml");
-    std::fs::write(&path, "dcx:\n  reliable_receivers: [epts]\n  receiver_timout_ms: 10\n").expect("write");
+    std::fs::write(&path, "dcx:\n  reliable_receivers: [epts]\n  receiver_timout_ms: 10\n")
+        .expect("write");
     let log = start_fails("up", &[("FLEETGATE_CONFIG", path.display().to_string())]);
     assert!(log.contains("dcx.receiver_timout_ms"), "{log}");
     assert!(log.contains("fleetgate.yml"), "{log}");

@@ -20,10 +20,7 @@ pub fn free_port() -> u16 {
 pub fn wait_for_tcp(addr: SocketAddr, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     while TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_err() {
-        assert!(
-            Instant::now() < deadline,
-            "nothing listens on {addr} after {timeout:?}"
-        );
+        assert!(Instant::now() < deadline, "nothing listens on {addr} after {timeout:?}");
         std::thread::sleep(Duration::from_millis(20));
     }
 }
@@ -46,11 +43,7 @@ impl NatsServer {
             std::env::temp_dir().join(format!("fleetgate-nats-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&ports_dir);
         std::fs::create_dir_all(&ports_dir).expect("create ports dir");
-        let mut server = Self {
-            child: None,
-            port: 0,
-            ports_dir,
-        };
+        let mut server = Self { child: None, port: 0, ports_dir };
         server.spawn(None);
         server
     }
@@ -72,10 +65,7 @@ impl NatsServer {
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| {
-                panic!(
-                    "cannot start {}: {e} (run .ci/run, which installs it)",
-                    binary.display()
-                )
+                panic!("cannot start {}: {e} (run .ci/run, which installs it)", binary.display())
             });
         let pid = child.id();
         self.child = Some(child);
@@ -97,11 +87,7 @@ impl NatsServer {
             }
             let found = std::fs::read_dir(&self.ports_dir).ok().and_then(|dir| {
                 dir.filter_map(Result::ok)
-                    .filter(|e| {
-                        e.file_name()
-                            .to_string_lossy()
-                            .ends_with(&format!("_{pid}.ports"))
-                    })
+                    .filter(|e| e.file_name().to_string_lossy().ends_with(&format!("_{pid}.ports")))
                     .find_map(|e| std::fs::read_to_string(e.path()).ok())
             });
             if let Some(port) = found.as_deref().and_then(client_port) {
@@ -162,10 +148,7 @@ pub async fn eventually<T>(
         if let Some(v) = check() {
             return v;
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -133,21 +133,13 @@ impl AuthProvider {
             auto_register: config.auto_register,
             allow_anonymous: config.allow_anonymous,
             endpoints,
-            clients: config
-                .clients
-                .iter()
-                .map(|c| (c.username.clone(), c.clone()))
-                .collect(),
+            clients: config.clients.iter().map(|c| (c.username.clone(), c.clone())).collect(),
         });
         let group = Some(config.instance.as_str());
-        let mut tokens = bus
-            .subscribe(&subjects::ecap_token_request(&config.instance), group)
-            .await?;
+        let mut tokens =
+            bus.subscribe(&subjects::ecap_token_request(&config.instance), group).await?;
         let mut passwords = bus
-            .subscribe(
-                &subjects::ecap_username_password_request(&config.instance),
-                group,
-            )
+            .subscribe(&subjects::ecap_username_password_request(&config.instance), group)
             .await?;
         bus.flush().await?;
         let task = tokio::spawn(async move {
@@ -227,11 +219,7 @@ impl Directory {
                         request.password.unwrap_or("").as_bytes(),
                     ) =>
                 {
-                    (
-                        200,
-                        Some(c.client_id.clone().unwrap_or_else(|| c.username.clone())),
-                        None,
-                    )
+                    (200, Some(c.client_id.clone().unwrap_or_else(|| c.username.clone())), None)
                 }
                 _ => (401, None, Some("bad user name or password")),
             },
@@ -278,17 +266,13 @@ mod tests {
     use super::*;
 
     fn correlation(p: &[u8]) -> Option<&str> {
-        fleetgate_messages::avro::Reader::new(p)
-            .str("correlationId")
-            .ok()
+        fleetgate_messages::avro::Reader::new(p).str("correlationId").ok()
     }
 
     async fn provider(config: AuthConfig) -> (InProcessBus, watch::Sender<bool>) {
         let bus = InProcessBus::new(64);
         let (stop, rx) = watch::channel(false);
-        AuthProvider::start(bus.clone(), config, rx)
-            .await
-            .expect("start");
+        AuthProvider::start(bus.clone(), config, rx).await.expect("start");
         (bus, stop)
     }
 
@@ -321,42 +305,26 @@ mod tests {
     }
 
     fn endpoint(app: &str, token: &str, id: &str) -> EndpointEntry {
-        EndpointEntry {
-            app_version: app.into(),
-            token: token.into(),
-            endpoint_id: id.into(),
-        }
+        EndpointEntry { app_version: app.into(), token: token.into(), endpoint_id: id.into() }
     }
 
     #[tokio::test]
     async fn known_and_unknown_tokens() {
-        let config = AuthConfig {
-            endpoints: vec![endpoint("demo-v1", "t1", "ep-1")],
-            ..Default::default()
-        };
+        let config =
+            AuthConfig { endpoints: vec![endpoint("demo-v1", "t1", "ep-1")], ..Default::default() };
         let (bus, _stop) = provider(config).await;
-        assert_eq!(
-            validate(&bus, "demo-v1", "t1").await,
-            (200, Some("ep-1".into()))
-        );
+        assert_eq!(validate(&bus, "demo-v1", "t1").await, (200, Some("ep-1".into())));
         assert_eq!(validate(&bus, "demo-v1", "t2").await, (401, None));
         assert_eq!(validate(&bus, "demo-v2", "t1").await, (401, None));
     }
 
     #[tokio::test]
     async fn auto_register_accepts_any_token_stably() {
-        let (bus, _stop) = provider(AuthConfig {
-            auto_register: true,
-            ..Default::default()
-        })
-        .await;
+        let (bus, _stop) = provider(AuthConfig { auto_register: true, ..Default::default() }).await;
         let (status, id) = validate(&bus, "demo-v1", "anything").await;
         assert_eq!(status, 200);
         assert_eq!(id, Some(derived_endpoint_id("demo-v1", "anything")));
-        assert_ne!(
-            derived_endpoint_id("demo-v1", "a"),
-            derived_endpoint_id("demo-v1", "b")
-        );
+        assert_ne!(derived_endpoint_id("demo-v1", "a"), derived_endpoint_id("demo-v1", "b"));
     }
 
     #[tokio::test]
@@ -366,10 +334,7 @@ mod tests {
             ..Default::default()
         };
         let (_stop, rx) = watch::channel(false);
-        let err = AuthProvider::start(InProcessBus::new(4), config, rx)
-            .await
-            .err()
-            .expect("error");
+        let err = AuthProvider::start(InProcessBus::new(4), config, rx).await.err().expect("error");
         assert!(err.to_string().contains("listed twice"), "{err}");
     }
 
@@ -381,11 +346,7 @@ mod tests {
             endpoints: HashMap::new(),
             clients: [(
                 "dev".to_owned(),
-                ClientEntry {
-                    username: "dev".into(),
-                    password: "pw".into(),
-                    client_id: None,
-                },
+                ClientEntry { username: "dev".into(), password: "pw".into(), client_id: None },
             )]
             .into_iter()
             .collect(),

@@ -82,12 +82,7 @@ impl QueueGroup {
 impl InProcessBus {
     /// A bus whose subscriptions each buffer up to `capacity` messages.
     pub fn new(capacity: usize) -> Self {
-        Self {
-            inner: Arc::new(Inner {
-                state: RwLock::default(),
-                capacity: capacity.max(1),
-            }),
-        }
+        Self { inner: Arc::new(Inner { state: RwLock::default(), capacity: capacity.max(1) }) }
     }
 
     fn route(&self, subject: &str) -> Arc<Route> {
@@ -101,11 +96,7 @@ impl InProcessBus {
         };
         let mut route = Route::default();
         let mut groups: Vec<(&str, Vec<mpsc::Sender<Message>>)> = Vec::new();
-        for entry in state
-            .entries
-            .iter()
-            .filter(|e| subject_matches(&e.pattern, subject))
-        {
+        for entry in state.entries.iter().filter(|e| subject_matches(&e.pattern, subject)) {
             match &entry.queue_group {
                 None => route.each.push(entry.tx.clone()),
                 Some(q) => match groups.iter_mut().find(|(name, _)| name == q) {
@@ -116,10 +107,7 @@ impl InProcessBus {
         }
         route.groups = groups
             .into_iter()
-            .map(|(_, members)| QueueGroup {
-                members,
-                next: AtomicUsize::new(0),
-            })
+            .map(|(_, members)| QueueGroup { members, next: AtomicUsize::new(0) })
             .collect();
         let route = Arc::new(route);
         if state.routes.len() >= ROUTE_CACHE_LIMIT {
@@ -142,11 +130,7 @@ impl Bus for InProcessBus {
         }
         let route = self.route(&subject);
         let is_request = reply.is_some();
-        let msg = Message {
-            subject,
-            reply,
-            payload,
-        };
+        let msg = Message { subject, reply, payload };
         let mut delivered = false;
         for tx in &route.each {
             delivered |= tx.send(msg.clone()).await.is_ok();
@@ -230,29 +214,13 @@ mod tests {
     #[tokio::test]
     async fn fan_out_and_wildcards() {
         let bus = InProcessBus::new(8);
-        let mut a = bus
-            .subscribe("kaa.v1.events.*.endpoint.>", None)
+        let mut a = bus.subscribe("kaa.v1.events.*.endpoint.>", None).await.expect("sub");
+        let mut b = bus.subscribe("kaa.v1.events.dcx.endpoint.x", None).await.expect("sub");
+        bus.publish(s("kaa.v1.events.dcx.endpoint.x"), None, Bytes::from_static(b"1"))
             .await
-            .expect("sub");
-        let mut b = bus
-            .subscribe("kaa.v1.events.dcx.endpoint.x", None)
-            .await
-            .expect("sub");
-        bus.publish(
-            s("kaa.v1.events.dcx.endpoint.x"),
-            None,
-            Bytes::from_static(b"1"),
-        )
-        .await
-        .expect("publish");
-        assert_eq!(
-            a.next().await.map(|m| m.payload),
-            Some(Bytes::from_static(b"1"))
-        );
-        assert_eq!(
-            b.next().await.map(|m| m.payload),
-            Some(Bytes::from_static(b"1"))
-        );
+            .expect("publish");
+        assert_eq!(a.next().await.map(|m| m.payload), Some(Bytes::from_static(b"1")));
+        assert_eq!(b.next().await.map(|m| m.payload), Some(Bytes::from_static(b"1")));
     }
 
     #[tokio::test]
@@ -261,9 +229,7 @@ mod tests {
         let mut a = bus.subscribe("svc", Some("g")).await.expect("sub");
         let mut b = bus.subscribe("svc", Some("g")).await.expect("sub");
         for _ in 0..10 {
-            bus.publish(s("svc"), None, Bytes::new())
-                .await
-                .expect("publish");
+            bus.publish(s("svc"), None, Bytes::new()).await.expect("publish");
         }
         let mut got = 0;
         for sub in [&mut a, &mut b] {
@@ -282,9 +248,7 @@ mod tests {
         let err = bus.publish(s("nobody"), Some(s("me")), Bytes::new()).await;
         assert!(matches!(err, Err(BusError::NoResponders(_))));
         // A plain publish to nobody is fine, as on NATS.
-        bus.publish(s("nobody"), None, Bytes::new())
-            .await
-            .expect("publish");
+        bus.publish(s("nobody"), None, Bytes::new()).await.expect("publish");
     }
 
     #[tokio::test]
@@ -309,13 +273,10 @@ mod tests {
         .await;
         assert!(third.is_err(), "a full subscriber must make publish wait");
         sub.next().await.expect("one");
-        tokio::time::timeout(
-            Duration::from_secs(1),
-            bus.publish(s("x"), None, Bytes::new()),
-        )
-        .await
-        .expect("room again")
-        .expect("publish");
+        tokio::time::timeout(Duration::from_secs(1), bus.publish(s("x"), None, Bytes::new()))
+            .await
+            .expect("room again")
+            .expect("publish");
     }
 
     #[tokio::test]

@@ -71,11 +71,7 @@ impl Bus for NatsBus {
         payload: Bytes,
     ) -> Result<(), BusError> {
         let result = match reply {
-            Some(reply) => {
-                self.client
-                    .publish_with_reply(subject, reply, payload)
-                    .await
-            }
+            Some(reply) => self.client.publish_with_reply(subject, reply, payload).await,
             None => self.client.publish(subject, payload).await,
         };
         result.map_err(|e| BusError::Nats(e.to_string()))
@@ -95,9 +91,7 @@ impl Bus for NatsBus {
             None => self.client.subscribe(subject).await,
         }
         .map_err(|e| BusError::Nats(e.to_string()))?;
-        Ok(Subscription {
-            inner: SubscriptionInner::Nats(sub),
-        })
+        Ok(Subscription { inner: SubscriptionInner::Nats(sub) })
     }
 
     /// Waits for a round trip through the server, so that every subscription and message
@@ -106,15 +100,8 @@ impl Bus for NatsBus {
         use futures_util::StreamExt;
         let nats = |e: &dyn std::fmt::Display| BusError::Nats(e.to_string());
         let inbox = self.client.new_inbox();
-        let mut probe = self
-            .client
-            .subscribe(inbox.clone())
-            .await
-            .map_err(|e| nats(&e))?;
-        self.client
-            .publish(inbox.clone(), Bytes::new())
-            .await
-            .map_err(|e| nats(&e))?;
+        let mut probe = self.client.subscribe(inbox.clone()).await.map_err(|e| nats(&e))?;
+        self.client.publish(inbox.clone(), Bytes::new()).await.map_err(|e| nats(&e))?;
         self.client.flush().await.map_err(|e| nats(&e))?;
         match tokio::time::timeout(Duration::from_secs(10), probe.next()).await {
             Ok(Some(_)) => Ok(()),

@@ -78,11 +78,7 @@ impl<B: Bus> Requester<B> {
                 }
             }
         });
-        Ok(Self {
-            bus,
-            reply_subject,
-            shared,
-        })
+        Ok(Self { bus, reply_subject, shared })
     }
 
     /// The subject replies come to.
@@ -105,13 +101,8 @@ impl<B: Bus> Requester<B> {
             .lock()
             .map_err(|_| BusError::Closed)?
             .insert(correlation_id.to_owned(), tx);
-        let _guard = PendingGuard {
-            shared: &self.shared,
-            correlation_id,
-        };
-        self.bus
-            .publish(subject.clone(), Some(self.reply_subject.clone()), payload)
-            .await?;
+        let _guard = PendingGuard { shared: &self.shared, correlation_id };
+        self.bus.publish(subject.clone(), Some(self.reply_subject.clone()), payload).await?;
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(reply)) => Ok(reply),
             Ok(Err(_)) => Err(BusError::Closed),
@@ -170,20 +161,11 @@ mod tests {
             .await
             .expect("start");
         let r = requester
-            .request(
-                Subject::from_static("svc.req"),
-                "1",
-                Bytes::new(),
-                Duration::from_millis(20),
-            )
+            .request(Subject::from_static("svc.req"), "1", Bytes::new(), Duration::from_millis(20))
             .await;
         assert!(matches!(r, Err(BusError::Timeout(_))));
-        let pending: usize = requester
-            .shared
-            .shards
-            .iter()
-            .map(|s| s.lock().map(|m| m.len()).unwrap_or(0))
-            .sum();
+        let pending: usize =
+            requester.shared.shards.iter().map(|s| s.lock().map(|m| m.len()).unwrap_or(0)).sum();
         assert_eq!(pending, 0);
     }
 }

@@ -7,17 +7,11 @@ use fleetgate_bus::{Bus, NatsBus, NatsOptions, Subject};
 use fleetgate_testkit::NatsServer;
 
 async fn connect(server: &NatsServer, name: &str) -> NatsBus {
-    NatsBus::connect(&NatsOptions::new(server.url(), name))
-        .await
-        .expect("connect")
+    NatsBus::connect(&NatsOptions::new(server.url(), name)).await.expect("connect")
 }
 
 async fn next_payload(sub: &mut fleetgate_bus::Subscription) -> Option<Bytes> {
-    tokio::time::timeout(Duration::from_secs(5), sub.next())
-        .await
-        .ok()
-        .flatten()
-        .map(|m| m.payload)
+    tokio::time::timeout(Duration::from_secs(5), sub.next()).await.ok().flatten().map(|m| m.payload)
 }
 
 #[tokio::test]
@@ -25,16 +19,11 @@ async fn publish_subscribe_with_reply_subject() {
     let server = NatsServer::start();
     let a = connect(&server, "a").await;
     let b = connect(&server, "b").await;
-    let mut sub = b
-        .subscribe("kaa.v1.service.dcx.esp.ClientData", Some("dcx"))
-        .await
-        .expect("sub");
+    let mut sub = b.subscribe("kaa.v1.service.dcx.esp.ClientData", Some("dcx")).await.expect("sub");
     b.flush().await.expect("flush");
     a.publish(
         Subject::from_static("kaa.v1.service.dcx.esp.ClientData"),
-        Some(Subject::from_static(
-            "kaa.v1.replica.gw-1.esp.ExtensionData",
-        )),
+        Some(Subject::from_static("kaa.v1.replica.gw-1.esp.ExtensionData")),
         Bytes::from_static(b"x"),
     )
     .await
@@ -44,10 +33,7 @@ async fn publish_subscribe_with_reply_subject() {
         .expect("in time")
         .expect("msg");
     assert_eq!(&msg.payload[..], b"x");
-    assert_eq!(
-        msg.reply.as_deref(),
-        Some("kaa.v1.replica.gw-1.esp.ExtensionData")
-    );
+    assert_eq!(msg.reply.as_deref(), Some("kaa.v1.replica.gw-1.esp.ExtensionData"));
 }
 
 #[tokio::test]
@@ -62,11 +48,7 @@ async fn queue_group_members_share_messages() {
     r2.flush().await.expect("flush");
     for i in 0..200u32 {
         publisher
-            .publish(
-                Subject::from_static("svc"),
-                None,
-                Bytes::from(i.to_string()),
-            )
+            .publish(Subject::from_static("svc"), None, Bytes::from(i.to_string()))
             .await
             .expect("publish");
     }
@@ -92,21 +74,14 @@ async fn reconnects_after_a_server_restart() {
     // The client reconnects and resubscribes by itself.
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     loop {
-        a.publish(
-            Subject::from_static("x"),
-            None,
-            Bytes::from_static(b"after"),
-        )
-        .await
-        .expect("publish");
+        a.publish(Subject::from_static("x"), None, Bytes::from_static(b"after"))
+            .await
+            .expect("publish");
         if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(300), sub.next()).await {
             assert_eq!(&m.payload[..], b"after");
             break;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no message after restart"
-        );
+        assert!(std::time::Instant::now() < deadline, "no message after restart");
     }
 }
 

@@ -92,16 +92,8 @@ impl DcxMetrics {
     pub fn render(&self, out: &mut String) {
         use std::fmt::Write;
         let rows = [
-            (
-                "fleetgate_dcx_requests_total",
-                "ClientData requests processed",
-                &self.requests,
-            ),
-            (
-                "fleetgate_dcx_samples_total",
-                "Data samples broadcast over 13/DSTP",
-                &self.samples,
-            ),
+            ("fleetgate_dcx_requests_total", "ClientData requests processed", &self.requests),
+            ("fleetgate_dcx_samples_total", "Data samples broadcast over 13/DSTP", &self.samples),
             (
                 "fleetgate_dcx_failed_requests_total",
                 "Requests answered with an error",
@@ -150,38 +142,25 @@ impl Dcx {
         config: DcxConfig,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Self, DcxError> {
-        for (key, value) in [
-            ("instance", &config.instance),
-            ("gateway_instance", &config.gateway_instance),
-        ] {
+        for (key, value) in
+            [("instance", &config.instance), ("gateway_instance", &config.gateway_instance)]
+        {
             if !subjects::is_valid_token(value) {
-                return Err(DcxError::InvalidName {
-                    key,
-                    value: value.clone(),
-                });
+                return Err(DcxError::InvalidName { key, value: value.clone() });
             }
         }
         let replica_id = match &config.replica_id {
             Some(id) if !subjects::is_valid_token(id) => {
-                return Err(DcxError::InvalidName {
-                    key: "replica_id",
-                    value: id.clone(),
-                });
+                return Err(DcxError::InvalidName { key: "replica_id", value: id.clone() });
             }
             Some(id) => id.clone(),
             None => fleetgate_bus::new_replica_id(&config.instance),
         };
         let requests = bus
-            .subscribe(
-                &subjects::esp_client_data(&config.instance),
-                Some(&config.instance),
-            )
+            .subscribe(&subjects::esp_client_data(&config.instance), Some(&config.instance))
             .await?;
-        let processed_subject = subjects::replica(
-            &replica_id,
-            subjects::DSTP,
-            subjects::DATA_SAMPLES_PROCESSED,
-        );
+        let processed_subject =
+            subjects::replica(&replica_id, subjects::DSTP, subjects::DATA_SAMPLES_PROCESSED);
         let processed = bus.subscribe(&processed_subject, None).await?;
         bus.flush().await?;
         let metrics = Arc::new(DcxMetrics::default());
@@ -204,11 +183,7 @@ impl Dcx {
         tokio::spawn(route_confirmations(service.clone(), processed));
         let task = tokio::spawn(serve(service, requests, shutdown));
         tracing::info!(replica = %replica_id, "dcx started");
-        Ok(Self {
-            metrics,
-            replica_id,
-            task,
-        })
+        Ok(Self { metrics, replica_id, task })
     }
 
     /// Waits until the replica has stopped (after shutdown, with in-flight requests answered).
@@ -292,10 +267,7 @@ impl<B: Bus> Service<B> {
         };
         if fleetgate_bus::is_expired(request.timestamp_ms, request.timeout_ms) {
             self.metrics.expired.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(
-                correlation_id = request.correlation_id,
-                "expired ClientData dropped"
-            );
+            tracing::debug!(correlation_id = request.correlation_id, "expired ClientData dropped");
             return;
         }
         self.metrics.requests.fetch_add(1, Ordering::Relaxed);
@@ -350,20 +322,14 @@ impl<B: Bus> Service<B> {
         let wait =
             (!receivers.is_empty()).then(|| self.waiters.register(&correlation_id, receivers));
         let reply = Some(self.processed_subject.clone());
-        if let Err(e) = self
-            .bus
-            .publish(self.events_subject.clone(), reply, event.freeze())
-            .await
-        {
+        if let Err(e) = self.bus.publish(self.events_subject.clone(), reply, event.freeze()).await {
             // Only the in-process bus knows that nobody listens; NATS would time out below.
             if !matches!(e, BusError::NoResponders(_)) || wait.is_some() {
                 self.waiters.forget(&correlation_id);
                 return (503, Some(format!("cannot broadcast data samples: {e}")));
             }
         }
-        self.metrics
-            .samples
-            .fetch_add(samples.len() as u64, Ordering::Relaxed);
+        self.metrics.samples.fetch_add(samples.len() as u64, Ordering::Relaxed);
         tracing::debug!(
             request = request.correlation_id,
             event = %correlation_id,
@@ -376,13 +342,8 @@ impl<B: Bus> Service<B> {
             Ok(Ok(outcome)) => outcome,
             _ => {
                 self.waiters.forget(&correlation_id);
-                self.metrics
-                    .receiver_timeouts
-                    .fetch_add(1, Ordering::Relaxed);
-                (
-                    504,
-                    Some("a reliable data receiver did not confirm in time".into()),
-                )
+                self.metrics.receiver_timeouts.fetch_add(1, Ordering::Relaxed);
+                (504, Some("a reliable data receiver did not confirm in time".into()))
             }
         }
     }

@@ -53,10 +53,7 @@ fn json_samples(payload: &[u8]) -> Result<Vec<Cow<'_, [u8]>>, SampleError> {
     let text = whole.get();
     if text.starts_with('[') {
         let items: Vec<&RawValue> = serde_json::from_str(text).map_err(invalid)?;
-        Ok(items
-            .into_iter()
-            .map(|v| Cow::Borrowed(v.get().as_bytes()))
-            .collect())
+        Ok(items.into_iter().map(|v| Cow::Borrowed(v.get().as_bytes())).collect())
     } else {
         Ok(vec![Cow::Borrowed(text.as_bytes())])
     }
@@ -65,19 +62,14 @@ fn json_samples(payload: &[u8]) -> Result<Vec<Cow<'_, [u8]>>, SampleError> {
 /// `47%` on `/plain/humidity` becomes `{"humidity-value":47,"humidity-unit":"%"}`; without a
 /// unit the unit is `number`.
 fn plain_sample(metric: &str, payload: &[u8]) -> Result<Vec<u8>, SampleError> {
-    let text = std::str::from_utf8(payload)
-        .map_err(|_| SampleError::InvalidPlain)?
-        .trim();
+    let text = std::str::from_utf8(payload).map_err(|_| SampleError::InvalidPlain)?.trim();
     let end = number_prefix_len(text);
     let number: serde_json::Number = text[..end].parse().map_err(|_| SampleError::InvalidPlain)?;
     let unit = text[end..].trim();
     let unit = if unit.is_empty() { "number" } else { unit };
     let mut sample = serde_json::Map::new();
     sample.insert(format!("{metric}-value"), serde_json::Value::Number(number));
-    sample.insert(
-        format!("{metric}-unit"),
-        serde_json::Value::String(unit.to_owned()),
-    );
+    sample.insert(format!("{metric}-unit"), serde_json::Value::String(unit.to_owned()));
     serde_json::to_vec(&sample).map_err(|_| SampleError::InvalidPlain)
 }
 
@@ -117,10 +109,7 @@ mod tests {
     use super::*;
 
     fn strings(samples: Vec<Cow<'_, [u8]>>) -> Vec<String> {
-        samples
-            .iter()
-            .map(|s| String::from_utf8_lossy(s).into_owned())
-            .collect()
+        samples.iter().map(|s| String::from_utf8_lossy(s).into_owned()).collect()
     }
 
     #[test]
@@ -130,26 +119,15 @@ mod tests {
         assert!(samples.iter().all(|s| matches!(s, Cow::Borrowed(_))));
         assert_eq!(
             strings(samples),
-            [
-                r#"{"temperature":21}"#,
-                "15",
-                r#"["an","array",13]"#,
-                r#"{"humidity": 88}"#
-            ]
+            [r#"{"temperature":21}"#, "15", r#"["an","array",13]"#, r#"{"humidity": 88}"#]
         );
     }
 
     #[test]
     fn any_other_value_is_one_sample() {
-        assert_eq!(
-            strings(samples_of("/json", br#" {"t":1} "#).expect("valid")),
-            [r#"{"t":1}"#]
-        );
+        assert_eq!(strings(samples_of("/json", br#" {"t":1} "#).expect("valid")), [r#"{"t":1}"#]);
         assert_eq!(strings(samples_of("/json", b"42").expect("valid")), ["42"]);
-        assert_eq!(
-            strings(samples_of("/json", b"[]").expect("valid")),
-            Vec::<String>::new()
-        );
+        assert_eq!(strings(samples_of("/json", b"[]").expect("valid")), Vec::<String>::new());
     }
 
     #[test]
@@ -176,11 +154,7 @@ mod tests {
     #[test]
     fn unknown_resources_are_404() {
         for path in ["/xml", "/plain", "/plain/", "/plain/a/b", "/json/x"] {
-            assert_eq!(
-                samples_of(path, b"1").map_err(|e| e.status()),
-                Err(404),
-                "{path}"
-            );
+            assert_eq!(samples_of(path, b"1").map_err(|e| e.status()), Err(404), "{path}");
         }
     }
 }

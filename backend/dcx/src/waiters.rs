@@ -26,10 +26,7 @@ impl Waiters {
         receivers: &[String],
     ) -> oneshot::Receiver<super::Outcome> {
         let (done, rx) = oneshot::channel();
-        let waiter = Waiter {
-            outstanding: receivers.to_vec(),
-            done,
-        };
+        let waiter = Waiter { outstanding: receivers.to_vec(), done };
         if let Ok(mut pending) = self.pending.lock() {
             pending.insert(correlation_id.to_owned(), waiter);
         }
@@ -48,11 +45,7 @@ impl Waiters {
             return;
         };
         let Some(waiter) = pending.get_mut(correlation_id) else {
-            tracing::debug!(
-                correlation_id,
-                receiver,
-                "confirmation for no pending batch"
-            );
+            tracing::debug!(correlation_id, receiver, "confirmation for no pending batch");
             return;
         };
         let Some(i) = waiter.outstanding.iter().position(|r| r == receiver) else {

@@ -389,11 +389,7 @@ impl<'a> Reader<'a> {
         let remaining = self.remaining();
         match usize::try_from(len) {
             Ok(n) if n <= remaining => Ok(n),
-            _ => Err(DecodeError::LengthBeyondInput {
-                field,
-                len,
-                remaining,
-            }),
+            _ => Err(DecodeError::LengthBeyondInput { field, len, remaining }),
         }
     }
 
@@ -402,10 +398,7 @@ impl<'a> Reader<'a> {
     pub fn bytes(&mut self, field: &'static str) -> Result<&'a [u8], DecodeError> {
         let n = self.len_prefix(field)?;
         let start = self.pos;
-        let out = self
-            .buf
-            .get(start..start + n)
-            .ok_or(DecodeError::Truncated { field })?;
+        let out = self.buf.get(start..start + n).ok_or(DecodeError::Truncated { field })?;
         self.pos = start + n;
         Ok(out)
     }
@@ -427,11 +420,7 @@ impl<'a> Reader<'a> {
         let index = self.long(field)?;
         match usize::try_from(index) {
             Ok(i) if i < branches => Ok(i),
-            _ => Err(DecodeError::BadUnionIndex {
-                field,
-                index,
-                branches,
-            }),
+            _ => Err(DecodeError::BadUnionIndex { field, index, branches }),
         }
     }
 
@@ -444,11 +433,7 @@ impl<'a> Reader<'a> {
         read: impl FnOnce(&mut Self) -> Result<T, DecodeError>,
     ) -> Result<Option<T>, DecodeError> {
         let index = self.union_index(field, 2)?;
-        if index as i64 == null.null_index() {
-            Ok(None)
-        } else {
-            read(self).map(Some)
-        }
+        if index as i64 == null.null_index() { Ok(None) } else { read(self).map(Some) }
     }
 
     /// Reads an optional `string` union.
@@ -507,11 +492,7 @@ impl<'a> Reader<'a> {
         // a count above the remaining input is a lie; refusing it bounds allocation.
         match usize::try_from(count) {
             Ok(n) if n <= remaining => Ok(n),
-            _ => Err(DecodeError::TooManyItems {
-                field,
-                count,
-                remaining,
-            }),
+            _ => Err(DecodeError::TooManyItems { field, count, remaining }),
         }
     }
 
@@ -559,10 +540,7 @@ mod tests {
         assert_eq!(enc_long(42), [0x54]);
         assert_eq!(enc_long(-64), [0x7f]);
         assert_eq!(enc_long(64), [0x80, 0x01]);
-        assert_eq!(
-            enc_long(1_700_000_000_000),
-            [0x80, 0xa0, 0xab, 0xfe, 0xf9, 0x62]
-        );
+        assert_eq!(enc_long(1_700_000_000_000), [0x80, 0xa0, 0xab, 0xfe, 0xf9, 0x62]);
         assert_eq!(enc_long(i64::MIN).len(), 10);
         assert_eq!(enc_long(i64::MAX).len(), 10);
     }
@@ -580,14 +558,8 @@ mod tests {
             Reader::new(&overflow).long("f"),
             Err(DecodeError::VarintOverflow { field: "f" })
         );
-        assert_eq!(
-            Reader::new(&[0x80]).long("f"),
-            Err(DecodeError::Truncated { field: "f" })
-        );
-        assert_eq!(
-            Reader::new(&[]).long("f"),
-            Err(DecodeError::Truncated { field: "f" })
-        );
+        assert_eq!(Reader::new(&[0x80]).long("f"), Err(DecodeError::Truncated { field: "f" }));
+        assert_eq!(Reader::new(&[]).long("f"), Err(DecodeError::Truncated { field: "f" }));
     }
 
     #[test]
@@ -595,19 +567,12 @@ mod tests {
         // -1 as a length
         assert_eq!(
             Reader::new(&[0x01]).bytes("p"),
-            Err(DecodeError::NegativeLength {
-                field: "p",
-                len: -1
-            })
+            Err(DecodeError::NegativeLength { field: "p", len: -1 })
         );
         // 3 bytes declared, 2 present
         assert_eq!(
             Reader::new(&[0x06, b'a', b'b']).str("s"),
-            Err(DecodeError::LengthBeyondInput {
-                field: "s",
-                len: 3,
-                remaining: 2
-            })
+            Err(DecodeError::LengthBeyondInput { field: "s", len: 3, remaining: 2 })
         );
         // i64::MAX length must not allocate or overflow
         let mut huge = Vec::new();
@@ -626,28 +591,17 @@ mod tests {
     fn union_and_int_errors() {
         assert_eq!(
             Reader::new(&[0x04]).opt_str("u", NullBranch::First),
-            Err(DecodeError::BadUnionIndex {
-                field: "u",
-                index: 2,
-                branches: 2
-            })
+            Err(DecodeError::BadUnionIndex { field: "u", index: 2, branches: 2 })
         );
         assert_eq!(
             Reader::new(&[0x01]).opt_str("u", NullBranch::First),
-            Err(DecodeError::BadUnionIndex {
-                field: "u",
-                index: -1,
-                branches: 2
-            })
+            Err(DecodeError::BadUnionIndex { field: "u", index: -1, branches: 2 })
         );
         let mut big = Vec::new();
         put_long(&mut big, i64::from(i32::MAX) + 1);
         assert_eq!(
             Reader::new(&big).int("i"),
-            Err(DecodeError::IntOutOfRange {
-                field: "i",
-                value: i64::from(i32::MAX) + 1
-            })
+            Err(DecodeError::IntOutOfRange { field: "i", value: i64::from(i32::MAX) + 1 })
         );
     }
 

@@ -206,10 +206,7 @@ mod tests {
         let older = &bytes[..bytes.len() - avro::opt_str_len(Some("db down"))];
         assert_eq!(
             DataSamplesProcessed::decode(older),
-            Ok(DataSamplesProcessed {
-                reason_phrase: None,
-                ..rec
-            })
+            Ok(DataSamplesProcessed { reason_phrase: None, ..rec })
         );
     }
 

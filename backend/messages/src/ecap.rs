@@ -287,10 +287,7 @@ mod tests {
             reason_phrase: None,
         };
         let bytes = rec.to_bytes();
-        assert_eq!(
-            EndpointTokenValidationResponse::decode(&bytes[..bytes.len() - 1]),
-            Ok(rec)
-        );
+        assert_eq!(EndpointTokenValidationResponse::decode(&bytes[..bytes.len() - 1]), Ok(rec));
 
         let rec = ClientUsernamePasswordValidationResponse {
             correlation_id: "c1",
@@ -305,10 +302,7 @@ mod tests {
         let older = &bytes[..bytes.len() - avro::opt_str_len(rec.reason_phrase)];
         assert_eq!(
             ClientUsernamePasswordValidationResponse::decode(older),
-            Ok(ClientUsernamePasswordValidationResponse {
-                reason_phrase: None,
-                ..rec
-            })
+            Ok(ClientUsernamePasswordValidationResponse { reason_phrase: None, ..rec })
         );
     }
 

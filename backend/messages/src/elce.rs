@@ -47,13 +47,7 @@ fn decode(input: &[u8]) -> Result<Fields<'_>, DecodeError> {
     let (correlation_id, timestamp_ms, timeout_ms) = header::read(&mut r)?;
     let endpoints = r.str_map(ENDPOINTS)?;
     let originator_replica_id = r.str(ORIGINATOR_REPLICA_ID)?;
-    Ok((
-        correlation_id,
-        timestamp_ms,
-        timeout_ms,
-        endpoints,
-        originator_replica_id,
-    ))
+    Ok((correlation_id, timestamp_ms, timeout_ms, endpoints, originator_replica_id))
 }
 
 macro_rules! connectivity_event {
@@ -150,10 +144,7 @@ mod tests {
             correlation_id,
             timestamp_ms,
             timeout_ms,
-            vec![
-                ("endpoints", Value::Map(map)),
-                ("originatorReplicaId", s(originator)),
-            ],
+            vec![("endpoints", Value::Map(map)), ("originatorReplicaId", s(originator))],
         )
     }
 

@@ -213,11 +213,7 @@ mod tests {
 
     #[test]
     fn client_data_vector_2() {
-        let rec = ClientData {
-            endpoint_id: None,
-            request_id: None,
-            ..client_data_1()
-        };
+        let rec = ClientData { endpoint_id: None, request_id: None, ..client_data_1() };
         let bytes = hex(CLIENT_DATA_2);
         assert_eq!(&rec.to_bytes()[..], &bytes[..]);
         assert_eq!(ClientData::decode(&bytes), Ok(rec));
@@ -237,10 +233,7 @@ mod tests {
         let older = &full[..full.len() - 1];
         assert_eq!(ClientData::decode(older), Ok(client_data_1()));
 
-        let named = ClientData {
-            config_name: Some("network"),
-            ..client_data_1()
-        };
+        let named = ClientData { config_name: Some("network"), ..client_data_1() };
         let bytes = named.to_bytes();
         assert_eq!(
             ClientData::decode(&bytes[..bytes.len() - avro::opt_str_len(Some("network"))]),
@@ -251,10 +244,7 @@ mod tests {
     #[test]
     fn extension_data_without_reason_phrase_from_older_writer() {
         let full = hex(EXTENSION_DATA);
-        assert_eq!(
-            ExtensionData::decode(&full[..full.len() - 1]),
-            Ok(extension_data())
-        );
+        assert_eq!(ExtensionData::decode(&full[..full.len() - 1]), Ok(extension_data()));
     }
 
     #[test]
@@ -265,11 +255,7 @@ mod tests {
         bytes[pos] = 0x06;
         assert_eq!(
             ClientData::decode(&bytes),
-            Err(DecodeError::BadUnionIndex {
-                field: "requestId",
-                index: 3,
-                branches: 2
-            })
+            Err(DecodeError::BadUnionIndex { field: "requestId", index: 3, branches: 2 })
         );
         let err = ClientData::decode(&hex(CLIENT_DATA_1)[..5]).unwrap_err();
         assert_eq!(err, DecodeError::Truncated { field: "timestamp" });
@@ -298,14 +284,8 @@ mod tests {
             r.timestamp_ms,
             r.timeout_ms,
             vec![
-                (
-                    "appVersionName",
-                    opt_s(r.app_version_name, NullBranch::Second),
-                ),
-                (
-                    "extensionInstanceName",
-                    opt_s(r.extension_instance_name, NullBranch::Second),
-                ),
+                ("appVersionName", opt_s(r.app_version_name, NullBranch::Second)),
+                ("extensionInstanceName", opt_s(r.extension_instance_name, NullBranch::Second)),
                 ("endpointId", opt_s(r.endpoint_id, NullBranch::Second)),
                 ("resourcePath", s(r.resource_path)),
                 ("requestId", opt_i(r.request_id, NullBranch::Second)),

@@ -139,12 +139,7 @@ pub fn token_revoked(provider_instance: &str) -> String {
 
 /// `kaa.v1.events.{dcx}.endpoint.data-collection.data-samples-received`.
 pub fn dstp_data_samples_received(transmitter_instance: &str) -> String {
-    event(
-        transmitter_instance,
-        ENDPOINT,
-        DATA_COLLECTION,
-        DATA_SAMPLES_RECEIVED,
-    )
+    event(transmitter_instance, ENDPOINT, DATA_COLLECTION, DATA_SAMPLES_RECEIVED)
 }
 
 /// `kaa.v1.replica.{dcx_replica}.dstp.DataSamplesProcessed`: reply subject of a data-samples
@@ -168,10 +163,7 @@ pub fn elce_disconnected(originator_instance: &str) -> String {
 /// Use it to validate configured service instance names and replica ids before building
 /// subjects from them.
 pub fn is_valid_token(s: &str) -> bool {
-    !s.is_empty()
-        && !s
-            .chars()
-            .any(|c| c == '.' || c == '*' || c == '>' || c.is_whitespace())
+    !s.is_empty() && !s.chars().any(|c| c == '.' || c == '*' || c == '>' || c.is_whitespace())
 }
 
 #[cfg(test)]
@@ -180,27 +172,12 @@ mod tests {
 
     #[test]
     fn builders() {
-        assert_eq!(
-            service("dcx", "esp", "ClientData"),
-            "kaa.v1.service.dcx.esp.ClientData"
-        );
+        assert_eq!(service("dcx", "esp", "ClientData"), "kaa.v1.service.dcx.esp.ClientData");
         assert_eq!(esp_client_data("dcx"), "kaa.v1.service.dcx.esp.ClientData");
-        assert_eq!(
-            esp_extension_data_reply("gw-1"),
-            "kaa.v1.replica.gw-1.esp.ExtensionData"
-        );
-        assert_eq!(
-            esp_extension_data("kpc"),
-            "kaa.v1.service.kpc.esp.ExtensionData"
-        );
-        assert_eq!(
-            ecap_token_request("auth"),
-            "kaa.v1.service.auth.ecap.ep-token-request"
-        );
-        assert_eq!(
-            ecap_token_response_reply("gw-1"),
-            "kaa.v1.replica.gw-1.ecap.ep-token-response"
-        );
+        assert_eq!(esp_extension_data_reply("gw-1"), "kaa.v1.replica.gw-1.esp.ExtensionData");
+        assert_eq!(esp_extension_data("kpc"), "kaa.v1.service.kpc.esp.ExtensionData");
+        assert_eq!(ecap_token_request("auth"), "kaa.v1.service.auth.ecap.ep-token-request");
+        assert_eq!(ecap_token_response_reply("gw-1"), "kaa.v1.replica.gw-1.ecap.ep-token-response");
         assert_eq!(
             ecap_username_password_request("auth"),
             "kaa.v1.service.auth.ecap.client-username-password-request"
@@ -209,22 +186,13 @@ mod tests {
             ecap_username_password_response_reply("gw-1"),
             "kaa.v1.replica.gw-1.ecap.client-username-password-response"
         );
-        assert_eq!(
-            token_revoked("auth"),
-            "kaa.v1.events.auth.endpoint.token.revoked"
-        );
+        assert_eq!(token_revoked("auth"), "kaa.v1.events.auth.endpoint.token.revoked");
         assert_eq!(
             dstp_data_samples_received("dcx"),
             "kaa.v1.events.dcx.endpoint.data-collection.data-samples-received"
         );
-        assert_eq!(
-            dstp_processed_reply("dcx-0"),
-            "kaa.v1.replica.dcx-0.dstp.DataSamplesProcessed"
-        );
-        assert_eq!(
-            elce_connected("kpc"),
-            "kaa.v1.events.kpc.endpoint.connectivity.connected"
-        );
+        assert_eq!(dstp_processed_reply("dcx-0"), "kaa.v1.replica.dcx-0.dstp.DataSamplesProcessed");
+        assert_eq!(elce_connected("kpc"), "kaa.v1.events.kpc.endpoint.connectivity.connected");
         assert_eq!(
             elce_disconnected("kpc"),
             "kaa.v1.events.kpc.endpoint.connectivity.disconnected"

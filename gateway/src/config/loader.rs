@@ -169,22 +169,15 @@ where
 }
 
 fn read_file(path: &Path) -> Result<Mapping, ConfigError> {
-    let text = fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let syntax = |source| ConfigError::Syntax {
-        path: path.to_path_buf(),
-        source,
-    };
+    let text = fs::read_to_string(path)
+        .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+    let syntax = |source| ConfigError::Syntax { path: path.to_path_buf(), source };
     let mut value: Value = serde_yaml::from_str(&text).map_err(syntax)?;
     value.apply_merge().map_err(syntax)?;
     match value {
         Value::Null => Ok(Mapping::new()),
         Value::Mapping(mapping) => Ok(mapping),
-        _ => Err(ConfigError::NotAMapping {
-            path: path.to_path_buf(),
-        }),
+        _ => Err(ConfigError::NotAMapping { path: path.to_path_buf() }),
     }
 }
 
@@ -210,10 +203,7 @@ fn apply_env(
             1 => found.swap_remove(0),
             _ => {
                 let keys = found.iter().map(|(path, _)| path.join(".")).collect();
-                return Err(ConfigError::AmbiguousVariable {
-                    var: var.clone(),
-                    keys,
-                });
+                return Err(ConfigError::AmbiguousVariable { var: var.clone(), keys });
             }
         };
         let value = match default {
@@ -314,10 +304,7 @@ mod tests {
     }
     impl Default for Mqtt {
         fn default() -> Self {
-            Mqtt {
-                listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
-                max_packet_size_bytes: 65536,
-            }
+            Mqtt { listen: SocketAddr::from(([0, 0, 0, 0], 1883)), max_packet_size_bytes: 65536 }
         }
     }
     #[derive(Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -342,9 +329,7 @@ mod tests {
     }
 
     fn env(vars: &[(&str, &str)]) -> HashMap<String, String> {
-        vars.iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     fn temp_file(name: &str, text: &str) -> PathBuf {
@@ -359,9 +344,7 @@ mod tests {
     }
 
     fn error(result: Result<Root, ConfigError>) -> String {
-        result
-            .expect_err("expected a configuration error")
-            .to_string()
+        result.expect_err("expected a configuration error").to_string()
     }
 
     #[test]
@@ -391,19 +374,14 @@ mod tests {
     fn unknown_key_names_its_path_and_file() {
         let path = temp_file("unknown", "transports:\n  mqtt:\n    listn: 0.0.0.0:1\n");
         let msg = error(load(&ConfigSource::File(path.clone()), &env(&[])));
-        assert!(
-            msg.contains("transports.mqtt.listn: unknown field `listn`"),
-            "{msg}"
-        );
+        assert!(msg.contains("transports.mqtt.listn: unknown field `listn`"), "{msg}");
         assert!(msg.contains(&path.display().to_string()), "{msg}");
     }
 
     #[test]
     fn env_overrides_file() {
-        let path = temp_file(
-            "env",
-            "nats:\n  url: nats://file:4222\ndcx:\n  receiver_timeout_ms: 9\n",
-        );
+        let path =
+            temp_file("env", "nats:\n  url: nats://file:4222\ndcx:\n  receiver_timeout_ms: 9\n");
         let vars = env(&[
             ("FLEETGATE_TRANSPORTS_MQTT_LISTEN", "127.0.0.1:11883"),
             ("FLEETGATE_NATS_URL", "nats://nats:4222"),
@@ -423,11 +401,9 @@ mod tests {
 
     #[test]
     fn string_values_are_verbatim_and_empty_clears_an_option() {
-        let root = from_env(&[
-            ("FLEETGATE_AUTH_ADMIN_TOKEN", "0123"),
-            ("FLEETGATE_NATS_URL", "true"),
-        ])
-        .expect("load");
+        let root =
+            from_env(&[("FLEETGATE_AUTH_ADMIN_TOKEN", "0123"), ("FLEETGATE_NATS_URL", "true")])
+                .expect("load");
         assert_eq!(root.auth.admin_token, "0123");
         assert_eq!(root.nats.url.as_deref(), Some("true"));
         let path = temp_file("clear", "nats: {url: nats://file:4222}\n");
@@ -447,10 +423,7 @@ mod tests {
         };
         assert_eq!(root.auth.endpoints, [expected]);
         let msg = error(from_env(&[("FLEETGATE_AUTH_ENDPOINTS", "[{tokn: t1}]")]));
-        assert!(
-            msg.starts_with("FLEETGATE_AUTH_ENDPOINTS: auth.endpoints[0].tokn:"),
-            "{msg}"
-        );
+        assert!(msg.starts_with("FLEETGATE_AUTH_ENDPOINTS: auth.endpoints[0].tokn:"), "{msg}");
     }
 
     #[test]
@@ -480,10 +453,7 @@ mod tests {
         struct Inner {
             b: u8,
         }
-        let result = load::<Amb>(
-            &ConfigSource::BuiltInDefaults,
-            &env(&[("FLEETGATE_A_B", "1")]),
-        );
+        let result = load::<Amb>(&ConfigSource::BuiltInDefaults, &env(&[("FLEETGATE_A_B", "1")]));
         let msg = result.err().map(|e| e.to_string()).unwrap_or_default();
         assert!(msg.contains("a_b") && msg.contains("a.b"), "{msg}");
     }
@@ -492,10 +462,7 @@ mod tests {
     fn file_errors_name_the_file() {
         let path = temp_file("syntax", "nats:\n  url: [unclosed\n");
         let msg = error(load(&ConfigSource::File(path.clone()), &env(&[])));
-        assert!(
-            msg.contains(&path.display().to_string()) && msg.contains("line"),
-            "{msg}"
-        );
+        assert!(msg.contains(&path.display().to_string()) && msg.contains("line"), "{msg}");
         let missing = PathBuf::from("/nonexistent/fleetgate.yml");
         let msg = error(load(&ConfigSource::File(missing), &env(&[])));
         assert!(msg.contains("/nonexistent/fleetgate.yml"), "{msg}");
@@ -510,14 +477,8 @@ mod tests {
         let resolve = ConfigSource::resolve_with;
         assert_eq!(resolve(Some(cli), &vars, &srv), file("/cli.yml"));
         assert_eq!(resolve(None, &vars, &srv), file("/env.yml"));
-        assert_eq!(
-            resolve(None, &env(&[]), &srv),
-            ConfigSource::File(srv.clone())
-        );
+        assert_eq!(resolve(None, &env(&[]), &srv), ConfigSource::File(srv.clone()));
         let absent = Path::new("/nonexistent/service-config.yml");
-        assert_eq!(
-            resolve(None, &env(&[]), absent),
-            ConfigSource::BuiltInDefaults
-        );
+        assert_eq!(resolve(None, &env(&[]), absent), ConfigSource::BuiltInDefaults);
     }
 }

@@ -69,9 +69,7 @@ pub struct BusConfig {
 
 impl Default for BusConfig {
     fn default() -> Self {
-        Self {
-            in_process_capacity: 4096,
-        }
+        Self { in_process_capacity: 4096 }
     }
 }
 
@@ -87,10 +85,7 @@ pub struct AdminConfig {
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        Self {
-            enabled: true,
-            listen: SocketAddr::from(([0, 0, 0, 0], 8008)),
-        }
+        Self { enabled: true, listen: SocketAddr::from(([0, 0, 0, 0], 8008)) }
     }
 }
 
@@ -115,10 +110,7 @@ pub struct ProcessConfig {
 
 impl Default for ProcessConfig {
     fn default() -> Self {
-        Self {
-            log_filter: "info".into(),
-            drain_timeout_ms: 5000,
-        }
+        Self { log_filter: "info".into(), drain_timeout_ms: 5000 }
     }
 }
 
@@ -130,10 +122,7 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect()
     }
 
     #[test]
@@ -143,18 +132,12 @@ mod tests {
             ("FLEETGATE_ADMIN_LISTEN", "127.0.0.1:18008"),
             ("FLEETGATE_NATS_URL", "nats://nats:4222"),
             ("FLEETGATE_AUTH_AUTO_REGISTER", "true"),
-            (
-                "FLEETGATE_AUTH_ENDPOINTS",
-                "[{app_version: demo-v1, token: t1, endpoint_id: e1}]",
-            ),
+            ("FLEETGATE_AUTH_ENDPOINTS", "[{app_version: demo-v1, token: t1, endpoint_id: e1}]"),
             ("FLEETGATE_DCX_RELIABLE_RECEIVERS", "[epts]"),
             ("FLEETGATE_DCX_RECEIVER_TIMEOUT_MS", "250"),
         ]);
         let c: Config = load(&ConfigSource::BuiltInDefaults, &vars).expect("valid");
-        assert_eq!(
-            c.transports.mqtt.listen,
-            "127.0.0.1:11883".parse().expect("addr")
-        );
+        assert_eq!(c.transports.mqtt.listen, "127.0.0.1:11883".parse().expect("addr"));
         assert_eq!(c.admin.listen, "127.0.0.1:18008".parse().expect("addr"));
         assert_eq!(c.nats.url.as_deref(), Some("nats://nats:4222"));
         assert!(c.auth.auto_register);

@@ -142,10 +142,7 @@ impl<B: Bus> Gateway<B> {
             if subjects::is_valid_token(value) {
                 Ok(())
             } else {
-                Err(GatewayError::InvalidName {
-                    key,
-                    value: value.to_owned(),
-                })
+                Err(GatewayError::InvalidName { key, value: value.to_owned() })
             }
         };
         check("instance", &config.instance)?;
@@ -180,9 +177,7 @@ impl<B: Bus> Gateway<B> {
         let reply_subject = Subject::from(subjects::esp_extension_data_reply(&replica_id));
         let replies = bus.subscribe(&reply_subject, None).await?;
         // Pushes without affinity go to every replica; only the one holding the session sends.
-        let pushes = bus
-            .subscribe(&subjects::esp_extension_data(&config.instance), None)
-            .await?;
+        let pushes = bus.subscribe(&subjects::esp_extension_data(&config.instance), None).await?;
         let revocations = bus.subscribe(subjects::TOKEN_REVOKED_ANY, None).await?;
         bus.flush().await?;
         let gateway = Arc::new(Self {
@@ -208,21 +203,9 @@ impl<B: Bus> Gateway<B> {
             config,
             bus,
         });
-        tokio::spawn(route_answers(
-            Arc::downgrade(&gateway),
-            replies,
-            shutdown.clone(),
-        ));
-        tokio::spawn(route_answers(
-            Arc::downgrade(&gateway),
-            pushes,
-            shutdown.clone(),
-        ));
-        tokio::spawn(end_revoked(
-            Arc::downgrade(&gateway),
-            revocations,
-            shutdown.clone(),
-        ));
+        tokio::spawn(route_answers(Arc::downgrade(&gateway), replies, shutdown.clone()));
+        tokio::spawn(route_answers(Arc::downgrade(&gateway), pushes, shutdown.clone()));
+        tokio::spawn(end_revoked(Arc::downgrade(&gateway), revocations, shutdown.clone()));
         tokio::spawn(expire_requests(Arc::downgrade(&gateway), shutdown));
         tracing::info!(replica = %gateway.replica_id, "communication service started");
         Ok(gateway)
@@ -369,11 +352,7 @@ impl<B: Bus> Gateway<B> {
             endpoints: endpoints.to_vec(),
             originator_replica_id: &self.replica_id,
         };
-        if let Err(e) = self
-            .bus
-            .publish(subject.clone(), None, event.to_bytes())
-            .await
-        {
+        if let Err(e) = self.bus.publish(subject.clone(), None, event.to_bytes()).await {
             tracing::warn!(error = %e, subject = %subject, "cannot publish a connectivity event");
         }
     }
@@ -389,21 +368,14 @@ impl<B: Bus> Gateway<B> {
             }
         };
         let outcome = if (200..300).contains(&answer.status_code) {
-            KpOutcome::Success(
-                answer
-                    .payload
-                    .map_or_else(Bytes::new, |p| payload.slice_ref(p)),
-            )
+            KpOutcome::Success(answer.payload.map_or_else(Bytes::new, |p| payload.slice_ref(p)))
         } else {
             let status = u16::try_from(answer.status_code).unwrap_or(500);
-            let reason = answer
-                .reason_phrase
-                .unwrap_or_else(|| status_reason(status));
+            let reason = answer.reason_phrase.unwrap_or_else(|| status_reason(status));
             KpOutcome::Error(KpError::new(status, reason.to_owned()))
         };
-        if let Some(pending) = self
-            .request_number(answer.correlation_id)
-            .and_then(|n| self.pending.take(n))
+        if let Some(pending) =
+            self.request_number(answer.correlation_id).and_then(|n| self.pending.take(n))
         {
             let response = KpResponse {
                 base: pending.base,
@@ -425,19 +397,12 @@ impl<B: Bus> Gateway<B> {
             );
             return;
         };
-        let request_id = answer
-            .request_id
-            .and_then(|id| u32::try_from(id).ok())
-            .filter(|id| *id > 0);
-        let routes = self
-            .sessions
-            .routes_of(endpoint_id, answer.app_version_name);
+        let request_id =
+            answer.request_id.and_then(|id| u32::try_from(id).ok()).filter(|id| *id > 0);
+        let routes = self.sessions.routes_of(endpoint_id, answer.app_version_name);
         if routes.is_empty() {
             self.metrics.undeliverable.inc();
-            tracing::debug!(
-                endpoint_id,
-                "push for an endpoint with no session here dropped"
-            );
+            tracing::debug!(endpoint_id, "push for an endpoint with no session here dropped");
         }
         let delivered: Vec<SessionId> = routes.iter().map(|r| r.session).collect();
         let mut copied_for = Vec::new();
@@ -475,13 +440,7 @@ impl<B: Bus> Gateway<B> {
         for s in subscribers {
             if !delivered.contains(&s.session) && filter_matches(&s.filter, &topic) {
                 self.metrics.copies.inc();
-                self.deliver(
-                    s.session,
-                    KpResponse {
-                        tag: s.tag,
-                        ..response.clone()
-                    },
-                );
+                self.deliver(s.session, KpResponse { tag: s.tag, ..response.clone() });
             }
         }
     }
@@ -520,12 +479,7 @@ impl<B: Bus> KpHandler for Gateway<B> {
         let timeout = Duration::from_millis(self.config.auth_timeout_ms);
         let reply = self
             .client_requester
-            .request(
-                self.client_requests.clone(),
-                &correlation_id,
-                request.to_bytes(),
-                timeout,
-            )
+            .request(self.client_requests.clone(), &correlation_id, request.to_bytes(), timeout)
             .await
             .map_err(|e| {
                 self.metrics.sessions_refused.inc();
@@ -540,37 +494,24 @@ impl<B: Bus> KpHandler for Gateway<B> {
         if !(200..300).contains(&answer.status_code) {
             self.metrics.sessions_refused.inc();
             let reason = answer.reason_phrase.unwrap_or("bad credentials").to_owned();
-            return Err(KpError::new(
-                u16::try_from(answer.status_code).unwrap_or(401),
-                reason,
-            ));
+            return Err(KpError::new(u16::try_from(answer.status_code).unwrap_or(401), reason));
         }
         let session = SessionId(self.next_session.fetch_add(1, Ordering::Relaxed));
         self.sessions.open(session, outbox, credentials.transport);
         self.metrics.sessions_opened.inc();
-        Ok(ClientIdentity {
-            session,
-            client_id: answer.client_id.map(str::to_owned),
-        })
+        Ok(ClientIdentity { session, client_id: answer.client_id.map(str::to_owned) })
     }
 
     async fn handle(&self, session: SessionId, request: KpRequest) -> Result<(), KpError> {
         self.metrics.requests.inc();
-        let (base, request_id, tag) = (
-            request.topic.base(),
-            request.topic.request_id(),
-            request.tag,
-        );
+        let (base, request_id, tag) =
+            (request.topic.base(), request.topic.request_id(), request.tag);
         let result = self.forward(session, request).await;
         if let Err(e) = &result {
             self.metrics.rejected.inc();
             // The transport answers the requester; subscribers get their copy from here.
-            let response = KpResponse {
-                base,
-                request_id,
-                tag,
-                outcome: KpOutcome::Error(e.clone()),
-            };
+            let response =
+                KpResponse { base, request_id, tag, outcome: KpOutcome::Error(e.clone()) };
             self.copy_to_subscribers(&response, &[session]);
         }
         result
@@ -579,9 +520,7 @@ impl<B: Bus> KpHandler for Gateway<B> {
     async fn subscribe(&self, session: SessionId, filter: &str, tag: u64) -> Result<(), KpError> {
         let levels: Vec<&str> = filter.split('/').collect();
         let named = levels.len() >= 4
-            && levels[..4]
-                .iter()
-                .all(|l| !l.is_empty() && *l != "+" && *l != "#");
+            && levels[..4].iter().all(|l| !l.is_empty() && *l != "+" && *l != "#");
         if !named || levels[0] != "kp1" {
             return Err(KpError::forbidden(
                 "a subscription must name kp1/<app version>/<extension>/<endpoint token>",
@@ -589,18 +528,12 @@ impl<B: Bus> KpHandler for Gateway<B> {
         }
         let (app_version, extension, token) = (levels[1], levels[2], levels[3]);
         if !self.extensions.contains_key(extension) {
-            return Err(KpError::not_found(format!(
-                "unknown extension instance `{extension}`"
-            )));
+            return Err(KpError::not_found(format!("unknown extension instance `{extension}`")));
         }
         if !self.app_versions.is_empty() && !self.app_versions.contains(app_version) {
-            return Err(KpError::not_found(format!(
-                "unknown app version `{app_version}`"
-            )));
+            return Err(KpError::not_found(format!("unknown app version `{app_version}`")));
         }
-        self.tokens
-            .resolve(app_version, token, &self.metrics.token_cache_misses)
-            .await?;
+        self.tokens.resolve(app_version, token, &self.metrics.token_cache_misses).await?;
         if self.sessions.subscribe(session, token, filter, tag) {
             Ok(())
         } else {
@@ -625,10 +558,8 @@ impl<B: Bus> KpHandler for Gateway<B> {
         let (_, correlation_id) = self.new_correlation_id();
         let replica_id = self.replica_id.clone();
         tokio::spawn(async move {
-            let pairs: Vec<(&str, &str)> = endpoints
-                .iter()
-                .map(|(e, a)| (e.as_ref(), a.as_ref()))
-                .collect();
+            let pairs: Vec<(&str, &str)> =
+                endpoints.iter().map(|(e, a)| (e.as_ref(), a.as_ref())).collect();
             let event = DisconnectedEvent {
                 correlation_id: &correlation_id,
                 timestamp_ms: now_ms(),
@@ -652,24 +583,16 @@ impl<B: Bus> Gateway<B> {
         })?;
         let app_version = topic.app_version();
         if !self.app_versions.is_empty() && !self.app_versions.contains(app_version) {
-            return Err(KpError::not_found(format!(
-                "unknown app version `{app_version}`"
-            )));
+            return Err(KpError::not_found(format!("unknown app version `{app_version}`")));
         }
-        let token = topic
-            .token()
-            .ok_or_else(|| KpError::unauthorized("no endpoint token in the path"))?;
+        let token =
+            topic.token().ok_or_else(|| KpError::unauthorized("no endpoint token in the path"))?;
         let resource_path = topic
             .resource_path()
             .ok_or_else(|| KpError::not_found("no resource path after the endpoint token"))?;
-        let endpoint_id = self
-            .tokens
-            .resolve(app_version, token, &self.metrics.token_cache_misses)
-            .await?;
-        match self
-            .sessions
-            .note_endpoint(session, &endpoint_id, app_version, token)
-        {
+        let endpoint_id =
+            self.tokens.resolve(app_version, token, &self.metrics.token_cache_misses).await?;
+        match self.sessions.note_endpoint(session, &endpoint_id, app_version, token) {
             None => return Err(KpError::unavailable("the session has ended")),
             Some(true) => {
                 self.publish_connected(&[(&endpoint_id, app_version)]).await;
@@ -692,22 +615,12 @@ impl<B: Bus> Gateway<B> {
             let deadline = Instant::now() + Duration::from_millis(self.config.request_timeout_ms);
             self.pending.insert(
                 n,
-                Pending {
-                    session,
-                    base: topic.base(),
-                    request_id,
-                    tag: request.tag,
-                    deadline,
-                },
+                Pending { session, base: topic.base(), request_id, tag: request.tag, deadline },
             );
         }
         let published = self
             .bus
-            .publish(
-                subject.clone(),
-                Some(self.reply_subject.clone()),
-                data.to_bytes(),
-            )
+            .publish(subject.clone(), Some(self.reply_subject.clone()), data.to_bytes())
             .await;
         published.map_err(|e| {
             self.pending.take(n);
@@ -753,13 +666,8 @@ async fn end_revoked<B: Bus>(
         };
         match EndpointTokenRevokedEvent::decode(&msg.payload) {
             Ok(event) => {
-                gateway
-                    .tokens
-                    .evict_endpoint(event.app_name, event.endpoint_id);
-                for session in gateway
-                    .sessions
-                    .sessions_of(event.endpoint_id, event.app_name)
-                {
+                gateway.tokens.evict_endpoint(event.app_name, event.endpoint_id);
+                for session in gateway.sessions.sessions_of(event.endpoint_id, event.app_name) {
                     tracing::info!(
                         session = session.0,
                         endpoint_id = event.endpoint_id,
@@ -785,10 +693,8 @@ async fn expire_requests<B: Bus>(gateway: Weak<Gateway<B>>, mut shutdown: watch:
         let Some(gateway) = gateway.upgrade() else {
             break;
         };
-        let reason = format!(
-            "the extension did not answer within {} ms",
-            gateway.config.request_timeout_ms
-        );
+        let reason =
+            format!("the extension did not answer within {} ms", gateway.config.request_timeout_ms);
         for pending in gateway.pending.expire(Instant::now()) {
             gateway.metrics.timeouts.inc();
             let response = KpResponse {
@@ -851,10 +757,7 @@ mod tests {
         assert!(filter_matches(t, t));
         assert!(!filter_matches("kp1/demo-v1/dcx/tok/json/+/error", t));
         assert!(!filter_matches("kp1/demo-v1/dcx/tok/json", t));
-        assert!(filter_matches(
-            "kp1/demo-v1/dcx/tok/json/#",
-            "kp1/demo-v1/dcx/tok/json"
-        ));
+        assert!(filter_matches("kp1/demo-v1/dcx/tok/json/#", "kp1/demo-v1/dcx/tok/json"));
     }
 
     #[test]

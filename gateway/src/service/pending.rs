@@ -35,9 +35,7 @@ pub(crate) struct PendingTable {
 
 impl Default for PendingTable {
     fn default() -> Self {
-        Self {
-            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
-        }
+        Self { shards: (0..SHARDS).map(|_| Mutex::default()).collect() }
     }
 }
 
@@ -77,10 +75,7 @@ impl PendingTable {
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.lock().map_or(0, |s| s.requests.len()))
-            .sum()
+        self.shards.iter().map(|s| s.lock().map_or(0, |s| s.requests.len())).sum()
     }
 }
 
@@ -91,13 +86,7 @@ mod tests {
     use super::*;
 
     fn pending(deadline: Instant) -> Pending {
-        Pending {
-            session: SessionId(1),
-            base: Bytes::new(),
-            request_id: 1,
-            tag: 0,
-            deadline,
-        }
+        Pending { session: SessionId(1), base: Bytes::new(), request_id: 1, tag: 0, deadline }
     }
 
     #[test]

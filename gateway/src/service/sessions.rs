@@ -51,15 +51,9 @@ pub(crate) struct Sessions {
 
 impl Sessions {
     pub(crate) fn open(&self, id: SessionId, outbox: Outbox, transport: &'static str) {
-        self.sessions.shard(&id).insert(
-            id,
-            Session {
-                outbox,
-                transport,
-                endpoints: Vec::new(),
-                filters: Vec::new(),
-            },
-        );
+        self.sessions
+            .shard(&id)
+            .insert(id, Session { outbox, transport, endpoints: Vec::new(), filters: Vec::new() });
     }
 
     /// Records that `session` used `endpoint_id`. `Some(true)` the first time (a 9/ELCE
@@ -80,24 +74,17 @@ impl Sessions {
             if known {
                 return Some(false);
             }
-            let entry = (
-                endpoint_id.clone(),
-                Arc::<str>::from(app_version),
-                Arc::<str>::from(token),
-            );
+            let entry =
+                (endpoint_id.clone(), Arc::<str>::from(app_version), Arc::<str>::from(token));
             let pair = (entry.1.clone(), entry.2.clone());
             s.endpoints.push(entry);
             pair
         };
-        self.by_endpoint
-            .shard(endpoint_id)
-            .entry(endpoint_id.clone())
-            .or_default()
-            .push(Route {
-                session,
-                app_version,
-                token,
-            });
+        self.by_endpoint.shard(endpoint_id).entry(endpoint_id.clone()).or_default().push(Route {
+            session,
+            app_version,
+            token,
+        });
         Some(true)
     }
 
@@ -123,11 +110,7 @@ impl Sessions {
         let mut shard = self.by_token.shard(&token);
         let subscribers = shard.entry(token.clone()).or_default();
         subscribers.retain(|s| !(s.session == session && s.filter == filter));
-        subscribers.push(Subscriber {
-            session,
-            filter,
-            tag,
-        });
+        subscribers.push(Subscriber { session, filter, tag });
         true
     }
 
@@ -161,11 +144,7 @@ impl Sessions {
 
     /// The subscriptions whose filters name `token`.
     pub(crate) fn subscribers_of(&self, token: &str) -> Vec<Subscriber> {
-        self.by_token
-            .shard(token)
-            .get(token)
-            .cloned()
-            .unwrap_or_default()
+        self.by_token.shard(token).get(token).cloned().unwrap_or_default()
     }
 
     /// Queues a response for `session` without waiting.
@@ -200,10 +179,7 @@ impl Sessions {
 
     /// Sessions using `endpoint_id` under `app_version`.
     pub(crate) fn sessions_of(&self, endpoint_id: &str, app_version: &str) -> Vec<SessionId> {
-        self.routes_of(endpoint_id, Some(app_version))
-            .into_iter()
-            .map(|r| r.session)
-            .collect()
+        self.routes_of(endpoint_id, Some(app_version)).into_iter().map(|r| r.session).collect()
     }
 
     /// Ends a session (dropping its outbox closes the connection) and returns the endpoints it
@@ -223,10 +199,7 @@ impl Sessions {
                     shard.remove(&endpoint_id);
                 }
             }
-            if !endpoints
-                .iter()
-                .any(|(e, a)| *e == endpoint_id && *a == app_version)
-            {
+            if !endpoints.iter().any(|(e, a)| *e == endpoint_id && *a == app_version) {
                 endpoints.push((endpoint_id, app_version));
             }
         }

@@ -32,17 +32,13 @@ impl<K: Hash + Eq, V> Sharded<K, V> {
         Q: Hash + ?Sized,
     {
         let i = (self.hasher.hash_one(key) as usize) % self.shards.len();
-        self.shards[i]
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.shards[i].lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Every shard in turn, for sweeps and counts.
     pub(crate) fn for_each_shard(&self, mut f: impl FnMut(&mut HashMap<K, V>)) {
         for shard in self.shards.iter() {
-            f(&mut shard
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner()));
+            f(&mut shard.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
         }
     }
 

@@ -46,10 +46,7 @@ impl<B: Bus> TokenCache<B> {
 
     fn cached(&self, app_version: &str, token: &str) -> Option<Result<Arc<str>, KpError>> {
         let shard = self.cache.shard(token);
-        let entry = shard
-            .get(token)?
-            .iter()
-            .find(|c| &*c.app_version == app_version)?;
+        let entry = shard.get(token)?.iter().find(|c| &*c.app_version == app_version)?;
         (entry.expires > Instant::now()).then(|| entry.endpoint.clone())
     }
 
@@ -66,10 +63,7 @@ impl<B: Bus> TokenCache<B> {
         }
         misses.inc();
         // Replies come to this replica's own subject, so a counter is unique enough.
-        let correlation_id = format!(
-            "token-{}",
-            self.next_request.fetch_add(1, Ordering::Relaxed)
-        );
+        let correlation_id = format!("token-{}", self.next_request.fetch_add(1, Ordering::Relaxed));
         let request = EndpointTokenValidationRequest {
             correlation_id: &correlation_id,
             timestamp_ms: now_ms(),
@@ -79,12 +73,7 @@ impl<B: Bus> TokenCache<B> {
         };
         let reply = self
             .requester
-            .request(
-                self.subject.clone(),
-                &correlation_id,
-                request.to_bytes(),
-                self.timeout,
-            )
+            .request(self.subject.clone(), &correlation_id, request.to_bytes(), self.timeout)
             .await
             .map_err(|e| match e {
                 BusError::NoResponders(_) => {
@@ -100,21 +89,14 @@ impl<B: Bus> TokenCache<B> {
             (200..=299, Some(id)) => Ok(Arc::<str>::from(id)),
             (200..=299 | 401 | 404, _) => Err(KpError::unauthorized("unknown endpoint token")),
             (403, _) => Err(KpError::forbidden(
-                answer
-                    .reason_phrase
-                    .unwrap_or("token not permitted")
-                    .to_owned(),
+                answer.reason_phrase.unwrap_or("token not permitted").to_owned(),
             )),
             (status, _) => {
                 tracing::warn!(status, "token validation failed");
                 return Err(KpError::unavailable("the authentication service failed"));
             }
         };
-        let ttl = if endpoint.is_ok() {
-            self.ttl
-        } else {
-            self.negative_ttl
-        };
+        let ttl = if endpoint.is_ok() { self.ttl } else { self.negative_ttl };
         let entry = Cached {
             app_version: app_version.into(),
             endpoint: endpoint.clone(),

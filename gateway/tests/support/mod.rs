@@ -50,32 +50,19 @@ impl Fleetgate {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("spawn fleetgate");
-        Self {
-            child: Some(child),
-            mqtt,
-            admin,
-            log,
-        }
+        Self { child: Some(child), mqtt, admin, log }
     }
 
     pub fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 panic!("fleetgate exited at start-up ({status}):\n{}", self.log());
             }
             if http_get(self.admin, "/readyz").is_some_and(|(code, _)| code == 200) {
                 return;
             }
-            assert!(
-                Instant::now() < deadline,
-                "fleetgate not ready:\n{}",
-                self.log()
-            );
+            assert!(Instant::now() < deadline, "fleetgate not ready:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -84,19 +71,11 @@ impl Fleetgate {
     pub fn wait_exit(&mut self, timeout: Duration) -> (Option<i32>, String) {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 self.child = None;
                 return (status.code(), self.log());
             }
-            assert!(
-                Instant::now() < deadline,
-                "fleetgate did not exit:\n{}",
-                self.log()
-            );
+            assert!(Instant::now() < deadline, "fleetgate did not exit:\n{}", self.log());
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -116,9 +95,7 @@ impl Fleetgate {
     /// SIGTERM, then waits for a clean exit.
     pub fn terminate(&mut self) -> Option<i32> {
         let child = self.child.as_ref()?;
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
+        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
         self.wait_exit(Duration::from_secs(15)).0
     }
 
@@ -138,11 +115,7 @@ impl Drop for Fleetgate {
         if !std::thread::panicking() {
             let _ = std::fs::remove_file(&self.log);
         } else {
-            eprintln!(
-                "--- fleetgate log ({}) ---\n{}",
-                self.log.display(),
-                self.log()
-            );
+            eprintln!("--- fleetgate log ({}) ---\n{}", self.log.display(), self.log());
         }
     }
 }
@@ -152,18 +125,11 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
     let mut text = String::new();
     s.read_to_string(&mut text).ok()?;
     let code = text.split(' ').nth(1)?.parse().ok()?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
     Some((code, body))
 }
 
@@ -188,10 +154,7 @@ pub struct NatsObserver {
 impl NatsObserver {
     pub async fn connect(url: &str) -> Self {
         let client = async_nats::connect(url).await.expect("observer connects");
-        let client_data = client
-            .subscribe("kaa.v1.service.dcx.esp.ClientData")
-            .await
-            .expect("sub");
+        let client_data = client.subscribe("kaa.v1.service.dcx.esp.ClientData").await.expect("sub");
         let samples = client
             .subscribe("kaa.v1.events.dcx.endpoint.data-collection.data-samples-received")
             .await
@@ -201,14 +164,8 @@ impl NatsObserver {
         let inbox = client.new_inbox();
         let mut probe = client.subscribe(inbox.clone()).await.expect("probe");
         client.publish(inbox, Bytes::new()).await.expect("probe");
-        tokio::time::timeout(Duration::from_secs(5), probe.next())
-            .await
-            .expect("probe back");
-        Self {
-            client,
-            client_data,
-            samples,
-        }
+        tokio::time::timeout(Duration::from_secs(5), probe.next()).await.expect("probe back");
+        Self { client, client_data, samples }
     }
 
     /// The next `ClientData` payload.
@@ -245,37 +202,23 @@ pub async fn rumqttc_request(
     payload: &[u8],
 ) -> rumqttc::Publish {
     use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
-    let mut options = MqttOptions::new(
-        format!("test-{}", free_port()),
-        addr.ip().to_string(),
-        addr.port(),
-    );
+    let mut options =
+        MqttOptions::new(format!("test-{}", free_port()), addr.ip().to_string(), addr.port());
     options.set_keep_alive(Duration::from_secs(30));
     let (client, mut events) = AsyncClient::new(options, 16);
     if let Some(filter) = subscribe_first {
-        client
-            .subscribe(filter, QoS::AtLeastOnce)
-            .await
-            .expect("subscribe");
+        client.subscribe(filter, QoS::AtLeastOnce).await.expect("subscribe");
     }
-    client
-        .publish(topic, QoS::AtLeastOnce, false, payload.to_vec())
-        .await
-        .expect("publish");
+    client.publish(topic, QoS::AtLeastOnce, false, payload.to_vec()).await.expect("publish");
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut acked = false;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
-        let event = tokio::time::timeout(left, events.poll())
-            .await
-            .expect("response in time");
+        let event = tokio::time::timeout(left, events.poll()).await.expect("response in time");
         match event.expect("connection stays up") {
             Event::Incoming(Packet::PubAck(_)) => acked = true,
             Event::Incoming(Packet::Publish(p)) => {
-                assert!(
-                    acked || p.topic.ends_with("/error"),
-                    "PUBACK comes before the status"
-                );
+                assert!(acked || p.topic.ends_with("/error"), "PUBACK comes before the status");
                 let _ = client.disconnect().await;
                 return p;
             }

@@ -55,8 +55,5 @@ pub fn write_metric(
     labels: &str,
     value: impl std::fmt::Display,
 ) {
-    let _ = writeln!(
-        out,
-        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{labels} {value}"
-    );
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{labels} {value}");
 }

@@ -17,10 +17,7 @@ pub struct KpError {
 impl KpError {
     /// A failure with the given status and reason.
     pub fn new(status: u16, reason: impl Into<Cow<'static, str>>) -> Self {
-        Self {
-            status,
-            reason: reason.into(),
-        }
+        Self { status, reason: reason.into() }
     }
 
     /// 400: the payload is malformed.
@@ -115,10 +112,7 @@ mod tests {
     #[test]
     fn error_body_is_the_kp_schema() {
         let body = error_body(401, "Unknown endpoint token");
-        assert_eq!(
-            &body[..],
-            br#"{"statusCode":401,"reasonPhrase":"Unknown endpoint token"}"#
-        );
+        assert_eq!(&body[..], br#"{"statusCode":401,"reasonPhrase":"Unknown endpoint token"}"#);
     }
 
     proptest::proptest! {

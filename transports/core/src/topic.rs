@@ -38,11 +38,7 @@ pub fn parse_request_id(level: &str) -> Option<u32> {
         }
         value = value * 10 + u64::from(b - b'0');
     }
-    if value <= i32::MAX as u64 {
-        u32::try_from(value).ok()
-    } else {
-        None
-    }
+    if value <= i32::MAX as u64 { u32::try_from(value).ok() } else { None }
 }
 
 /// A parsed 1/KP request path.
@@ -66,17 +62,13 @@ impl KpTopic {
         let len = u16::try_from(raw.len()).map_err(|_| KpTopicError::TooLong)?;
         let text = std::str::from_utf8(&raw).map_err(|_| KpTopicError::InvalidUtf8)?;
         let rest = text.strip_prefix("kp1/").ok_or(KpTopicError::NotKp1)?;
-        let app_end = rest
-            .find('/')
-            .ok_or(KpTopicError::Missing("extension instance"))?;
+        let app_end = rest.find('/').ok_or(KpTopicError::Missing("extension instance"))?;
         if app_end == 0 {
             return Err(KpTopicError::Missing("app version"));
         }
         let app_version = 4..4 + app_end;
         let after_app = app_version.end + 1;
-        let ext_len = text[after_app..]
-            .find('/')
-            .unwrap_or(text.len() - after_app);
+        let ext_len = text[after_app..].find('/').unwrap_or(text.len() - after_app);
         if ext_len == 0 {
             return Err(KpTopicError::Missing("extension instance"));
         }
@@ -238,30 +230,12 @@ mod tests {
     fn rejects_malformed() {
         assert_eq!(parse("kp2/a/dcx/t/json"), Err(KpTopicError::NotKp1));
         assert_eq!(parse("/kp1/a/dcx/t/json"), Err(KpTopicError::NotKp1));
-        assert_eq!(
-            parse("kp1//dcx/t/json"),
-            Err(KpTopicError::Missing("app version"))
-        );
-        assert_eq!(
-            parse("kp1/a"),
-            Err(KpTopicError::Missing("extension instance"))
-        );
-        assert_eq!(
-            parse("kp1/a//t"),
-            Err(KpTopicError::Missing("extension instance"))
-        );
-        assert_eq!(
-            parse("kp1/a/dcx"),
-            Err(KpTopicError::Missing("resource path"))
-        );
-        assert_eq!(
-            parse("kp1/a/dcx/"),
-            Err(KpTopicError::Missing("resource path"))
-        );
-        assert_eq!(
-            parse("kp1/a/dcx/42"),
-            Err(KpTopicError::Missing("resource path"))
-        );
+        assert_eq!(parse("kp1//dcx/t/json"), Err(KpTopicError::Missing("app version")));
+        assert_eq!(parse("kp1/a"), Err(KpTopicError::Missing("extension instance")));
+        assert_eq!(parse("kp1/a//t"), Err(KpTopicError::Missing("extension instance")));
+        assert_eq!(parse("kp1/a/dcx"), Err(KpTopicError::Missing("resource path")));
+        assert_eq!(parse("kp1/a/dcx/"), Err(KpTopicError::Missing("resource path")));
+        assert_eq!(parse("kp1/a/dcx/42"), Err(KpTopicError::Missing("resource path")));
         assert_eq!(
             KpTopic::parse(Bytes::from_static(b"kp1/a/\xff/x")),
             Err(KpTopicError::InvalidUtf8)

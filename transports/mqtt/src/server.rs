@@ -194,11 +194,7 @@ impl MqttTransport {
         socket.bind(&addr.into())?;
         socket.listen(4096)?;
         let listener = TcpListener::from_std(socket.into())?;
-        Ok(Self {
-            listener,
-            config: Arc::new(config),
-            metrics: Arc::default(),
-        })
+        Ok(Self { listener, config: Arc::new(config), metrics: Arc::default() })
     }
 
     /// The transport's counters.
@@ -257,11 +253,7 @@ enum Close {
 /// How responses to a request are published: the tag a request carries is `1 + its QoS`;
 /// pushes (tag 0) go at QoS 1.
 fn response_qos(tag: u64) -> QoS {
-    if tag == 1 {
-        QoS::AtMostOnce
-    } else {
-        QoS::AtLeastOnce
-    }
+    if tag == 1 { QoS::AtMostOnce } else { QoS::AtLeastOnce }
 }
 
 struct Connection<H> {
@@ -401,17 +393,12 @@ impl<H: KpHandler> Connection<H> {
         if props.authentication_method.is_some() {
             return Err(self.refuse(ReasonCode::BadAuthenticationMethod));
         }
-        let client_id = std::str::from_utf8(&connect.client_id)
-            .unwrap_or_default()
-            .to_owned();
+        let client_id = std::str::from_utf8(&connect.client_id).unwrap_or_default().to_owned();
         if client_id.is_empty() && !connect.clean_start && !v5 {
             // 3.1.1 §3.1.3.1: a zero-length id needs CleanSession = 1.
             return Err(self.refuse(ReasonCode::ClientIdentifierNotValid));
         }
-        let username = connect
-            .username
-            .as_deref()
-            .and_then(|u| std::str::from_utf8(u).ok());
+        let username = connect.username.as_deref().and_then(|u| std::str::from_utf8(u).ok());
         let (tx, rx) = mpsc::channel(usize::from(self.config.receive_maximum).max(64) * 4);
         let credentials = ClientCredentials {
             transport: "mqtt",
@@ -447,11 +434,8 @@ impl<H: KpHandler> Connection<H> {
         }
         let max_ka = self.config.max_keep_alive_secs;
         let asked = connect.keep_alive_secs;
-        let granted = if max_ka > 0 && v5 && (asked == 0 || asked > max_ka) {
-            max_ka
-        } else {
-            asked
-        };
+        let granted =
+            if max_ka > 0 && v5 && (asked == 0 || asked > max_ka) { max_ka } else { asked };
         let keep_alive = (granted > 0).then(|| Duration::from_millis(u64::from(granted) * 1500));
         let mut properties = ConnAckProperties::default();
         if v5 {
@@ -475,11 +459,8 @@ impl<H: KpHandler> Connection<H> {
             }
         }
         self.aliases = vec![None; usize::from(self.config.topic_alias_maximum)];
-        let connack = ConnAck {
-            session_present: false,
-            reason_code: ReasonCode::Success,
-            properties,
-        };
+        let connack =
+            ConnAck { session_present: false, reason_code: ReasonCode::Success, properties };
         self.encode(&Packet::ConnAck(Box::new(connack)));
         tracing::debug!(client_id, v5, "connected");
         Ok((rx, keep_alive))
@@ -613,11 +594,7 @@ impl<H: KpHandler> Connection<H> {
         let tag = 1 + publish.qos as u64;
         match KpTopic::parse(topic.clone()) {
             Ok(topic) => {
-                let request = KpRequest {
-                    topic: topic.clone(),
-                    payload: publish.payload,
-                    tag,
-                };
+                let request = KpRequest { topic: topic.clone(), payload: publish.payload, tag };
                 if let Err(e) = self.handler.handle(self.session_id(), request).await {
                     let response = KpResponse {
                         base: topic.base(),
@@ -663,16 +640,13 @@ impl<H: KpHandler> Connection<H> {
             }
             return Ok(publish.topic.clone());
         };
-        let Some(slot) = usize::from(alias)
-            .checked_sub(1)
-            .and_then(|i| self.aliases.get_mut(i))
+        let Some(slot) = usize::from(alias).checked_sub(1).and_then(|i| self.aliases.get_mut(i))
         else {
             self.metrics.protocol_errors.inc();
             return Err(Close::Disconnect(ReasonCode::TopicAliasInvalid));
         };
         if publish.topic.is_empty() {
-            slot.clone()
-                .ok_or(Close::Disconnect(ReasonCode::ProtocolError))
+            slot.clone().ok_or(Close::Disconnect(ReasonCode::ProtocolError))
         } else {
             *slot = Some(publish.topic.clone());
             Ok(publish.topic.clone())
@@ -753,16 +727,8 @@ impl<H: KpHandler> Connection<H> {
             None => b"",
         };
         let parts: [&[u8]; 3] = [&response.base, id, suffix];
-        let header = PublishHeader {
-            dup: false,
-            qos,
-            retain: false,
-            packet_id,
-        };
-        match self
-            .codec
-            .encode_publish_parts(header, &parts, None, payload, &mut self.write)
-        {
+        let header = PublishHeader { dup: false, qos, retain: false, packet_id };
+        match self.codec.encode_publish_parts(header, &parts, None, payload, &mut self.write) {
             Ok(()) => {
                 self.metrics.messages_sent.inc();
                 if packet_id.is_some() {

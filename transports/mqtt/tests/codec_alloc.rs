@@ -49,30 +49,10 @@ fn publish_hot_path_does_not_allocate() {
         ..PublishProperties::default()
     };
     let cases = [
-        (
-            "3.1.1 QoS 0",
-            ProtocolVersion::V311,
-            QoS::AtMostOnce,
-            PublishProperties::default(),
-        ),
-        (
-            "3.1.1 QoS 1",
-            ProtocolVersion::V311,
-            QoS::AtLeastOnce,
-            PublishProperties::default(),
-        ),
-        (
-            "5 QoS 0",
-            ProtocolVersion::V5,
-            QoS::AtMostOnce,
-            PublishProperties::default(),
-        ),
-        (
-            "5 QoS 1 with properties",
-            ProtocolVersion::V5,
-            QoS::AtLeastOnce,
-            rich,
-        ),
+        ("3.1.1 QoS 0", ProtocolVersion::V311, QoS::AtMostOnce, PublishProperties::default()),
+        ("3.1.1 QoS 1", ProtocolVersion::V311, QoS::AtLeastOnce, PublishProperties::default()),
+        ("5 QoS 0", ProtocolVersion::V5, QoS::AtMostOnce, PublishProperties::default()),
+        ("5 QoS 1 with properties", ProtocolVersion::V5, QoS::AtLeastOnce, rich),
     ];
     for (name, v, qos, props) in cases {
         let mut c = codec(v);
@@ -88,9 +68,7 @@ fn publish_hot_path_does_not_allocate() {
         let region = Region::new(GLOBAL);
         let mut decoded = 0;
         while let Some(p) = c.decode(&mut buf).unwrap() {
-            let Packet::Publish(p) = p else {
-                panic!("{name}: not a PUBLISH")
-            };
+            let Packet::Publish(p) = p else { panic!("{name}: not a PUBLISH") };
             black_box(&p.topic);
             black_box(&p.payload);
             black_box(p.properties.user_properties.iter().count());
@@ -127,10 +105,8 @@ fn publish_hot_path_does_not_allocate() {
 
     // Positive control: the counter does see allocations (subscription identifiers are a Vec).
     let mut c = codec(ProtocolVersion::V5);
-    let with_ids = PublishProperties {
-        subscription_identifiers: vec![1, 2],
-        ..PublishProperties::default()
-    };
+    let with_ids =
+        PublishProperties { subscription_identifiers: vec![1, 2], ..PublishProperties::default() };
     let packet = Packet::Publish(publish(QoS::AtMostOnce, with_ids));
     let mut buf = BytesMut::new();
     c.encode(&packet, &mut buf).unwrap();
@@ -138,8 +114,5 @@ fn publish_hot_path_does_not_allocate() {
     assert!(c.decode(&mut buf).unwrap().is_some());
     let region = Region::new(GLOBAL);
     black_box(c.decode(&mut buf).unwrap());
-    assert!(
-        region.change().allocations > 0,
-        "allocation counter is not counting"
-    );
+    assert!(region.change().allocations > 0, "allocation counter is not counting");
 }

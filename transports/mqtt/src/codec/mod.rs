@@ -175,10 +175,7 @@ impl Codec {
         // At most 1 + 4 + 268,435,455: no overflow even on 32-bit targets.
         let total = 1 + len_bytes + rem as usize;
         if total > self.max_inbound as usize {
-            return Err(DecodeError::PacketTooLarge {
-                size: total,
-                max: self.max_inbound,
-            });
+            return Err(DecodeError::PacketTooLarge { size: total, max: self.max_inbound });
         }
         let packet_type = first >> 4;
         if packet_type == packet::kind::CONNECT {

@@ -155,11 +155,7 @@ pub struct PubAck {
 impl PubAck {
     /// A successful acknowledgement without properties (the 2-byte short form).
     pub fn new(packet_id: u16) -> Self {
-        PubAck {
-            packet_id,
-            reason_code: ReasonCode::Success,
-            properties: AckProperties::default(),
-        }
+        PubAck { packet_id, reason_code: ReasonCode::Success, properties: AckProperties::default() }
     }
 }
 
@@ -271,10 +267,7 @@ impl Disconnect {
 
     /// A disconnection with this reason and no properties.
     pub fn with_reason(reason_code: ReasonCode) -> Self {
-        Disconnect {
-            reason_code,
-            properties: DisconnectProperties::default(),
-        }
+        Disconnect { reason_code, properties: DisconnectProperties::default() }
     }
 }
 
@@ -387,9 +380,7 @@ fn decode_connect(
 
     let flags = r.u8("connect flags")?;
     if flags & 0x01 != 0 {
-        return Err(DecodeError::MalformedPacket(
-            "connect flags reserved bit set",
-        ));
+        return Err(DecodeError::MalformedPacket("connect flags reserved bit set"));
     }
     let clean_start = flags & 0x02 != 0;
     let will_flag = flags & 0x04 != 0;
@@ -398,53 +389,29 @@ fn decode_connect(
     let password_flag = flags & 0x40 != 0;
     let username_flag = flags & 0x80 != 0;
     if !will_flag && (will_qos != 0 || will_retain) {
-        return Err(DecodeError::MalformedPacket(
-            "will QoS or retain without a will",
-        ));
+        return Err(DecodeError::MalformedPacket("will QoS or retain without a will"));
     }
     let will_qos = QoS::from_u8(will_qos).ok_or(DecodeError::MalformedPacket("will QoS 3"))?;
     if !v5 && password_flag && !username_flag {
         return Err(DecodeError::MalformedPacket("password without user name"));
     }
     let keep_alive_secs = r.u16("keep alive")?;
-    let properties = if v5 {
-        ConnectProperties::decode(r)?
-    } else {
-        ConnectProperties::default()
-    };
+    let properties = if v5 { ConnectProperties::decode(r)? } else { ConnectProperties::default() };
     let client_id = r.string("client identifier")?;
     let will = if will_flag {
-        let properties = if v5 {
-            WillProperties::decode(r)?
-        } else {
-            WillProperties::default()
-        };
+        let properties = if v5 { WillProperties::decode(r)? } else { WillProperties::default() };
         let topic = r.binary("will topic")?;
         wire::validate_topic_name(&topic)?;
         if topic.is_empty() {
             return Err(DecodeError::TopicInvalid);
         }
         let payload = r.binary("will payload")?;
-        Some(Will {
-            topic,
-            payload,
-            qos: will_qos,
-            retain: will_retain,
-            properties,
-        })
+        Some(Will { topic, payload, qos: will_qos, retain: will_retain, properties })
     } else {
         None
     };
-    let username = if username_flag {
-        Some(r.string("user name")?)
-    } else {
-        None
-    };
-    let password = if password_flag {
-        Some(r.binary("password")?)
-    } else {
-        None
-    };
+    let username = if username_flag { Some(r.string("user name")?) } else { None };
+    let password = if password_flag { Some(r.binary("password")?) } else { None };
     r.finish("bytes after the CONNECT payload")?;
     Ok(Connect {
         protocol_version: version,
@@ -461,36 +428,22 @@ fn decode_connect(
 fn decode_connack(r: &mut Reader<'_>, v5: bool) -> Result<ConnAck, DecodeError> {
     let flags = r.u8("connect acknowledge flags")?;
     if flags & 0xfe != 0 {
-        return Err(DecodeError::MalformedPacket(
-            "connect acknowledge flags reserved bits",
-        ));
+        return Err(DecodeError::MalformedPacket("connect acknowledge flags reserved bits"));
     }
     let session_present = flags & 0x01 != 0;
     let code = r.u8("connect reason code")?;
     let reason_code = if v5 {
         reason_v5(code, ReasonContext::ConnAck, "CONNACK")?
     } else {
-        ReasonCode::from_v311_connack_code(code).ok_or(DecodeError::InvalidReasonCode {
-            code,
-            packet: "CONNACK",
-        })?
+        ReasonCode::from_v311_connack_code(code)
+            .ok_or(DecodeError::InvalidReasonCode { code, packet: "CONNACK" })?
     };
     if session_present && reason_code.is_error() {
-        return Err(DecodeError::ProtocolError(
-            "session present on a refused connection",
-        ));
+        return Err(DecodeError::ProtocolError("session present on a refused connection"));
     }
-    let properties = if v5 {
-        ConnAckProperties::decode(r)?
-    } else {
-        ConnAckProperties::default()
-    };
+    let properties = if v5 { ConnAckProperties::decode(r)? } else { ConnAckProperties::default() };
     r.finish("bytes after the CONNACK properties")?;
-    Ok(ConnAck {
-        session_present,
-        reason_code,
-        properties,
-    })
+    Ok(ConnAck { session_present, reason_code, properties })
 }
 
 /// The hot path: no allocation unless the PUBLISH carries Subscription Identifiers. The frame
@@ -517,11 +470,7 @@ fn decode_publish(
         QoS::AtMostOnce => None,
         _ => Some(non_zero_id(r)?),
     };
-    let properties = if v5 {
-        PublishProperties::decode(r)?
-    } else {
-        PublishProperties::default()
-    };
+    let properties = if v5 { PublishProperties::decode(r)? } else { PublishProperties::default() };
     if topic.is_empty() && properties.topic_alias.is_none() {
         return Err(DecodeError::TopicInvalid);
     }
@@ -534,15 +483,7 @@ fn decode_publish(
     } else {
         Bytes::new()
     };
-    Ok(Publish {
-        dup,
-        qos,
-        retain,
-        topic,
-        packet_id,
-        properties,
-        payload,
-    })
+    Ok(Publish { dup, qos, retain, topic, packet_id, properties, payload })
 }
 
 fn decode_ack(
@@ -570,9 +511,7 @@ fn decode_subscription_options(
 ) -> Result<SubscriptionOptions, DecodeError> {
     let reserved = if v5 { 0xc0 } else { 0xfc };
     if b & reserved != 0 {
-        return Err(DecodeError::MalformedPacket(
-            "subscription options reserved bits",
-        ));
+        return Err(DecodeError::MalformedPacket("subscription options reserved bits"));
     }
     let qos = QoS::from_u8(b & 0x03).ok_or(DecodeError::MalformedPacket("subscription QoS 3"))?;
     let retain_handling = match (b >> 4) & 0x03 {
@@ -583,16 +522,9 @@ fn decode_subscription_options(
     };
     let no_local = b & 0x04 != 0;
     if no_local && wire::is_shared_filter(filter) {
-        return Err(DecodeError::ProtocolError(
-            "no local on a shared subscription",
-        ));
+        return Err(DecodeError::ProtocolError("no local on a shared subscription"));
     }
-    Ok(SubscriptionOptions {
-        qos,
-        no_local,
-        retain_as_published: b & 0x08 != 0,
-        retain_handling,
-    })
+    Ok(SubscriptionOptions { qos, no_local, retain_as_published: b & 0x08 != 0, retain_handling })
 }
 
 fn read_filter(r: &mut Reader<'_>) -> Result<Bytes, DecodeError> {
@@ -605,11 +537,8 @@ fn read_filter(r: &mut Reader<'_>) -> Result<Bytes, DecodeError> {
 
 fn decode_subscribe(r: &mut Reader<'_>, v5: bool) -> Result<Subscribe, DecodeError> {
     let packet_id = non_zero_id(r)?;
-    let properties = if v5 {
-        SubscribeProperties::decode(r)?
-    } else {
-        SubscribeProperties::default()
-    };
+    let properties =
+        if v5 { SubscribeProperties::decode(r)? } else { SubscribeProperties::default() };
     let mut subscriptions = Vec::new();
     while !r.is_empty() {
         let filter = read_filter(r)?;
@@ -617,24 +546,15 @@ fn decode_subscribe(r: &mut Reader<'_>, v5: bool) -> Result<Subscribe, DecodeErr
         subscriptions.push(Subscription { filter, options });
     }
     if subscriptions.is_empty() {
-        return Err(DecodeError::ProtocolError(
-            "SUBSCRIBE without topic filters",
-        ));
+        return Err(DecodeError::ProtocolError("SUBSCRIBE without topic filters"));
     }
-    Ok(Subscribe {
-        packet_id,
-        subscriptions,
-        properties,
-    })
+    Ok(Subscribe { packet_id, subscriptions, properties })
 }
 
 fn decode_suback(r: &mut Reader<'_>, v5: bool) -> Result<SubAck, DecodeError> {
     let packet_id = non_zero_id(r)?;
-    let properties = if v5 {
-        AckProperties::decode(r, "SUBACK")?
-    } else {
-        AckProperties::default()
-    };
+    let properties =
+        if v5 { AckProperties::decode(r, "SUBACK")? } else { AckProperties::default() };
     let mut reason_codes = Vec::new();
     while !r.is_empty() {
         let b = r.u8("SUBACK reason code")?;
@@ -647,10 +567,7 @@ fn decode_suback(r: &mut Reader<'_>, v5: bool) -> Result<SubAck, DecodeError> {
                 0x02 => ReasonCode::GrantedQoS2,
                 0x80 => ReasonCode::UnspecifiedError,
                 code => {
-                    return Err(DecodeError::InvalidReasonCode {
-                        code,
-                        packet: "SUBACK",
-                    });
+                    return Err(DecodeError::InvalidReasonCode { code, packet: "SUBACK" });
                 }
             }
         };
@@ -659,49 +576,32 @@ fn decode_suback(r: &mut Reader<'_>, v5: bool) -> Result<SubAck, DecodeError> {
     if reason_codes.is_empty() {
         return Err(DecodeError::ProtocolError("SUBACK without reason codes"));
     }
-    Ok(SubAck {
-        packet_id,
-        reason_codes,
-        properties,
-    })
+    Ok(SubAck { packet_id, reason_codes, properties })
 }
 
 fn decode_unsubscribe(r: &mut Reader<'_>, v5: bool) -> Result<Unsubscribe, DecodeError> {
     let packet_id = non_zero_id(r)?;
-    let properties = if v5 {
-        UnsubscribeProperties::decode(r)?
-    } else {
-        UnsubscribeProperties::default()
-    };
+    let properties =
+        if v5 { UnsubscribeProperties::decode(r)? } else { UnsubscribeProperties::default() };
     let mut filters = Vec::new();
     while !r.is_empty() {
         filters.push(read_filter(r)?);
     }
     if filters.is_empty() {
-        return Err(DecodeError::ProtocolError(
-            "UNSUBSCRIBE without topic filters",
-        ));
+        return Err(DecodeError::ProtocolError("UNSUBSCRIBE without topic filters"));
     }
-    Ok(Unsubscribe {
-        packet_id,
-        filters,
-        properties,
-    })
+    Ok(Unsubscribe { packet_id, filters, properties })
 }
 
 fn decode_unsuback(r: &mut Reader<'_>, v5: bool) -> Result<UnsubAck, DecodeError> {
     let packet_id = non_zero_id(r)?;
-    let mut ack = UnsubAck {
-        packet_id,
-        reason_codes: Vec::new(),
-        properties: AckProperties::default(),
-    };
+    let mut ack =
+        UnsubAck { packet_id, reason_codes: Vec::new(), properties: AckProperties::default() };
     if v5 {
         ack.properties = AckProperties::decode(r, "UNSUBACK")?;
         while !r.is_empty() {
             let b = r.u8("UNSUBACK reason code")?;
-            ack.reason_codes
-                .push(reason_v5(b, ReasonContext::UnsubAck, "UNSUBACK")?);
+            ack.reason_codes.push(reason_v5(b, ReasonContext::UnsubAck, "UNSUBACK")?);
         }
         if ack.reason_codes.is_empty() {
             return Err(DecodeError::ProtocolError("UNSUBACK without reason codes"));
@@ -714,11 +614,7 @@ fn decode_unsuback(r: &mut Reader<'_>, v5: bool) -> Result<UnsubAck, DecodeError
 fn decode_disconnect(r: &mut Reader<'_>, v5: bool) -> Result<Disconnect, DecodeError> {
     let mut d = Disconnect::normal();
     if v5 && !r.is_empty() {
-        d.reason_code = reason_v5(
-            r.u8("reason code")?,
-            ReasonContext::Disconnect,
-            "DISCONNECT",
-        )?;
+        d.reason_code = reason_v5(r.u8("reason code")?, ReasonContext::Disconnect, "DISCONNECT")?;
         if !r.is_empty() {
             d.properties = DisconnectProperties::decode(r)?;
         }
@@ -728,10 +624,7 @@ fn decode_disconnect(r: &mut Reader<'_>, v5: bool) -> Result<Disconnect, DecodeE
 }
 
 fn decode_auth(r: &mut Reader<'_>) -> Result<Auth, DecodeError> {
-    let mut a = Auth {
-        reason_code: ReasonCode::Success,
-        properties: AuthProperties::default(),
-    };
+    let mut a = Auth { reason_code: ReasonCode::Success, properties: AuthProperties::default() };
     if !r.is_empty() {
         a.reason_code = reason_v5(r.u8("reason code")?, ReasonContext::Auth, "AUTH")?;
         if !r.is_empty() {
@@ -748,9 +641,7 @@ fn decode_auth(r: &mut Reader<'_>) -> Result<Auth, DecodeError> {
 
 /// Checks the size of a packet with this remaining length against `max` and returns the total.
 fn total_size(rem: usize, max: usize) -> Result<usize, EncodeError> {
-    let total = 1usize
-        .saturating_add(wire::varint_len(rem))
-        .saturating_add(rem);
+    let total = 1usize.saturating_add(wire::varint_len(rem)).saturating_add(rem);
     if rem > MAX_VARINT as usize || total > max {
         return Err(EncodeError::PacketTooLarge { size: total, max });
     }
@@ -765,11 +656,7 @@ fn put_header(out: &mut BytesMut, first: u8, rem: usize, total: usize) {
 }
 
 fn check_packet_id(id: u16) -> Result<(), EncodeError> {
-    if id == 0 {
-        Err(EncodeError::OutOfRange("packet identifier 0"))
-    } else {
-        Ok(())
-    }
+    if id == 0 { Err(EncodeError::OutOfRange("packet identifier 0")) } else { Ok(()) }
 }
 
 /// Size of an optional MQTT 5 property block: `(block size, inner size)`.
@@ -813,12 +700,7 @@ pub(crate) fn encode_packet(
         Packet::Publish(p) => encode_publish(
             v5,
             max,
-            PublishHeader {
-                dup: p.dup,
-                qos: p.qos,
-                retain: p.retain,
-                packet_id: p.packet_id,
-            },
+            PublishHeader { dup: p.dup, qos: p.qos, retain: p.retain, packet_id: p.packet_id },
             &[p.topic.as_ref()],
             &p.properties,
             &p.payload,
@@ -875,9 +757,7 @@ fn encode_connect(c: &Connect, max: usize, out: &mut BytesMut) -> Result<(), Enc
     }
     if let Some(p) = &c.password {
         if !v5 && c.username.is_none() {
-            return Err(EncodeError::OutOfRange(
-                "MQTT 3.1.1 password without user name",
-            ));
+            return Err(EncodeError::OutOfRange("MQTT 3.1.1 password without user name"));
         }
         flags |= 0x40;
         rem = rem.saturating_add(wire::check_bin(p, "password")?);
@@ -915,9 +795,7 @@ fn encode_connack(
     out: &mut BytesMut,
 ) -> Result<(), EncodeError> {
     if c.session_present && c.reason_code.is_error() {
-        return Err(EncodeError::OutOfRange(
-            "session present on a refused connection",
-        ));
+        return Err(EncodeError::OutOfRange("session present on a refused connection"));
     }
     let code = if v5 {
         if !c.reason_code.valid_in(ReasonContext::ConnAck) {
@@ -957,12 +835,7 @@ pub struct PublishHeader {
 impl PublishHeader {
     /// A QoS 0, non-retained, first delivery.
     pub fn qos0() -> Self {
-        PublishHeader {
-            dup: false,
-            qos: QoS::AtMostOnce,
-            retain: false,
-            packet_id: None,
-        }
+        PublishHeader { dup: false, qos: QoS::AtMostOnce, retain: false, packet_id: None }
     }
 }
 
@@ -980,9 +853,7 @@ pub(crate) fn encode_publish(
     match (h.qos, h.packet_id) {
         (QoS::AtMostOnce, None) => {}
         (QoS::AtMostOnce, Some(_)) => {
-            return Err(EncodeError::OutOfRange(
-                "packet identifier on a QoS 0 PUBLISH",
-            ));
+            return Err(EncodeError::OutOfRange("packet identifier on a QoS 0 PUBLISH"));
         }
         (_, None) => return Err(EncodeError::OutOfRange("missing packet identifier")),
         (_, Some(id)) => check_packet_id(id)?,
@@ -990,9 +861,7 @@ pub(crate) fn encode_publish(
     if h.dup && h.qos == QoS::AtMostOnce {
         return Err(EncodeError::OutOfRange("DUP on a QoS 0 PUBLISH"));
     }
-    let topic_len = topic_parts
-        .iter()
-        .fold(0usize, |n, p| n.saturating_add(p.len()));
+    let topic_len = topic_parts.iter().fold(0usize, |n, p| n.saturating_add(p.len()));
     if topic_len > wire::MAX_FIELD {
         return Err(EncodeError::FieldTooLong("topic"));
     }
@@ -1024,9 +893,7 @@ pub(crate) fn encode_publish(
         out.put_slice(part);
     }
     // Validated once written so a multi-byte character may straddle two parts.
-    let topic_ok = out
-        .get(topic_start..)
-        .is_some_and(|t| wire::validate_topic_name(t).is_ok());
+    let topic_ok = out.get(topic_start..).is_some_and(|t| wire::validate_topic_name(t).is_ok());
     if !topic_ok {
         out.truncate(start);
         return Err(EncodeError::TopicInvalid);
@@ -1103,9 +970,7 @@ fn encode_subscribe(
         if v5 && sub.options.no_local && wire::is_shared_filter(&sub.filter) {
             return Err(EncodeError::OutOfRange("no local on a shared subscription"));
         }
-        rem = rem
-            .saturating_add(check_filter(&sub.filter)?)
-            .saturating_add(1);
+        rem = rem.saturating_add(check_filter(&sub.filter)?).saturating_add(1);
     }
     let total = total_size(rem, max)?;
     put_header(out, (kind::SUBSCRIBE << 4) | 0b0010, rem, total);
@@ -1133,19 +998,14 @@ fn encode_suback(s: &SubAck, v5: bool, max: usize, out: &mut BytesMut) -> Result
         return Err(EncodeError::OutOfRange("SUBACK without reason codes"));
     }
     for rc in &s.reason_codes {
-        let ok = if v5 {
-            rc.valid_in(ReasonContext::SubAck)
-        } else {
-            rc.v311_suback_code().is_some()
-        };
+        let ok =
+            if v5 { rc.valid_in(ReasonContext::SubAck) } else { rc.v311_suback_code().is_some() };
         if !ok {
             return Err(EncodeError::OutOfRange("SUBACK reason code"));
         }
     }
     let (block, inner) = opt_block(v5, &s.properties)?;
-    let rem = 2usize
-        .saturating_add(block)
-        .saturating_add(s.reason_codes.len());
+    let rem = 2usize.saturating_add(block).saturating_add(s.reason_codes.len());
     let total = total_size(rem, max)?;
     put_header(out, kind::SUBACK << 4, rem, total);
     out.put_u16(s.packet_id);
@@ -1153,11 +1013,7 @@ fn encode_suback(s: &SubAck, v5: bool, max: usize, out: &mut BytesMut) -> Result
         write_block(&s.properties, inner, out);
     }
     for rc in &s.reason_codes {
-        out.put_u8(if v5 {
-            rc.to_v5()
-        } else {
-            rc.v311_suback_code().unwrap_or(0x80)
-        });
+        out.put_u8(if v5 { rc.to_v5() } else { rc.v311_suback_code().unwrap_or(0x80) });
     }
     Ok(())
 }
@@ -1205,17 +1061,11 @@ fn encode_unsuback(
     if u.reason_codes.is_empty() {
         return Err(EncodeError::OutOfRange("UNSUBACK without reason codes"));
     }
-    if !u
-        .reason_codes
-        .iter()
-        .all(|rc| rc.valid_in(ReasonContext::UnsubAck))
-    {
+    if !u.reason_codes.iter().all(|rc| rc.valid_in(ReasonContext::UnsubAck)) {
         return Err(EncodeError::OutOfRange("UNSUBACK reason code"));
     }
     let (block, inner) = opt_block(true, &u.properties)?;
-    let rem = 2usize
-        .saturating_add(block)
-        .saturating_add(u.reason_codes.len());
+    let rem = 2usize.saturating_add(block).saturating_add(u.reason_codes.len());
     let total = total_size(rem, max)?;
     put_header(out, kind::UNSUBACK << 4, rem, total);
     out.put_u16(u.packet_id);

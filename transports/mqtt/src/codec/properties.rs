@@ -87,10 +87,8 @@ pub(crate) fn parse_property(
 ) -> Result<Property, DecodeError> {
     use id::*;
     let raw_id = r.varint("property identifier")?;
-    let not_allowed = DecodeError::PropertyNotAllowed {
-        id: u8::try_from(raw_id).unwrap_or(u8::MAX),
-        packet,
-    };
+    let not_allowed =
+        DecodeError::PropertyNotAllowed { id: u8::try_from(raw_id).unwrap_or(u8::MAX), packet };
     let Ok(pid) = u8::try_from(raw_id) else {
         return Err(not_allowed);
     };
@@ -105,18 +103,14 @@ pub(crate) fn parse_property(
         | SHARED_SUBSCRIPTION_AVAILABLE => {
             let v = r.u8("byte property")?;
             if v > 1 {
-                return Err(DecodeError::ProtocolError(
-                    "byte property value other than 0 or 1",
-                ));
+                return Err(DecodeError::ProtocolError("byte property value other than 0 or 1"));
             }
             Property::Byte(pid, v)
         }
         SERVER_KEEP_ALIVE | RECEIVE_MAXIMUM | TOPIC_ALIAS_MAXIMUM | TOPIC_ALIAS => {
             let v = r.u16("two-byte property")?;
             if v == 0 && (pid == RECEIVE_MAXIMUM || pid == TOPIC_ALIAS) {
-                return Err(DecodeError::ProtocolError(
-                    "receive maximum or topic alias of 0",
-                ));
+                return Err(DecodeError::ProtocolError("receive maximum or topic alias of 0"));
             }
             Property::U16(pid, v)
         }
@@ -196,13 +190,7 @@ fn decode_block(
         }
         f(p)?;
     }
-    Ok(if has_user {
-        UserProperties {
-            raw: whole.peek_rest(),
-        }
-    } else {
-        UserProperties::default()
-    })
+    Ok(if has_user { UserProperties { raw: whole.peek_rest() } } else { UserProperties::default() })
 }
 
 /// Rejects a property that parsed but does not belong in this packet.
@@ -251,10 +239,7 @@ impl UserProperties {
 
     /// The pairs, in order, as zero-copy slices (validated UTF-8).
     pub fn iter(&self) -> UserPropertyIter<'_> {
-        UserPropertyIter {
-            raw: &self.raw,
-            pos: 0,
-        }
+        UserPropertyIter { raw: &self.raw, pos: 0 }
     }
 
     fn visit<S: Sink>(&self, s: &mut S) {
@@ -364,10 +349,8 @@ impl Sink for Sizer {
         }
     }
     fn pair(&mut self, k: &[u8], v: &[u8]) {
-        match (
-            wire::check_str(k, "user property name"),
-            wire::check_str(v, "user property value"),
-        ) {
+        match (wire::check_str(k, "user property name"), wire::check_str(v, "user property value"))
+        {
             (Ok(a), Ok(b)) => self.add(1usize.saturating_add(a).saturating_add(b)),
             (Err(e), _) | (_, Err(e)) => self.fail(e),
         }
@@ -540,29 +523,11 @@ impl Props for ConnectProperties {
         s.check(self.maximum_packet_size != Some(0), "maximum packet size");
         opt_u32(s, id::MAXIMUM_PACKET_SIZE, self.maximum_packet_size);
         opt_u16(s, id::TOPIC_ALIAS_MAXIMUM, self.topic_alias_maximum);
-        opt_bool(
-            s,
-            id::REQUEST_RESPONSE_INFORMATION,
-            self.request_response_information,
-        );
-        opt_bool(
-            s,
-            id::REQUEST_PROBLEM_INFORMATION,
-            self.request_problem_information,
-        );
+        opt_bool(s, id::REQUEST_RESPONSE_INFORMATION, self.request_response_information);
+        opt_bool(s, id::REQUEST_PROBLEM_INFORMATION, self.request_problem_information);
         self.user_properties.visit(s);
-        opt_str(
-            s,
-            id::AUTHENTICATION_METHOD,
-            &self.authentication_method,
-            "authentication method",
-        );
-        opt_bin(
-            s,
-            id::AUTHENTICATION_DATA,
-            &self.authentication_data,
-            "authentication data",
-        );
+        opt_str(s, id::AUTHENTICATION_METHOD, &self.authentication_method, "authentication method");
+        opt_bin(s, id::AUTHENTICATION_DATA, &self.authentication_data, "authentication data");
     }
 }
 
@@ -613,36 +578,19 @@ impl WillProperties {
 impl Props for WillProperties {
     fn visit<S: Sink>(&self, s: &mut S) {
         opt_u32(s, id::WILL_DELAY_INTERVAL, self.will_delay_interval);
-        opt_bool(
-            s,
-            id::PAYLOAD_FORMAT_INDICATOR,
-            self.payload_format_indicator,
-        );
+        opt_bool(s, id::PAYLOAD_FORMAT_INDICATOR, self.payload_format_indicator);
         opt_u32(s, id::MESSAGE_EXPIRY_INTERVAL, self.message_expiry_interval);
         opt_str(s, id::CONTENT_TYPE, &self.content_type, "content type");
         check_response_topic(s, &self.response_topic);
-        opt_str(
-            s,
-            id::RESPONSE_TOPIC,
-            &self.response_topic,
-            "response topic",
-        );
-        opt_bin(
-            s,
-            id::CORRELATION_DATA,
-            &self.correlation_data,
-            "correlation data",
-        );
+        opt_str(s, id::RESPONSE_TOPIC, &self.response_topic, "response topic");
+        opt_bin(s, id::CORRELATION_DATA, &self.correlation_data, "correlation data");
         self.user_properties.visit(s);
     }
 }
 
 fn check_response_topic<S: Sink>(s: &mut S, t: &Option<Bytes>) {
     if let Some(t) = t {
-        s.check(
-            !t.is_empty() && !t.iter().any(|&b| b == b'+' || b == b'#'),
-            "response topic",
-        );
+        s.check(!t.is_empty() && !t.iter().any(|&b| b == b'+' || b == b'#'), "response topic");
     }
 }
 
@@ -696,11 +644,7 @@ impl ConnAckProperties {
                 }
                 Property::U16(id::RECEIVE_MAXIMUM, v) => c.receive_maximum = Some(v),
                 Property::Byte(id::MAXIMUM_QOS, v) => {
-                    c.maximum_qos = Some(if v == 0 {
-                        QoS::AtMostOnce
-                    } else {
-                        QoS::AtLeastOnce
-                    })
+                    c.maximum_qos = Some(if v == 0 { QoS::AtMostOnce } else { QoS::AtLeastOnce })
                 }
                 Property::Byte(id::RETAIN_AVAILABLE, v) => c.retain_available = Some(bool_of(v)),
                 Property::U32(id::MAXIMUM_PACKET_SIZE, v) => c.maximum_packet_size = Some(v),
@@ -751,46 +695,14 @@ impl Props for ConnAckProperties {
         opt_u16(s, id::TOPIC_ALIAS_MAXIMUM, self.topic_alias_maximum);
         opt_str(s, id::REASON_STRING, &self.reason_string, "reason string");
         self.user_properties.visit(s);
-        opt_bool(
-            s,
-            id::WILDCARD_SUBSCRIPTION_AVAILABLE,
-            self.wildcard_subscription_available,
-        );
-        opt_bool(
-            s,
-            id::SUBSCRIPTION_IDENTIFIER_AVAILABLE,
-            self.subscription_identifiers_available,
-        );
-        opt_bool(
-            s,
-            id::SHARED_SUBSCRIPTION_AVAILABLE,
-            self.shared_subscription_available,
-        );
+        opt_bool(s, id::WILDCARD_SUBSCRIPTION_AVAILABLE, self.wildcard_subscription_available);
+        opt_bool(s, id::SUBSCRIPTION_IDENTIFIER_AVAILABLE, self.subscription_identifiers_available);
+        opt_bool(s, id::SHARED_SUBSCRIPTION_AVAILABLE, self.shared_subscription_available);
         opt_u16(s, id::SERVER_KEEP_ALIVE, self.server_keep_alive);
-        opt_str(
-            s,
-            id::RESPONSE_INFORMATION,
-            &self.response_information,
-            "response information",
-        );
-        opt_str(
-            s,
-            id::SERVER_REFERENCE,
-            &self.server_reference,
-            "server reference",
-        );
-        opt_str(
-            s,
-            id::AUTHENTICATION_METHOD,
-            &self.authentication_method,
-            "authentication method",
-        );
-        opt_bin(
-            s,
-            id::AUTHENTICATION_DATA,
-            &self.authentication_data,
-            "authentication data",
-        );
+        opt_str(s, id::RESPONSE_INFORMATION, &self.response_information, "response information");
+        opt_str(s, id::SERVER_REFERENCE, &self.server_reference, "server reference");
+        opt_str(s, id::AUTHENTICATION_METHOD, &self.authentication_method, "authentication method");
+        opt_bin(s, id::AUTHENTICATION_DATA, &self.authentication_data, "authentication data");
     }
 }
 
@@ -857,27 +769,13 @@ impl PublishProperties {
 
 impl Props for PublishProperties {
     fn visit<S: Sink>(&self, s: &mut S) {
-        opt_bool(
-            s,
-            id::PAYLOAD_FORMAT_INDICATOR,
-            self.payload_format_indicator,
-        );
+        opt_bool(s, id::PAYLOAD_FORMAT_INDICATOR, self.payload_format_indicator);
         opt_u32(s, id::MESSAGE_EXPIRY_INTERVAL, self.message_expiry_interval);
         s.check(self.topic_alias != Some(0), "topic alias");
         opt_u16(s, id::TOPIC_ALIAS, self.topic_alias);
         check_response_topic(s, &self.response_topic);
-        opt_str(
-            s,
-            id::RESPONSE_TOPIC,
-            &self.response_topic,
-            "response topic",
-        );
-        opt_bin(
-            s,
-            id::CORRELATION_DATA,
-            &self.correlation_data,
-            "correlation data",
-        );
+        opt_str(s, id::RESPONSE_TOPIC, &self.response_topic, "response topic");
+        opt_bin(s, id::CORRELATION_DATA, &self.correlation_data, "correlation data");
         self.user_properties.visit(s);
         for &v in &self.subscription_identifiers {
             s.varint(id::SUBSCRIPTION_IDENTIFIER, v);
@@ -969,9 +867,7 @@ impl UnsubscribeProperties {
     pub(crate) fn decode(r: &mut Reader<'_>) -> Result<Self, DecodeError> {
         const P: &str = "UNSUBSCRIBE";
         let up = decode_block(r, P, false, |p| Err(not_allowed(&p, P)))?;
-        Ok(Self {
-            user_properties: up,
-        })
+        Ok(Self { user_properties: up })
     }
 }
 
@@ -1027,12 +923,7 @@ impl Props for DisconnectProperties {
         opt_u32(s, id::SESSION_EXPIRY_INTERVAL, self.session_expiry_interval);
         opt_str(s, id::REASON_STRING, &self.reason_string, "reason string");
         self.user_properties.visit(s);
-        opt_str(
-            s,
-            id::SERVER_REFERENCE,
-            &self.server_reference,
-            "server reference",
-        );
+        opt_str(s, id::SERVER_REFERENCE, &self.server_reference, "server reference");
     }
 }
 
@@ -1077,18 +968,8 @@ impl AuthProperties {
 
 impl Props for AuthProperties {
     fn visit<S: Sink>(&self, s: &mut S) {
-        opt_str(
-            s,
-            id::AUTHENTICATION_METHOD,
-            &self.authentication_method,
-            "authentication method",
-        );
-        opt_bin(
-            s,
-            id::AUTHENTICATION_DATA,
-            &self.authentication_data,
-            "authentication data",
-        );
+        opt_str(s, id::AUTHENTICATION_METHOD, &self.authentication_method, "authentication method");
+        opt_bin(s, id::AUTHENTICATION_DATA, &self.authentication_data, "authentication data");
         opt_str(s, id::REASON_STRING, &self.reason_string, "reason string");
         self.user_properties.visit(s);
     }

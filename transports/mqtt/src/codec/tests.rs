@@ -121,9 +121,7 @@ fn v5_connect_with_properties() {
         ..ConnectProperties::default()
     };
     vector(V5, bytes, Packet::Connect(Box::new(c.clone())));
-    let Packet::Connect(d) = dec(V5, bytes).unwrap() else {
-        panic!()
-    };
+    let Packet::Connect(d) = dec(V5, bytes).unwrap() else { panic!() };
     let pairs: Vec<_> = d.properties.user_properties.iter().collect();
     assert_eq!(pairs, vec![(b("k"), b("v"))]);
 }
@@ -169,25 +167,10 @@ fn connack_vectors() {
         reason_code: ReasonCode::Success,
         properties: ConnAckProperties::default(),
     };
-    vector(
-        V3,
-        b"\x20\x02\x00\x00",
-        Packet::ConnAck(Box::new(ok.clone())),
-    );
-    vector(
-        V5,
-        b"\x20\x03\x00\x00\x00",
-        Packet::ConnAck(Box::new(ok.clone())),
-    );
-    let bad = ConnAck {
-        reason_code: ReasonCode::BadUserNameOrPassword,
-        ..ok.clone()
-    };
-    vector(
-        V3,
-        b"\x20\x02\x00\x04",
-        Packet::ConnAck(Box::new(bad.clone())),
-    );
+    vector(V3, b"\x20\x02\x00\x00", Packet::ConnAck(Box::new(ok.clone())));
+    vector(V5, b"\x20\x03\x00\x00\x00", Packet::ConnAck(Box::new(ok.clone())));
+    let bad = ConnAck { reason_code: ReasonCode::BadUserNameOrPassword, ..ok.clone() };
+    vector(V3, b"\x20\x02\x00\x04", Packet::ConnAck(Box::new(bad.clone())));
     vector(V5, b"\x20\x03\x00\x86\x00", Packet::ConnAck(Box::new(bad)));
     let full = ConnAck {
         session_present: true,
@@ -209,10 +192,7 @@ fn connack_vectors() {
         Packet::ConnAck(Box::new(full)),
     );
     // A 3.1.1 CONNACK cannot carry a v5-only refusal without an equivalent.
-    let m = ConnAck {
-        reason_code: ReasonCode::MalformedPacket,
-        ..ok
-    };
+    let m = ConnAck { reason_code: ReasonCode::MalformedPacket, ..ok };
     assert_eq!(
         enc(V3, &Packet::ConnAck(Box::new(m))),
         Err(EncodeError::NotInVersion("this CONNACK reason code"))
@@ -230,11 +210,7 @@ fn publish_vectors() {
     let mut p = publish(QoS::AtLeastOnce, "a/b", Some(7), "hi");
     p.dup = true;
     p.retain = true;
-    vector(
-        V3,
-        b"\x3b\x09\x00\x03a/b\x00\x07hi",
-        Packet::Publish(p.clone()),
-    );
+    vector(V3, b"\x3b\x09\x00\x03a/b\x00\x07hi", Packet::Publish(p.clone()));
     // MQTT 5: an empty property block.
     vector(V5, b"\x3b\x0a\x00\x03a/b\x00\x07\x00hi", Packet::Publish(p));
     vector(
@@ -246,11 +222,7 @@ fn publish_vectors() {
     let mut p = publish(QoS::ExactlyOnce, "a/b", Some(10), "x");
     p.properties.payload_format_indicator = Some(true);
     p.properties.topic_alias = Some(5);
-    vector(
-        V5,
-        b"\x34\x0e\x00\x03a/b\x00\x0a\x05\x01\x01\x23\x00\x05x",
-        Packet::Publish(p),
-    );
+    vector(V5, b"\x34\x0e\x00\x03a/b\x00\x0a\x05\x01\x01\x23\x00\x05x", Packet::Publish(p));
     // MQTT 5: empty topic with a topic alias.
     let mut p = publish(QoS::AtMostOnce, "", None, "");
     p.properties.topic_alias = Some(1);
@@ -265,33 +237,17 @@ fn puback_family_vectors() {
     vector(V3, b"\x70\x02\x00\x07", Packet::PubComp(PubAck::new(7)));
     // MQTT 5 short form: remaining length 2 means reason 0x00 and no properties.
     vector(V5, b"\x40\x02\x00\x07", Packet::PubAck(PubAck::new(7)));
-    let nms = PubAck {
-        reason_code: ReasonCode::NoMatchingSubscribers,
-        ..PubAck::new(7)
-    };
+    let nms = PubAck { reason_code: ReasonCode::NoMatchingSubscribers, ..PubAck::new(7) };
     vector(V5, b"\x40\x03\x00\x07\x10", Packet::PubAck(nms.clone()));
     // Reason code with an empty property block decodes the same.
-    assert_eq!(
-        dec(V5, b"\x40\x04\x00\x07\x10\x00").unwrap(),
-        Packet::PubAck(nms)
-    );
-    assert_eq!(
-        dec(V5, b"\x40\x04\x00\x07\x00\x00").unwrap(),
-        Packet::PubAck(PubAck::new(7))
-    );
+    assert_eq!(dec(V5, b"\x40\x04\x00\x07\x10\x00").unwrap(), Packet::PubAck(nms));
+    assert_eq!(dec(V5, b"\x40\x04\x00\x07\x00\x00").unwrap(), Packet::PubAck(PubAck::new(7)));
     let with_reason = PubAck {
         reason_code: ReasonCode::PacketIdentifierNotFound,
-        properties: AckProperties {
-            reason_string: Some(b("gone")),
-            ..AckProperties::default()
-        },
+        properties: AckProperties { reason_string: Some(b("gone")), ..AckProperties::default() },
         ..PubAck::new(1)
     };
-    vector(
-        V5,
-        b"\x62\x0b\x00\x01\x92\x07\x1f\x00\x04gone",
-        Packet::PubRel(with_reason),
-    );
+    vector(V5, b"\x62\x0b\x00\x01\x92\x07\x1f\x00\x04gone", Packet::PubRel(with_reason));
 }
 
 #[test]
@@ -303,18 +259,11 @@ fn subscribe_vectors() {
                 filter: b("a/+/b"),
                 options: SubscriptionOptions::new(QoS::AtLeastOnce),
             },
-            Subscription {
-                filter: b("c/#"),
-                options: SubscriptionOptions::new(QoS::AtMostOnce),
-            },
+            Subscription { filter: b("c/#"), options: SubscriptionOptions::new(QoS::AtMostOnce) },
         ],
         properties: SubscribeProperties::default(),
     };
-    vector(
-        V3,
-        b"\x82\x10\x00\x01\x00\x05a/+/b\x01\x00\x03c/#\x00",
-        Packet::Subscribe(s),
-    );
+    vector(V3, b"\x82\x10\x00\x01\x00\x05a/+/b\x01\x00\x03c/#\x00", Packet::Subscribe(s));
     let s5 = Subscribe {
         packet_id: 1,
         subscriptions: vec![Subscription {
@@ -331,11 +280,7 @@ fn subscribe_vectors() {
             ..SubscribeProperties::default()
         },
     };
-    vector(
-        V5,
-        b"\x82\x09\x00\x01\x02\x0b\x05\x00\x01#\x2d",
-        Packet::Subscribe(s5),
-    );
+    vector(V5, b"\x82\x09\x00\x01\x02\x0b\x05\x00\x01#\x2d", Packet::Subscribe(s5));
 }
 
 #[test]
@@ -353,21 +298,14 @@ fn suback_unsubscribe_unsuback_vectors() {
         reason_codes: vec![ReasonCode::NotAuthorized],
         properties: AckProperties::default(),
     };
-    assert_eq!(
-        enc(V3, &Packet::SubAck(sa)).unwrap(),
-        b"\x90\x03\x00\x01\x80"
-    );
+    assert_eq!(enc(V3, &Packet::SubAck(sa)).unwrap(), b"\x90\x03\x00\x01\x80");
 
     let u = Unsubscribe {
         packet_id: 2,
         filters: vec![b("a")],
         properties: UnsubscribeProperties::default(),
     };
-    vector(
-        V3,
-        b"\xa2\x05\x00\x02\x00\x01a",
-        Packet::Unsubscribe(u.clone()),
-    );
+    vector(V3, b"\xa2\x05\x00\x02\x00\x01a", Packet::Unsubscribe(u.clone()));
     vector(V5, b"\xa2\x06\x00\x02\x00\x00\x01a", Packet::Unsubscribe(u));
     vector(
         V3,
@@ -467,10 +405,7 @@ fn connect_sets_version_and_first_packet_rules() {
 fn unsupported_versions() {
     // MQTT 3.1.
     let bytes = b"\x10\x0f\x00\x06MQIsdp\x03\x02\x00\x3c\x00\x01a";
-    assert_eq!(
-        dec(V3, bytes),
-        Err(DecodeError::UnsupportedProtocolVersion(3))
-    );
+    assert_eq!(dec(V3, bytes), Err(DecodeError::UnsupportedProtocolVersion(3)));
     let bytes = b"\x10\x0d\x00\x04MQTT\x06\x02\x00\x3c\x00\x01a";
     let e = dec(V3, bytes).unwrap_err();
     assert_eq!(e, DecodeError::UnsupportedProtocolVersion(6));
@@ -499,19 +434,9 @@ fn size_limit_checked_before_body() {
     c.set_version(V3);
     // Remaining length 1000, body absent.
     let mut buf = BytesMut::from(&b"\x30\xe8\x07"[..]);
+    assert_eq!(c.decode(&mut buf), Err(DecodeError::PacketTooLarge { size: 1003, max: 100 }));
     assert_eq!(
-        c.decode(&mut buf),
-        Err(DecodeError::PacketTooLarge {
-            size: 1003,
-            max: 100
-        })
-    );
-    assert_eq!(
-        DecodeError::PacketTooLarge {
-            size: 1003,
-            max: 100
-        }
-        .reason_code(),
+        DecodeError::PacketTooLarge { size: 1003, max: 100 }.reason_code(),
         ReasonCode::PacketTooLarge
     );
     // Exactly at the limit is fine: 1 + 1 + 98.
@@ -524,29 +449,17 @@ fn size_limit_checked_before_body() {
     // Too large CONNECT from a fresh server codec is refused too.
     let mut c = Codec::new(100);
     let mut buf = BytesMut::from(&b"\x10\xff\x7f"[..]);
-    assert!(matches!(
-        c.decode(&mut buf),
-        Err(DecodeError::PacketTooLarge { .. })
-    ));
+    assert!(matches!(c.decode(&mut buf), Err(DecodeError::PacketTooLarge { .. })));
 }
 
 #[test]
 fn remaining_length_five_bytes_is_malformed() {
     let mut c = codec(V3);
     let mut buf = BytesMut::from(&b"\x30\xff\xff\xff\xff\x01"[..]);
-    assert_eq!(
-        c.decode(&mut buf),
-        Err(DecodeError::MalformedRemainingLength)
-    );
+    assert_eq!(c.decode(&mut buf), Err(DecodeError::MalformedRemainingLength));
     let mut buf = BytesMut::from(&b"\x30\x80\x80\x80\x80"[..]);
-    assert_eq!(
-        c.decode(&mut buf),
-        Err(DecodeError::MalformedRemainingLength)
-    );
-    assert_eq!(
-        DecodeError::MalformedRemainingLength.reason_code(),
-        ReasonCode::MalformedPacket
-    );
+    assert_eq!(c.decode(&mut buf), Err(DecodeError::MalformedRemainingLength));
+    assert_eq!(DecodeError::MalformedRemainingLength.reason_code(), ReasonCode::MalformedPacket);
     let mut buf = BytesMut::from(&b"\x30\x80\x80\x80"[..]);
     assert_eq!(c.decode(&mut buf), Ok(None));
 }
@@ -559,9 +472,7 @@ fn zero_copy_slices_of_read_buffer() {
     let base = buf.as_ptr() as usize;
     let range = base..base + 256;
     for _ in 0..2 {
-        let Some(Packet::Publish(p)) = c.decode(&mut buf).unwrap() else {
-            panic!()
-        };
+        let Some(Packet::Publish(p)) = c.decode(&mut buf).unwrap() else { panic!() };
         assert!(range.contains(&(p.topic.as_ptr() as usize)));
         assert!(range.contains(&(p.payload.as_ptr() as usize)));
     }
@@ -588,28 +499,13 @@ fn error_cases() {
         DecodeError::MalformedPacket("PUBLISH QoS 3")
     );
     // Reserved flags: PINGREQ with flags, PUBREL without 0b0010, SUBSCRIBE without 0b0010.
-    assert_eq!(
-        err(V3, b"\xc1\x00"),
-        DecodeError::ReservedFlags {
-            packet_type: 12,
-            flags: 1
-        }
-    );
-    assert!(matches!(
-        err(V3, b"\x60\x02\x00\x01"),
-        DecodeError::ReservedFlags { .. }
-    ));
-    assert!(matches!(
-        err(V3, b"\x80\x06\x00\x01\x00\x01a\x00"),
-        DecodeError::ReservedFlags { .. }
-    ));
+    assert_eq!(err(V3, b"\xc1\x00"), DecodeError::ReservedFlags { packet_type: 12, flags: 1 });
+    assert!(matches!(err(V3, b"\x60\x02\x00\x01"), DecodeError::ReservedFlags { .. }));
+    assert!(matches!(err(V3, b"\x80\x06\x00\x01\x00\x01a\x00"), DecodeError::ReservedFlags { .. }));
     // Wildcards in a PUBLISH topic.
     assert_eq!(err(V3, b"\x30\x05\x00\x03a/+"), DecodeError::TopicInvalid);
     assert_eq!(err(V3, b"\x30\x05\x00\x03a/#"), DecodeError::TopicInvalid);
-    assert_eq!(
-        DecodeError::TopicInvalid.reason_code(),
-        ReasonCode::TopicNameInvalid
-    );
+    assert_eq!(DecodeError::TopicInvalid.reason_code(), ReasonCode::TopicNameInvalid);
     // Empty topic: never in 3.1.1, and not without a topic alias in 5.
     assert_eq!(err(V3, b"\x30\x02\x00\x00"), DecodeError::TopicInvalid);
     assert_eq!(err(V5, b"\x30\x03\x00\x00\x00"), DecodeError::TopicInvalid);
@@ -619,29 +515,17 @@ fn error_cases() {
         DecodeError::MalformedPacket("packet identifier 0")
     );
     // DUP on QoS 0.
-    assert!(matches!(
-        err(V3, b"\x38\x05\x00\x03a/b"),
-        DecodeError::MalformedPacket(_)
-    ));
+    assert!(matches!(err(V3, b"\x38\x05\x00\x03a/b"), DecodeError::MalformedPacket(_)));
     // Duplicate property (message expiry twice).
     assert_eq!(
-        err(
-            V5,
-            b"\x30\x10\x00\x03a/b\x0a\x02\x00\x00\x00\x01\x02\x00\x00\x00\x01"
-        ),
+        err(V5, b"\x30\x10\x00\x03a/b\x0a\x02\x00\x00\x00\x01\x02\x00\x00\x00\x01"),
         DecodeError::DuplicateProperty(0x02)
     );
-    assert_eq!(
-        DecodeError::DuplicateProperty(2).reason_code(),
-        ReasonCode::ProtocolError
-    );
+    assert_eq!(DecodeError::DuplicateProperty(2).reason_code(), ReasonCode::ProtocolError);
     // A property not allowed in the packet (session expiry in PUBLISH).
     assert_eq!(
         err(V5, b"\x30\x0b\x00\x03a/b\x05\x11\x00\x00\x00\x01"),
-        DecodeError::PropertyNotAllowed {
-            id: 0x11,
-            packet: "PUBLISH"
-        }
+        DecodeError::PropertyNotAllowed { id: 0x11, packet: "PUBLISH" }
     );
     // An unknown property identifier.
     assert!(matches!(
@@ -661,47 +545,23 @@ fn error_cases() {
     );
     // Invalid UTF-8 (a lone continuation byte, an encoded surrogate).
     assert_eq!(err(V3, b"\x30\x05\x00\x03a\x80b"), DecodeError::InvalidUtf8);
-    assert_eq!(
-        err(V3, b"\x30\x05\x00\x03\xed\xa0\x80"),
-        DecodeError::InvalidUtf8
-    );
-    assert_eq!(
-        DecodeError::InvalidUtf8.reason_code(),
-        ReasonCode::MalformedPacket
-    );
+    assert_eq!(err(V3, b"\x30\x05\x00\x03\xed\xa0\x80"), DecodeError::InvalidUtf8);
+    assert_eq!(DecodeError::InvalidUtf8.reason_code(), ReasonCode::MalformedPacket);
     // Truncated properties: the block claims 5 bytes, 2 are there.
-    assert!(matches!(
-        err(V5, b"\x30\x08\x00\x03a/b\x05\x02\x00"),
-        DecodeError::MalformedPacket(_)
-    ));
+    assert!(matches!(err(V5, b"\x30\x08\x00\x03a/b\x05\x02\x00"), DecodeError::MalformedPacket(_)));
     // A property whose value runs past the end of its block.
     assert!(matches!(
         err(V5, b"\x30\x0b\x00\x03a/b\x02\x02\x00\x00\x00\x01"),
         DecodeError::MalformedPacket(_)
     ));
     // Topic length past the end of the packet.
-    assert!(matches!(
-        err(V3, b"\x30\x03\x00\x09a"),
-        DecodeError::MalformedPacket(_)
-    ));
+    assert!(matches!(err(V3, b"\x30\x03\x00\x09a"), DecodeError::MalformedPacket(_)));
     // Trailing bytes.
-    assert!(matches!(
-        err(V3, b"\xc0\x01\x00"),
-        DecodeError::MalformedPacket(_)
-    ));
-    assert!(matches!(
-        err(V3, b"\x40\x03\x00\x01\x00"),
-        DecodeError::MalformedPacket(_)
-    ));
+    assert!(matches!(err(V3, b"\xc0\x01\x00"), DecodeError::MalformedPacket(_)));
+    assert!(matches!(err(V3, b"\x40\x03\x00\x01\x00"), DecodeError::MalformedPacket(_)));
     // Reserved packet types: 0 always, 15 (AUTH) in 3.1.1.
-    assert!(matches!(
-        err(V3, b"\x00\x00"),
-        DecodeError::MalformedPacket(_)
-    ));
-    assert!(matches!(
-        err(V3, b"\xf0\x00"),
-        DecodeError::MalformedPacket(_)
-    ));
+    assert!(matches!(err(V3, b"\x00\x00"), DecodeError::MalformedPacket(_)));
+    assert!(matches!(err(V3, b"\xf0\x00"), DecodeError::MalformedPacket(_)));
     // CONNECT: reserved flag, will QoS 3, will flags without will, 3.1.1 password alone.
     assert!(matches!(
         err(V3, b"\x10\x0d\x00\x04MQTT\x04\x03\x00\x3c\x00\x01a"),
@@ -721,57 +581,27 @@ fn error_cases() {
     ));
     // Property not allowed in CONNECT (topic alias).
     assert_eq!(
-        err(
-            V5,
-            b"\x10\x10\x00\x04MQTT\x05\x02\x00\x3c\x03\x23\x00\x01\x00\x00"
-        ),
-        DecodeError::PropertyNotAllowed {
-            id: 0x23,
-            packet: "CONNECT"
-        }
+        err(V5, b"\x10\x10\x00\x04MQTT\x05\x02\x00\x3c\x03\x23\x00\x01\x00\x00"),
+        DecodeError::PropertyNotAllowed { id: 0x23, packet: "CONNECT" }
     );
     // Invalid topic filters and options.
-    assert_eq!(
-        err(V3, b"\x82\x07\x00\x01\x00\x02a+\x00"),
-        DecodeError::TopicFilterInvalid
-    );
-    assert_eq!(
-        err(V3, b"\x82\x08\x00\x01\x00\x03#/a\x00"),
-        DecodeError::TopicFilterInvalid
-    );
-    assert!(matches!(
-        err(V3, b"\x82\x06\x00\x01\x00\x01a\x03"),
-        DecodeError::MalformedPacket(_)
-    ));
-    assert!(matches!(
-        err(V3, b"\x82\x06\x00\x01\x00\x01a\x04"),
-        DecodeError::MalformedPacket(_)
-    ));
+    assert_eq!(err(V3, b"\x82\x07\x00\x01\x00\x02a+\x00"), DecodeError::TopicFilterInvalid);
+    assert_eq!(err(V3, b"\x82\x08\x00\x01\x00\x03#/a\x00"), DecodeError::TopicFilterInvalid);
+    assert!(matches!(err(V3, b"\x82\x06\x00\x01\x00\x01a\x03"), DecodeError::MalformedPacket(_)));
+    assert!(matches!(err(V3, b"\x82\x06\x00\x01\x00\x01a\x04"), DecodeError::MalformedPacket(_)));
     assert!(matches!(
         err(V5, b"\x82\x07\x00\x01\x00\x00\x01a\x30"),
         DecodeError::MalformedPacket(_)
     ));
-    assert!(matches!(
-        err(V3, b"\x82\x02\x00\x01"),
-        DecodeError::ProtocolError(_)
-    ));
+    assert!(matches!(err(V3, b"\x82\x02\x00\x01"), DecodeError::ProtocolError(_)));
     // Reason codes not valid in the packet.
     assert_eq!(
         err(V5, b"\x40\x03\x00\x01\x92"),
-        DecodeError::InvalidReasonCode {
-            code: 0x92,
-            packet: "PUBACK"
-        }
+        DecodeError::InvalidReasonCode { code: 0x92, packet: "PUBACK" }
     );
-    assert!(matches!(
-        err(V3, b"\x20\x02\x00\x06"),
-        DecodeError::InvalidReasonCode { code: 6, .. }
-    ));
+    assert!(matches!(err(V3, b"\x20\x02\x00\x06"), DecodeError::InvalidReasonCode { code: 6, .. }));
     // Session present on a refused connection.
-    assert!(matches!(
-        err(V3, b"\x20\x02\x01\x05"),
-        DecodeError::ProtocolError(_)
-    ));
+    assert!(matches!(err(V3, b"\x20\x02\x01\x05"), DecodeError::ProtocolError(_)));
 }
 
 #[test]
@@ -779,10 +609,7 @@ fn encode_errors_write_nothing() {
     let c = codec(V3);
     let mut out = BytesMut::from(&b"keep"[..]);
     let mut bad = publish(QoS::AtMostOnce, "a/+", None, "x");
-    assert_eq!(
-        c.encode(&Packet::Publish(bad.clone()), &mut out),
-        Err(EncodeError::TopicInvalid)
-    );
+    assert_eq!(c.encode(&Packet::Publish(bad.clone()), &mut out), Err(EncodeError::TopicInvalid));
     bad.topic = b("a");
     bad.packet_id = Some(1);
     assert!(c.encode(&Packet::Publish(bad.clone()), &mut out).is_err());
@@ -807,20 +634,12 @@ fn encode_errors_write_nothing() {
 fn publish_parts_matches_publish() {
     for v in [V3, V5] {
         let c = codec(v);
-        let p = publish(
-            QoS::AtLeastOnce,
-            "kp1/app/dcx/tok/json/42/status",
-            Some(9),
-            "{}",
-        );
+        let p = publish(QoS::AtLeastOnce, "kp1/app/dcx/tok/json/42/status", Some(9), "{}");
         let mut whole = BytesMut::new();
         c.encode(&Packet::Publish(p.clone()), &mut whole).unwrap();
         let mut parts = BytesMut::new();
-        let header = PublishHeader {
-            packet_id: Some(9),
-            qos: QoS::AtLeastOnce,
-            ..PublishHeader::qos0()
-        };
+        let header =
+            PublishHeader { packet_id: Some(9), qos: QoS::AtLeastOnce, ..PublishHeader::qos0() };
         c.encode_publish_parts(
             header,
             &[b"kp1/app/dcx/", b"tok", b"/json/42", b"/status"],
@@ -835,14 +654,8 @@ fn publish_parts_matches_publish() {
     let c = codec(V5);
     let mut out = BytesMut::new();
     let e = "é".as_bytes();
-    c.encode_publish_parts(
-        PublishHeader::qos0(),
-        &[&e[..1], &e[1..]],
-        None,
-        b"",
-        &mut out,
-    )
-    .unwrap();
+    c.encode_publish_parts(PublishHeader::qos0(), &[&e[..1], &e[1..]], None, b"", &mut out)
+        .unwrap();
     assert_eq!(&out[..], b"\x30\x05\x00\x02\xc3\xa9\x00");
     let mut out = BytesMut::new();
     assert_eq!(
@@ -858,14 +671,7 @@ fn publish_parts_matches_publish() {
 
 fn arb_str(max: usize) -> impl Strategy<Value = Bytes> {
     proptest::collection::vec(
-        prop_oneof![
-            Just('a'),
-            Just('z'),
-            Just('/'),
-            Just(' '),
-            Just('é'),
-            Just('€')
-        ],
+        prop_oneof![Just('a'), Just('z'), Just('/'), Just(' '), Just('é'), Just('€')],
         0..max,
     )
     .prop_map(|cs| Bytes::from(cs.into_iter().collect::<String>()))
@@ -897,11 +703,7 @@ fn arb_filter() -> impl Strategy<Value = Bytes> {
 }
 
 fn arb_qos() -> impl Strategy<Value = QoS> {
-    prop_oneof![
-        Just(QoS::AtMostOnce),
-        Just(QoS::AtLeastOnce),
-        Just(QoS::ExactlyOnce)
-    ]
+    prop_oneof![Just(QoS::AtMostOnce), Just(QoS::AtLeastOnce), Just(QoS::ExactlyOnce)]
 }
 
 fn arb_user_props(v5: bool) -> BoxedStrategy<UserProperties> {
@@ -913,10 +715,7 @@ fn arb_user_props(v5: bool) -> BoxedStrategy<UserProperties> {
             let strs: Vec<(String, String)> = pairs
                 .iter()
                 .map(|(k, v)| {
-                    (
-                        String::from_utf8(k.to_vec()).unwrap(),
-                        String::from_utf8(v.to_vec()).unwrap(),
-                    )
+                    (String::from_utf8(k.to_vec()).unwrap(), String::from_utf8(v.to_vec()).unwrap())
                 })
                 .collect();
             UserProperties::from_pairs(strs.iter().map(|(k, v)| (k.as_str(), v.as_str()))).unwrap()
@@ -928,18 +727,12 @@ fn opt<T: std::fmt::Debug + Clone + 'static>(
     v5: bool,
     s: impl Strategy<Value = T> + 'static,
 ) -> BoxedStrategy<Option<T>> {
-    if v5 {
-        proptest::option::of(s).boxed()
-    } else {
-        Just(None).boxed()
-    }
+    if v5 { proptest::option::of(s).boxed() } else { Just(None).boxed() }
 }
 
 fn arb_reason(v5: bool, codes: &'static [u8], v311: ReasonCode) -> BoxedStrategy<ReasonCode> {
     if v5 {
-        proptest::sample::select(codes)
-            .prop_map(|b| ReasonCode::from_v5(b).unwrap())
-            .boxed()
+        proptest::sample::select(codes).prop_map(|b| ReasonCode::from_v5(b).unwrap()).boxed()
     } else {
         Just(v311).boxed()
     }
@@ -985,20 +778,15 @@ fn arb_connect(v5: bool) -> impl Strategy<Value = Packet> {
             user_properties: up,
         });
     let will = proptest::option::of(
-        (
-            arb_topic(),
-            arb_bin(10),
-            arb_qos(),
-            any::<bool>(),
-            will_props,
-        )
-            .prop_map(|(topic, payload, qos, retain, properties)| Will {
+        (arb_topic(), arb_bin(10), arb_qos(), any::<bool>(), will_props).prop_map(
+            |(topic, payload, qos, retain, properties)| Will {
                 topic,
                 payload,
                 qos,
                 retain,
                 properties,
-            }),
+            },
+        ),
     );
     (
         any::<bool>(),
@@ -1019,11 +807,7 @@ fn arb_connect(v5: bool) -> impl Strategy<Value = Packet> {
                 password,
                 properties,
             )| {
-                let password = if v5 || username.is_some() {
-                    password
-                } else {
-                    None
-                };
+                let password = if v5 || username.is_some() { password } else { None };
                 Packet::Connect(Box::new(Connect {
                     protocol_version: if v5 { V5 } else { V3 },
                     clean_start,
@@ -1047,18 +831,13 @@ fn arb_connack(v5: bool) -> impl Strategy<Value = Packet> {
     let code = if v5 {
         arb_reason(true, CONNACK_CODES, ReasonCode::Success)
     } else {
-        (0u8..=5)
-            .prop_map(|c| ReasonCode::from_v311_connack_code(c).unwrap())
-            .boxed()
+        (0u8..=5).prop_map(|c| ReasonCode::from_v311_connack_code(c).unwrap()).boxed()
     };
     let props = (
         (
             opt(v5, any::<u32>()),
             opt(v5, 1..=u16::MAX),
-            opt(
-                v5,
-                prop_oneof![Just(QoS::AtMostOnce), Just(QoS::AtLeastOnce)],
-            ),
+            opt(v5, prop_oneof![Just(QoS::AtMostOnce), Just(QoS::AtLeastOnce)]),
             opt(v5, any::<bool>()),
             opt(v5, 1..=u32::MAX),
             opt(v5, arb_str(8)),
@@ -1144,34 +923,29 @@ fn arb_publish(v5: bool) -> impl Strategy<Value = Packet> {
         props,
         arb_bin(40),
     )
-        .prop_map(
-            move |(dup, qos, retain, topic, empty_topic, id, properties, payload)| {
-                let use_alias = empty_topic && properties.topic_alias.is_some();
-                Packet::Publish(Publish {
-                    dup: dup && qos != QoS::AtMostOnce,
-                    qos,
-                    retain,
-                    topic: if use_alias { Bytes::new() } else { topic },
-                    packet_id: (qos != QoS::AtMostOnce).then_some(id),
-                    properties,
-                    payload,
-                })
-            },
-        )
+        .prop_map(move |(dup, qos, retain, topic, empty_topic, id, properties, payload)| {
+            let use_alias = empty_topic && properties.topic_alias.is_some();
+            Packet::Publish(Publish {
+                dup: dup && qos != QoS::AtMostOnce,
+                qos,
+                retain,
+                topic: if use_alias { Bytes::new() } else { topic },
+                packet_id: (qos != QoS::AtMostOnce).then_some(id),
+                properties,
+                payload,
+            })
+        })
 }
 
 fn arb_ack_props(v5: bool) -> impl Strategy<Value = AckProperties> {
-    (opt(v5, arb_str(8)), arb_user_props(v5)).prop_map(|(rs, up)| AckProperties {
-        reason_string: rs,
-        user_properties: up,
-    })
+    (opt(v5, arb_str(8)), arb_user_props(v5))
+        .prop_map(|(rs, up)| AckProperties { reason_string: rs, user_properties: up })
 }
 
 const PUBACK_CODES: &[u8] = &[0x00, 0x10, 0x80, 0x83, 0x87, 0x90, 0x91, 0x97, 0x99];
 const PUBREL_CODES: &[u8] = &[0x00, 0x92];
-const SUBACK_CODES: &[u8] = &[
-    0x00, 0x01, 0x02, 0x80, 0x83, 0x87, 0x8f, 0x91, 0x97, 0x9e, 0xa1, 0xa2,
-];
+const SUBACK_CODES: &[u8] =
+    &[0x00, 0x01, 0x02, 0x80, 0x83, 0x87, 0x8f, 0x91, 0x97, 0x9e, 0xa1, 0xa2];
 const UNSUBACK_CODES: &[u8] = &[0x00, 0x11, 0x80, 0x83, 0x87, 0x8f, 0x91];
 const DISCONNECT_CODES: &[u8] = &[
     0x00, 0x04, 0x80, 0x81, 0x82, 0x83, 0x87, 0x89, 0x8b, 0x8d, 0x8e, 0x8f, 0x90, 0x93, 0x94, 0x95,
@@ -1187,11 +961,8 @@ fn arb_pub_ack(v5: bool) -> impl Strategy<Value = Packet> {
         arb_ack_props(v5),
     )
         .prop_map(|(k, packet_id, rc_ack, rc_rel, properties)| {
-            let ack = |reason_code| PubAck {
-                packet_id,
-                reason_code,
-                properties: properties.clone(),
-            };
+            let ack =
+                |reason_code| PubAck { packet_id, reason_code, properties: properties.clone() };
             match k {
                 0 => Packet::PubAck(ack(rc_ack)),
                 1 => Packet::PubRec(ack(rc_ack)),
@@ -1202,14 +973,8 @@ fn arb_pub_ack(v5: bool) -> impl Strategy<Value = Packet> {
 }
 
 fn arb_subscribe(v5: bool) -> impl Strategy<Value = Packet> {
-    let sub = (
-        arb_filter(),
-        arb_qos(),
-        any::<bool>(),
-        any::<bool>(),
-        0..3u8,
-    )
-        .prop_map(move |(filter, qos, nl, rap, rh)| Subscription {
+    let sub = (arb_filter(), arb_qos(), any::<bool>(), any::<bool>(), 0..3u8).prop_map(
+        move |(filter, qos, nl, rap, rh)| Subscription {
             filter,
             options: SubscriptionOptions {
                 qos,
@@ -1221,7 +986,8 @@ fn arb_subscribe(v5: bool) -> impl Strategy<Value = Packet> {
                     _ => RetainHandling::SendAtSubscribe,
                 },
             },
-        });
+        },
+    );
     (
         1..=u16::MAX,
         proptest::collection::vec(sub, 1..4),
@@ -1248,33 +1014,20 @@ fn arb_suback(v5: bool) -> impl Strategy<Value = Packet> {
             .prop_map(|b| ReasonCode::from_v5(b).unwrap())
             .boxed()
     };
-    (
-        1..=u16::MAX,
-        proptest::collection::vec(code, 1..4),
-        arb_ack_props(v5),
+    (1..=u16::MAX, proptest::collection::vec(code, 1..4), arb_ack_props(v5)).prop_map(
+        |(packet_id, reason_codes, properties)| {
+            Packet::SubAck(SubAck { packet_id, reason_codes, properties })
+        },
     )
-        .prop_map(|(packet_id, reason_codes, properties)| {
-            Packet::SubAck(SubAck {
-                packet_id,
-                reason_codes,
-                properties,
-            })
-        })
 }
 
 fn arb_unsub(v5: bool) -> impl Strategy<Value = Packet> {
-    let unsub = (
-        1..=u16::MAX,
-        proptest::collection::vec(arb_filter(), 1..4),
-        arb_user_props(v5),
-    )
+    let unsub = (1..=u16::MAX, proptest::collection::vec(arb_filter(), 1..4), arb_user_props(v5))
         .prop_map(|(packet_id, filters, up)| {
             Packet::Unsubscribe(Unsubscribe {
                 packet_id,
                 filters,
-                properties: UnsubscribeProperties {
-                    user_properties: up,
-                },
+                properties: UnsubscribeProperties { user_properties: up },
             })
         });
     let codes = if v5 {
@@ -1285,11 +1038,7 @@ fn arb_unsub(v5: bool) -> impl Strategy<Value = Packet> {
     };
     let unsuback = (1..=u16::MAX, codes, arb_ack_props(v5)).prop_map(
         |(packet_id, reason_codes, properties)| {
-            Packet::UnsubAck(UnsubAck {
-                packet_id,
-                reason_codes,
-                properties,
-            })
+            Packet::UnsubAck(UnsubAck { packet_id, reason_codes, properties })
         },
     );
     prop_oneof![unsub, unsuback]
@@ -1340,13 +1089,7 @@ fn arb_disconnect_auth(v5: bool) -> BoxedStrategy<Packet> {
                 },
             })
         });
-    prop_oneof![
-        Just(Packet::PingReq),
-        Just(Packet::PingResp),
-        disconnect,
-        auth
-    ]
-    .boxed()
+    prop_oneof![Just(Packet::PingReq), Just(Packet::PingResp), disconnect, auth].boxed()
 }
 
 /// Any packet other than CONNECT that is valid in the version.
@@ -1369,15 +1112,13 @@ fn arb_packet(v5: bool) -> impl Strategy<Value = Packet> {
 /// A connection's worth of packets: CONNECT, then anything else, encoded.
 fn arb_stream() -> impl Strategy<Value = (ProtocolVersion, Vec<Packet>)> {
     any::<bool>().prop_flat_map(|v5| {
-        (
-            arb_connect(v5),
-            proptest::collection::vec(arb_non_connect(v5), 0..12),
-        )
-            .prop_map(move |(c, rest)| {
+        (arb_connect(v5), proptest::collection::vec(arb_non_connect(v5), 0..12)).prop_map(
+            move |(c, rest)| {
                 let mut all = vec![c];
                 all.extend(rest);
                 (if v5 { V5 } else { V3 }, all)
-            })
+            },
+        )
     })
 }
 

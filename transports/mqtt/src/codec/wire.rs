@@ -183,11 +183,7 @@ impl<'a> Reader<'a> {
     /// A reader over `data[pos..end]`. Out-of-range bounds give an empty reader.
     pub(crate) fn new(data: &'a Bytes, pos: usize, end: usize) -> Self {
         let end = end.min(data.len());
-        Reader {
-            data,
-            pos: pos.min(end),
-            end,
-        }
+        Reader { data, pos: pos.min(end), end }
     }
 
     /// Whether every byte has been read.
@@ -202,11 +198,7 @@ impl<'a> Reader<'a> {
 
     /// Fails unless every byte has been consumed.
     pub(crate) fn finish(&self, what: &'static str) -> Result<(), DecodeError> {
-        if self.is_empty() {
-            Ok(())
-        } else {
-            Err(DecodeError::MalformedPacket(what))
-        }
+        if self.is_empty() { Ok(()) } else { Err(DecodeError::MalformedPacket(what)) }
     }
 
     fn take(&mut self, n: usize, what: &'static str) -> Result<&'a [u8], DecodeError> {
@@ -215,10 +207,7 @@ impl<'a> Reader<'a> {
             .checked_add(n)
             .filter(|&s| s <= self.end)
             .ok_or(DecodeError::MalformedPacket(what))?;
-        let s = self
-            .data
-            .get(self.pos..stop)
-            .ok_or(DecodeError::MalformedPacket(what))?;
+        let s = self.data.get(self.pos..stop).ok_or(DecodeError::MalformedPacket(what))?;
         self.pos = stop;
         Ok(s)
     }
@@ -324,18 +313,7 @@ mod tests {
 
     #[test]
     fn filters() {
-        for ok in [
-            "a",
-            "+",
-            "#",
-            "a/+/b",
-            "a/#",
-            "+/+",
-            "/",
-            "a//b",
-            "$share/g/a/#",
-            "$SYS/#",
-        ] {
+        for ok in ["a", "+", "#", "a/+/b", "a/#", "+/+", "/", "a//b", "$share/g/a/#", "$SYS/#"] {
             assert!(is_valid_topic_filter(ok.as_bytes()), "{ok}");
         }
         for bad in [
