@@ -32,6 +32,9 @@ enum Command {
     Dcx,
     /// Run the 16/ECAP authentication provider (needs nats.url).
     Auth,
+    /// Print the effective configuration (file, environment overrides and defaults) as YAML
+    /// and exit.
+    Config,
 }
 
 fn main() -> ExitCode {
@@ -45,13 +48,14 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(&config.process.log_filter);
     let role = match cli.command {
         Command::Up => Role::Up,
         Command::Gateway => Role::Gateway,
         Command::Dcx => Role::Dcx,
         Command::Auth => Role::Auth,
+        Command::Config => return print_config(&config),
     };
+    init_logging(&config.process.log_filter);
     if source == ConfigSource::BuiltInDefaults && matches!(role, Role::Up | Role::Auth) {
         add_demo_endpoint(&mut config.auth);
     }
@@ -68,6 +72,19 @@ fn main() -> ExitCode {
             tracing::error!("{e}");
             eprintln!("fleetgate: {e}");
             ExitCode::from(2)
+        }
+    }
+}
+
+fn print_config(config: &Config) -> ExitCode {
+    match serde_yaml::to_string(config) {
+        Ok(yaml) => {
+            print!("{yaml}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("fleetgate: cannot print the configuration: {e}");
+            ExitCode::FAILURE
         }
     }
 }

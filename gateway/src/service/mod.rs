@@ -55,8 +55,6 @@ pub struct GatewayConfig {
     pub token_cache_ttl_ms: u64,
     /// How long an unknown token stays unknown without asking again.
     pub token_negative_cache_ttl_ms: u64,
-    /// Responses queued for one session before it is disconnected as too slow.
-    pub session_queue_capacity: usize,
 }
 
 impl Default for GatewayConfig {
@@ -71,7 +69,6 @@ impl Default for GatewayConfig {
             auth_timeout_ms: 5_000,
             token_cache_ttl_ms: 60_000,
             token_negative_cache_ttl_ms: 5_000,
-            session_queue_capacity: 1024,
         }
     }
 }

@@ -59,6 +59,9 @@ pub struct MqttConfig {
     /// QoS 1 responses sent but not yet acknowledged by a 3.1.1 client (5.0 clients state their
     /// own Receive Maximum).
     pub max_inflight_v311: u16,
+    /// Responses and pushes queued for one connection; a connection that lets the queue fill
+    /// (it does not read) is closed rather than buffered without limit.
+    pub response_queue_capacity: usize,
 }
 
 impl Default for MqttConfig {
@@ -73,6 +76,7 @@ impl Default for MqttConfig {
             receive_maximum: 1024,
             topic_alias_maximum: 64,
             max_inflight_v311: 64,
+            response_queue_capacity: 1024,
         }
     }
 }
@@ -399,7 +403,7 @@ impl<H: KpHandler> Connection<H> {
             return Err(self.refuse(ReasonCode::ClientIdentifierNotValid));
         }
         let username = connect.username.as_deref().and_then(|u| std::str::from_utf8(u).ok());
-        let (tx, rx) = mpsc::channel(usize::from(self.config.receive_maximum).max(64) * 4);
+        let (tx, rx) = mpsc::channel(self.config.response_queue_capacity.max(1));
         let credentials = ClientCredentials {
             transport: "mqtt",
             client_id: &client_id,
