@@ -40,6 +40,30 @@ fn bench(c: &mut Criterion) {
         })
     });
 
+    // The peer, in the same run: apache-avro writing the same record from a generic value.
+    let schema = apache_avro::Schema::parse_str(ClientData::SCHEMA).expect("schema");
+    group.bench_function("client_data_encode_peer_apache_avro", |b| {
+        use apache_avro::types::Value;
+        b.iter(|| {
+            let rec = black_box(&rec);
+            let value = Value::Record(vec![
+                ("correlationId".into(), Value::String(rec.correlation_id.into())),
+                ("timestamp".into(), Value::Long(rec.timestamp_ms)),
+                ("timeout".into(), Value::Long(rec.timeout_ms)),
+                ("appVersionName".into(), Value::String(rec.app_version_name.into())),
+                (
+                    "endpointId".into(),
+                    Value::Union(0, Box::new(Value::String(rec.endpoint_id.unwrap_or("").into()))),
+                ),
+                ("resourcePath".into(), Value::String(rec.resource_path.into())),
+                ("requestId".into(), Value::Union(0, Box::new(Value::Int(42)))),
+                ("payload".into(), Value::Bytes(rec.payload.to_vec())),
+                ("configName".into(), Value::Union(0, Box::new(Value::Null))),
+            ]);
+            black_box(apache_avro::to_avro_datum(&schema, value).expect("encodes").len())
+        })
+    });
+
     let ext = ExtensionData {
         correlation_id: "0f8fad5b-d9cb-469f-a165-70867728950e",
         timestamp_ms: 1_700_000_000_000,

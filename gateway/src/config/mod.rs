@@ -148,6 +148,20 @@ mod tests {
     }
 
     #[test]
+    fn shipped_config_files_load() {
+        let deploy = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
+        let example: Config =
+            load(&ConfigSource::File(deploy.join("fleetgate.example.yml")), &HashMap::new())
+                .expect("the example configuration loads");
+        assert_eq!(example, Config::default(), "the example lists every default");
+        load::<Config>(
+            &ConfigSource::File(deploy.join("kubernetes/service-config.yml")),
+            &HashMap::new(),
+        )
+        .expect("the Kubernetes configuration loads");
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let dir =
             std::env::temp_dir().join(format!("fleetgate-config-test-{}", std::process::id()));

@@ -65,6 +65,19 @@ fn decode(c: &mut Criterion) {
             )
         });
     }
+    // The peer, in the same run: rumqttc's MQTT 3.1.1 decoder on the same stream.
+    let template = stream(ProtocolVersion::V311, &publish(QoS::AtLeastOnce));
+    g.bench_function("v311_qos1_peer_rumqttc", |b| {
+        b.iter_batched_ref(
+            || template.clone(),
+            |buf| {
+                while !buf.is_empty() {
+                    black_box(rumqttc::mqttbytes::v4::Packet::read(buf, 1 << 20).unwrap());
+                }
+            },
+            BatchSize::PerIteration,
+        )
+    });
     g.finish();
 }
 
