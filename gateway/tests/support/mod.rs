@@ -226,3 +226,87 @@ pub async fn rumqttc_request(
         }
     }
 }
+
+/// A bare MQTT client built on fleetgate's own codec, for the cases real clients do not
+/// produce (topic aliases, exact CONNECT contents).
+pub struct RawClient {
+    stream: tokio::net::TcpStream,
+    codec: fleetgate_transport_mqtt::codec::Codec,
+    read: bytes::BytesMut,
+}
+
+impl RawClient {
+    /// Connects and returns the CONNACK.
+    pub async fn connect(
+        addr: SocketAddr,
+        connect: fleetgate_transport_mqtt::codec::Connect,
+    ) -> (Self, fleetgate_transport_mqtt::codec::ConnAck) {
+        use fleetgate_transport_mqtt::codec::{Codec, Packet};
+        let mut codec = Codec::new(1 << 20);
+        codec.set_version(connect.protocol_version);
+        let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let mut client = Self { stream, codec, read: bytes::BytesMut::new() };
+        client.send(&Packet::Connect(Box::new(connect))).await;
+        match client.next().await {
+            Some(Packet::ConnAck(c)) => (client, *c),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    pub fn connect_packet(
+        version: fleetgate_transport_mqtt::codec::ProtocolVersion,
+        username: Option<&str>,
+        password: Option<&str>,
+    ) -> fleetgate_transport_mqtt::codec::Connect {
+        fleetgate_transport_mqtt::codec::Connect {
+            protocol_version: version,
+            clean_start: true,
+            keep_alive_secs: 30,
+            client_id: Bytes::from_static(b"raw"),
+            will: None,
+            username: username.map(|u| Bytes::copy_from_slice(u.as_bytes())),
+            password: password.map(|p| Bytes::copy_from_slice(p.as_bytes())),
+            properties: Default::default(),
+        }
+    }
+
+    pub async fn send(&mut self, packet: &fleetgate_transport_mqtt::codec::Packet) {
+        use tokio::io::AsyncWriteExt;
+        let mut out = bytes::BytesMut::new();
+        self.codec.encode(packet, &mut out).expect("encode");
+        self.stream.write_all(&out).await.expect("write");
+    }
+
+    /// The next packet from the server, `None` when it closed the connection (or nothing came
+    /// within 10 s).
+    pub async fn next(&mut self) -> Option<fleetgate_transport_mqtt::codec::Packet> {
+        use tokio::io::AsyncReadExt;
+        loop {
+            if let Some(p) = self.codec.decode(&mut self.read).expect("server sends valid MQTT") {
+                return Some(p);
+            }
+            let read =
+                tokio::time::timeout(Duration::from_secs(10), self.stream.read_buf(&mut self.read));
+            match read.await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return None,
+            }
+        }
+    }
+
+    /// The next PUBLISH, acknowledging it when it is QoS 1; skips other packets.
+    pub async fn next_publish(&mut self) -> Option<fleetgate_transport_mqtt::codec::Publish> {
+        use fleetgate_transport_mqtt::codec::{Packet, PubAck};
+        loop {
+            match self.next().await? {
+                Packet::Publish(p) => {
+                    if let Some(id) = p.packet_id {
+                        self.send(&Packet::PubAck(PubAck::new(id))).await;
+                    }
+                    return Some(p);
+                }
+                _ => continue,
+            }
+        }
+    }
+}
