@@ -205,3 +205,145 @@ async fn dcx_replicas_share_load_and_a_killed_one_loses_nothing_acknowledged() {
     assert_eq!(replicas.len(), 2, "both DCX replicas served requests: {replicas:?}");
     assert!(failed.iter().all(|s| !acknowledged.contains(s)));
 }
+
+/// Answers every `DataSamplesEvent` as receiver `name` with `status`.
+async fn receiver(url: String, name: &'static str, status: i32) {
+    use fleetgate_messages::DataSamplesProcessed;
+    use futures_util::StreamExt;
+    let client = async_nats::connect(url).await.expect("receiver connects");
+    let mut events = client
+        .subscribe("kaa.v1.events.dcx.endpoint.data-collection.data-samples-received")
+        .await
+        .expect("sub");
+    client.flush().await.expect("flush");
+    while let Some(msg) = events.next().await {
+        let event = DataSamplesEvent::decode(&msg.payload).expect("decodes");
+        let answer = DataSamplesProcessed {
+            correlation_id: event.correlation_id,
+            timestamp_ms: 0,
+            timeout_ms: 0,
+            receiver_service_instance_name: name,
+            status_code: status,
+            reason_phrase: (status != 200).then_some("disk full"),
+        };
+        let reply = msg.reply.expect("reply subject");
+        client.publish(reply, answer.to_bytes()).await.expect("answer");
+    }
+}
+
+#[tokio::test]
+async fn dcx_waits_for_its_reliable_receivers() {
+    let nats = NatsServer::start();
+    let env = with_nats(
+        &nats,
+        &[
+            ("FLEETGATE_DCX_RELIABLE_RECEIVERS", "[epts, archive]".into()),
+            ("FLEETGATE_DCX_RECEIVER_TIMEOUT_MS", "700".into()),
+        ],
+    );
+    let fg = Fleetgate::start("up", &env);
+
+    // Only one of the two receivers answers: 504 once the receiver timeout has passed.
+    let epts = tokio::spawn(receiver(nats.url(), "epts", 200));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    let p = rumqttc_request(fg.mqtt, None, "kp1/demo-v1/dcx/tok-1/json/1", BATCH).await;
+    assert_eq!(p.topic, "kp1/demo-v1/dcx/tok-1/json/1/error");
+    assert!(std::str::from_utf8(&p.payload).expect("utf8").contains("504"), "{p:?}");
+    assert!(started.elapsed() >= Duration::from_millis(600));
+
+    // Both answer 200: the device hears 200.
+    let archive = tokio::spawn(receiver(nats.url(), "archive", 200));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let p = rumqttc_request(fg.mqtt, None, "kp1/demo-v1/dcx/tok-1/json/2", BATCH).await;
+    assert_eq!(p.topic, "kp1/demo-v1/dcx/tok-1/json/2/status");
+    archive.abort();
+
+    // A receiver that fails passes its status on.
+    let failing = tokio::spawn(receiver(nats.url(), "archive", 507));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let p = rumqttc_request(fg.mqtt, None, "kp1/demo-v1/dcx/tok-1/json/3", BATCH).await;
+    assert_eq!(p.topic, "kp1/demo-v1/dcx/tok-1/json/3/error");
+    let body: serde_json::Value = serde_json::from_slice(&p.payload).expect("json");
+    assert_eq!(body["statusCode"], 507);
+    failing.abort();
+    epts.abort();
+}
+
+/// When NATS stops reading, the gateway stops acknowledging (and reading) instead of buffering
+/// without limit; when NATS resumes, everything goes through.
+#[tokio::test]
+async fn a_stalled_nats_slows_devices_down() {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    const N: usize = 4000;
+    let nats = NatsServer::start();
+    let env = with_nats(&nats, &[("FLEETGATE_NATS_PUBLISH_CAPACITY", "16".into())]);
+    let fg = Fleetgate::start("up", &env);
+    // Validate the token and connect while NATS still answers: only publishing is tested here.
+    rumqttc_request(fg.mqtt, None, TOPIC, BATCH).await;
+    let mut options = MqttOptions::new("stall", "127.0.0.1", fg.mqtt.port());
+    options.set_inflight(1000).set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut events) = AsyncClient::new(options, 100);
+    loop {
+        if let Event::Incoming(Packet::ConnAck(_)) = events.poll().await.expect("connects") {
+            break;
+        }
+    }
+    let payload = format!("[\"{}\"]", "x".repeat(16 * 1024));
+    nats.freeze(true);
+    let publisher = tokio::spawn(async move {
+        for _ in 0..N {
+            // No request id: only the PUBACK tells that the gateway took the message.
+            let topic = "kp1/demo-v1/dcx/tok-1/json";
+            client.publish(topic, QoS::AtLeastOnce, false, payload.clone()).await.expect("queue");
+        }
+        client
+    });
+    let mut acked = 0;
+    let count_acks = |acked: &mut usize, event| {
+        if let Event::Incoming(Packet::PubAck(_)) = event {
+            *acked += 1;
+        }
+    };
+    let stall = tokio::time::Instant::now() + Duration::from_secs(3);
+    while let Ok(event) = tokio::time::timeout_at(stall, events.poll()).await {
+        count_acks(&mut acked, event.expect("connected"));
+    }
+    let acked_while_frozen = acked;
+    assert!(acked_while_frozen > 0, "publishing went on while the socket to NATS had room");
+    assert!(
+        acked_while_frozen < N / 2,
+        "{acked_while_frozen} of {N} acknowledged while NATS was frozen"
+    );
+    nats.freeze(false);
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while acked < N {
+            count_acks(&mut acked, events.poll().await.expect("connected"));
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("only {acked} of {N} acknowledged after NATS resumed"));
+    let _client = publisher.await.expect("publisher");
+    eprintln!("acknowledged while frozen: {acked_while_frozen} of {N}");
+}
+
+/// A NATS restart: readiness fails while the bus is down and requests succeed again after.
+#[tokio::test]
+async fn survives_a_nats_restart() {
+    let mut nats = NatsServer::start();
+    let fg = Fleetgate::start("up", &with_nats(&nats, &[]));
+    let p = rumqttc_request(fg.mqtt, None, TOPIC, BATCH).await;
+    assert!(p.topic.ends_with("/status"));
+    nats.kill();
+    fleetgate_testkit::eventually("/readyz to fail", Duration::from_secs(10), || {
+        (support::http_get(fg.admin, "/readyz")?.0 == 503).then_some(())
+    })
+    .await;
+    nats.restart();
+    fleetgate_testkit::eventually("/readyz to recover", Duration::from_secs(20), || {
+        (support::http_get(fg.admin, "/readyz")?.0 == 200).then_some(())
+    })
+    .await;
+    let p = rumqttc_request(fg.mqtt, None, TOPIC, BATCH).await;
+    assert!(p.topic.ends_with("/status"), "{p:?}");
+}

@@ -116,6 +116,15 @@ impl NatsServer {
         }
     }
 
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) the server: a NATS that stops reading, so that
+    /// publishers fill their buffers.
+    pub fn freeze(&self, frozen: bool) {
+        if let Some(child) = &self.child {
+            let signal = if frozen { "-STOP" } else { "-CONT" };
+            let _ = Command::new("kill").args([signal, &child.id().to_string()]).status();
+        }
+    }
+
     /// Kills the server and starts a new one on the same port.
     pub fn restart(&mut self) {
         self.kill();

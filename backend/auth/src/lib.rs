@@ -171,6 +171,12 @@ async fn answer<B: Bus>(
         tracing::warn!(subject = %msg.subject, "16/ECAP request without reply subject dropped");
         return;
     };
+    if let Some(header) = fleetgate_messages::ism_header(&msg.payload)
+        && fleetgate_bus::is_expired(header.timestamp_ms, header.timeout_ms)
+    {
+        tracing::debug!(correlation_id = header.correlation_id, "expired 16/ECAP request dropped");
+        return;
+    }
     let Some(response) = respond(&msg.payload) else {
         return;
     };

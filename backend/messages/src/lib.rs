@@ -83,6 +83,25 @@ pub fn correlation_id(payload: &[u8]) -> Option<&str> {
     avro::Reader::new(payload).str(header::CORRELATION_ID).ok()
 }
 
+/// The 3/ISM common fields every record here opens with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IsmHeader<'a> {
+    /// `correlationId`.
+    pub correlation_id: &'a str,
+    /// `timestamp`, Unix milliseconds.
+    pub timestamp_ms: i64,
+    /// `timeout`, milliseconds after `timestamp`; 0 = never.
+    pub timeout_ms: i64,
+}
+
+/// Reads the 3/ISM common fields of any record here without decoding the rest, e.g. to drop
+/// an expired request before doing any work for it.
+pub fn ism_header(payload: &[u8]) -> Option<IsmHeader<'_>> {
+    let (correlation_id, timestamp_ms, timeout_ms) =
+        header::read(&mut avro::Reader::new(payload)).ok()?;
+    Some(IsmHeader { correlation_id, timestamp_ms, timeout_ms })
+}
+
 /// The 3/ISM common fields that open every record here: `correlationId`, `timestamp`,
 /// `timeout`.
 pub(crate) mod header {
@@ -204,5 +223,29 @@ mod tests {
             err.to_string(),
             "malformed Avro message: field `correlationId` declares 2 bytes but only 1 remain"
         );
+    }
+}
+
+#[cfg(test)]
+mod header_tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_common_fields_of_any_record() {
+        let request = EndpointTokenValidationRequest {
+            correlation_id: "c9",
+            timestamp_ms: 1_700_000_000_000,
+            timeout_ms: 250,
+            app_name: "demo-v1",
+            token: "t",
+        };
+        let bytes = request.to_bytes();
+        let h = ism_header(&bytes).expect("header");
+        assert_eq!(
+            (h.correlation_id, h.timestamp_ms, h.timeout_ms),
+            ("c9", 1_700_000_000_000, 250)
+        );
+        assert_eq!(correlation_id(&bytes), Some("c9"));
+        assert_eq!(ism_header(&bytes[..3]), None);
     }
 }

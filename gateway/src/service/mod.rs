@@ -494,7 +494,8 @@ impl<B: Bus> KpHandler for Gateway<B> {
             return Err(KpError::new(u16::try_from(answer.status_code).unwrap_or(401), reason));
         }
         let session = SessionId(self.next_session.fetch_add(1, Ordering::Relaxed));
-        self.sessions.open(session, outbox, credentials.transport);
+        self.sessions.open(session, outbox);
+        tracing::debug!(session = session.0, transport = credentials.transport, peer = %credentials.peer, "session opened");
         self.metrics.sessions_opened.inc();
         Ok(ClientIdentity { session, client_id: answer.client_id.map(str::to_owned) })
     }

@@ -10,8 +10,6 @@ use super::sharded::Sharded;
 
 struct Session {
     outbox: Outbox,
-    #[allow(dead_code)] // kept for debugging and future per-transport limits
-    transport: &'static str,
     /// Endpoints used in this session: (endpoint id, app version, token).
     endpoints: Vec<(Arc<str>, Arc<str>, Arc<str>)>,
     /// Topic filters subscribed to: (token, filter).
@@ -50,10 +48,10 @@ pub(crate) struct Sessions {
 }
 
 impl Sessions {
-    pub(crate) fn open(&self, id: SessionId, outbox: Outbox, transport: &'static str) {
+    pub(crate) fn open(&self, id: SessionId, outbox: Outbox) {
         self.sessions
             .shard(&id)
-            .insert(id, Session { outbox, transport, endpoints: Vec::new(), filters: Vec::new() });
+            .insert(id, Session { outbox, endpoints: Vec::new(), filters: Vec::new() });
     }
 
     /// Records that `session` used `endpoint_id`. `Some(true)` the first time (a 9/ELCE
