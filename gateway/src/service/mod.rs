@@ -221,111 +221,42 @@ impl<B: Bus> Gateway<B> {
     /// Appends the Prometheus text exposition of the service's counters.
     pub fn render_metrics(&self, out: &mut String) {
         let m = &self.metrics;
-        let c = "counter";
-        write_metric(
-            out,
-            c,
-            "fleetgate_gateway_requests_total",
-            "1/KP requests received",
-            "",
-            m.requests.get(),
-        );
-        write_metric(
-            out,
-            c,
-            "fleetgate_gateway_requests_rejected_total",
-            "Requests refused before reaching an extension",
-            "",
-            m.rejected.get(),
-        );
-        write_metric(
-            out,
-            c,
-            "fleetgate_gateway_responses_total",
-            "Extension answers routed to the requesting session",
-            "",
-            m.responses.get(),
-        );
-        write_metric(
-            out,
-            c,
-            "fleetgate_gateway_pushes_total",
-            "Extension pushes routed to sessions",
-            "",
-            m.pushes.get(),
-        );
-        write_metric(
-            out,
-            c,
-            "fleetgate_gateway_subscriber_copies_total",
-            "Responses and pushes copied to subscribed sessions",
-            "",
-            m.copies.get(),
-        );
-        write_metric(
-            out,
-            c,
-            "fleetgate_gateway_request_timeouts_total",
-            "Requests an extension did not answer in time",
-            "",
-            m.timeouts.get(),
-        );
-        write_metric(
-            out,
-            c,
-            "fleetgate_gateway_undeliverable_total",
-            "Answers for sessions that have gone",
-            "",
-            m.undeliverable.get(),
-        );
-        write_metric(
-            out,
-            c,
-            "fleetgate_gateway_slow_sessions_closed_total",
-            "Sessions closed because their response queue was full",
-            "",
-            m.slow_sessions.get(),
-        );
-        write_metric(
-            out,
-            c,
-            "fleetgate_gateway_sessions_opened_total",
-            "Sessions opened",
-            "",
-            m.sessions_opened.get(),
-        );
-        write_metric(
-            out,
-            c,
-            "fleetgate_gateway_sessions_refused_total",
-            "Sessions refused by authentication",
-            "",
-            m.sessions_refused.get(),
-        );
-        write_metric(
-            out,
-            c,
-            "fleetgate_gateway_token_cache_misses_total",
-            "Token validations sent to the 16/ECAP provider",
-            "",
-            m.token_cache_misses.get(),
-        );
-        write_metric(
-            out,
-            "gauge",
-            "fleetgate_gateway_sessions_open",
-            "Sessions open",
-            "",
-            self.sessions.len(),
-        );
-        write_metric(
-            out,
-            "gauge",
-            "fleetgate_gateway_requests_pending",
-            "Requests awaiting an extension",
-            "",
-            self.pending.len(),
-        );
+        let counters = [
+            ("requests_total", "1/KP requests received", &m.requests),
+            (
+                "requests_rejected_total",
+                "Requests refused before reaching an extension",
+                &m.rejected,
+            ),
+            ("responses_total", "Extension answers routed to the requesting session", &m.responses),
+            ("pushes_total", "Extension pushes routed to sessions", &m.pushes),
+            ("subscriber_copies_total", "Responses and pushes copied to subscribers", &m.copies),
+            ("request_timeouts_total", "Requests an extension did not answer in time", &m.timeouts),
+            ("undeliverable_total", "Answers for sessions that have gone", &m.undeliverable),
+            ("slow_sessions_closed_total", "Sessions closed for not reading", &m.slow_sessions),
+            ("sessions_opened_total", "Sessions opened", &m.sessions_opened),
+            ("sessions_refused_total", "Sessions refused by authentication", &m.sessions_refused),
+            (
+                "token_cache_misses_total",
+                "Token validations sent to 16/ECAP",
+                &m.token_cache_misses,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            let name = format!("fleetgate_gateway_{name}");
+            write_metric(out, "counter", &name, help, "", counter.get());
+        }
+        let gauges = [
+            ("fleetgate_gateway_sessions_open", "Sessions open", self.sessions.len()),
+            (
+                "fleetgate_gateway_requests_pending",
+                "Requests awaiting an extension",
+                self.pending.len(),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            write_metric(out, "gauge", name, help, "", value);
+        }
     }
 
     fn new_correlation_id(&self) -> (u64, String) {
@@ -376,7 +307,7 @@ impl<B: Bus> Gateway<B> {
         {
             let response = KpResponse {
                 base: pending.base,
-                request_id: Some(pending.request_id),
+                request_id: pending.request_id,
                 tag: pending.tag,
                 outcome,
             };
@@ -598,6 +529,14 @@ impl<B: Bus> Gateway<B> {
             Some(false) => {}
         }
         let (n, correlation_id) = self.new_correlation_id();
+        // Without a request id the extension answers only errors, unless the transport needs
+        // an answer: then the extension sees this replica's own (positive, 31-bit) id.
+        let path_id = topic.request_id();
+        let esp_request_id = match path_id {
+            Some(id) => i32::try_from(id).ok(),
+            None if request.wants_answer => Some(i32::try_from(n % 0x7fff_ffff + 1).unwrap_or(1)),
+            None => None,
+        };
         let data = ClientData {
             correlation_id: &correlation_id,
             timestamp_ms: now_ms(),
@@ -605,16 +544,16 @@ impl<B: Bus> Gateway<B> {
             app_version_name: app_version,
             endpoint_id: Some(&endpoint_id),
             resource_path,
-            request_id: topic.request_id().and_then(|id| i32::try_from(id).ok()),
+            request_id: esp_request_id,
             payload: &request.payload,
             config_name: None,
         };
-        if let Some(request_id) = topic.request_id() {
+        if esp_request_id.is_some() {
             let deadline = Instant::now() + Duration::from_millis(self.config.request_timeout_ms);
-            self.pending.insert(
-                n,
-                Pending { session, base: topic.base(), request_id, tag: request.tag, deadline },
-            );
+            let base = topic.base();
+            let pending =
+                Pending { session, base, request_id: path_id, tag: request.tag, deadline };
+            self.pending.insert(n, pending);
         }
         let published = self
             .bus
@@ -697,7 +636,7 @@ async fn expire_requests<B: Bus>(gateway: Weak<Gateway<B>>, mut shutdown: watch:
             gateway.metrics.timeouts.inc();
             let response = KpResponse {
                 base: pending.base,
-                request_id: Some(pending.request_id),
+                request_id: pending.request_id,
                 tag: pending.tag,
                 outcome: KpOutcome::Error(KpError::timeout(reason.clone())),
             };

@@ -14,7 +14,9 @@ pub(crate) struct Pending {
     pub(crate) session: SessionId,
     /// The request's path without request id: where the answer goes.
     pub(crate) base: Bytes,
-    pub(crate) request_id: u32,
+    /// The request id from the path; `None` when the transport asked for an answer to a
+    /// request without one.
+    pub(crate) request_id: Option<u32>,
     pub(crate) tag: u64,
     pub(crate) deadline: Instant,
 }
@@ -86,7 +88,7 @@ mod tests {
     use super::*;
 
     fn pending(deadline: Instant) -> Pending {
-        Pending { session: SessionId(1), base: Bytes::new(), request_id: 1, tag: 0, deadline }
+        Pending { session: SessionId(1), base: Bytes::new(), request_id: Some(1), tag: 0, deadline }
     }
 
     #[test]

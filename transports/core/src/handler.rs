@@ -47,6 +47,11 @@ pub struct KpRequest {
     /// An opaque value the transport chooses; the response to this request carries it back (a
     /// CoAP transport keeps its exchange there; MQTT does not need it).
     pub tag: u64,
+    /// The transport must answer this request even when its path has no request id (an HTTP
+    /// request, a confirmable CoAP request): the gateway then asks the extension for an answer
+    /// as if the path had one, and responds with `request_id: None`. MQTT leaves it false:
+    /// there, a request without id gets no success response (1/KP).
+    pub wants_answer: bool,
 }
 
 /// What happened to a request, or what an extension pushed.

@@ -6,6 +6,8 @@
 //! ([`KpTopic`], DESIGN decisions 1 and 6), the status codes of DESIGN decision 3 and the 1/KP
 //! error body. It knows nothing of sockets, the bus or any extension's payloads.
 
+#[cfg(feature = "compliance")]
+pub mod compliance;
 mod handler;
 pub mod metrics;
 mod status;

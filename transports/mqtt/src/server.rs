@@ -105,74 +105,49 @@ pub struct MqttMetrics {
 impl MqttMetrics {
     /// Appends the Prometheus text exposition.
     pub fn render(&self, out: &mut String) {
-        let l = "{transport=\"mqtt\"}";
-        let c = "counter";
-        write_metric(
-            out,
-            c,
-            "fleetgate_transport_connections_accepted_total",
-            "Connections accepted",
-            l,
-            self.connections_accepted.get(),
-        );
+        let counters = [
+            ("connections_accepted_total", "Connections accepted", &self.connections_accepted),
+            (
+                "connections_refused_total",
+                "Connections refused at CONNECT",
+                &self.connections_refused,
+            ),
+            ("messages_received_total", "Messages received from devices", &self.messages_received),
+            ("messages_sent_total", "Responses and pushes sent to devices", &self.messages_sent),
+            (
+                "messages_too_large_total",
+                "Responses over the client's maximum packet size",
+                &self.messages_too_large,
+            ),
+            (
+                "protocol_errors_total",
+                "Connections closed for malformed packets",
+                &self.protocol_errors,
+            ),
+            (
+                "keep_alive_timeouts_total",
+                "Connections closed for keep-alive timeout",
+                &self.keep_alive_timeouts,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            let name = format!("fleetgate_transport_{name}");
+            write_metric(out, "counter", &name, help, LABELS, counter.get());
+        }
+        let open = self.connections_open.get();
         write_metric(
             out,
             "gauge",
             "fleetgate_transport_connections_open",
             "Connections open",
-            l,
-            self.connections_open.get(),
-        );
-        write_metric(
-            out,
-            c,
-            "fleetgate_transport_connections_refused_total",
-            "Connections refused at CONNECT",
-            l,
-            self.connections_refused.get(),
-        );
-        write_metric(
-            out,
-            c,
-            "fleetgate_transport_messages_received_total",
-            "Messages received from devices",
-            l,
-            self.messages_received.get(),
-        );
-        write_metric(
-            out,
-            c,
-            "fleetgate_transport_messages_sent_total",
-            "Responses and pushes sent to devices",
-            l,
-            self.messages_sent.get(),
-        );
-        write_metric(
-            out,
-            c,
-            "fleetgate_transport_messages_too_large_total",
-            "Responses dropped for exceeding the client's maximum packet size",
-            l,
-            self.messages_too_large.get(),
-        );
-        write_metric(
-            out,
-            c,
-            "fleetgate_transport_protocol_errors_total",
-            "Connections closed for malformed packets or protocol violations",
-            l,
-            self.protocol_errors.get(),
-        );
-        write_metric(
-            out,
-            c,
-            "fleetgate_transport_keep_alive_timeouts_total",
-            "Connections closed for keep-alive timeout",
-            l,
-            self.keep_alive_timeouts.get(),
+            LABELS,
+            open,
         );
     }
 }
+
+/// Labels of every MQTT transport metric.
+const LABELS: &str = "{transport=\"mqtt\"}";
 
 /// The MQTT transport, bound and ready to serve.
 pub struct MqttTransport {
@@ -598,7 +573,12 @@ impl<H: KpHandler> Connection<H> {
         let tag = 1 + publish.qos as u64;
         match KpTopic::parse(topic.clone()) {
             Ok(topic) => {
-                let request = KpRequest { topic: topic.clone(), payload: publish.payload, tag };
+                let request = KpRequest {
+                    topic: topic.clone(),
+                    payload: publish.payload,
+                    tag,
+                    wants_answer: false,
+                };
                 if let Err(e) = self.handler.handle(self.session_id(), request).await {
                     let response = KpResponse {
                         base: topic.base(),
