@@ -91,12 +91,12 @@ pub async fn run(role: Role, config: Config) -> Result<(), StartError> {
     run_until(role, config, wait_for_signal()).await
 }
 
-/// Runs `role` with `config` until `stop` resolves, then drains and stops: `run` for tests and
+/// Runs `role` with `config` until `until` resolves, then drains and stops: `run` for tests and
 /// tools that host fleetgate in their own process.
 pub async fn run_until(
     role: Role,
     config: Config,
-    stop: impl std::future::Future<Output = ()>,
+    until: impl std::future::Future<Output = ()>,
 ) -> Result<(), StartError> {
     let (stop_tx, stop) = watch::channel(false);
     let bus = connect_bus(role, &config).await?;
@@ -166,7 +166,7 @@ pub async fn run_until(
     state.ready.store(true, Ordering::Relaxed);
     tracing::info!(role = role.name(), bus = bus.kind(), "fleetgate ready");
 
-    stop.await;
+    until.await;
     tracing::info!("stopping: draining requests in flight");
     state.ready.store(false, Ordering::Relaxed);
     if let Some(gateway) = &gateway {
