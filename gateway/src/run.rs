@@ -9,7 +9,9 @@ use std::time::Duration;
 use fleetgate_auth::{AuthConfig, AuthProvider, EndpointEntry};
 use fleetgate_bus::{AnyBus, Bus, InProcessBus, NatsBus, NatsOptions};
 use fleetgate_dcx::Dcx;
+use fleetgate_transport_coap::CoapTransport;
 use fleetgate_transport_core::Transport;
+use fleetgate_transport_http::HttpTransport;
 use fleetgate_transport_mqtt::server::MqttTransport;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -107,14 +109,29 @@ pub async fn run_until(
         false => None,
     };
     let serves_devices = matches!(role, Role::Up | Role::Gateway);
-    let mqtt = match serves_devices && config.transports.mqtt.enabled {
-        true => Some(MqttTransport::bind(config.transports.mqtt.clone()).map_err(|source| {
-            StartError::Bind {
-                setting: "transports.mqtt.listen",
-                addr: config.transports.mqtt.listen,
-                source,
-            }
-        })?),
+    let transports = &config.transports;
+    let bind_error = |setting: &'static str, addr: SocketAddr| {
+        move |source| StartError::Bind { setting, addr, source }
+    };
+    let mqtt = match serves_devices && transports.mqtt.enabled {
+        true => Some(
+            MqttTransport::bind(transports.mqtt.clone())
+                .map_err(bind_error("transports.mqtt.listen", transports.mqtt.listen))?,
+        ),
+        false => None,
+    };
+    let coap = match serves_devices && transports.coap.enabled {
+        true => Some(
+            CoapTransport::bind(transports.coap.clone())
+                .map_err(bind_error("transports.coap.listen", transports.coap.listen))?,
+        ),
+        false => None,
+    };
+    let http = match serves_devices && transports.http.enabled {
+        true => Some(
+            HttpTransport::bind(transports.http.clone())
+                .map_err(bind_error("transports.http.listen", transports.http.listen))?,
+        ),
         false => None,
     };
 
@@ -143,10 +160,19 @@ pub async fn run_until(
         let m = g.clone();
         metrics.push(Box::new(move |out| m.render_metrics(out)));
         if let Some(mqtt) = mqtt {
-            tracing::info!(listen = %mqtt.local_addr(), "mqtt transport listening");
             let m = mqtt.metrics();
             metrics.push(Box::new(move |out| m.render(out)));
-            services.push(tokio::spawn(mqtt.serve(g.clone(), stop.clone())));
+            services.push(serve(mqtt, &g, &stop));
+        }
+        if let Some(coap) = coap {
+            let m = coap.metrics();
+            metrics.push(Box::new(move |out| m.render(out)));
+            services.push(serve(coap, &g, &stop));
+        }
+        if let Some(http) = http {
+            let m = http.metrics();
+            metrics.push(Box::new(move |out| m.render(out)));
+            services.push(serve(http, &g, &stop));
         }
         gateway = Some(g);
     }
@@ -177,12 +203,24 @@ pub async fn run_until(
         }
     }
     let _ = stop_tx.send(true);
+    // Bounded, so that a bus that is gone (NATS down) cannot keep the process from exiting.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     for service in services {
-        let _ = tokio::time::timeout(Duration::from_secs(5), service).await;
+        let _ = tokio::time::timeout_at(deadline, service).await;
     }
-    let _ = bus.flush().await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), bus.flush()).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Serves devices on `transport` until `stop`.
+fn serve<T: Transport>(
+    transport: T,
+    gateway: &Arc<Gateway<AnyBus>>,
+    stop: &watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<()> {
+    tracing::info!(listen = %transport.local_addr(), "{} transport listening", transport.name());
+    tokio::spawn(transport.serve(gateway.clone(), stop.clone()))
 }
 
 async fn connect_bus(role: Role, config: &Config) -> Result<AnyBus, StartError> {

@@ -347,3 +347,14 @@ async fn survives_a_nats_restart() {
     let p = rumqttc_request(fg.mqtt, None, TOPIC, BATCH).await;
     assert!(p.topic.ends_with("/status"), "{p:?}");
 }
+
+/// SIGTERM stops the process even when NATS is already gone.
+#[tokio::test]
+async fn stops_on_sigterm_without_nats() {
+    let mut nats = NatsServer::start();
+    let mut fg = Fleetgate::start("up", &with_nats(&nats, &[]));
+    nats.kill();
+    let started = std::time::Instant::now();
+    assert_eq!(fg.terminate(), Some(0));
+    assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
+}

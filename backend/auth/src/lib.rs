@@ -2,7 +2,8 @@
 //!
 //! Answers `ep-token-request` from the endpoints listed in `auth.endpoints` (or, with
 //! `auth.auto_register`, makes any token an endpoint: for load tests), and
-//! `client-username-password-request` from `auth.clients` (anonymous clients are let in when
+//! `client-username-password-request` from `auth.clients` and `auth.bearer_tokens` (a password
+//! without a user name is a bearer token; clients with no credentials at all are let in when
 //! `auth.allow_anonymous`). fleetgate passes the app version name as the 16/ECAP `appName`, so a
 //! token belongs to one app version.
 //!
@@ -34,8 +35,21 @@ pub struct AuthConfig {
     pub endpoints: Vec<EndpointEntry>,
     /// Known clients (MQTT user names and passwords).
     pub clients: Vec<ClientEntry>,
-    /// Whether a client that presents no user name may connect.
+    /// Bearer tokens (HTTP `Authorization: Bearer`), passed to the provider as a password
+    /// without a user name.
+    pub bearer_tokens: Vec<BearerEntry>,
+    /// Whether a client that presents no credentials at all may connect.
     pub allow_anonymous: bool,
+}
+
+/// A bearer token credential.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BearerEntry {
+    /// The token clients present.
+    pub token: String,
+    /// Client id reported to the gateway.
+    pub client_id: String,
 }
 
 impl Default for AuthConfig {
@@ -45,6 +59,7 @@ impl Default for AuthConfig {
             auto_register: false,
             endpoints: Vec::new(),
             clients: Vec::new(),
+            bearer_tokens: Vec::new(),
             allow_anonymous: true,
         }
     }
@@ -102,6 +117,7 @@ pub struct AuthProvider {
 struct Directory {
     auto_register: bool,
     allow_anonymous: bool,
+    bearer_tokens: Vec<BearerEntry>,
     endpoints: HashMap<(String, String), String>,
     clients: HashMap<String, ClientEntry>,
 }
@@ -132,6 +148,7 @@ impl AuthProvider {
         let directory = Arc::new(Directory {
             auto_register: config.auto_register,
             allow_anonymous: config.allow_anonymous,
+            bearer_tokens: config.bearer_tokens.clone(),
             endpoints,
             clients: config.clients.iter().map(|c| (c.username.clone(), c.clone())).collect(),
         });
@@ -215,10 +232,21 @@ impl Directory {
         let request = ClientUsernamePasswordValidationRequest::decode(payload)
             .inspect_err(|e| tracing::warn!(error = %e, "undecodable password request dropped"))
             .ok()?;
-        let (status, client_id, reason) = match request.username {
-            None if self.allow_anonymous => (200, None, None),
-            None => (401, None, Some("user name required")),
-            Some(user) => match self.clients.get(user) {
+        let (status, client_id, reason) = match (request.username, request.password) {
+            // A password without a user name is a bearer token (HTTP `Authorization: Bearer`).
+            (None, Some(token)) => {
+                match self
+                    .bearer_tokens
+                    .iter()
+                    .find(|b| constant_time_eq(b.token.as_bytes(), token.as_bytes()))
+                {
+                    Some(b) => (200, Some(b.client_id.clone()), None),
+                    None => (401, None, Some("unknown bearer token")),
+                }
+            }
+            (None, None) if self.allow_anonymous => (200, None, None),
+            (None, None) => (401, None, Some("user name required")),
+            (Some(user), _) => match self.clients.get(user) {
                 Some(c)
                     if constant_time_eq(
                         c.password.as_bytes(),
@@ -349,6 +377,7 @@ mod tests {
         let d = Directory {
             auto_register: false,
             allow_anonymous: false,
+            bearer_tokens: vec![BearerEntry { token: "t0k".into(), client_id: "svc".into() }],
             endpoints: HashMap::new(),
             clients: [(
                 "dev".to_owned(),
@@ -373,5 +402,7 @@ mod tests {
         assert_eq!(check(Some("dev"), Some("px")), (401, None));
         assert_eq!(check(Some("who"), Some("pw")), (401, None));
         assert_eq!(check(None, None), (401, None));
+        assert_eq!(check(None, Some("t0k")), (200, Some("svc".into())));
+        assert_eq!(check(None, Some("nope")), (401, None));
     }
 }

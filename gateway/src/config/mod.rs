@@ -7,6 +7,8 @@ use std::net::SocketAddr;
 
 use fleetgate_auth::AuthConfig;
 use fleetgate_dcx::DcxConfig;
+use fleetgate_transport_coap::CoapConfig;
+use fleetgate_transport_http::HttpConfig;
 use fleetgate_transport_mqtt::server::MqttConfig;
 use serde::{Deserialize, Serialize};
 
@@ -95,6 +97,10 @@ impl Default for AdminConfig {
 pub struct TransportsConfig {
     /// MQTT 3.1.1 and 5.0 over TCP.
     pub mqtt: MqttConfig,
+    /// CoAP over UDP.
+    pub coap: CoapConfig,
+    /// HTTP/1.1 and h2c.
+    pub http: HttpConfig,
 }
 
 /// `process.*`.

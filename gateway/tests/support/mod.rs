@@ -17,6 +17,9 @@ pub struct Fleetgate {
     child: Option<Child>,
     pub mqtt: SocketAddr,
     pub admin: SocketAddr,
+    /// CoAP (UDP) and HTTP listeners, on free ports unless `env` chose others.
+    pub coap: SocketAddr,
+    pub http: SocketAddr,
     log: PathBuf,
 }
 
@@ -33,6 +36,8 @@ impl Fleetgate {
     pub fn spawn(command: &str, env: &[(&str, String)]) -> Self {
         let mqtt = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let coap = SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
+        let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let log = std::env::temp_dir().join(format!(
             "fleetgate-test-{}-{}.log",
             std::process::id(),
@@ -43,6 +48,8 @@ impl Fleetgate {
             .env_remove("FLEETGATE_CONFIG")
             .env("FLEETGATE_TRANSPORTS_MQTT_LISTEN", mqtt.to_string())
             .env("FLEETGATE_ADMIN_LISTEN", admin.to_string())
+            .env("FLEETGATE_TRANSPORTS_COAP_LISTEN", coap.to_string())
+            .env("FLEETGATE_TRANSPORTS_HTTP_LISTEN", http.to_string())
             .env("RUST_LOG", "info,fleetgate=debug")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"));
@@ -50,7 +57,7 @@ impl Fleetgate {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("spawn fleetgate");
-        Self { child: Some(child), mqtt, admin, log }
+        Self { child: Some(child), mqtt, admin, coap, http, log }
     }
 
     pub fn wait_ready(&mut self) {
@@ -118,6 +125,14 @@ impl Drop for Fleetgate {
             eprintln!("--- fleetgate log ({}) ---\n{}", self.log.display(), self.log());
         }
     }
+}
+
+/// A UDP port on 127.0.0.1 that was free a moment ago.
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("no free UDP port on 127.0.0.1")
 }
 
 /// A minimal HTTP/1.1 GET: (status, body).

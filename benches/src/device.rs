@@ -1,0 +1,510 @@
+//! One simulated device: its own TCP connection (bound to a chosen source address), an MQTT
+//! session on fleetgate's sans-IO codec, and the 1/KP data-collection topic of its token.
+//!
+//! Sending never waits: [`Device::publish`] encodes into the connection's outbox and writes
+//! what the socket takes right now; what it does not take stays in the outbox (bounded) for
+//! the next attempt. A reader task per connection ([`Device::read_loop`]) takes PUBACKs,
+//! `/status` and `/error` responses, acknowledges QoS 1 responses, and keeps the session alive
+//! with PINGREQ.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use fleetgate_transport_mqtt::codec::{
+    Codec, Connect, Disconnect, Packet, ProtocolVersion, PubAck, PublishHeader, QoS, ReasonCode,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::stats::RunCounters;
+
+/// Largest packet accepted from the server.
+const MAX_INBOUND: u32 = 1 << 20;
+/// Read buffer growth step: small, because idle runs hold ~17,000 connections per process.
+const READ_CHUNK: usize = 512;
+
+/// How every device of a run connects.
+#[derive(Debug, Clone)]
+pub struct DeviceOptions {
+    /// The MQTT server.
+    pub target: SocketAddr,
+    /// MQTT 3.1.1 or 5.
+    pub version: ProtocolVersion,
+    /// Keep Alive asked for in CONNECT; PINGREQ goes out every ¾ of it. 0: no keep-alive.
+    pub keep_alive_secs: u16,
+    /// TCP connect plus CONNACK must finish within this.
+    pub connect_timeout: Duration,
+    /// The 1/KP application version in the topic.
+    pub app_version: String,
+    /// QoS 1 messages a connection may have unacknowledged (lowered to the server's Receive
+    /// Maximum in MQTT 5).
+    pub window: u32,
+    /// Unwritten bytes a connection may hold before further messages are dropped as
+    /// backpressure.
+    pub max_buffer_bytes: usize,
+}
+
+/// Why a device could not connect.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The source address could not be bound (not a local address, or out of ports).
+    #[error("cannot bind source address {0}: {1}")]
+    Bind(SocketAddr, io::Error),
+    /// TCP connect failed.
+    #[error("TCP connect: {0}")]
+    Tcp(io::Error),
+    /// No CONNACK in time.
+    #[error("no CONNACK within the connect timeout")]
+    Timeout,
+    /// The server refused the session.
+    #[error("CONNACK refused: {0:?}")]
+    Refused(ReasonCode),
+    /// The server closed the connection, or sent something other than CONNACK.
+    #[error("{0}")]
+    Protocol(String),
+}
+
+/// What became of one message handed to [`Device::publish`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SendOutcome {
+    /// Encoded and written; `pending` when part of it is still in the outbox.
+    Sent {
+        /// Bytes are left to write: call [`Device::flush`] later.
+        pending: bool,
+    },
+    /// QoS 1 in-flight window full: not sent.
+    WindowFull,
+    /// Outbox over its bound: not sent.
+    BufferFull,
+    /// The connection is closed: not sent.
+    Closed,
+}
+
+struct Outbox {
+    buf: BytesMut,
+    next_packet_id: u16,
+    next_request_id: u32,
+}
+
+/// A connected device.
+pub struct Device {
+    stream: TcpStream,
+    codec: Codec,
+    topic: Bytes,
+    out: Mutex<Outbox>,
+    inflight: AtomicU32,
+    window: u32,
+    max_buffer: usize,
+    keep_alive_secs: u16,
+    open: AtomicBool,
+    stopping: AtomicBool,
+    counters: Arc<RunCounters>,
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Device")
+            .field("topic", &String::from_utf8_lossy(&self.topic))
+            .field("open", &self.open.load(Ordering::Relaxed))
+            .finish_non_exhaustive()
+    }
+}
+
+/// A connected device and what its reader needs: bytes read after CONNACK, and the codec.
+pub struct Connected {
+    /// The device, shared by its sender and its reader.
+    pub device: Arc<Device>,
+    read: BytesMut,
+    codec: Codec,
+}
+
+impl Connected {
+    /// Starts the reader task of this device; it runs until `stop` turns true or the
+    /// connection closes.
+    pub fn spawn_reader(self, stop: watch::Receiver<bool>) -> tokio::task::JoinHandle<()> {
+        let device = self.device.clone();
+        tokio::spawn(device.read_loop(self.read, self.codec, stop))
+    }
+}
+
+/// The 1/KP data-collection topic of a token: `kp1/<app version>/dcx/<token>/json`.
+pub fn data_topic(app_version: &str, token: &str) -> String {
+    format!("kp1/{app_version}/dcx/{token}/json")
+}
+
+/// Opens a TCP connection from `source` (port chosen by the kernel) to `target`, bound with
+/// socket2 before connecting, so that many source addresses multiply the ephemeral ports.
+pub async fn tcp_connect(
+    target: SocketAddr,
+    source: Option<IpAddr>,
+) -> Result<TcpStream, ConnectError> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(target), Type::STREAM, Some(Protocol::TCP))
+        .map_err(ConnectError::Tcp)?;
+    socket.set_nonblocking(true).map_err(ConnectError::Tcp)?;
+    if let Some(ip) = source {
+        let addr = SocketAddr::new(ip, 0);
+        socket.bind(&addr.into()).map_err(|e| ConnectError::Bind(addr, e))?;
+    }
+    let std_stream: std::net::TcpStream = socket.into();
+    let stream =
+        TcpSocket::from_std_stream(std_stream).connect(target).await.map_err(ConnectError::Tcp)?;
+    stream.set_nodelay(true).map_err(ConnectError::Tcp)?;
+    Ok(stream)
+}
+
+/// Connects one device: TCP, CONNECT with the token as client id, CONNACK.
+pub async fn connect(
+    opts: &DeviceOptions,
+    source: Option<IpAddr>,
+    token: &str,
+    counters: Arc<RunCounters>,
+) -> Result<Connected, ConnectError> {
+    let work = async {
+        let mut stream = tcp_connect(opts.target, source).await?;
+        let mut codec = Codec::new(MAX_INBOUND);
+        codec.set_version(opts.version);
+        let connect = Connect {
+            protocol_version: opts.version,
+            clean_start: true,
+            keep_alive_secs: opts.keep_alive_secs,
+            client_id: Bytes::copy_from_slice(token.as_bytes()),
+            will: None,
+            username: None,
+            password: None,
+            properties: Default::default(),
+        };
+        let mut out = BytesMut::new();
+        codec
+            .encode(&Packet::Connect(Box::new(connect)), &mut out)
+            .map_err(|e| ConnectError::Protocol(format!("encoding CONNECT: {e}")))?;
+        stream.write_all(&out).await.map_err(ConnectError::Tcp)?;
+        let mut read = BytesMut::with_capacity(READ_CHUNK);
+        let connack = loop {
+            match codec.decode(&mut read) {
+                Ok(Some(Packet::ConnAck(c))) => break c,
+                Ok(Some(other)) => {
+                    return Err(ConnectError::Protocol(format!(
+                        "expected CONNACK, got {}",
+                        packet_name(&other)
+                    )));
+                }
+                Ok(None) => {}
+                Err(e) => return Err(ConnectError::Protocol(format!("bad CONNACK: {e}"))),
+            }
+            if stream.read_buf(&mut read).await.map_err(ConnectError::Tcp)? == 0 {
+                return Err(ConnectError::Protocol("closed before CONNACK".into()));
+            }
+        };
+        if connack.reason_code.is_error() {
+            return Err(ConnectError::Refused(connack.reason_code));
+        }
+        let window = match connack.properties.receive_maximum {
+            Some(rm) => opts.window.min(u32::from(rm)),
+            None => opts.window,
+        };
+        if let Some(max) = connack.properties.maximum_packet_size {
+            codec.set_max_outbound_packet_size(max);
+        }
+        Ok((stream, codec, read, window))
+    };
+    let (stream, codec, read, window) = tokio::time::timeout(opts.connect_timeout, work)
+        .await
+        .map_err(|_| ConnectError::Timeout)??;
+    counters.connections_open.fetch_add(1, Ordering::Relaxed);
+    let device = Arc::new(Device {
+        stream,
+        codec: codec.clone(),
+        topic: Bytes::from(data_topic(&opts.app_version, token)),
+        out: Mutex::new(Outbox { buf: BytesMut::new(), next_packet_id: 1, next_request_id: 1 }),
+        inflight: AtomicU32::new(0),
+        window: window.max(1),
+        max_buffer: opts.max_buffer_bytes,
+        keep_alive_secs: opts.keep_alive_secs,
+        open: AtomicBool::new(true),
+        stopping: AtomicBool::new(false),
+        counters,
+    });
+    Ok(Connected { device, read, codec })
+}
+
+fn packet_name(p: &Packet) -> &'static str {
+    match p {
+        Packet::Connect(_) => "CONNECT",
+        Packet::ConnAck(_) => "CONNACK",
+        Packet::Publish(_) => "PUBLISH",
+        Packet::PubAck(_) => "PUBACK",
+        Packet::Disconnect(_) => "DISCONNECT",
+        _ => "another packet",
+    }
+}
+
+/// Writes `/<id>` as decimal into `buf`, returning its length.
+fn request_id_suffix(buf: &mut [u8; 11], mut id: u32) -> usize {
+    let mut digits = [0u8; 10];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (id % 10) as u8;
+        id /= 10;
+        if id == 0 {
+            break;
+        }
+    }
+    let n = digits.len() - i;
+    buf[0] = b'/';
+    buf[1..=n].copy_from_slice(&digits[i..]);
+    n + 1
+}
+
+impl Device {
+    /// The device's topic.
+    pub fn topic(&self) -> &[u8] {
+        &self.topic
+    }
+
+    /// Whether the connection is still open.
+    pub fn is_open(&self) -> bool {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// QoS 1 messages sent and not yet acknowledged.
+    pub fn inflight(&self) -> u32 {
+        self.inflight.load(Ordering::Relaxed)
+    }
+
+    /// The QoS 1 in-flight window in force.
+    pub fn window(&self) -> u32 {
+        self.window
+    }
+
+    /// Sends one data sample with `payload`, now, without waiting for anything.
+    pub fn publish(&self, qos: QoS, with_request_id: bool, payload: &[u8]) -> SendOutcome {
+        if !self.is_open() {
+            return SendOutcome::Closed;
+        }
+        let qos1 = qos != QoS::AtMostOnce;
+        if qos1 && self.inflight.load(Ordering::Relaxed) >= self.window {
+            return SendOutcome::WindowFull;
+        }
+        let Ok(mut guard) = self.out.lock() else {
+            return SendOutcome::Closed;
+        };
+        let out = &mut *guard;
+        if out.buf.len() >= self.max_buffer {
+            return SendOutcome::BufferFull;
+        }
+        let packet_id = qos1.then(|| {
+            let id = out.next_packet_id;
+            out.next_packet_id = id.checked_add(1).unwrap_or(1);
+            id
+        });
+        let header = PublishHeader { dup: false, qos, retain: false, packet_id };
+        let encoded = if with_request_id {
+            let id = out.next_request_id;
+            out.next_request_id = if id >= i32::MAX as u32 { 1 } else { id + 1 };
+            let mut suffix = [0u8; 11];
+            let n = request_id_suffix(&mut suffix, id);
+            self.codec.encode_publish_parts(
+                header,
+                &[&self.topic, &suffix[..n]],
+                None,
+                payload,
+                &mut out.buf,
+            )
+        } else {
+            self.codec.encode_publish_parts(header, &[&self.topic], None, payload, &mut out.buf)
+        };
+        if encoded.is_err() {
+            // Only a payload over the server's Maximum Packet Size gets here.
+            return SendOutcome::BufferFull;
+        }
+        if qos1 {
+            self.inflight.fetch_add(1, Ordering::Relaxed);
+        }
+        let pending = self.write_out(&mut out.buf);
+        SendOutcome::Sent { pending }
+    }
+
+    /// Writes what the socket takes of the outbox; `true` when bytes are left.
+    pub fn flush(&self) -> bool {
+        match self.out.lock() {
+            Ok(mut out) => self.write_out(&mut out.buf),
+            Err(_) => false,
+        }
+    }
+
+    fn write_out(&self, buf: &mut BytesMut) -> bool {
+        while !buf.is_empty() {
+            match self.stream.try_write(buf) {
+                Ok(0) => {
+                    buf.clear();
+                    self.mark_closed();
+                    return false;
+                }
+                Ok(n) => buf.advance(n),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(_) => {
+                    buf.clear();
+                    self.mark_closed();
+                    return false;
+                }
+            }
+        }
+        buf.clear();
+        false
+    }
+
+    /// Queues a control packet (PUBACK, PINGREQ, DISCONNECT) and writes what the socket takes;
+    /// `true` when bytes are left.
+    fn send_control(&self, packet: &Packet) -> bool {
+        let Ok(mut out) = self.out.lock() else {
+            return false;
+        };
+        if self.codec.encode(packet, &mut out.buf).is_err() {
+            return false;
+        }
+        self.write_out(&mut out.buf)
+    }
+
+    fn mark_closed(&self) {
+        if self.open.swap(false, Ordering::Relaxed) {
+            self.counters.connections_open.fetch_sub(1, Ordering::Relaxed);
+            if !self.stopping.load(Ordering::Relaxed) {
+                self.counters.connections_lost.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Handles one packet from the server; `true` when a reply is left unwritten.
+    fn handle(&self, packet: Packet) -> bool {
+        match packet {
+            Packet::PubAck(ack) => {
+                let _ = self.inflight.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    Some(n.saturating_sub(1))
+                });
+                let step = self.counters.current();
+                step.acked.fetch_add(1, Ordering::Relaxed);
+                if ack.reason_code.is_error() {
+                    step.ack_errors.fetch_add(1, Ordering::Relaxed);
+                }
+                false
+            }
+            Packet::Publish(p) => {
+                let step = self.counters.current();
+                if p.topic.ends_with(b"/status") {
+                    step.responded.fetch_add(1, Ordering::Relaxed);
+                } else if p.topic.ends_with(b"/error") {
+                    step.errors.fetch_add(1, Ordering::Relaxed);
+                }
+                match p.packet_id {
+                    Some(id) if p.qos == QoS::AtLeastOnce => {
+                        self.send_control(&Packet::PubAck(PubAck::new(id)))
+                    }
+                    _ => false,
+                }
+            }
+            Packet::Disconnect(_) => {
+                self.mark_closed();
+                false
+            }
+            _ => false,
+        }
+    }
+
+    /// The reader: runs until `stop` turns true (then sends DISCONNECT) or the connection
+    /// closes.
+    pub async fn read_loop(
+        self: Arc<Self>,
+        mut read: BytesMut,
+        mut codec: Codec,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let ping_every = (self.keep_alive_secs > 0)
+            .then(|| Duration::from_millis(u64::from(self.keep_alive_secs) * 750));
+        let mut next_ping = Instant::now() + ping_every.unwrap_or(Duration::from_secs(3600));
+        let mut want_write = false;
+        while self.is_open() && !*stop.borrow() {
+            loop {
+                match codec.decode(&mut read) {
+                    Ok(Some(p)) => want_write |= self.handle(p),
+                    Ok(None) => break,
+                    Err(_) => {
+                        self.mark_closed();
+                        return;
+                    }
+                }
+            }
+            if read.capacity() - read.len() < READ_CHUNK / 4 {
+                read.reserve(READ_CHUNK);
+            }
+            tokio::select! {
+                biased;
+                _ = stop.changed() => break,
+                r = self.stream.readable() => {
+                    if r.is_err() {
+                        self.mark_closed();
+                        return;
+                    }
+                    match self.stream.try_read_buf(&mut read) {
+                        Ok(0) => {
+                            self.mark_closed();
+                            return;
+                        }
+                        Ok(_) => {}
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(_) => {
+                            self.mark_closed();
+                            return;
+                        }
+                    }
+                }
+                r = self.stream.writable(), if want_write => {
+                    want_write = r.is_ok() && self.flush();
+                }
+                _ = tokio::time::sleep_until(next_ping), if ping_every.is_some() => {
+                    want_write |= self.send_control(&Packet::PingReq);
+                    next_ping = Instant::now() + ping_every.unwrap_or_default();
+                }
+            }
+        }
+        self.shutdown();
+    }
+
+    /// Sends DISCONNECT (best effort) and marks the connection closed without counting it as
+    /// lost.
+    pub fn shutdown(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+        if self.is_open() {
+            let _ = self.send_control(&Packet::Disconnect(Disconnect::normal()));
+            self.mark_closed();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_id_suffixes() {
+        let mut b = [0u8; 11];
+        let n = request_id_suffix(&mut b, 1);
+        assert_eq!(&b[..n], b"/1");
+        let n = request_id_suffix(&mut b, 2_147_483_647);
+        assert_eq!(&b[..n], b"/2147483647");
+        let n = request_id_suffix(&mut b, u32::MAX);
+        assert_eq!(&b[..n], b"/4294967295");
+    }
+
+    #[test]
+    fn topic_shape() {
+        assert_eq!(data_topic("demo-v1", "dev-000001"), "kp1/demo-v1/dcx/dev-000001/json");
+    }
+}

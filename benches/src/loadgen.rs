@@ -1,0 +1,1025 @@
+//! The fleet load generator: N simulated devices, each on its own MQTT connection, publishing
+//! 1/KP data samples at an open-loop offered rate in steps, with delivery counted at the far
+//! end (NATS for fleetgate, an MQTT subscriber for a broker). Also an idle mode that only
+//! holds connections, for memory-per-connection measurements.
+//!
+//! What it does not do: retransmit (a QoS 1 message whose window is full is dropped and
+//! counted as backpressure, never queued), QoS 2, TLS, or send anywhere but the loopback range
+//! unless told to.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use fleetgate_transport_mqtt::codec::{ProtocolVersion, QoS};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::device::{self, Device, DeviceOptions, SendOutcome};
+use crate::payload;
+use crate::procfs;
+use crate::report::{
+    ConnectSummary, IdleReport, LatencySummary, MsrCriteria, ProcessUsage, Report, Settings,
+    StepReport, msr,
+};
+use crate::schedule::{StepPlan, split_even};
+use crate::sink::{SinkTarget, SinkThread};
+use crate::stats::{DeliveryRecorder, LiveDelivery, RunCounters, StepCounts, latency_histogram};
+
+/// What the devices talk to, and so where delivery is counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Target {
+    /// fleetgate: delivery counted on NATS (`ClientData`), needs `--nats-url`.
+    Fleetgate,
+    /// Any MQTT broker: delivery counted by an MQTT subscriber on `kp1/#`.
+    Broker,
+}
+
+/// MQTT protocol version of the devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum MqttVersion {
+    /// MQTT 3.1.1.
+    #[value(name = "3.1.1", alias = "3", alias = "4")]
+    V311,
+    /// MQTT 5.0.
+    #[value(name = "5", alias = "5.0")]
+    V5,
+}
+
+impl MqttVersion {
+    fn codec(self) -> ProtocolVersion {
+        match self {
+            MqttVersion::V311 => ProtocolVersion::V311,
+            MqttVersion::V5 => ProtocolVersion::V5,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            MqttVersion::V311 => "3.1.1",
+            MqttVersion::V5 => "5",
+        }
+    }
+}
+
+/// Command-line settings of a load-generator run.
+#[derive(Debug, Clone, Args)]
+pub struct LoadgenArgs {
+    /// What the devices talk to.
+    #[arg(long, value_enum, default_value = "fleetgate")]
+    pub target: Target,
+    /// MQTT address of the system under test.
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    pub mqtt: SocketAddr,
+    /// NATS URL where fleetgate's ClientData is counted (`--target fleetgate`).
+    #[arg(long)]
+    pub nats_url: Option<String>,
+    /// MQTT version of the devices.
+    #[arg(long, value_enum, default_value = "3.1.1")]
+    pub mqtt_version: MqttVersion,
+    /// QoS of the data samples: 0 or 1.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
+    pub qos: u8,
+    /// Simulated devices, one TCP connection each.
+    #[arg(long, default_value_t = 1000)]
+    pub devices: usize,
+    /// Number of the first device: tokens and client ids are `<prefix><number, 6 digits>`.
+    /// Give each of several generator processes its own range.
+    #[arg(long, default_value_t = 1)]
+    pub device_offset: usize,
+    /// Token (and client id) prefix.
+    #[arg(long, default_value = "dev-")]
+    pub token_prefix: String,
+    /// 1/KP application version in the topic.
+    #[arg(long, default_value = "demo-v1")]
+    pub app_version: String,
+    /// Payload size in bytes (a JSON sample with the send time, padded).
+    #[arg(long, default_value_t = 64)]
+    pub payload_bytes: usize,
+    /// Offered rate of each step, messages per second over all devices.
+    #[arg(long, value_delimiter = ',', default_value = "10000")]
+    pub rates: Vec<u64>,
+    /// Length of each step, seconds.
+    #[arg(long, default_value_t = 5.0)]
+    pub step_secs: f64,
+    /// Connection ramp-up, connections per second.
+    #[arg(long, default_value_t = 2000.0)]
+    pub connect_rate: f64,
+    /// Connections being set up at once, at most.
+    #[arg(long, default_value_t = 512)]
+    pub connect_concurrency: usize,
+    /// Time allowed for TCP connect plus CONNACK, ms.
+    #[arg(long, default_value_t = 10_000)]
+    pub connect_timeout_ms: u64,
+    /// Source addresses, bound before connecting: `127.0.0.2-127.0.0.20`, or a comma list.
+    /// Each adds ~28,000 ephemeral ports.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub source_ips: String,
+    /// Give each message a request id (devices then count `/status` responses).
+    #[arg(long)]
+    pub request_ids: bool,
+    /// QoS 1 messages a connection may have unacknowledged; a send finding it full is dropped
+    /// and counted as backpressure.
+    #[arg(long, default_value_t = 100)]
+    pub window: u32,
+    /// Unwritten bytes a connection may hold before sends are dropped as backpressure.
+    #[arg(long, default_value_t = 64 * 1024)]
+    pub max_buffer_bytes: usize,
+    /// MQTT Keep Alive, seconds (PINGREQ every ¾ of it).
+    #[arg(long, default_value_t = 60)]
+    pub keep_alive_secs: u16,
+    /// After the last step, wait at most this long for deliveries to arrive.
+    #[arg(long, default_value_t = 3.0)]
+    pub drain_secs: f64,
+    /// A sender further behind its schedule than this skips the excess (and the step is
+    /// marked generator-limited) rather than bursting.
+    #[arg(long, default_value_t = 200)]
+    pub max_lag_ms: u64,
+    /// Stop sending after this many messages in all.
+    #[arg(long)]
+    pub max_messages: Option<u64>,
+    /// Give up when the whole run (ramp-up included) takes longer than this, seconds.
+    #[arg(long, default_value_t = 3600.0)]
+    pub max_secs: f64,
+    /// Sending tasks (default: one per runtime thread).
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Idle mode: connect, hold the connections with keep-alive, report how many held.
+    #[arg(long)]
+    pub idle: bool,
+    /// Idle mode: how long to hold after the ramp-up, seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub hold_secs: f64,
+    /// Watch a process's CPU and memory per step: `NAME=PID` (repeatable), e.g. `sut=1234`.
+    #[arg(long = "watch", value_name = "NAME=PID")]
+    pub watch: Vec<String>,
+    /// Write the JSON result here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Write the SVG plot here (default: the JSON path with `.svg`).
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
+    /// No progress lines on stderr.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Allow targets and source addresses outside 127.0.0.0/8.
+    #[arg(long)]
+    pub allow_remote: bool,
+}
+
+/// Why a run could not be done.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadgenError {
+    /// A setting is wrong.
+    #[error("invalid setting: {0}")]
+    Settings(String),
+    /// The delivery counter could not start.
+    #[error(transparent)]
+    Sink(#[from] crate::sink::SinkError),
+    /// Not one device connected.
+    #[error("no device connected ({0})")]
+    NoConnections(String),
+    /// The run exceeded `--max-secs`.
+    #[error("the run exceeded --max-secs")]
+    TimedOut,
+    /// Writing the result failed.
+    #[error("writing {0}: {1}")]
+    Write(PathBuf, std::io::Error),
+}
+
+/// Parses `127.0.0.2-127.0.0.20`, `127.0.0.2,127.0.0.3` or a mix.
+pub fn parse_source_ips(spec: &str) -> Result<Vec<IpAddr>, String> {
+    let mut out = Vec::new();
+    for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        if let Some((a, b)) = part.split_once('-') {
+            let a: Ipv4Addr = a.trim().parse().map_err(|_| format!("bad address in {part:?}"))?;
+            let b: Ipv4Addr = b.trim().parse().map_err(|_| format!("bad address in {part:?}"))?;
+            let (a, b) = (u32::from(a), u32::from(b));
+            if b < a || b - a > 65_535 {
+                return Err(format!("bad range {part:?}"));
+            }
+            out.extend((a..=b).map(|v| IpAddr::V4(Ipv4Addr::from(v))));
+        } else {
+            out.push(part.parse().map_err(|_| format!("bad address {part:?}"))?);
+        }
+    }
+    if out.is_empty() {
+        return Err("no source address".into());
+    }
+    Ok(out)
+}
+
+fn parse_watch(spec: &[String]) -> Result<Vec<(String, u32)>, String> {
+    spec.iter()
+        .map(|s| {
+            let (name, pid) = s.split_once('=').ok_or_else(|| format!("--watch {s}: NAME=PID"))?;
+            let pid = pid.parse().map_err(|_| format!("--watch {s}: bad pid"))?;
+            Ok((name.to_owned(), pid))
+        })
+        .collect()
+}
+
+fn is_local(ip: IpAddr) -> bool {
+    ip.is_loopback()
+}
+
+fn nats_host_is_local(url: &str) -> bool {
+    url.split(',').all(|u| {
+        let rest = u.trim().split_once("://").map_or(u.trim(), |(_, r)| r);
+        let host_port = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+        let host = host_port.rsplit_once(':').map_or(host_port, |(h, _)| h);
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        host == "localhost" || host.parse::<IpAddr>().is_ok_and(is_local)
+    })
+}
+
+/// The settings, checked.
+struct Plan {
+    steps: StepPlan,
+    sources: Vec<IpAddr>,
+    watch: Vec<(String, u32)>,
+    qos: QoS,
+    device_opts: DeviceOptions,
+}
+
+fn check(args: &LoadgenArgs) -> Result<Plan, LoadgenError> {
+    let bad = |m: String| Err(LoadgenError::Settings(m));
+    let sources = parse_source_ips(&args.source_ips).map_err(LoadgenError::Settings)?;
+    if !args.allow_remote {
+        if !is_local(args.mqtt.ip()) {
+            return bad(format!("--mqtt {} is not on 127.0.0.0/8 (--allow-remote)", args.mqtt));
+        }
+        if let Some(ip) = sources.iter().find(|ip| !is_local(**ip)) {
+            return bad(format!("source address {ip} is not on 127.0.0.0/8 (--allow-remote)"));
+        }
+        if let Some(url) = &args.nats_url
+            && !nats_host_is_local(url)
+        {
+            return bad(format!("--nats-url {url} is not on this machine (--allow-remote)"));
+        }
+    }
+    if args.target == Target::Fleetgate && !args.idle && args.nats_url.is_none() {
+        return bad("--target fleetgate counts delivery on NATS: give --nats-url".into());
+    }
+    if args.devices == 0 {
+        return bad("--devices must be at least 1".into());
+    }
+    if args.payload_bytes < payload::MIN_PAYLOAD_BYTES {
+        return bad(format!(
+            "--payload-bytes must be at least {} (the send time and step must fit)",
+            payload::MIN_PAYLOAD_BYTES
+        ));
+    }
+    if !args.idle && (args.rates.is_empty() || args.step_secs.is_nan() || args.step_secs <= 0.0) {
+        return bad("--rates needs at least one rate and --step-secs must be positive".into());
+    }
+    if args.connect_rate.is_nan() || args.connect_rate <= 0.0 {
+        return bad("--connect-rate must be positive".into());
+    }
+    let watch = parse_watch(&args.watch).map_err(LoadgenError::Settings)?;
+    let steps = if args.idle {
+        StepPlan::new(Vec::new(), Duration::ZERO)
+    } else {
+        StepPlan::new(args.rates.clone(), Duration::from_secs_f64(args.step_secs))
+    };
+    Ok(Plan {
+        steps,
+        sources,
+        watch,
+        qos: if args.qos == 0 { QoS::AtMostOnce } else { QoS::AtLeastOnce },
+        device_opts: DeviceOptions {
+            target: args.mqtt,
+            version: args.mqtt_version.codec(),
+            keep_alive_secs: args.keep_alive_secs,
+            connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+            app_version: args.app_version.clone(),
+            window: args.window.max(1),
+            max_buffer_bytes: args.max_buffer_bytes,
+        },
+    })
+}
+
+/// The soft limit on open files of this process, from `/proc/self/limits`.
+fn open_files_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_ascii_whitespace().nth(3)?.parse().ok()
+}
+
+/// Runs the load generator: connect, run the steps (or hold, in idle mode), drain, report.
+/// Writes the JSON and SVG files when asked to.
+pub async fn run(args: &LoadgenArgs) -> Result<Report, LoadgenError> {
+    let plan = check(args)?;
+    let work = run_checked(args, plan);
+    let report = tokio::time::timeout(Duration::from_secs_f64(args.max_secs.max(1.0)), work)
+        .await
+        .map_err(|_| LoadgenError::TimedOut)??;
+    if let Some(path) = &args.out {
+        let json = serde_json::to_string_pretty(&report).unwrap_or_default();
+        std::fs::write(path, json).map_err(|e| LoadgenError::Write(path.clone(), e))?;
+        if !args.idle {
+            let svg_path = args.svg.clone().unwrap_or_else(|| path.with_extension("svg"));
+            let title = format!(
+                "fleetgate-loadgen: {} {} QoS {}, {} devices, {} B",
+                match args.target {
+                    Target::Fleetgate => "fleetgate",
+                    Target::Broker => "broker",
+                },
+                args.mqtt,
+                args.qos,
+                args.devices,
+                args.payload_bytes
+            );
+            let svg = crate::svg::render(&title, &crate::svg::report_charts(&report));
+            std::fs::write(&svg_path, svg).map_err(|e| LoadgenError::Write(svg_path, e))?;
+        }
+    } else if let Some(svg_path) = &args.svg {
+        let svg = crate::svg::render("fleetgate-loadgen", &crate::svg::report_charts(&report));
+        std::fs::write(svg_path, svg).map_err(|e| LoadgenError::Write(svg_path.clone(), e))?;
+    }
+    Ok(report)
+}
+
+fn progress(args: &LoadgenArgs, line: std::fmt::Arguments<'_>) {
+    if !args.quiet {
+        eprintln!("{line}");
+    }
+}
+
+async fn run_checked(args: &LoadgenArgs, plan: Plan) -> Result<Report, LoadgenError> {
+    let started_unix_ms = crate::stats::unix_nanos() / 1_000_000;
+    let counters = RunCounters::new(plan.steps.len());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    if let Some(limit) = open_files_limit()
+        && args.devices as u64 + 64 > limit
+    {
+        progress(
+            args,
+            format_args!(
+                "warning: {} devices need more file descriptors than this process may open ({limit}); run several generator processes",
+                args.devices
+            ),
+        );
+    }
+
+    // The delivery counter first, so that nothing sent is missed.
+    let mut sink: Option<SinkThread> = None;
+    let mut live = Arc::new(LiveDelivery::default());
+    if !args.idle {
+        let target = match args.target {
+            Target::Fleetgate => SinkTarget::Nats(args.nats_url.clone().unwrap_or_default()),
+            Target::Broker => SinkTarget::Mqtt(args.mqtt, "kp1/#".into()),
+        };
+        let started = SinkThread::start(target, plan.steps.len(), stop_rx.clone()).await?;
+        live = started.live();
+        sink = Some(started);
+    }
+
+    let (devices, readers, connect) = connect_all(args, &plan, &counters, &stop_rx).await;
+    println!(
+        "{{\"event\":\"connected\",\"connected\":{},\"failed\":{},\"pid\":{}}}",
+        connect.connected,
+        connect.failed,
+        std::process::id()
+    );
+    if devices.is_empty() {
+        let _ = stop_tx.send(true);
+        return Err(LoadgenError::NoConnections(
+            connect.first_error.unwrap_or_else(|| "no error recorded".into()),
+        ));
+    }
+
+    let mut report =
+        Report { settings: settings(args, &plan), started_unix_ms, connect, ..Default::default() };
+
+    if args.idle {
+        report.idle = Some(hold(args, &plan, &counters).await);
+    } else {
+        let usage = load(args, &plan, &devices, &counters, &live).await;
+        let _ = stop_tx.send(true);
+        let recorder = match sink.take() {
+            Some(s) => s.finish().await,
+            None => None,
+        }
+        .unwrap_or_else(|| DeliveryRecorder::new(plan.steps.len()));
+        fill_steps(&mut report, args, &plan, &counters, &recorder, usage);
+    }
+    let _ = stop_tx.send(true);
+    let shutdown = async {
+        for r in readers {
+            let _ = r.await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(5), shutdown).await;
+    report.connections_lost = counters.connections_lost.load(Ordering::Relaxed);
+    Ok(report)
+}
+
+fn settings(args: &LoadgenArgs, plan: &Plan) -> Settings {
+    Settings {
+        target: match args.target {
+            Target::Fleetgate => "fleetgate".into(),
+            Target::Broker => "broker".into(),
+        },
+        mqtt: args.mqtt.to_string(),
+        nats_url: args.nats_url.clone(),
+        mqtt_version: args.mqtt_version.name().into(),
+        qos: args.qos,
+        devices: args.devices,
+        device_offset: args.device_offset,
+        payload_bytes: args.payload_bytes,
+        rates: plan.steps.rates().to_vec(),
+        step_secs: args.step_secs,
+        request_ids: args.request_ids,
+        window: plan.device_opts.window,
+        source_ips: plan.sources.len(),
+        workers: worker_count(args),
+        threads: runtime_threads(),
+        idle: args.idle,
+    }
+}
+
+fn runtime_threads() -> usize {
+    tokio::runtime::Handle::try_current().map_or(1, |h| h.metrics().num_workers())
+}
+
+fn worker_count(args: &LoadgenArgs) -> usize {
+    args.workers.unwrap_or_else(runtime_threads).clamp(1, args.devices.max(1))
+}
+
+/// A connect task's result: the device and its reader task.
+type ConnectResult = Result<(Arc<Device>, JoinHandle<()>), device::ConnectError>;
+
+/// Connects every device at the ramp-up rate; returns the connected ones, their reader tasks
+/// and the summary.
+async fn connect_all(
+    args: &LoadgenArgs,
+    plan: &Plan,
+    counters: &Arc<RunCounters>,
+    stop: &watch::Receiver<bool>,
+) -> (Vec<Arc<Device>>, Vec<JoinHandle<()>>, ConnectSummary) {
+    let start = Instant::now();
+    let interval = Duration::from_secs_f64(1.0 / args.connect_rate);
+    let permits = Arc::new(Semaphore::new(args.connect_concurrency.max(1)));
+    let mut tasks = tokio::task::JoinSet::new();
+    let opts = Arc::new(plan.device_opts.clone());
+    let mut devices = Vec::with_capacity(args.devices);
+    let mut readers = Vec::with_capacity(args.devices);
+    let mut summary = ConnectSummary { requested: args.devices, ..Default::default() };
+    let mut next_report = start + Duration::from_secs(1);
+    let mut collect = |r: Result<ConnectResult, tokio::task::JoinError>,
+                       summary: &mut ConnectSummary| match r {
+        Ok(Ok((d, reader))) => {
+            summary.connected += 1;
+            devices.push(d);
+            readers.push(reader);
+        }
+        Ok(Err(e)) => {
+            summary.failed += 1;
+            summary.first_error.get_or_insert_with(|| e.to_string());
+        }
+        Err(e) => {
+            summary.failed += 1;
+            summary.first_error.get_or_insert_with(|| e.to_string());
+        }
+    };
+    for i in 0..args.devices {
+        tokio::time::sleep_until(start + interval * i as u32).await;
+        while let Some(r) = tasks.try_join_next() {
+            collect(r, &mut summary);
+        }
+        if Instant::now() >= next_report {
+            next_report += Duration::from_secs(1);
+            progress(
+                args,
+                format_args!(
+                    "[{:5.1}s] connecting: {}/{} connected, {} failed",
+                    start.elapsed().as_secs_f64(),
+                    summary.connected,
+                    args.devices,
+                    summary.failed
+                ),
+            );
+        }
+        let Ok(permit) = permits.clone().acquire_owned().await else { break };
+        let source = plan.sources[i % plan.sources.len()];
+        let token = format!("{}{:06}", args.token_prefix, args.device_offset + i);
+        let opts = opts.clone();
+        let counters = counters.clone();
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            let connected = device::connect(&opts, Some(source), &token, counters).await;
+            drop(permit);
+            connected.map(|c| {
+                let d = c.device.clone();
+                (d, c.spawn_reader(stop))
+            })
+        });
+    }
+    while let Some(r) = tasks.join_next().await {
+        collect(r, &mut summary);
+    }
+    summary.seconds = start.elapsed().as_secs_f64();
+    progress(
+        args,
+        format_args!(
+            "[{:5.1}s] connected {}/{} ({} failed{})",
+            summary.seconds,
+            summary.connected,
+            args.devices,
+            summary.failed,
+            summary.first_error.as_deref().map(|e| format!(", first: {e}")).unwrap_or_default()
+        ),
+    );
+    (devices, readers, summary)
+}
+
+/// Idle mode: hold the connections, report how many stayed up.
+async fn hold(args: &LoadgenArgs, plan: &Plan, counters: &RunCounters) -> IdleReport {
+    let start = Instant::now();
+    let end = start + Duration::from_secs_f64(args.hold_secs.max(0.0));
+    let mut tick = start;
+    while Instant::now() < end {
+        tick += Duration::from_secs(1);
+        tokio::time::sleep_until(tick.min(end)).await;
+        progress(
+            args,
+            format_args!(
+                "[{:5.1}s] holding {} connections ({} lost)",
+                start.elapsed().as_secs_f64(),
+                counters.connections_open.load(Ordering::Relaxed),
+                counters.connections_lost.load(Ordering::Relaxed)
+            ),
+        );
+    }
+    let processes = plan
+        .watch
+        .iter()
+        .map(|(name, pid)| ProcessUsage {
+            name: name.clone(),
+            pid: *pid,
+            cpu_secs: procfs::cpu_secs(*pid).unwrap_or(0.0),
+            rss_kib: procfs::rss_kib(*pid),
+        })
+        .collect();
+    IdleReport {
+        hold_secs: start.elapsed().as_secs_f64(),
+        held: counters.connections_open.load(Ordering::Relaxed),
+        lost: counters.connections_lost.load(Ordering::Relaxed),
+        processes,
+    }
+}
+
+/// Per-step CPU and memory of the watched processes.
+type Usage = Vec<Vec<ProcessUsage>>;
+
+/// Runs the steps, prints progress, then drains. Returns the watched processes' usage per step.
+async fn load(
+    args: &LoadgenArgs,
+    plan: &Plan,
+    devices: &[Arc<Device>],
+    counters: &Arc<RunCounters>,
+    live: &Arc<LiveDelivery>,
+) -> Usage {
+    let workers = worker_count(args).min(devices.len());
+    let mut groups: Vec<Vec<Arc<Device>>> = vec![Vec::new(); workers];
+    for (i, d) in devices.iter().enumerate() {
+        groups[i % workers].push(d.clone());
+    }
+    let caps: Vec<Option<u64>> = match args.max_messages {
+        Some(max) => {
+            split_even(max as usize, workers).into_iter().map(|c| Some(c as u64)).collect()
+        }
+        None => vec![None; workers],
+    };
+    let origin = Instant::now() + Duration::from_millis(20);
+    let total = devices.len() as f64;
+    let mut tasks = Vec::with_capacity(workers);
+    for (group, cap) in groups.into_iter().zip(caps) {
+        let w = Worker {
+            share: group.len() as f64 / total,
+            devices: group,
+            steps: plan.steps.clone(),
+            origin,
+            qos: plan.qos,
+            request_ids: args.request_ids,
+            payload_bytes: args.payload_bytes,
+            max_lag: Duration::from_millis(args.max_lag_ms),
+            cap,
+            counters: counters.clone(),
+        };
+        tasks.push(tokio::spawn(w.run()));
+    }
+
+    // Controller: step boundaries (CPU samples), progress once a second.
+    let cpu = |pid: u32| procfs::cpu_secs(pid).unwrap_or(0.0);
+    let mut usage: Usage = Vec::new();
+    let mut cpu_at_start: Vec<f64> = plan.watch.iter().map(|(_, pid)| cpu(*pid)).collect();
+    let mut step = 0usize;
+    let mut next_tick = origin + Duration::from_secs(1);
+    let mut last = counters.totals();
+    let mut last_delivered = live.delivered.load(Ordering::Relaxed);
+    let mut last_time = origin;
+    while step < plan.steps.len() {
+        let boundary = origin + plan.steps.bounds(step).1;
+        let wake = next_tick.min(boundary);
+        tokio::time::sleep_until(wake).await;
+        let all_done = tasks.iter().all(|t| t.is_finished());
+        if Instant::now() >= boundary || all_done {
+            let now_cpu: Vec<f64> = plan.watch.iter().map(|(_, pid)| cpu(*pid)).collect();
+            usage.push(
+                plan.watch
+                    .iter()
+                    .zip(now_cpu.iter().zip(&cpu_at_start))
+                    .map(|((name, pid), (now, before))| ProcessUsage {
+                        name: name.clone(),
+                        pid: *pid,
+                        cpu_secs: (now - before).max(0.0),
+                        rss_kib: procfs::rss_kib(*pid),
+                    })
+                    .collect(),
+            );
+            cpu_at_start = now_cpu;
+            step += 1;
+            counters.current_step.store(step.min(plan.steps.len() - 1), Ordering::Relaxed);
+            if all_done {
+                break;
+            }
+        }
+        if Instant::now() >= next_tick {
+            next_tick += Duration::from_secs(1);
+            let now = Instant::now();
+            let secs = now.duration_since(last_time).as_secs_f64().max(1e-3);
+            let t = counters.totals();
+            let delivered = live.delivered.load(Ordering::Relaxed);
+            let s = (step.min(plan.steps.len() - 1), plan.steps.len());
+            progress(
+                args,
+                format_args!(
+                    "[{:5.1}s] step {}/{} @{}/s | sent {:.0}/s acked {:.0}/s resp {:.0}/s delivered {:.0}/s | p50 {:.2} ms p99 {:.2} ms | backpressure {} skipped {} late wake-ups {} | conns {}",
+                    now.duration_since(origin).as_secs_f64(),
+                    s.0 + 1,
+                    s.1,
+                    plan.steps.rates()[s.0],
+                    (t.sent - last.sent) as f64 / secs,
+                    (t.acked - last.acked) as f64 / secs,
+                    (t.responded - last.responded) as f64 / secs,
+                    delivered.saturating_sub(last_delivered) as f64 / secs,
+                    live.p50_us.load(Ordering::Relaxed) as f64 / 1e3,
+                    live.p99_us.load(Ordering::Relaxed) as f64 / 1e3,
+                    t.backpressure_window + t.backpressure_buffer,
+                    t.skipped,
+                    t.late_ticks - last.late_ticks,
+                    counters.connections_open.load(Ordering::Relaxed),
+                ),
+            );
+            last = t;
+            last_delivered = delivered;
+            last_time = now;
+        }
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+
+    // Drain: until everything offered arrived (and was answered), or the drain time is up.
+    let drain_end = Instant::now() + Duration::from_secs_f64(args.drain_secs.max(0.0));
+    let wants_responses = args.request_ids && args.target == Target::Fleetgate;
+    loop {
+        let t = counters.totals();
+        let delivered = live.delivered.load(Ordering::Relaxed);
+        let done = delivered >= t.sent
+            && (plan.qos == QoS::AtMostOnce || t.acked >= t.sent)
+            && (!wants_responses || t.responded + t.errors >= t.sent);
+        if done || Instant::now() >= drain_end {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Leave devices flushed: anything still in an outbox is written if the socket takes it.
+    for d in devices {
+        d.flush();
+    }
+    usage
+}
+
+/// One sending task: a share of the devices and of the offered rate.
+struct Worker {
+    devices: Vec<Arc<Device>>,
+    share: f64,
+    steps: StepPlan,
+    origin: Instant,
+    qos: QoS,
+    request_ids: bool,
+    payload_bytes: usize,
+    max_lag: Duration,
+    cap: Option<u64>,
+    counters: Arc<RunCounters>,
+}
+
+impl Worker {
+    async fn run(self) {
+        if self.devices.is_empty() || self.steps.is_empty() {
+            return;
+        }
+        let n = self.devices.len();
+        let mut tick = tokio::time::interval_at(
+            self.origin,
+            Duration::from_millis(1).min(self.steps.step_len()),
+        );
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        let mut step = 0usize;
+        let mut pacer = self.steps.pacer(0, self.share, self.max_lag);
+        let mut payload = Vec::with_capacity(self.payload_bytes);
+        let mut dirty: Vec<usize> = Vec::new();
+        let mut is_dirty = vec![false; n];
+        let mut next = 0usize;
+        let mut sent_total = 0u64;
+        loop {
+            let due_at = tick.tick().await;
+            let now = self.origin.elapsed();
+            let lag_us = u64::try_from(due_at.elapsed().as_micros()).unwrap_or(u64::MAX);
+            // Retry connections whose earlier bytes the socket did not take.
+            dirty.retain(|&i| {
+                let pending = self.devices[i].flush();
+                is_dirty[i] = pending;
+                pending
+            });
+            loop {
+                let due = pacer.due(now);
+                let mut c = StepCounts {
+                    scheduled: due.send + due.skipped,
+                    skipped: due.skipped,
+                    ticks: 1,
+                    late_ticks: u64::from(lag_us > crate::stats::LATE_TICK_US),
+                    max_tick_lag_us: lag_us,
+                    ..Default::default()
+                };
+                for k in 0..due.send {
+                    if k > 0 && k % 256 == 0 {
+                        // A long catch-up burst: let the readers (acknowledgements) run.
+                        tokio::task::yield_now().await;
+                    }
+                    if self.cap.is_some_and(|cap| sent_total >= cap) {
+                        // Bounded in count: what is left of the schedule is not offered.
+                        c.scheduled -= 1;
+                        continue;
+                    }
+                    let i = next;
+                    next = if next + 1 == n { 0 } else { next + 1 };
+                    payload::write(
+                        &mut payload,
+                        crate::stats::unix_nanos(),
+                        step as u32,
+                        self.payload_bytes,
+                    );
+                    sent_total += 1;
+                    match self.devices[i].publish(self.qos, self.request_ids, &payload) {
+                        SendOutcome::Sent { pending } => {
+                            c.sent += 1;
+                            if pending && !is_dirty[i] {
+                                is_dirty[i] = true;
+                                dirty.push(i);
+                            }
+                        }
+                        SendOutcome::WindowFull => c.backpressure_window += 1,
+                        SendOutcome::BufferFull => c.backpressure_buffer += 1,
+                        SendOutcome::Closed => c.dropped_closed += 1,
+                    }
+                }
+                self.counters.steps[step].add(&c);
+                if self.cap.is_some_and(|cap| sent_total >= cap) {
+                    return;
+                }
+                match pacer.end() {
+                    Some(end) if now >= end => {
+                        step += 1;
+                        if step >= self.steps.len() {
+                            return;
+                        }
+                        pacer = self.steps.pacer(step, self.share, self.max_lag);
+                    }
+                    _ => break,
+                }
+            }
+        }
+    }
+}
+
+fn fill_steps(
+    report: &mut Report,
+    args: &LoadgenArgs,
+    plan: &Plan,
+    counters: &RunCounters,
+    recorder: &DeliveryRecorder,
+    usage: Usage,
+) {
+    let secs = plan.steps.step_len().as_secs_f64();
+    let mut all = latency_histogram();
+    for (i, rate) in plan.steps.rates().iter().enumerate() {
+        let c = counters.steps[i].snapshot();
+        let delivery = &recorder.steps()[i];
+        let _ = all.add(&delivery.latency);
+        let attempted = c.attempted();
+        let lost = attempted.saturating_sub(delivery.delivered);
+        report.steps.push(StepReport {
+            index: i,
+            offered_rate: *rate,
+            seconds: secs,
+            scheduled: c.scheduled,
+            skipped: c.skipped,
+            attempted,
+            sent: c.sent,
+            backpressure_window: c.backpressure_window,
+            backpressure_buffer: c.backpressure_buffer,
+            dropped_closed: c.dropped_closed,
+            acked: c.acked,
+            ack_errors: c.ack_errors,
+            responded: c.responded,
+            errors: c.errors,
+            delivered: delivery.delivered,
+            lost,
+            loss_ratio: if attempted == 0 { 0.0 } else { lost as f64 / attempted as f64 },
+            sent_rate: c.sent as f64 / secs,
+            delivered_rate: delivery.delivered as f64 / secs,
+            latency: recorder.summary(i),
+            generator_limited: c.generator_limited(),
+            generator_late_ratio: if c.ticks == 0 {
+                0.0
+            } else {
+                c.late_ticks as f64 / c.ticks as f64
+            },
+            generator_max_lag_ms: c.max_tick_lag_us as f64 / 1e3,
+            processes: usage.get(i).cloned().unwrap_or_default(),
+        });
+    }
+    let t = counters.totals();
+    let delivered: u64 = report.steps.iter().map(|s| s.delivered).sum();
+    let attempted = t.attempted();
+    let lost = attempted.saturating_sub(delivered);
+    let total_secs = secs * plan.steps.len() as f64;
+    let mut processes: Vec<ProcessUsage> = Vec::new();
+    for step in &report.steps {
+        for p in &step.processes {
+            match processes.iter_mut().find(|q| q.name == p.name) {
+                Some(q) => {
+                    q.cpu_secs += p.cpu_secs;
+                    q.rss_kib = p.rss_kib;
+                }
+                None => processes.push(p.clone()),
+            }
+        }
+    }
+    report.totals = StepReport {
+        index: plan.steps.len(),
+        offered_rate: plan.steps.rates().iter().copied().max().unwrap_or(0),
+        seconds: total_secs,
+        scheduled: t.scheduled,
+        skipped: t.skipped,
+        attempted,
+        sent: t.sent,
+        backpressure_window: t.backpressure_window,
+        backpressure_buffer: t.backpressure_buffer,
+        dropped_closed: t.dropped_closed,
+        acked: t.acked,
+        ack_errors: t.ack_errors,
+        responded: t.responded,
+        errors: t.errors,
+        delivered,
+        lost,
+        loss_ratio: if attempted == 0 { 0.0 } else { lost as f64 / attempted as f64 },
+        sent_rate: t.sent as f64 / total_secs.max(1e-9),
+        delivered_rate: delivered as f64 / total_secs.max(1e-9),
+        latency: LatencySummary::from_histogram(&all),
+        generator_limited: report.steps.iter().any(|s| s.generator_limited),
+        generator_late_ratio: if t.ticks == 0 { 0.0 } else { t.late_ticks as f64 / t.ticks as f64 },
+        generator_max_lag_ms: t.max_tick_lag_us as f64 / 1e3,
+        processes,
+    };
+    report.foreign_deliveries = recorder.foreign;
+    report.msr = Some(msr(&report.steps, MsrCriteria::for_qos(args.qos)));
+}
+
+/// One line per step for the terminal.
+pub fn summary_table(report: &Report) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::new();
+    if let Some(idle) = &report.idle {
+        let _ = writeln!(
+            s,
+            "idle: {} of {} connections held for {:.1} s ({} lost, {} failed to connect)",
+            idle.held, report.connect.requested, idle.hold_secs, idle.lost, report.connect.failed
+        );
+        return s;
+    }
+    let _ = writeln!(
+        s,
+        "{:>9} {:>10} {:>10} {:>10} {:>10} {:>9} {:>8} {:>9} {:>9} {:>9}  sut cpu-s/M",
+        "offered/s",
+        "sent",
+        "acked",
+        "responded",
+        "delivered",
+        "loss %",
+        "backpr.",
+        "p50 ms",
+        "p99 ms",
+        "max ms",
+    );
+    for st in report.steps.iter().chain(std::iter::once(&report.totals)) {
+        let cpu =
+            st.cpu_secs_per_million("sut").map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
+        let _ = writeln!(
+            s,
+            "{:>9} {:>10} {:>10} {:>10} {:>10} {:>9.3} {:>8} {:>9.2} {:>9.2} {:>9.2}  {}{}",
+            if st.index == report.steps.len() {
+                "total".to_owned()
+            } else {
+                st.offered_rate.to_string()
+            },
+            st.sent,
+            st.acked,
+            st.responded,
+            st.delivered,
+            st.loss_ratio * 100.0,
+            st.backpressure_window + st.backpressure_buffer,
+            st.latency.p50_us as f64 / 1e3,
+            st.latency.p99_us as f64 / 1e3,
+            st.latency.max_us as f64 / 1e3,
+            cpu,
+            if st.generator_limited { "  (generator-limited)" } else { "" }
+        );
+    }
+    if let Some(m) = &report.msr {
+        let _ = writeln!(
+            s,
+            "MSR: {} msg/s{}{}",
+            m.rate,
+            if m.lower_bound { " (lower bound: the highest step held)" } else { "" },
+            if m.generator_limited_above { " (a higher step was generator-limited)" } else { "" }
+        );
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: LoadgenArgs,
+    }
+
+    fn args(extra: &[&str]) -> LoadgenArgs {
+        let mut v = vec!["loadgen"];
+        v.extend_from_slice(extra);
+        Cli::parse_from(v).args
+    }
+
+    #[test]
+    fn source_ip_ranges() {
+        let ips = parse_source_ips("127.0.0.2-127.0.0.4, 127.0.1.1").expect("valid");
+        assert_eq!(ips.len(), 4);
+        assert_eq!(ips[3], IpAddr::from([127, 0, 1, 1]));
+        assert!(parse_source_ips("127.0.0.9-127.0.0.2").is_err());
+        assert!(parse_source_ips("").is_err());
+        assert!(parse_source_ips("nope").is_err());
+    }
+
+    #[test]
+    fn loopback_only_unless_allowed() {
+        let a = args(&["--target", "broker", "--mqtt", "10.0.0.1:1883"]);
+        assert!(matches!(check(&a), Err(LoadgenError::Settings(_))));
+        let a = args(&["--target", "broker", "--source-ips", "192.168.1.2"]);
+        assert!(check(&a).is_err());
+        let a = args(&["--nats-url", "nats://example.com:4222"]);
+        assert!(check(&a).is_err());
+        let a = args(&["--nats-url", "nats://127.0.0.1:4222,nats://localhost:4223"]);
+        assert!(check(&a).is_ok());
+        let a = args(&["--target", "broker", "--mqtt", "10.0.0.1:1883", "--allow-remote"]);
+        assert!(check(&a).is_ok());
+    }
+
+    #[test]
+    fn settings_are_checked() {
+        assert!(check(&args(&[])).is_err(), "fleetgate needs a NATS URL");
+        assert!(check(&args(&["--target", "broker", "--payload-bytes", "20"])).is_err());
+        assert!(check(&args(&["--target", "broker", "--devices", "0"])).is_err());
+        assert!(check(&args(&["--target", "broker", "--step-secs", "0"])).is_err());
+        assert!(check(&args(&["--target", "broker", "--watch", "sut"])).is_err());
+        let a = args(&["--target", "broker", "--rates", "10,20", "--qos", "1", "--watch", "sut=1"]);
+        let p = check(&a).expect("valid");
+        assert_eq!(p.steps.rates(), &[10, 20]);
+        assert_eq!(p.qos, QoS::AtLeastOnce);
+        assert_eq!(p.watch, vec![("sut".to_owned(), 1)]);
+        // Idle mode needs neither NATS nor rates.
+        assert!(check(&args(&["--idle"])).is_ok());
+    }
+}

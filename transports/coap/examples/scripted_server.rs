@@ -1,0 +1,32 @@
+//! Serves the CoAP transport in front of the compliance kit's scripted gateway (`echo`, `fail`,
+//! `reject`, `slow` extensions), for trying real clients and load tools by hand:
+//! `cargo run -p fleetgate-transport-coap --example scripted_server -- 127.0.0.1:5683`.
+
+use std::sync::Arc;
+
+use fleetgate_transport_coap::{CoapConfig, CoapTransport};
+use fleetgate_transport_core::Transport;
+use fleetgate_transport_core::compliance::ScriptedGateway;
+
+#[tokio::main]
+async fn main() -> std::io::Result<()> {
+    let listen = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:5683".into());
+    let listen =
+        listen.parse().map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let reuse_port = std::env::var_os("COAP_REUSE_PORT").is_some();
+    let transport =
+        CoapTransport::bind(CoapConfig { listen, reuse_port, ..CoapConfig::default() })?;
+    println!("listening on {}", transport.local_addr());
+    let gateway = Arc::new(ScriptedGateway::default());
+    let (_stop, shutdown) = tokio::sync::watch::channel(false);
+    let pusher = gateway.clone();
+    tokio::spawn(async move {
+        // Push a configuration every second, for observers of kp1/demo-v1/echo/tok-1/config/json.
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            pusher.push("tok-1", "/config/json", b"{\"configId\":\"pushed\"}");
+        }
+    });
+    transport.serve(gateway, shutdown).await;
+    Ok(())
+}

@@ -1,0 +1,77 @@
+//! `transports.http.*`.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// HTTP listener settings (`transports.http.*`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Whether to listen at all.
+    pub enabled: bool,
+    /// Address and port to listen on.
+    pub listen: SocketAddr,
+    /// Share the port with other processes (SO_REUSEPORT), for several gateway replicas on one
+    /// host. Off by default, so that a port taken by something else is a start-up error.
+    pub reuse_port: bool,
+    /// Largest request body accepted. A larger one is answered 413 with the 1/KP error body:
+    /// at once when its `Content-Length` says so, else as soon as the streamed (chunked) body
+    /// passes the limit.
+    pub max_body_bytes: u64,
+    /// Time a client has to send a request's headers (and, on a new connection, its first
+    /// bytes), against slowloris clients: after it, the connection is closed without an
+    /// answer. An idle keep-alive connection is closed after the same time.
+    pub header_read_timeout_ms: u64,
+    /// How long a request may take to send its body, and then to get its answer from the
+    /// gateway. A safety net: the gateway answers 504 itself after its own
+    /// `gateway.request_timeout_ms`. A body not received in time is answered 408, an answer
+    /// not received in time 504.
+    pub request_timeout_ms: u64,
+    /// Connections served at once; further clients wait in the listen backlog.
+    pub max_connections: usize,
+    /// Longest a long poll (`GET ...?observe=true&timeout_ms=N`) is held; a larger or missing
+    /// `timeout_ms` is cut to this.
+    pub long_poll_max_ms: u64,
+    /// Requests and long polls one connection may have waiting for answers at once (the
+    /// HTTP/2 concurrent stream limit); more are answered 429.
+    pub max_in_flight_per_connection: u32,
+    /// Responses and pushes queued from the gateway for one connection before they are routed
+    /// to the waiting requests; the gateway closes a session that lets it fill.
+    pub response_queue_capacity: usize,
+    /// Accept HTTP/2 with prior knowledge (h2c) besides HTTP/1.1.
+    pub http2: bool,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            reuse_port: false,
+            max_body_bytes: 1024 * 1024,
+            header_read_timeout_ms: 10_000,
+            request_timeout_ms: 30_000,
+            max_connections: 10_000,
+            long_poll_max_ms: 60_000,
+            max_in_flight_per_connection: 256,
+            response_queue_capacity: 1024,
+            http2: true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_are_refused_and_missing_ones_default() {
+        let c: HttpConfig =
+            serde_json::from_str(r#"{"listen":"127.0.0.1:9000"}"#).expect("partial config");
+        assert_eq!(c.listen, SocketAddr::from(([127, 0, 0, 1], 9000)));
+        assert_eq!(c.max_body_bytes, 1024 * 1024);
+        let e = serde_json::from_str::<HttpConfig>(r#"{"max_body":1}"#).expect_err("unknown key");
+        assert!(e.to_string().contains("max_body"), "{e}");
+    }
+}

@@ -1,0 +1,253 @@
+//! The tokio glue: a TCP listener and one task per connection, serving HTTP/1.1 or HTTP/2 with
+//! hyper and feeding 1/KP requests to a [`KpHandler`].
+//!
+//! # Requests
+//!
+//! `POST` or `PUT /kp1/<appver>/<ext>/<token>/<path>[/<request id>]` with the payload as the
+//! body. Every request is answered, with or without a request id (the gateway is asked for an
+//! answer either way): 200 with the extension's payload (`application/json` when it is JSON,
+//! else `application/octet-stream`), 204 when the payload is empty, or the error's status code
+//! (DESIGN decision 3) with the 1/KP error body. A path that is not a 1/KP request path is 404,
+//! any other method 405, a body over `max_body_bytes` 413.
+//!
+//! # Sessions and credentials
+//!
+//! A connection opens a gateway session at its first request, with what its `Authorization`
+//! header presents: `Basic base64(user:password)` gives a user name and a password, `Bearer
+//! <token>` no user name and the token as the password, no header neither. The session serves
+//! every later request with the same header and is closed when the connection ends. A request
+//! with different credentials opens another session on the same connection (up to four). A
+//! refused session (401 bad credentials, 503 authentication unavailable) answers the request
+//! with that status and is tried again at the next request.
+//!
+//! # Long poll
+//!
+//! `GET /kp1/<appver>/<ext>/<token>/<path>?observe=true&timeout_ms=N` subscribes the session to
+//! `kp1/<appver>/<ext>/<token>/<path>/#` and holds the request until the next push whose path
+//! is exactly `<path>` (200 with its payload, or its error status and body) or until N ms
+//! (at most `long_poll_max_ms`, which is also the default) have passed (204). Pushes that
+//! arrive while no long poll waits are not kept: a client polls again at once to miss as few
+//! as possible.
+//!
+//! # Protocols and timeouts
+//!
+//! HTTP/1.1 (keep-alive) and HTTP/2 over cleartext with prior knowledge (h2c), told apart by
+//! the HTTP/2 preface. A client that does not send its first bytes, or later a request's
+//! headers, within `header_read_timeout_ms` is disconnected (slowloris); so is an idle
+//! keep-alive HTTP/1.1 connection after that time.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleetgate_transport_core::{KpHandler, Transport};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::task::JoinSet;
+use tracing::Instrument;
+
+use crate::connection::{Connection, Shared};
+use crate::wire::{Preface, preface};
+use crate::{HttpConfig, HttpMetrics};
+
+/// The HTTP transport, bound and ready to serve.
+pub struct HttpTransport {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+}
+
+impl HttpTransport {
+    /// Binds the listener. An error here (port taken, no permission) is a start-up error.
+    pub fn bind(config: HttpConfig) -> std::io::Result<Self> {
+        let addr = config.listen;
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )?;
+        socket.set_reuse_address(true)?;
+        if config.reuse_port {
+            socket.set_reuse_port(true)?;
+        }
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(4096)?;
+        let listener = TcpListener::from_std(socket.into())?;
+        Ok(Self { listener, shared: Arc::new(Shared { config, metrics: Arc::default() }) })
+    }
+
+    /// The transport's counters.
+    pub fn metrics(&self) -> Arc<HttpMetrics> {
+        self.shared.metrics.clone()
+    }
+}
+
+impl Transport for HttpTransport {
+    fn name(&self) -> &'static str {
+        "http"
+    }
+
+    fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().unwrap_or(self.shared.config.listen)
+    }
+
+    async fn serve<H: KpHandler>(self, handler: Arc<H>, mut shutdown: watch::Receiver<bool>) {
+        let limit = Arc::new(Semaphore::new(self.shared.config.max_connections.max(1)));
+        let mut connections = JoinSet::new();
+        loop {
+            tokio::select! {
+                accepted = accept(&self.listener, &limit) => match accepted {
+                    Ok((stream, peer, permit)) => {
+                        self.shared.metrics.connections_accepted.inc();
+                        let conn = serve_connection(
+                            handler.clone(),
+                            self.shared.clone(),
+                            stream,
+                            peer,
+                            shutdown.clone(),
+                            permit,
+                        );
+                        connections.spawn(conn.instrument(tracing::info_span!("http", %peer)));
+                    }
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                () = stopped(&mut shutdown) => break,
+            }
+            while connections.try_join_next().is_some() {}
+        }
+        // Connections see the same shutdown signal: they finish the requests in flight, end
+        // their long polls, and close.
+        while connections.join_next().await.is_some() {}
+    }
+}
+
+/// Resolves once `shutdown` is true (or its sender is gone).
+pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}
+
+/// Accepts a connection once fewer than `max_connections` are open.
+async fn accept(
+    listener: &TcpListener,
+    limit: &Arc<Semaphore>,
+) -> std::io::Result<(TcpStream, SocketAddr, OwnedSemaphorePermit)> {
+    let permit = limit.clone().acquire_owned().await.map_err(std::io::Error::other)?;
+    let (stream, peer) = listener.accept().await?;
+    Ok((stream, peer, permit))
+}
+
+/// Waits for enough of the first bytes to tell HTTP/2 (its preface) from HTTP/1. `None` when
+/// the client closed first.
+async fn sniff(stream: &TcpStream) -> std::io::Result<Option<Preface>> {
+    let mut first = [0u8; 24];
+    loop {
+        let n = stream.peek(&mut first).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        match preface(&first[..n]) {
+            Preface::NeedMore => {
+                // Part of "PRI * HTTP/2.0...": peek returns at once while data is buffered, so
+                // wait a little for the rest (an h2 client sends all 24 bytes in one segment).
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            decided => return Ok(Some(decided)),
+        }
+    }
+}
+
+async fn serve_connection<H: KpHandler>(
+    handler: Arc<H>,
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    shutdown: watch::Receiver<bool>,
+    _permit: OwnedSemaphorePermit,
+) {
+    let metrics = shared.metrics.clone();
+    metrics.connections_open.inc();
+    let _ = stream.set_nodelay(true);
+    let config = &shared.config;
+    let header_timeout = Duration::from_millis(config.header_read_timeout_ms);
+    let protocol = match tokio::time::timeout(header_timeout, sniff(&stream)).await {
+        Ok(Ok(Some(protocol))) => Some(protocol),
+        Ok(Ok(None)) | Ok(Err(_)) => None,
+        Err(_) => {
+            metrics.header_timeouts.inc();
+            tracing::debug!("no request within the header read timeout");
+            None
+        }
+    };
+    if let Some(protocol) = protocol {
+        let h2 = protocol == Preface::Http2 && config.http2;
+        let max_streams = config.max_in_flight_per_connection;
+        let conn = Connection::new(handler, shared.clone(), peer, shutdown.clone());
+        let service = {
+            let conn = conn.clone();
+            hyper::service::service_fn(move |req| {
+                let conn = conn.clone();
+                async move { Ok::<_, Infallible>(conn.respond(req).await) }
+            })
+        };
+        let io = TokioIo::new(stream);
+        let result = if h2 {
+            let http = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(max_streams)
+                .serve_connection(io, service);
+            drive(http, |c| c.graceful_shutdown(), &conn, shutdown).await
+        } else {
+            let http = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .serve_connection(io, service);
+            drive(http, |c| c.graceful_shutdown(), &conn, shutdown).await
+        };
+        if let Err(e) = result {
+            if e.is_timeout() {
+                metrics.header_timeouts.inc();
+            }
+            tracing::debug!(error = %e, h2, "connection ended");
+        }
+        conn.close();
+    }
+    metrics.connections_open.dec();
+}
+
+/// Runs a hyper connection and, beside it, routes the gateway's responses from the outbox to
+/// the requests waiting on this connection. On shutdown, asks the connection to finish
+/// gracefully.
+async fn drive<C, H>(
+    http: C,
+    graceful: impl Fn(Pin<&mut C>),
+    conn: &Connection<H>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), hyper::Error>
+where
+    C: Future<Output = Result<(), hyper::Error>>,
+    H: KpHandler,
+{
+    tokio::pin!(http);
+    let stop = stopped(&mut shutdown);
+    tokio::pin!(stop);
+    let mut stopping = false;
+    loop {
+        tokio::select! {
+            biased;
+            () = std::future::poll_fn(|cx| conn.poll_responses(cx)) => {}
+            result = http.as_mut() => return result,
+            () = &mut stop, if !stopping => {
+                stopping = true;
+                graceful(http.as_mut());
+            }
+        }
+    }
+}
