@@ -161,12 +161,12 @@ pub(crate) struct Peer<H> {
     next_mid: u16,
     observe_seq: u32,
     rng: u64,
-    dedup: HashMap<u16, SeenEntry>,
+    dedup: HashMap<u16, SeenEntry, KeyedState>,
     dedup_order: VecDeque<(Instant, u16)>,
-    exchanges: HashMap<u64, Exchange>,
+    exchanges: HashMap<u64, Exchange, KeyedState>,
     /// Confirmable requests by ACK deadline: when one passes unanswered, an empty ACK goes out.
     piggyback: VecDeque<(Instant, u64)>,
-    outgoing: HashMap<u16, Outgoing>,
+    outgoing: HashMap<u16, Outgoing, KeyedState>,
     retransmits: BinaryHeap<Reverse<(Instant, u16)>>,
     observations: Vec<Observation>,
     recent_non: VecDeque<(u16, Token)>,
@@ -201,6 +201,7 @@ impl<H: KpHandler> Peer<H> {
         let now = Instant::now();
         let mut rng = seed(addr);
         let next_mid = (xorshift(&mut rng) >> 48) as u16;
+        let keyed = KeyedState(xorshift(&mut rng));
         Self {
             handler,
             socket,
@@ -211,11 +212,11 @@ impl<H: KpHandler> Peer<H> {
             next_mid,
             observe_seq: 1,
             rng,
-            dedup: HashMap::new(),
+            dedup: HashMap::with_hasher(keyed),
             dedup_order: VecDeque::new(),
-            exchanges: HashMap::new(),
+            exchanges: HashMap::with_hasher(keyed),
             piggyback: VecDeque::new(),
-            outgoing: HashMap::new(),
+            outgoing: HashMap::with_hasher(keyed),
             retransmits: BinaryHeap::new(),
             observations: Vec::new(),
             recent_non: VecDeque::new(),
@@ -1106,6 +1107,44 @@ fn outcome_parts(outcome: &KpOutcome, success: Code) -> (Code, Bytes) {
         KpOutcome::Error(KpError { status, reason }) => {
             (response_code(*status, success), Bytes::copy_from_slice(reason.as_bytes()))
         }
+    }
+}
+
+/// A cheap keyed hash for the integer keys of a peer's tables (message ids the peer chooses,
+/// tags and message ids we choose), instead of SipHash: a multiply-xorshift of the key mixed
+/// with a per-peer random secret, so a peer cannot aim its message ids at collisions (and the
+/// tables are bounded by `max_exchanges` anyway).
+#[derive(Clone, Copy)]
+struct KeyedState(u64);
+
+impl std::hash::BuildHasher for KeyedState {
+    type Hasher = KeyedHasher;
+
+    fn build_hasher(&self) -> KeyedHasher {
+        KeyedHasher(self.0)
+    }
+}
+
+struct KeyedHasher(u64);
+
+impl std::hash::Hasher for KeyedHasher {
+    fn finish(&self) -> u64 {
+        let x = self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        x ^ (x >> 32)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01B3);
+        }
+    }
+
+    fn write_u16(&mut self, n: u16) {
+        self.write_u64(u64::from(n));
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n).wrapping_mul(0xD6E8_FEB8_6659_FD93).rotate_left(29);
     }
 }
 

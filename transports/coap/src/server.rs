@@ -13,6 +13,25 @@
 //! Uri-Query arguments `u=<user name>` and `p=<password>`, which are passed to
 //! [`KpHandler::open_session`]; the first request's credentials hold for the session's
 //! lifetime, and a later request with different ones is refused with 4.01.
+//!
+//! What a device sees:
+//! - POST or PUT to `/kp1/<appver>/<ext>/<token>/<path>[/<request id>]`: 2.04 Changed with the
+//!   extension's payload, or an error code ([`response_code`]) with the reason phrase as
+//!   diagnostic payload; GET: 2.05 Content. Every request is answered, with or without request
+//!   id. A confirmable request gets its answer piggybacked on the ACK when it comes within
+//!   `ack_timeout_ms`, else an empty ACK and a separate confirmable response (retransmitted until
+//!   acknowledged or reset); a non-confirmable one gets a non-confirmable response.
+//! - A retransmission (same message id within `exchange_lifetime_ms`) is answered from the
+//!   cache, or acknowledged while the answer is pending, and never reaches the backend twice.
+//! - GET with Observe 0 registers (the answer is the first notification); pushes whose 1/KP
+//!   path equals the observed one become notifications (confirmable when the registration was),
+//!   with increasing 24-bit sequence numbers and Max-Age; GET with Observe 1, a RST to a
+//!   notification, or an unacknowledged confirmable notification ends the observation.
+//! - Block1 requests are reassembled (2.31 Continue per block) up to `max_payload_bytes`, else
+//!   4.13 with Size1; answers and notifications larger than a block go out with Block2, and
+//!   their later blocks are served from memory.
+//! - Unknown critical options get 4.02, methods other than GET, POST and PUT 4.05, Proxy-Uri
+//!   5.05, a ping (Empty CON) and a malformed confirmable message RST.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -61,11 +80,15 @@ pub struct CoapConfig {
     /// Largest request payload, whole or reassembled from Block1 blocks; larger ones get 4.13
     /// with Size1 set to this limit.
     pub max_payload_bytes: usize,
-    /// Block size asked of Block1 clients that send larger blocks (16 to 1024, a power of two).
+    /// Block size (16 to 1024, a power of two) asked of Block1 clients that send larger
+    /// blocks, and of Block2 answers and notifications larger than one block (a client may ask
+    /// for smaller ones).
     pub block_size_bytes: usize,
-    /// Per peer: Block1 transfers in progress at once; one more gets 5.03.
+    /// Per peer: Block1 transfers in progress at once (one more gets 5.03), and Block2 answers
+    /// kept for their later blocks (one more forgets the oldest).
     pub max_block_transfers: usize,
-    /// A Block1 transfer with no block for this long is dropped (its next block gets 4.08).
+    /// A Block1 transfer, or a kept Block2 answer, with no block asked for this long is dropped
+    /// (its next block gets 4.08).
     pub block_transfer_timeout_ms: u64,
     /// A peer that sends nothing for this long loses its state and its session is closed. Keep
     /// it above `observe_max_age_secs`, after which observers re-register.
