@@ -358,3 +358,20 @@ async fn stops_on_sigterm_without_nats() {
     assert_eq!(fg.terminate(), Some(0));
     assert!(started.elapsed() < Duration::from_secs(10), "{:?}", started.elapsed());
 }
+
+/// HTTP on NATS: curl's POST is answered 204 and appears as one ClientData and one
+/// DataSamplesEvent.
+#[tokio::test]
+async fn http_request_on_nats() {
+    let nats = NatsServer::start();
+    let mut observer = NatsObserver::connect(&nats.url()).await;
+    let fg = Fleetgate::start("up", &with_nats(&nats, &[]));
+    let url = format!("http://{}/{TOPIC}", fg.http);
+    let out = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "10", "-X", "POST"])
+        .args(["--data", std::str::from_utf8(BATCH).expect("utf8"), &url])
+        .output()
+        .expect("curl runs");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "204");
+    expect_on_nats(&mut observer).await;
+}
