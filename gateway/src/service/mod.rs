@@ -21,7 +21,7 @@ use fleetgate_messages::{
 use fleetgate_transport_core::metrics::{Counter, write_metric};
 use fleetgate_transport_core::{
     ClientCredentials, ClientIdentity, KpError, KpHandler, KpOutcome, KpRequest, KpResponse,
-    Outbox, SessionId, status_reason,
+    Outbox, SessionId, status_reason, topic_filter_matches,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -366,7 +366,7 @@ impl<B: Bus> Gateway<B> {
         }
         let topic = response_topic(response);
         for s in subscribers {
-            if !delivered.contains(&s.session) && filter_matches(&s.filter, &topic) {
+            if !delivered.contains(&s.session) && topic_filter_matches(&s.filter, &topic) {
                 self.metrics.copies.inc();
                 self.deliver(s.session, KpResponse { tag: s.tag, ..response.clone() });
             }
@@ -666,36 +666,9 @@ fn response_topic(response: &KpResponse) -> String {
     topic
 }
 
-/// MQTT topic filter matching: `+` matches one level, a final `#` the rest (including none).
-fn filter_matches(filter: &str, topic: &str) -> bool {
-    let mut f = filter.split('/');
-    let mut t = topic.split('/');
-    loop {
-        match (f.next(), t.next()) {
-            (Some("#"), _) => return true,
-            (Some("+"), Some(_)) => {}
-            (Some(a), Some(b)) if a == b => {}
-            (None, None) => return true,
-            _ => return false,
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn filters() {
-        let t = "kp1/demo-v1/dcx/tok/json/42/status";
-        assert!(filter_matches("kp1/demo-v1/dcx/tok/json/#", t));
-        assert!(filter_matches("kp1/demo-v1/dcx/tok/#", t));
-        assert!(filter_matches("kp1/demo-v1/dcx/tok/json/+/status", t));
-        assert!(filter_matches(t, t));
-        assert!(!filter_matches("kp1/demo-v1/dcx/tok/json/+/error", t));
-        assert!(!filter_matches("kp1/demo-v1/dcx/tok/json", t));
-        assert!(filter_matches("kp1/demo-v1/dcx/tok/json/#", "kp1/demo-v1/dcx/tok/json"));
-    }
 
     #[test]
     fn response_topics() {

@@ -88,7 +88,7 @@ impl ScriptedGateway {
             let subscription = state
                 .subscriptions
                 .iter()
-                .find(|(s, filter, _)| s == session && filter_matches(filter, &topic));
+                .find(|(s, filter, _)| s == session && crate::topic_filter_matches(filter, &topic));
             if !tokens.iter().any(|t| t == token) && subscription.is_none() {
                 continue;
             }
@@ -206,20 +206,6 @@ impl KpHandler for ScriptedGateway {
         {
             state.subscriptions.retain(|(s, _, _)| *s != session);
             state.closed.push(session);
-        }
-    }
-}
-
-/// MQTT topic filter matching: `+` one level, a final `#` the rest.
-fn filter_matches(filter: &str, topic: &str) -> bool {
-    let (mut f, mut t) = (filter.split('/'), topic.split('/'));
-    loop {
-        match (f.next(), t.next()) {
-            (Some("#"), _) => return true,
-            (Some("+"), Some(_)) => {}
-            (Some(a), Some(b)) if a == b => {}
-            (None, None) => return true,
-            _ => return false,
         }
     }
 }

@@ -9,6 +9,7 @@
 #[cfg(feature = "compliance")]
 pub mod compliance;
 mod handler;
+pub mod listener;
 pub mod metrics;
 mod status;
 mod topic;
@@ -18,4 +19,4 @@ pub use handler::{
     SessionId, Transport,
 };
 pub use status::{KpError, error_body, status_reason};
-pub use topic::{KpTopic, KpTopicError, parse_request_id};
+pub use topic::{KpTopic, KpTopicError, parse_request_id, topic_filter_matches};

@@ -41,6 +41,21 @@ pub fn parse_request_id(level: &str) -> Option<u32> {
     if value <= i32::MAX as u64 { u32::try_from(value).ok() } else { None }
 }
 
+/// MQTT topic filter matching, used for subscriptions on every transport: `+` matches one
+/// level, a final `#` the rest (including none).
+pub fn topic_filter_matches(filter: &str, topic: &str) -> bool {
+    let (mut f, mut t) = (filter.split('/'), topic.split('/'));
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(a), Some(b)) if a == b => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
 /// A parsed 1/KP request path.
 ///
 /// `kp1/demo-v1/dcx/tok1/json/42` has app version `demo-v1`, extension `dcx`, extension path
@@ -164,6 +179,18 @@ mod tests {
 
     fn parse(s: &str) -> Result<KpTopic, KpTopicError> {
         KpTopic::parse(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    #[test]
+    fn topic_filters() {
+        let t = "kp1/demo-v1/dcx/tok/json/42/status";
+        assert!(topic_filter_matches("kp1/demo-v1/dcx/tok/json/#", t));
+        assert!(topic_filter_matches("kp1/demo-v1/dcx/tok/#", t));
+        assert!(topic_filter_matches("kp1/demo-v1/dcx/tok/json/+/status", t));
+        assert!(topic_filter_matches(t, t));
+        assert!(!topic_filter_matches("kp1/demo-v1/dcx/tok/json/+/error", t));
+        assert!(!topic_filter_matches("kp1/demo-v1/dcx/tok/json", t));
+        assert!(topic_filter_matches("kp1/demo-v1/dcx/tok/json/#", "kp1/demo-v1/dcx/tok/json"));
     }
 
     #[test]

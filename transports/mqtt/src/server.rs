@@ -159,20 +159,8 @@ pub struct MqttTransport {
 impl MqttTransport {
     /// Binds the listener. An error here (port taken, no permission) is a start-up error.
     pub fn bind(config: MqttConfig) -> std::io::Result<Self> {
-        let addr = config.listen;
-        let socket = socket2::Socket::new(
-            socket2::Domain::for_address(addr),
-            socket2::Type::STREAM,
-            Some(socket2::Protocol::TCP),
-        )?;
-        socket.set_reuse_address(true)?;
-        if config.reuse_port {
-            socket.set_reuse_port(true)?;
-        }
-        socket.set_nonblocking(true)?;
-        socket.bind(&addr.into())?;
-        socket.listen(4096)?;
-        let listener = TcpListener::from_std(socket.into())?;
+        let listener =
+            fleetgate_transport_core::listener::bind_tcp(config.listen, config.reuse_port)?;
         Ok(Self { listener, config: Arc::new(config), metrics: Arc::default() })
     }
 

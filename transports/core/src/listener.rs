@@ -1,0 +1,24 @@
+//! TCP listeners the way every fleetgate transport binds them.
+
+use std::net::SocketAddr;
+
+use tokio::net::TcpListener;
+
+/// Binds a listening TCP socket on `addr` with SO_REUSEADDR and, when `reuse_port`, SO_REUSEPORT
+/// (several gateway processes sharing one port). An error (port taken, no permission) is a
+/// start-up error for the caller to name its setting in.
+pub fn bind_tcp(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    TcpListener::from_std(socket.into())
+}
