@@ -146,6 +146,12 @@ impl MqttMetrics {
     }
 }
 
+/// Read buffer policy: when less than `READ_MIN_SPARE` bytes are free, reserve `READ_RESERVE`
+/// more. Small, so that an idle connection holds little memory; a busy one still reads many
+/// packets per system call.
+const READ_MIN_SPARE: usize = 256;
+const READ_RESERVE: usize = 2048;
+
 /// Labels of every MQTT transport metric.
 const LABELS: &str = "{transport=\"mqtt\"}";
 
@@ -257,8 +263,10 @@ impl<H: KpHandler> Connection<H> {
             peer,
             shutdown,
             codec,
-            read: BytesMut::with_capacity(4096),
-            write: BytesMut::with_capacity(4096),
+            // Small to start: most connections are idle most of the time (M4); buffers grow
+            // with traffic.
+            read: BytesMut::new(),
+            write: BytesMut::new(),
             session: None,
             aliases: Vec::new(),
             inflight: 0,
@@ -309,8 +317,8 @@ impl<H: KpHandler> Connection<H> {
     }
 
     async fn read_more(&mut self, rd: &mut tokio::net::tcp::OwnedReadHalf) -> Result<(), Close> {
-        if self.read.capacity() - self.read.len() < 1024 {
-            self.read.reserve(8192);
+        if self.read.capacity() - self.read.len() < READ_MIN_SPARE {
+            self.read.reserve(READ_RESERVE);
         }
         match rd.read_buf(&mut self.read).await {
             Ok(0) | Err(_) => Err(Close::Quietly),
@@ -425,7 +433,6 @@ impl<H: KpHandler> Connection<H> {
                 properties.assigned_client_identifier = Some(Bytes::from(assigned));
             }
         }
-        self.aliases = vec![None; usize::from(self.config.topic_alias_maximum)];
         let connack =
             ConnAck { session_present: false, reason_code: ReasonCode::Success, properties };
         self.encode(&Packet::ConnAck(Box::new(connack)));
@@ -612,11 +619,17 @@ impl<H: KpHandler> Connection<H> {
             }
             return Ok(publish.topic.clone());
         };
-        let Some(slot) = usize::from(alias).checked_sub(1).and_then(|i| self.aliases.get_mut(i))
-        else {
+        let index =
+            usize::from(alias).checked_sub(1).filter(|_| alias <= self.config.topic_alias_maximum);
+        let Some(index) = index else {
             self.metrics.protocol_errors.inc();
             return Err(Close::Disconnect(ReasonCode::TopicAliasInvalid));
         };
+        // The table grows to the highest alias the client uses, not to the maximum up front.
+        if self.aliases.len() <= index {
+            self.aliases.resize(index + 1, None);
+        }
+        let slot = &mut self.aliases[index];
         if publish.topic.is_empty() {
             slot.clone().ok_or(Close::Disconnect(ReasonCode::ProtocolError))
         } else {
