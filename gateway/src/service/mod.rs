@@ -433,14 +433,16 @@ impl<B: Bus> KpHandler for Gateway<B> {
 
     async fn handle(&self, session: SessionId, request: KpRequest) -> Result<(), KpError> {
         self.metrics.requests.inc();
-        let (base, request_id, tag) =
-            (request.topic.base(), request.topic.request_id(), request.tag);
-        let result = self.forward(session, request).await;
+        let result = self.forward(session, &request).await;
         if let Err(e) = &result {
             self.metrics.rejected.inc();
             // The transport answers the requester; subscribers get their copy from here.
-            let response =
-                KpResponse { base, request_id, tag, outcome: KpOutcome::Error(e.clone()) };
+            let response = KpResponse {
+                base: request.topic.base(),
+                request_id: request.topic.request_id(),
+                tag: request.tag,
+                outcome: KpOutcome::Error(e.clone()),
+            };
             self.copy_to_subscribers(&response, &[session]);
         }
         result
@@ -504,7 +506,7 @@ impl<B: Bus> KpHandler for Gateway<B> {
 }
 
 impl<B: Bus> Gateway<B> {
-    async fn forward(&self, session: SessionId, request: KpRequest) -> Result<(), KpError> {
+    async fn forward(&self, session: SessionId, request: &KpRequest) -> Result<(), KpError> {
         let topic = &request.topic;
         let extension = topic.extension();
         let subject = self.extensions.get(extension).ok_or_else(|| {

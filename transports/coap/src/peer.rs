@@ -6,6 +6,7 @@
 //! Timers (empty ACKs, retransmissions, cache expiry, the idle timeout) are deadlines it keeps
 //! itself; it sleeps until the earliest.
 
+use fleetgate_transport_core::stopped;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -875,33 +876,21 @@ impl<H: KpHandler> Peer<H> {
                 }
                 self.send_counted(&bytes).await;
             }
-            (None, true) => {
+            (None, confirmable) => {
+                // A separate response: CON for a CON request (tracked until ACKed), else NON.
+                let kind = if confirmable {
+                    MessageType::Confirmable
+                } else {
+                    MessageType::NonConfirmable
+                };
                 let mid = self.new_mid();
-                let Some(bytes) = self.encode(
-                    MessageType::Confirmable,
-                    code,
-                    mid,
-                    &exchange.token,
-                    extra,
-                    &payload,
-                ) else {
+                let Some(bytes) = self.encode(kind, code, mid, &exchange.token, extra, &payload)
+                else {
                     return;
                 };
-                self.track(mid, bytes.clone(), observation, None);
-                self.send_counted(&bytes).await;
-            }
-            (None, false) => {
-                let mid = self.new_mid();
-                let Some(bytes) = self.encode(
-                    MessageType::NonConfirmable,
-                    code,
-                    mid,
-                    &exchange.token,
-                    extra,
-                    &payload,
-                ) else {
-                    return;
-                };
+                if confirmable {
+                    self.track(mid, bytes.clone(), observation, None);
+                }
                 self.send_counted(&bytes).await;
             }
         }
@@ -1086,10 +1075,6 @@ impl<H: KpHandler> Peer<H> {
             entry.seen = seen;
         }
     }
-}
-
-async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
 fn too_large(max: usize) -> Refusal {

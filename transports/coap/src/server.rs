@@ -33,6 +33,7 @@
 //! - Unknown critical options get 4.02, methods other than GET, POST and PUT 4.05, Proxy-Uri
 //!   5.05, a ping (Empty CON) and a malformed confirmable message RST.
 
+use fleetgate_transport_core::stopped;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -372,10 +373,6 @@ impl Transport for CoapTransport {
         }
         while readers.join_next().await.is_some() {}
     }
-}
-
-async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
 /// Reads one socket and hands datagrams to their peers' tasks.

@@ -20,3 +20,9 @@ pub use handler::{
 };
 pub use status::{KpError, error_body, status_reason};
 pub use topic::{KpTopic, KpTopicError, parse_request_id, topic_filter_matches};
+
+/// Resolves once `shutdown` turns true (or its sender is gone): the stop signal every transport
+/// loop selects on.
+pub async fn stopped(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}

@@ -308,7 +308,7 @@ impl<H: KpHandler> Connection<H> {
                 Err(_) => Err(HttpError::Gone.into()),
             },
             () = tokio::time::sleep(wait) => Ok(empty(StatusCode::NO_CONTENT)),
-            () = crate::server::stopped(&mut shutdown) => Err(HttpError::Gone.into()),
+            () = fleetgate_transport_core::stopped(&mut shutdown) => Err(HttpError::Gone.into()),
         }
     }
 

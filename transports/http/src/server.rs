@@ -36,6 +36,7 @@
 //! headers, within `header_read_timeout_ms` is disconnected (slowloris); so is an idle
 //! keep-alive HTTP/1.1 connection after that time.
 
+use fleetgate_transport_core::stopped;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -115,11 +116,6 @@ impl Transport for HttpTransport {
         // their long polls, and close.
         while connections.join_next().await.is_some() {}
     }
-}
-
-/// Resolves once `shutdown` is true (or its sender is gone).
-pub(crate) async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
 /// Accepts a connection once fewer than `max_connections` are open.

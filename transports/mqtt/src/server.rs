@@ -9,6 +9,7 @@
 //! 0x9B after CONNACK advertised Maximum QoS 1; 3.1.1, which has no way to refuse: the
 //! connection is closed). Retained messages and wills are not supported.
 
+use fleetgate_transport_core::stopped;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -209,10 +210,6 @@ impl Transport for MqttTransport {
         // Connections see the same shutdown signal and close themselves.
         while connections.join_next().await.is_some() {}
     }
-}
-
-async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
 /// Why a connection ends.
