@@ -16,7 +16,8 @@ use bytes::Bytes;
 use fleetgate_bus::{Bus, BusError, Requester, Subject, Subscription, now_ms};
 use fleetgate_messages::{
     ClientData, ClientUsernamePasswordValidationRequest, ClientUsernamePasswordValidationResponse,
-    ConnectedEvent, DisconnectedEvent, EndpointTokenRevokedEvent, ExtensionData, Record, subjects,
+    ConnectedEvent, DisconnectedEvent, EndpointTokenRevokedEvent, ExtensionData, Record, encode_pooled,
+    subjects,
 };
 use fleetgate_transport_core::metrics::{Counter, write_metric};
 use fleetgate_transport_core::{
@@ -261,7 +262,7 @@ impl<B: Bus> Gateway<B> {
 
     fn new_correlation_id(&self) -> (u64, String) {
         let n = self.next_request.fetch_add(1, Ordering::Relaxed);
-        (n, format!("{}{n:x}", self.correlation_prefix))
+        (n, CorrelationId::new(&self.correlation_prefix, n).as_str().to_owned())
     }
 
     /// The request number in one of this replica's correlation ids.
@@ -506,6 +507,68 @@ impl<B: Bus> KpHandler for Gateway<B> {
 }
 
 impl<B: Bus> Gateway<B> {
+    /// A token's first use in a session: resolve it, note it, announce the endpoint connected
+    /// when the session had not used it yet.
+    async fn first_use(
+        &self,
+        session: SessionId,
+        app_version: &str,
+        token: &str,
+    ) -> Result<Arc<str>, KpError> {
+        let resolved =
+            self.tokens.resolve(app_version, token, &self.metrics.token_cache_misses).await?;
+        let id = resolved.endpoint_id;
+        match self.sessions.note_endpoint(session, &id, app_version, token, resolved.expires) {
+            None => return Err(KpError::unavailable("the session has ended")),
+            Some(true) => self.publish_connected(&[(&id, app_version)]).await,
+            Some(false) => {}
+        }
+        Ok(id)
+    }
+
+    /// The request's `ClientData`, encoded, and its request number; registers the request as
+    /// pending when an answer is expected. Synchronous, so that none of this is held in the
+    /// request's future while the bus takes it.
+    fn client_data(
+        &self,
+        session: SessionId,
+        request: &KpRequest,
+        endpoint_id: &str,
+        resource_path: &str,
+    ) -> (u64, Bytes) {
+        let topic = &request.topic;
+        let app_version = topic.app_version();
+        let n = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let correlation_id = CorrelationId::new(&self.correlation_prefix, n);
+        // Without a request id the extension answers only errors, unless the transport needs
+        // an answer: then the extension sees this replica's own (positive, 31-bit) id.
+        let path_id = topic.request_id();
+        let esp_request_id = match path_id {
+            Some(id) => i32::try_from(id).ok(),
+            None if request.wants_answer => Some(i32::try_from(n % 0x7fff_ffff + 1).unwrap_or(1)),
+            None => None,
+        };
+        let data = ClientData {
+            correlation_id: correlation_id.as_str(),
+            timestamp_ms: now_ms(),
+            timeout_ms: i64::try_from(self.config.request_timeout_ms).unwrap_or(0),
+            app_version_name: app_version,
+            endpoint_id: Some(endpoint_id),
+            resource_path,
+            request_id: esp_request_id,
+            payload: &request.payload,
+            config_name: None,
+        };
+        if esp_request_id.is_some() {
+            let deadline = Instant::now() + Duration::from_millis(self.config.request_timeout_ms);
+            let base = topic.base();
+            let pending =
+                Pending { session, base, request_id: path_id, tag: request.tag, deadline };
+            self.pending.insert(n, pending);
+        }
+        (n, encode_pooled(&data))
+    }
+
     async fn forward(&self, session: SessionId, request: &KpRequest) -> Result<(), KpError> {
         let topic = &request.topic;
         let extension = topic.extension();
@@ -521,46 +584,25 @@ impl<B: Bus> Gateway<B> {
         let resource_path = topic
             .resource_path()
             .ok_or_else(|| KpError::not_found("no resource path after the endpoint token"))?;
-        let endpoint_id =
-            self.tokens.resolve(app_version, token, &self.metrics.token_cache_misses).await?;
-        match self.sessions.note_endpoint(session, &endpoint_id, app_version, token) {
+        // A token the session already used needs no token cache lookup (revocation ends the
+        // session; the trust expires with the cache entry it came from).
+        let endpoint_id = match self.sessions.trusted_endpoint(
+            session,
+            app_version,
+            token,
+            Instant::now(),
+        ) {
             None => return Err(KpError::unavailable("the session has ended")),
-            Some(true) => {
-                self.publish_connected(&[(&endpoint_id, app_version)]).await;
-            }
-            Some(false) => {}
-        }
-        let (n, correlation_id) = self.new_correlation_id();
-        // Without a request id the extension answers only errors, unless the transport needs
-        // an answer: then the extension sees this replica's own (positive, 31-bit) id.
-        let path_id = topic.request_id();
-        let esp_request_id = match path_id {
-            Some(id) => i32::try_from(id).ok(),
-            None if request.wants_answer => Some(i32::try_from(n % 0x7fff_ffff + 1).unwrap_or(1)),
-            None => None,
+            Some(Some(endpoint_id)) => endpoint_id,
+            // Boxed: the first use of a token in a session is rare, and its future (a 16/ECAP
+            // request with a timer) would otherwise sit inline in every transport connection's
+            // state, idle ones included.
+            Some(None) => Box::pin(self.first_use(session, app_version, token)).await?,
         };
-        let data = ClientData {
-            correlation_id: &correlation_id,
-            timestamp_ms: now_ms(),
-            timeout_ms: i64::try_from(self.config.request_timeout_ms).unwrap_or(0),
-            app_version_name: app_version,
-            endpoint_id: Some(&endpoint_id),
-            resource_path,
-            request_id: esp_request_id,
-            payload: &request.payload,
-            config_name: None,
-        };
-        if esp_request_id.is_some() {
-            let deadline = Instant::now() + Duration::from_millis(self.config.request_timeout_ms);
-            let base = topic.base();
-            let pending =
-                Pending { session, base, request_id: path_id, tag: request.tag, deadline };
-            self.pending.insert(n, pending);
-        }
-        let published = self
-            .bus
-            .publish(subject.clone(), Some(self.reply_subject.clone()), data.to_bytes())
-            .await;
+        let (n, payload) = self.client_data(session, request, &endpoint_id, resource_path);
+        drop(endpoint_id);
+        let published =
+            self.bus.publish(subject.clone(), Some(self.reply_subject.clone()), payload).await;
         published.map_err(|e| {
             self.pending.take(n);
             match e {
@@ -648,6 +690,46 @@ async fn expire_requests<B: Bus>(gateway: Weak<Gateway<B>>, mut shutdown: watch:
     }
 }
 
+/// `<replica id>-<request number in hex>`, built on the stack: one per request, so not worth
+/// an allocation (unless the replica id is very long).
+enum CorrelationId {
+    Inline { buf: [u8; 96], len: usize },
+    Heap(String),
+}
+
+impl CorrelationId {
+    fn new(prefix: &str, n: u64) -> Self {
+        let mut hex = [0u8; 16];
+        let mut i = hex.len();
+        let mut rest = n;
+        loop {
+            i -= 1;
+            hex[i] = b"0123456789abcdef"[(rest & 0xf) as usize];
+            rest >>= 4;
+            if rest == 0 {
+                break;
+            }
+        }
+        let digits = &hex[i..];
+        let len = prefix.len() + digits.len();
+        let mut buf = [0u8; 96];
+        if len > buf.len() {
+            return Self::Heap(format!("{prefix}{n:x}"));
+        }
+        buf[..prefix.len()].copy_from_slice(prefix.as_bytes());
+        buf[prefix.len()..len].copy_from_slice(digits);
+        Self::Inline { buf, len }
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            // A str prefix and ASCII digits: always UTF-8.
+            Self::Inline { buf, len } => std::str::from_utf8(&buf[..*len]).unwrap_or_default(),
+            Self::Heap(s) => s,
+        }
+    }
+}
+
 /// The endpoint token of a 1/KP path (`kp1/<app version>/<extension>/<token>/...`).
 fn token_of(base: &[u8]) -> Option<&str> {
     let base = std::str::from_utf8(base).ok()?;
@@ -671,6 +753,15 @@ fn response_topic(response: &KpResponse) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn correlation_ids() {
+        assert_eq!(CorrelationId::new("kpc-1-", 0).as_str(), "kpc-1-0");
+        assert_eq!(CorrelationId::new("kpc-1-", 0xabc).as_str(), "kpc-1-abc");
+        assert_eq!(CorrelationId::new("r-", u64::MAX).as_str(), "r-ffffffffffffffff");
+        let long = "x".repeat(200);
+        assert_eq!(CorrelationId::new(&long, 0x1f).as_str(), format!("{long}1f"));
+    }
 
     #[test]
     fn response_topics() {

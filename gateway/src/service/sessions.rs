@@ -3,17 +3,27 @@
 
 use std::sync::Arc;
 
-use fleetgate_transport_core::{KpResponse, Outbox, SessionId};
-use tokio::sync::mpsc::error::TrySendError;
+use fleetgate_transport_core::{KpResponse, Outbox, SessionId, TrySendError};
+
+use tokio::time::Instant;
 
 use super::sharded::Sharded;
 
 struct Session {
     outbox: Outbox,
-    /// Endpoints used in this session: (endpoint id, app version, token).
-    endpoints: Vec<(Arc<str>, Arc<str>, Arc<str>)>,
+    /// Endpoints used in this session.
+    endpoints: Vec<UsedEndpoint>,
     /// Topic filters subscribed to: (token, filter).
     filters: Vec<(Arc<str>, Arc<str>)>,
+}
+
+/// An endpoint token a session has used, and what it resolved to.
+struct UsedEndpoint {
+    endpoint_id: Arc<str>,
+    app_version: Arc<str>,
+    token: Arc<str>,
+    /// Until when the token's validation may be trusted without asking the token cache.
+    trusted_until: Instant,
 }
 
 /// A session that subscribed to a filter naming an endpoint token.
@@ -54,28 +64,54 @@ impl Sessions {
             .insert(id, Session { outbox, endpoints: Vec::new(), filters: Vec::new() });
     }
 
-    /// Records that `session` used `endpoint_id`. `Some(true)` the first time (a 9/ELCE
-    /// connected event is due), `Some(false)` after, `None` if the session is gone.
+    /// The endpoint `token` resolved to when `session` last used it, while that is still
+    /// trusted at `now`: the per-message fast path, one lock and no token cache lookup.
+    /// `Some(None)` when the session has not used the token (or its trust expired), `None` if
+    /// the session is gone.
+    pub(crate) fn trusted_endpoint(
+        &self,
+        session: SessionId,
+        app_version: &str,
+        token: &str,
+        now: Instant,
+    ) -> Option<Option<Arc<str>>> {
+        let shard = self.sessions.shard(&session);
+        let s = shard.get(&session)?;
+        let used = s.endpoints.iter().find(|u| {
+            u.trusted_until > now && *u.token == *token && *u.app_version == *app_version
+        });
+        Some(used.map(|u| u.endpoint_id.clone()))
+    }
+
+    /// Records that `session` used `token` for `endpoint_id`, trusted until `trusted_until`.
+    /// `Some(true)` the first time the session uses that endpoint (a 9/ELCE connected event is
+    /// due), `Some(false)` after, `None` if the session is gone.
     pub(crate) fn note_endpoint(
         &self,
         session: SessionId,
         endpoint_id: &Arc<str>,
         app_version: &str,
         token: &str,
+        trusted_until: Instant,
     ) -> Option<bool> {
         let (app_version, token) = {
             let mut shard = self.sessions.shard(&session);
             let s = shard.get_mut(&session)?;
-            let known = s.endpoints.iter().any(|(e, a, t)| {
-                e == endpoint_id && a.as_ref() == app_version && t.as_ref() == token
+            let known = s.endpoints.iter_mut().find(|u| {
+                u.endpoint_id == *endpoint_id && *u.app_version == *app_version && *u.token == *token
             });
-            if known {
+            if let Some(known) = known {
+                known.trusted_until = trusted_until;
                 return Some(false);
             }
-            let entry =
-                (endpoint_id.clone(), Arc::<str>::from(app_version), Arc::<str>::from(token));
-            let pair = (entry.1.clone(), entry.2.clone());
-            s.endpoints.push(entry);
+            let used = UsedEndpoint {
+                endpoint_id: endpoint_id.clone(),
+                app_version: Arc::from(app_version),
+                token: Arc::from(token),
+                trusted_until,
+            };
+            let pair = (used.app_version.clone(), used.token.clone());
+            s.endpoints.push(used);
             pair
         };
         self.by_endpoint.shard(endpoint_id).entry(endpoint_id.clone()).or_default().push(Route {
@@ -189,7 +225,7 @@ impl Sessions {
             self.remove_subscriber(token, session, None);
         }
         let mut endpoints: Vec<(Arc<str>, Arc<str>)> = Vec::with_capacity(s.endpoints.len());
-        for (endpoint_id, app_version, _) in s.endpoints {
+        for UsedEndpoint { endpoint_id, app_version, .. } in s.endpoints {
             let mut shard = self.by_endpoint.shard(&endpoint_id);
             if let Some(routes) = shard.get_mut(&endpoint_id) {
                 routes.retain(|r| r.session != session);

@@ -19,6 +19,12 @@ struct Cached {
     expires: Instant,
 }
 
+/// A validated token's endpoint, and until when the validation may be trusted.
+pub(crate) struct Resolved {
+    pub(crate) endpoint_id: Arc<str>,
+    pub(crate) expires: Instant,
+}
+
 /// Validated tokens, keyed by token, per app version (fleetgate sends the app version name as
 /// the 16/ECAP `appName`).
 pub(crate) struct TokenCache<B: Bus> {
@@ -44,20 +50,23 @@ impl<B: Bus> TokenCache<B> {
         }
     }
 
-    fn cached(&self, app_version: &str, token: &str) -> Option<Result<Arc<str>, KpError>> {
+    fn cached(&self, app_version: &str, token: &str) -> Option<Result<Resolved, KpError>> {
         let shard = self.cache.shard(token);
         let entry = shard.get(token)?.iter().find(|c| &*c.app_version == app_version)?;
-        (entry.expires > Instant::now()).then(|| entry.endpoint.clone())
+        (entry.expires > Instant::now()).then(|| {
+            let endpoint_id = entry.endpoint.clone()?;
+            Ok(Resolved { endpoint_id, expires: entry.expires })
+        })
     }
 
-    /// The endpoint id of `token` in `app_version`: 401 when the provider does not know it,
-    /// 503 when the provider does not answer.
+    /// The endpoint id of `token` in `app_version` and until when it may be trusted: 401 when
+    /// the provider does not know it, 503 when the provider does not answer.
     pub(crate) async fn resolve(
         &self,
         app_version: &str,
         token: &str,
         misses: &Counter,
-    ) -> Result<Arc<str>, KpError> {
+    ) -> Result<Resolved, KpError> {
         if let Some(hit) = self.cached(app_version, token) {
             return hit;
         }
@@ -97,16 +106,13 @@ impl<B: Bus> TokenCache<B> {
             }
         };
         let ttl = if endpoint.is_ok() { self.ttl } else { self.negative_ttl };
-        let entry = Cached {
-            app_version: app_version.into(),
-            endpoint: endpoint.clone(),
-            expires: Instant::now() + ttl,
-        };
+        let expires = Instant::now() + ttl;
+        let entry = Cached { app_version: app_version.into(), endpoint: endpoint.clone(), expires };
         let mut shard = self.cache.shard(token);
         let entries = shard.entry(token.into()).or_default();
         entries.retain(|c| &*c.app_version != app_version);
         entries.push(entry);
-        endpoint
+        endpoint.map(|endpoint_id| Resolved { endpoint_id, expires })
     }
 
     /// Forgets every cached token of `endpoint_id` in `app_version` (16/ECAP revocation).

@@ -4,9 +4,9 @@ use std::future::Future;
 use std::net::SocketAddr;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
-use crate::{KpError, KpTopic};
+use crate::{KpError, KpTopic, Outbox};
 
 /// Identifies one device session (an MQTT connection, later a CoAP peer or HTTP client) within a
 /// gateway process.
@@ -75,11 +75,6 @@ pub struct KpResponse {
     /// Success payload or error.
     pub outcome: KpOutcome,
 }
-
-/// Where the gateway sends responses and pushes for a session. Bounded: a session that does not
-/// read its responses fast enough is disconnected by the gateway rather than buffered without
-/// limit.
-pub type Outbox = mpsc::Sender<KpResponse>;
 
 /// The gateway side of the boundary, called by every transport.
 pub trait KpHandler: Send + Sync + 'static {

@@ -9,15 +9,17 @@
 #[cfg(feature = "compliance")]
 pub mod compliance;
 mod handler;
+mod outbox;
 pub mod listener;
 pub mod metrics;
 mod status;
 mod topic;
 
 pub use handler::{
-    ClientCredentials, ClientIdentity, KpHandler, KpOutcome, KpRequest, KpResponse, Outbox,
-    SessionId, Transport,
+    ClientCredentials, ClientIdentity, KpHandler, KpOutcome, KpRequest, KpResponse, SessionId,
+    Transport,
 };
+pub use outbox::{Outbox, OutboxReceiver, TryRecvError, TrySendError, outbox};
 pub use status::{KpError, error_body, status_reason};
 pub use topic::{KpTopic, KpTopicError, parse_request_id, topic_filter_matches};
 

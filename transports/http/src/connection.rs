@@ -21,13 +21,13 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use fleetgate_transport_core::{
     ClientCredentials, KpError, KpHandler, KpOutcome, KpRequest, KpResponse, KpTopic, Outbox,
-    SessionId,
+    OutboxReceiver, SessionId, outbox,
 };
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Incoming};
 use hyper::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue, WWW_AUTHENTICATE};
 use hyper::{Method, Request, Response, StatusCode};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 
 use crate::metrics::HttpMetrics;
 use crate::{HttpConfig, HttpError, wire};
@@ -52,7 +52,7 @@ pub(crate) struct Connection<H> {
     /// Given to every session the connection opens.
     outbox: Outbox,
     /// The other end of `outbox`.
-    responses: Mutex<mpsc::Receiver<KpResponse>>,
+    responses: Mutex<OutboxReceiver>,
     sessions: Mutex<Sessions>,
     /// Held while a session is being opened, so that concurrent HTTP/2 requests with the same
     /// credentials share one session.
@@ -96,7 +96,7 @@ impl<H: KpHandler> Connection<H> {
         peer: SocketAddr,
         shutdown: watch::Receiver<bool>,
     ) -> Arc<Self> {
-        let (outbox, responses) = mpsc::channel(shared.config.response_queue_capacity.max(1));
+        let (outbox, responses) = outbox(shared.config.response_queue_capacity);
         let conn = Self {
             handler,
             shared,

@@ -17,14 +17,13 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use fleetgate_transport_core::metrics::{Counter, Gauge, write_metric};
 use fleetgate_transport_core::{
-    ClientCredentials, KpError, KpHandler, KpOutcome, KpRequest, KpResponse, KpTopic, SessionId,
-    Transport,
+    ClientCredentials, KpError, KpHandler, KpOutcome, KpRequest, KpResponse, KpTopic,
+    OutboxReceiver, SessionId, Transport, TryRecvError,
 };
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -153,6 +152,10 @@ impl MqttMetrics {
 const READ_MIN_SPARE: usize = 256;
 const READ_RESERVE: usize = 2048;
 
+/// A connection that has read nothing for this long gives its (empty) buffers back: idle
+/// connections, the bulk of a large fleet, then hold no buffer memory at all.
+const IDLE_RELEASE: Duration = Duration::from_secs(2);
+
 /// Labels of every MQTT transport metric.
 const LABELS: &str = "{transport=\"mqtt\"}";
 
@@ -187,15 +190,18 @@ impl Transport for MqttTransport {
     }
 
     async fn serve<H: KpHandler>(self, handler: Arc<H>, mut shutdown: watch::Receiver<bool>) {
-        let mut connections = JoinSet::new();
+        // Each connection task holds a sender; `recv` returns None once all have ended. (A
+        // JoinSet would keep an entry per connection, idle ones included.)
+        let (live, mut all_ended) = mpsc::channel::<()>(1);
         loop {
             tokio::select! {
                 accepted = self.listener.accept() => match accepted {
                     Ok((stream, peer)) => {
                         self.metrics.connections_accepted.inc();
-                        let conn = Connection::new(handler.clone(), self.config.clone(), self.metrics.clone(), peer, shutdown.clone());
-                        let span = tracing::info_span!("mqtt", %peer);
-                        connections.spawn(conn.run(stream).instrument(span));
+                        let conn = Connection::new(handler.clone(), self.config.clone(), self.metrics.clone(), peer, shutdown.clone(), live.clone());
+                        let span = tracing::debug_span!("mqtt", %peer);
+                        let fut = conn.run(stream).instrument(span);
+                        tokio::spawn(fut);
                     }
                     Err(e) => {
                         // Out of file descriptors and the like: back off instead of spinning.
@@ -205,11 +211,18 @@ impl Transport for MqttTransport {
                 },
                 _ = stopped(&mut shutdown) => break,
             }
-            while connections.try_join_next().is_some() {}
         }
         // Connections see the same shutdown signal and close themselves.
-        while connections.join_next().await.is_some() {}
+        drop(live);
+        let _ = all_ended.recv().await;
     }
+}
+
+/// What a packet leaves for the handler.
+enum Forward {
+    /// A 1/KP request, and the packet id to acknowledge once the bus has it.
+    Publish { request: KpRequest, packet_id: Option<u16> },
+    Subscribe(Subscribe),
 }
 
 /// Why a connection ends.
@@ -242,6 +255,8 @@ struct Connection<H> {
     inflight: u16,
     max_inflight: u16,
     next_packet_id: u16,
+    /// Held until the connection ends; the listener waits for all of them at shutdown.
+    _live: mpsc::Sender<()>,
 }
 
 impl<H: KpHandler> Connection<H> {
@@ -251,6 +266,7 @@ impl<H: KpHandler> Connection<H> {
         metrics: Arc<MqttMetrics>,
         peer: SocketAddr,
         shutdown: watch::Receiver<bool>,
+        live: mpsc::Sender<()>,
     ) -> Self {
         let codec = Codec::new(config.max_packet_size_bytes);
         Self {
@@ -269,6 +285,7 @@ impl<H: KpHandler> Connection<H> {
             inflight: 0,
             max_inflight: 0,
             next_packet_id: 0,
+            _live: live,
         }
     }
 
@@ -281,7 +298,12 @@ impl<H: KpHandler> Connection<H> {
         let _ = stream.set_nodelay(true);
         let (mut rd, mut wr) = stream.into_split();
         let connect_timeout = Duration::from_millis(self.config.connect_timeout_ms);
-        let connected = tokio::time::timeout(connect_timeout, self.accept_connect(&mut rd)).await;
+        // Boxed, like every call into the handler below: those futures (authentication with
+        // its timer, token validation, a bus publish) would otherwise sit inline in the
+        // connection's state for its whole life, idle connections included (M4). Freed once
+        // CONNECT is done.
+        let connected =
+            Box::pin(tokio::time::timeout(connect_timeout, self.accept_connect(&mut rd))).await;
         let outcome = match connected {
             Ok(Ok((outbox, keep_alive))) => {
                 let _ = wr.write_all(&self.write).await;
@@ -314,7 +336,11 @@ impl<H: KpHandler> Connection<H> {
     }
 
     async fn read_more(&mut self, rd: &mut tokio::net::tcp::OwnedReadHalf) -> Result<(), Close> {
-        if self.read.capacity() - self.read.len() < READ_MIN_SPARE {
+        if self.read.capacity() == 0 {
+            // A first read (CONNECT) or one after the buffers were given back: most packets
+            // are small, and an idle connection's buffer lingers until it is released.
+            self.read.reserve(READ_MIN_SPARE);
+        } else if self.read.capacity() - self.read.len() < READ_MIN_SPARE {
             self.read.reserve(READ_RESERVE);
         }
         match rd.read_buf(&mut self.read).await {
@@ -334,7 +360,7 @@ impl<H: KpHandler> Connection<H> {
     async fn accept_connect(
         &mut self,
         rd: &mut tokio::net::tcp::OwnedReadHalf,
-    ) -> Result<(mpsc::Receiver<KpResponse>, Option<Duration>), Close> {
+    ) -> Result<(OutboxReceiver, Option<Duration>), Close> {
         let connect = loop {
             match self.codec.decode(&mut self.read) {
                 Ok(Some(Packet::Connect(c))) => break c,
@@ -359,7 +385,7 @@ impl<H: KpHandler> Connection<H> {
     async fn open_session(
         &mut self,
         connect: Connect,
-    ) -> Result<(mpsc::Receiver<KpResponse>, Option<Duration>), Close> {
+    ) -> Result<(OutboxReceiver, Option<Duration>), Close> {
         let v5 = self.is_v5();
         let props = &connect.properties;
         if props.authentication_method.is_some() {
@@ -371,7 +397,7 @@ impl<H: KpHandler> Connection<H> {
             return Err(self.refuse(ReasonCode::ClientIdentifierNotValid));
         }
         let username = connect.username.as_deref().and_then(|u| std::str::from_utf8(u).ok());
-        let (tx, rx) = mpsc::channel(self.config.response_queue_capacity.max(1));
+        let (tx, rx) = fleetgate_transport_core::outbox(self.config.response_queue_capacity);
         let credentials = ClientCredentials {
             transport: "mqtt",
             client_id: &client_id,
@@ -382,7 +408,7 @@ impl<H: KpHandler> Connection<H> {
         let identity = match self.handler.open_session(credentials, tx).await {
             Ok(identity) => identity,
             Err(e) => {
-                tracing::info!(status = e.status, reason = %e.reason, "connection refused");
+                tracing::info!(peer = %self.peer, status = e.status, reason = %e.reason, "connection refused");
                 let reason = match e.status {
                     401 => ReasonCode::BadUserNameOrPassword,
                     403 => ReasonCode::NotAuthorized,
@@ -459,22 +485,31 @@ impl<H: KpHandler> Connection<H> {
         &mut self,
         rd: &mut tokio::net::tcp::OwnedReadHalf,
         wr: &mut tokio::net::tcp::OwnedWriteHalf,
-        mut outbox: mpsc::Receiver<KpResponse>,
+        mut outbox: OutboxReceiver,
         keep_alive: Option<Duration>,
     ) -> Close {
-        let idle = keep_alive.unwrap_or(Duration::from_secs(86_400 * 365));
-        let deadline = tokio::time::sleep(idle);
-        tokio::pin!(deadline);
+        // One timer for the keep-alive and for giving idle buffers back. Reads do not move it
+        // (that would touch the timer wheel per packet); when it fires, it checks the time of
+        // the last read and sets itself again.
+        let mut last_read = Instant::now();
+        let timer = tokio::time::sleep_until(self.next_check(last_read, keep_alive));
+        tokio::pin!(timer);
+        // Pinned once: re-created per turn, it would join and leave the shutdown signal's
+        // waiter list (a lock every connection shares) for every packet.
         let mut shutdown = self.shutdown.clone();
+        let stop = stopped(&mut shutdown);
+        tokio::pin!(stop);
         loop {
             // Packets already buffered (several can arrive in one read) are handled first.
             loop {
                 match self.codec.decode(&mut self.read) {
-                    Ok(Some(packet)) => {
-                        if let Err(close) = self.on_packet(packet).await {
-                            return close;
-                        }
-                    }
+                    Ok(Some(packet)) => match self.on_packet(packet) {
+                        Ok(None) => {}
+                        // Boxed with the handler's future inside: one short-lived allocation
+                        // per request rather than its size in every connection's state.
+                        Ok(Some(request)) => Box::pin(self.forward(request)).await,
+                        Err(close) => return close,
+                    },
                     Ok(None) => break,
                     Err(e) => return self.decode_error(&e),
                 }
@@ -483,8 +518,8 @@ impl<H: KpHandler> Connection<H> {
             while self.inflight < self.max_inflight {
                 match outbox.try_recv() {
                     Ok(response) => self.on_response(response),
-                    Err(mpsc::error::TryRecvError::Empty) => break,
-                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
                         return Close::Disconnect(ReasonCode::ServerBusy);
                     }
                 }
@@ -501,43 +536,71 @@ impl<H: KpHandler> Connection<H> {
                     if let Err(close) = read {
                         return close;
                     }
-                    if keep_alive.is_some() {
-                        deadline.as_mut().reset(Instant::now() + idle);
-                    }
+                    last_read = Instant::now();
                 }
                 response = outbox.recv(), if window_open => match response {
                     Some(response) => self.on_response(response),
                     // The gateway dropped the session: it could not keep up with its responses.
                     None => return Close::Disconnect(ReasonCode::ServerBusy),
                 },
-                _ = &mut deadline, if keep_alive.is_some() => {
-                    self.metrics.keep_alive_timeouts.inc();
-                    tracing::debug!("keep-alive timeout");
-                    return Close::Disconnect(ReasonCode::KeepAliveTimeout);
+                () = &mut timer => {
+                    let now = Instant::now();
+                    if keep_alive.is_some_and(|idle| now >= last_read + idle) {
+                        self.metrics.keep_alive_timeouts.inc();
+                        tracing::debug!("keep-alive timeout");
+                        return Close::Disconnect(ReasonCode::KeepAliveTimeout);
+                    }
+                    if now >= last_read + IDLE_RELEASE {
+                        self.release_idle_buffers();
+                    }
+                    timer.as_mut().reset(self.next_check(last_read, keep_alive));
                 }
-                _ = stopped(&mut shutdown) => return Close::Disconnect(ReasonCode::ServerShuttingDown),
+                () = &mut stop => return Close::Disconnect(ReasonCode::ServerShuttingDown),
             }
         }
     }
 
-    async fn on_packet(&mut self, packet: Packet) -> Result<(), Close> {
+    /// When the serve loop's timer should next fire: the keep-alive deadline, or earlier the
+    /// moment to give idle buffers back while the connection holds any.
+    fn next_check(&self, last_read: Instant, keep_alive: Option<Duration>) -> Instant {
+        let holds_buffers = self.read.capacity() > 0 || self.write.capacity() > 0;
+        let release = holds_buffers.then(|| last_read + IDLE_RELEASE);
+        let expire = keep_alive.map(|idle| last_read + idle);
+        match (release, expire) {
+            (Some(a), Some(b)) => a.min(b),
+            (Some(t), None) | (None, Some(t)) => t,
+            (None, None) => last_read + Duration::from_secs(86_400 * 365),
+        }
+    }
+
+    /// Drops the read and write buffers when they hold nothing (a partial packet stays).
+    fn release_idle_buffers(&mut self) {
+        if self.read.is_empty() {
+            self.read = BytesMut::new();
+        }
+        if self.write.is_empty() {
+            self.write = BytesMut::new();
+        }
+    }
+
+    /// Handles a packet that needs no waiting; a PUBLISH that is a 1/KP request comes back to
+    /// be forwarded. Synchronous, and the only await per request is the handler's (boxed)
+    /// future in [`Connection::forward`]: what an idle connection's task holds stays small.
+    fn on_packet(&mut self, packet: Packet) -> Result<Option<Forward>, Close> {
         match packet {
-            Packet::Publish(publish) => self.on_publish(publish).await,
+            Packet::Publish(publish) => self.on_publish(publish),
             Packet::PubAck(_) => {
                 self.inflight = self.inflight.saturating_sub(1);
-                Ok(())
+                Ok(None)
             }
-            Packet::Subscribe(subscribe) => {
-                self.on_subscribe(subscribe).await;
-                Ok(())
-            }
+            Packet::Subscribe(subscribe) => Ok(Some(Forward::Subscribe(subscribe))),
             Packet::Unsubscribe(unsubscribe) => {
                 self.on_unsubscribe(unsubscribe);
-                Ok(())
+                Ok(None)
             }
             Packet::PingReq => {
                 self.encode(&Packet::PingResp);
-                Ok(())
+                Ok(None)
             }
             Packet::Disconnect(_) => Err(Close::Quietly),
             Packet::Auth(_) => Err(Close::Disconnect(ReasonCode::BadAuthenticationMethod)),
@@ -550,7 +613,7 @@ impl<H: KpHandler> Connection<H> {
         }
     }
 
-    async fn on_publish(&mut self, publish: Publish) -> Result<(), Close> {
+    fn on_publish(&mut self, publish: Publish) -> Result<Option<Forward>, Close> {
         self.metrics.messages_received.inc();
         if publish.qos == QoS::ExactlyOnce {
             tracing::debug!("QoS 2 refused");
@@ -565,21 +628,9 @@ impl<H: KpHandler> Connection<H> {
         let tag = 1 + publish.qos as u64;
         match KpTopic::parse(topic.clone()) {
             Ok(topic) => {
-                let request = KpRequest {
-                    topic: topic.clone(),
-                    payload: publish.payload,
-                    tag,
-                    wants_answer: false,
-                };
-                if let Err(e) = self.handler.handle(self.session_id(), request).await {
-                    let response = KpResponse {
-                        base: topic.base(),
-                        request_id: topic.request_id(),
-                        tag,
-                        outcome: KpOutcome::Error(e),
-                    };
-                    self.on_response(response);
-                }
+                let request =
+                    KpRequest { topic, payload: publish.payload, tag, wants_answer: false };
+                return Ok(Some(Forward::Publish { request, packet_id: publish.packet_id }));
             }
             Err(e) => {
                 // Not a 1/KP path: answer on `<topic>/error` all the same.
@@ -592,7 +643,29 @@ impl<H: KpHandler> Connection<H> {
                 self.on_response(response);
             }
         }
-        if let Some(packet_id) = publish.packet_id {
+        self.acknowledge(publish.packet_id);
+        Ok(None)
+    }
+
+    /// Hands a request to the handler and waits until the bus has it (or refused it).
+    async fn forward(&mut self, forward: Forward) {
+        match forward {
+            Forward::Publish { request, packet_id } => {
+                let (base, request_id, tag) =
+                    (request.topic.base(), request.topic.request_id(), request.tag);
+                if let Err(e) = self.handler.handle(self.session_id(), request).await {
+                    let outcome = KpOutcome::Error(e);
+                    self.on_response(KpResponse { base, request_id, tag, outcome });
+                }
+                self.acknowledge(packet_id);
+            }
+            Forward::Subscribe(subscribe) => Box::pin(self.on_subscribe(subscribe)).await,
+        }
+    }
+
+    /// PUBACK for a QoS 1 PUBLISH.
+    fn acknowledge(&mut self, packet_id: Option<u16>) {
+        if let Some(packet_id) = packet_id {
             let ack = PubAck {
                 packet_id,
                 reason_code: ReasonCode::Success,
@@ -600,7 +673,6 @@ impl<H: KpHandler> Connection<H> {
             };
             self.encode(&Packet::PubAck(ack));
         }
-        Ok(())
     }
 
     fn session_id(&self) -> SessionId {
@@ -644,7 +716,7 @@ impl<H: KpHandler> Connection<H> {
             let granted = s.options.qos.min(QoS::AtLeastOnce);
             let filter = std::str::from_utf8(&s.filter).unwrap_or_default();
             let tag = 1 + granted as u64;
-            let code = match self.handler.subscribe(self.session_id(), filter, tag).await {
+            let code = match Box::pin(self.handler.subscribe(self.session_id(), filter, tag)).await {
                 Ok(()) if granted == QoS::AtMostOnce => ReasonCode::Success,
                 Ok(()) => ReasonCode::GrantedQoS1,
                 Err(e) => {
