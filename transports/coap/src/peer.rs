@@ -157,7 +157,7 @@ pub(crate) struct Peer<H> {
     socket: Arc<UdpSocket>,
     addr: SocketAddr,
     session: Option<Session>,
-    outbox: Option<mpsc::Receiver<KpResponse>>,
+    outbox: Option<fleetgate_transport_core::OutboxReceiver>,
     next_tag: u64,
     next_mid: u16,
     observe_seq: u32,
@@ -709,7 +709,8 @@ impl<H: KpHandler> Peer<H> {
             }
             return Ok(session.id);
         }
-        let (outbox, responses) = mpsc::channel(self.shared.config.response_queue_capacity.max(1));
+        let (outbox, responses) =
+            fleetgate_transport_core::outbox(self.shared.config.response_queue_capacity);
         let credentials = ClientCredentials {
             transport: "coap",
             client_id: "",
