@@ -203,6 +203,7 @@ impl fmt::Debug for OutboxReceiver {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::KpOutcome;

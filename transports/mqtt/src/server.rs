@@ -221,7 +221,10 @@ impl Transport for MqttTransport {
 /// What a packet leaves for the handler.
 enum Forward {
     /// A 1/KP request, and the packet id to acknowledge once the bus has it.
-    Publish { request: KpRequest, packet_id: Option<u16> },
+    Publish {
+        request: KpRequest,
+        packet_id: Option<u16>,
+    },
     Subscribe(Subscribe),
 }
 
@@ -293,54 +296,75 @@ impl<H: KpHandler> Connection<H> {
         self.codec.version() == Some(ProtocolVersion::V5)
     }
 
-    async fn run(mut self, stream: TcpStream) {
-        self.metrics.connections_open.inc();
-        let _ = stream.set_nodelay(true);
-        let (mut rd, mut wr) = stream.into_split();
-        let connect_timeout = Duration::from_millis(self.config.connect_timeout_ms);
-        // Boxed, like every call into the handler below: those futures (authentication with
-        // its timer, token validation, a bus publish) would otherwise sit inline in the
-        // connection's state for its whole life, idle connections included (M4). Freed once
-        // CONNECT is done.
-        let connected =
-            Box::pin(tokio::time::timeout(connect_timeout, self.accept_connect(&mut rd))).await;
-        let outcome = match connected {
-            Ok(Ok((outbox, keep_alive))) => {
+    // Not an `async fn`: that would keep a second copy of `self` (its argument) in the
+    // connection's state for its whole life.
+    #[allow(clippy::manual_async_fn)]
+    fn run(mut self, stream: TcpStream) -> impl Future<Output = ()> + Send {
+        async move {
+            self.metrics.connections_open.inc();
+            let _ = stream.set_nodelay(true);
+            let (mut rd, mut wr) = stream.into_split();
+            let connect_timeout = Duration::from_millis(self.config.connect_timeout_ms);
+            // Boxed, like every call into the handler below: those futures (authentication with
+            // its timer, token validation, a bus publish) would otherwise sit inline in the
+            // connection's state for its whole life, idle connections included (M4). Freed once
+            // CONNECT is done.
+            let connected =
+                Box::pin(tokio::time::timeout(connect_timeout, self.accept_connect(&mut rd))).await;
+            let outcome = match connected {
+                Ok(Ok((outbox, keep_alive))) => {
+                    let _ = wr.write_all(&self.write).await;
+                    self.write.clear();
+                    // Most devices idle after CONNECT: hold no buffers until they send again.
+                    self.release_idle_buffers();
+                    self.serve(&mut rd, &mut wr, outbox, keep_alive).await
+                }
+                Ok(Err(close)) => close,
+                Err(_) => {
+                    tracing::debug!("no CONNECT in time");
+                    Close::Quietly
+                }
+            };
+            if let Close::Disconnect(reason) = outcome
+                && self.is_v5()
+            {
+                let packet = Packet::Disconnect(Disconnect {
+                    reason_code: reason,
+                    properties: DisconnectProperties::default(),
+                });
+                let _ = self.codec.encode(&packet, &mut self.write);
+            }
+            if !self.write.is_empty() {
                 let _ = wr.write_all(&self.write).await;
-                self.write.clear();
-                self.serve(&mut rd, &mut wr, outbox, keep_alive).await
             }
-            Ok(Err(close)) => close,
-            Err(_) => {
-                tracing::debug!("no CONNECT in time");
-                Close::Quietly
+            let _ = wr.shutdown().await;
+            if let Some(session) = self.session {
+                self.handler.close_session(session);
             }
-        };
-        if let Close::Disconnect(reason) = outcome
-            && self.is_v5()
-        {
-            let packet = Packet::Disconnect(Disconnect {
-                reason_code: reason,
-                properties: DisconnectProperties::default(),
-            });
-            let _ = self.codec.encode(&packet, &mut self.write);
+            self.metrics.connections_open.dec();
         }
-        if !self.write.is_empty() {
-            let _ = wr.write_all(&self.write).await;
-        }
-        let _ = wr.shutdown().await;
-        if let Some(session) = self.session {
-            self.handler.close_session(session);
-        }
-        self.metrics.connections_open.dec();
     }
 
     async fn read_more(&mut self, rd: &mut tokio::net::tcp::OwnedReadHalf) -> Result<(), Close> {
         if self.read.capacity() == 0 {
-            // A first read (CONNECT) or one after the buffers were given back: most packets
-            // are small, and an idle connection's buffer lingers until it is released.
-            self.read.reserve(READ_MIN_SPARE);
-        } else if self.read.capacity() - self.read.len() < READ_MIN_SPARE {
+            // No buffer (a new connection, or one that has been idle): read onto the stack and
+            // keep exactly what arrived, so that a connection that sends one packet and then
+            // idles holds a few dozen bytes, not a read buffer.
+            loop {
+                rd.readable().await.map_err(|_| Close::Quietly)?;
+                let mut scratch = [0u8; READ_RESERVE];
+                match rd.try_read(&mut scratch) {
+                    Ok(0) => return Err(Close::Quietly),
+                    Ok(n) => {
+                        self.read.extend_from_slice(&scratch[..n]);
+                        return Ok(());
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => return Err(Close::Quietly),
+                }
+            }
+        }
+        if self.read.capacity() - self.read.len() < READ_MIN_SPARE {
             self.read.reserve(READ_RESERVE);
         }
         match rd.read_buf(&mut self.read).await {
@@ -502,16 +526,20 @@ impl<H: KpHandler> Connection<H> {
         loop {
             // Packets already buffered (several can arrive in one read) are handled first.
             loop {
-                match self.codec.decode(&mut self.read) {
+                // No temporaries live across the await below: they would be part of the
+                // connection's state for its whole life.
+                let forward = match self.codec.decode(&mut self.read) {
                     Ok(Some(packet)) => match self.on_packet(packet) {
-                        Ok(None) => {}
-                        // Boxed with the handler's future inside: one short-lived allocation
-                        // per request rather than its size in every connection's state.
-                        Ok(Some(request)) => Box::pin(self.forward(request)).await,
+                        Ok(forward) => forward,
                         Err(close) => return close,
                     },
                     Ok(None) => break,
                     Err(e) => return self.decode_error(&e),
+                };
+                if let Some(forward) = forward {
+                    // Boxed with the handler's future inside: one short-lived allocation per
+                    // request rather than its size in every connection's state.
+                    Box::pin(self.forward(forward)).await;
                 }
             }
             // Then whatever responses are ready, within the client's receive window.
@@ -716,7 +744,8 @@ impl<H: KpHandler> Connection<H> {
             let granted = s.options.qos.min(QoS::AtLeastOnce);
             let filter = std::str::from_utf8(&s.filter).unwrap_or_default();
             let tag = 1 + granted as u64;
-            let code = match Box::pin(self.handler.subscribe(self.session_id(), filter, tag)).await {
+            let code = match Box::pin(self.handler.subscribe(self.session_id(), filter, tag)).await
+            {
                 Ok(()) if granted == QoS::AtMostOnce => ReasonCode::Success,
                 Ok(()) => ReasonCode::GrantedQoS1,
                 Err(e) => {
