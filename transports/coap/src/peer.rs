@@ -36,6 +36,8 @@ const CONFIRM_EVERY: Duration = Duration::from_secs(24 * 3600);
 const OBSERVE_MASK: u32 = 0xFF_FFFF;
 /// Non-confirmable notifications remembered so that a RST to one cancels its observation.
 const RECENT_NON: usize = 32;
+/// Queued datagrams and answers a peer handles in a row before it looks at its timers again.
+const READY_BUDGET: usize = 32;
 
 /// One received datagram and when it arrived.
 pub(crate) struct Datagram {
@@ -237,6 +239,9 @@ impl<H: KpHandler> Peer<H> {
     ) {
         let sleep = tokio::time::sleep_until(self.next_deadline());
         tokio::pin!(sleep);
+        // Registered with the shutdown signal once for the task's life, not once per event.
+        let stop = stopped(&mut shutdown);
+        tokio::pin!(stop);
         loop {
             let now = Instant::now();
             self.fire_timers(now).await;
@@ -245,8 +250,13 @@ impl<H: KpHandler> Peer<H> {
                 tracing::debug!("idle: closing");
                 break;
             }
+            self.prune_piggyback();
             let next = self.next_deadline();
-            if sleep.deadline() != next {
+            // The timer is only moved earlier (or re-armed once it fired): most events push
+            // the next deadline later (the idle timeout), and a timer that fires early merely
+            // wakes the task once to re-arm it, which is cheaper than updating the timer wheel
+            // on every datagram.
+            if next < sleep.deadline() || sleep.is_elapsed() {
                 sleep.as_mut().reset(next);
             }
             let outbox = async {
@@ -257,19 +267,25 @@ impl<H: KpHandler> Peer<H> {
             };
             tokio::select! {
                 biased;
-                _ = stopped(&mut shutdown) => {
+                () = &mut stop => {
                     self.drain_outbox().await;
                     break;
                 }
-                _ = &mut sleep => {}
+                () = &mut sleep => {}
                 // Answers before new requests: they free state, and a session whose outbox
                 // fills is closed by the gateway.
                 response = outbox => match response {
-                    Some(response) => self.on_response(response).await,
+                    Some(response) => {
+                        self.on_response(response).await;
+                        self.take_ready(&mut inbound).await;
+                    }
                     None => self.session_lost(),
                 },
                 datagram = inbound.recv() => match datagram {
-                    Some(datagram) => self.on_datagram(datagram).await,
+                    Some(datagram) => {
+                        self.on_datagram(datagram).await;
+                        self.take_ready(&mut inbound).await;
+                    }
                     None => break,
                 },
             }
@@ -301,6 +317,26 @@ impl<H: KpHandler> Peer<H> {
         }
     }
 
+    /// Handles what is already queued (answers first), up to a budget, without going through
+    /// the `select!` for each: a woken peer usually finds several. Stops as soon as a timer is
+    /// due, so that, e.g., an answer that comes after `ack_timeout_ms` still goes out as a
+    /// separate response after an empty ACK.
+    async fn take_ready(&mut self, inbound: &mut mpsc::Receiver<Datagram>) {
+        for _ in 0..READY_BUDGET {
+            self.prune_piggyback();
+            if self.next_deadline() <= Instant::now() {
+                return;
+            }
+            if let Some(response) = self.outbox.as_mut().and_then(|o| o.try_recv().ok()) {
+                self.on_response(response).await;
+            } else if let Ok(datagram) = inbound.try_recv() {
+                self.on_datagram(datagram).await;
+            } else {
+                return;
+            }
+        }
+    }
+
     async fn drain_outbox(&mut self) {
         while let Some(response) = self.outbox.as_mut().and_then(|o| o.try_recv().ok()) {
             self.on_response(response).await;
@@ -308,6 +344,17 @@ impl<H: KpHandler> Peer<H> {
     }
 
     // ---- time ----
+
+    /// Forgets the ACK deadlines at the front that no longer matter (the request was answered,
+    /// or acknowledged), so that they neither wake the task nor pile up.
+    fn prune_piggyback(&mut self) {
+        while let Some(&(_, tag)) = self.piggyback.front() {
+            if self.exchanges.get(&tag).is_some_and(|e| e.ack.is_some()) {
+                break;
+            }
+            self.piggyback.pop_front();
+        }
+    }
 
     fn next_deadline(&self) -> Instant {
         let mut next = self.last_seen + self.shared.idle_timeout;

@@ -40,9 +40,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use std::io::IoSliceMut;
+use std::os::fd::{AsRawFd, RawFd};
+
 use bytes::{Bytes, BytesMut};
 use fleetgate_transport_core::metrics::{Counter, Gauge, write_metric};
 use fleetgate_transport_core::{KpHandler, Transport};
+use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg};
 use serde::{Deserialize, Serialize};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
@@ -292,10 +296,77 @@ pub struct CoapTransport {
     shared: Arc<Shared>,
 }
 
-/// Room kept free in the receive buffer: any UDP datagram fits, so none is ever truncated.
+/// Room for one datagram: any UDP datagram fits, so none is ever truncated.
 const MAX_DATAGRAM: usize = 65_536;
-/// Receive buffers are allocated this large and carved into one `Bytes` per datagram.
+/// Received datagrams are copied into buffers allocated this large and carved into one `Bytes`
+/// per datagram.
 const RECEIVE_ARENA: usize = 4 * MAX_DATAGRAM;
+/// Datagrams taken from the socket by one `recvmmsg` call.
+const RECEIVE_BATCH: usize = 32;
+
+thread_local! {
+    /// `recvmmsg` headers, one set per thread: they hold raw pointers, so they are not `Send`
+    /// and cannot live in a reader task.
+    static HEADERS: std::cell::RefCell<MultiHeaders<SockaddrStorage>> =
+        std::cell::RefCell::new(MultiHeaders::preallocate(RECEIVE_BATCH, None));
+}
+
+/// Receives up to [`RECEIVE_BATCH`] datagrams with one system call (`recvmmsg`).
+struct ReceiveBatch {
+    /// One `MAX_DATAGRAM` slot per datagram, reused (the kernel writes only what arrived).
+    slots: Vec<Vec<u8>>,
+    /// Length and sender of each datagram of the last call; `next` hands them out in order.
+    received: Vec<(usize, Option<SockaddrStorage>)>,
+    next: usize,
+    arena: BytesMut,
+}
+
+impl ReceiveBatch {
+    fn new() -> Self {
+        Self {
+            slots: vec![vec![0; MAX_DATAGRAM]; RECEIVE_BATCH],
+            received: Vec::with_capacity(RECEIVE_BATCH),
+            next: 0,
+            arena: BytesMut::new(),
+        }
+    }
+
+    /// One non-blocking `recvmmsg`: `WouldBlock` when nothing is waiting.
+    fn receive(&mut self, fd: RawFd) -> std::io::Result<()> {
+        self.received.clear();
+        self.next = 0;
+        let (slots, received) = (&mut self.slots, &mut self.received);
+        HEADERS.with_borrow_mut(|headers| {
+            let mut slices: Vec<[IoSliceMut<'_>; 1]> =
+                slots.iter_mut().map(|slot| [IoSliceMut::new(slot)]).collect();
+            let results = recvmmsg(fd, headers, slices.iter_mut(), MsgFlags::MSG_DONTWAIT, None)?;
+            received.extend(results.map(|r| (r.bytes, r.address)));
+            Ok(())
+        })
+    }
+
+    /// The next datagram of the last call and its sender, copied out of its slot.
+    fn next(&mut self) -> Option<(SocketAddr, Bytes)> {
+        loop {
+            let &(len, from) = self.received.get(self.next)?;
+            let slot = &self.slots[self.next];
+            self.next += 1;
+            let Some(peer) = from.and_then(socket_addr) else { continue };
+            if self.arena.capacity() < len {
+                self.arena.reserve(RECEIVE_ARENA.max(len));
+            }
+            self.arena.extend_from_slice(&slot[..len.min(slot.len())]);
+            return Some((peer, self.arena.split().freeze()));
+        }
+    }
+}
+
+fn socket_addr(addr: SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = addr.as_sockaddr_in() {
+        return Some(SocketAddr::V4((*v4).into()));
+    }
+    addr.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
+}
 
 fn udp_socket(addr: SocketAddr, reuse_port: bool) -> std::io::Result<UdpSocket> {
     let socket = socket2::Socket::new(
@@ -388,33 +459,47 @@ struct Reader<H> {
 
 impl<H: KpHandler> Reader<H> {
     async fn run(mut self) {
-        let mut buf = BytesMut::with_capacity(RECEIVE_ARENA);
+        let mut batch = ReceiveBatch::new();
         let mut sweep = tokio::time::interval(Duration::from_secs(5));
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut shutdown = self.shutdown.clone();
+        // Registered with the shutdown signal once, not once per datagram.
+        let stop = stopped(&mut shutdown);
+        tokio::pin!(stop);
         loop {
-            if buf.capacity() - buf.len() < MAX_DATAGRAM {
-                buf.reserve(RECEIVE_ARENA);
-            }
             tokio::select! {
-                received = self.socket.recv_buf_from(&mut buf) => match received {
-                    Ok((n, peer)) => {
-                        let bytes = buf.split_to(n).freeze();
-                        self.dispatch(peer, Datagram { bytes, at: Instant::now() }).await;
+                ready = self.socket.readable() => {
+                    if let Err(e) = ready {
+                        tracing::debug!(error = %e, "socket not readable");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
                     }
-                    Err(e) => {
-                        // ICMP errors surface here on some systems; nothing to do but go on.
-                        tracing::debug!(error = %e, "receive failed");
-                        if !matches!(e.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset) {
-                            tokio::time::sleep(Duration::from_millis(10)).await;
+                    let fd = self.socket.as_raw_fd();
+                    let received = self
+                        .socket
+                        .try_io(tokio::io::Interest::READABLE, || batch.receive(fd));
+                    match received {
+                        Ok(()) => {
+                            let at = Instant::now();
+                            while let Some((peer, bytes)) = batch.next() {
+                                self.dispatch(peer, Datagram { bytes, at }).await;
+                            }
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) => {
+                            // ICMP errors surface here on some systems; nothing to do but go on.
+                            tracing::debug!(error = %e, "receive failed");
+                            if !matches!(e.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset) {
+                                tokio::time::sleep(Duration::from_millis(10)).await;
+                            }
                         }
                     }
-                },
+                }
                 _ = sweep.tick() => {
                     self.peers.retain(|_, queue| !queue.is_closed());
                     while self.tasks.try_join_next().is_some() {}
                 }
-                _ = stopped(&mut shutdown) => break,
+                () = &mut stop => break,
             }
         }
         // Peer tasks see the same signal, answer what they can and close their sessions.
