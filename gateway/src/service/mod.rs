@@ -16,8 +16,8 @@ use bytes::Bytes;
 use fleetgate_bus::{Bus, BusError, Requester, Subject, Subscription, now_ms};
 use fleetgate_messages::{
     ClientData, ClientUsernamePasswordValidationRequest, ClientUsernamePasswordValidationResponse,
-    ConnectedEvent, DisconnectedEvent, EndpointTokenRevokedEvent, ExtensionData, Record, encode_pooled,
-    subjects,
+    ConnectedEvent, DisconnectedEvent, EndpointTokenRevokedEvent, ExtensionData, Record,
+    encode_pooled, subjects,
 };
 use fleetgate_transport_core::metrics::{Counter, write_metric};
 use fleetgate_transport_core::{
@@ -586,19 +586,15 @@ impl<B: Bus> Gateway<B> {
             .ok_or_else(|| KpError::not_found("no resource path after the endpoint token"))?;
         // A token the session already used needs no token cache lookup (revocation ends the
         // session; the trust expires with the cache entry it came from).
-        let endpoint_id = match self.sessions.trusted_endpoint(
-            session,
-            app_version,
-            token,
-            Instant::now(),
-        ) {
-            None => return Err(KpError::unavailable("the session has ended")),
-            Some(Some(endpoint_id)) => endpoint_id,
-            // Boxed: the first use of a token in a session is rare, and its future (a 16/ECAP
-            // request with a timer) would otherwise sit inline in every transport connection's
-            // state, idle ones included.
-            Some(None) => Box::pin(self.first_use(session, app_version, token)).await?,
-        };
+        let endpoint_id =
+            match self.sessions.trusted_endpoint(session, app_version, token, Instant::now()) {
+                None => return Err(KpError::unavailable("the session has ended")),
+                Some(Some(endpoint_id)) => endpoint_id,
+                // Boxed: the first use of a token in a session is rare, and its future (a 16/ECAP
+                // request with a timer) would otherwise sit inline in every transport connection's
+                // state, idle ones included.
+                Some(None) => Box::pin(self.first_use(session, app_version, token)).await?,
+            };
         let (n, payload) = self.client_data(session, request, &endpoint_id, resource_path);
         drop(endpoint_id);
         let published =

@@ -98,7 +98,9 @@ impl Sessions {
             let mut shard = self.sessions.shard(&session);
             let s = shard.get_mut(&session)?;
             let known = s.endpoints.iter_mut().find(|u| {
-                u.endpoint_id == *endpoint_id && *u.app_version == *app_version && *u.token == *token
+                u.endpoint_id == *endpoint_id
+                    && *u.app_version == *app_version
+                    && *u.token == *token
             });
             if let Some(known) = known {
                 known.trusted_until = trusted_until;

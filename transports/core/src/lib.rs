@@ -9,9 +9,9 @@
 #[cfg(feature = "compliance")]
 pub mod compliance;
 mod handler;
-mod outbox;
 pub mod listener;
 pub mod metrics;
+mod outbox;
 mod status;
 mod topic;
 
