@@ -22,10 +22,10 @@ use fleetgate_transport_core::{
 };
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
-use tracing::Instrument;
 
 use crate::codec::{
     AckProperties, Codec, ConnAck, ConnAckProperties, Connect, DecodeError, Disconnect,
@@ -199,8 +199,10 @@ impl Transport for MqttTransport {
                     Ok((stream, peer)) => {
                         self.metrics.connections_accepted.inc();
                         let conn = Connection::new(handler.clone(), self.config.clone(), self.metrics.clone(), peer, shutdown.clone(), live.clone());
-                        let span = tracing::debug_span!("mqtt", %peer);
-                        let fut = conn.run(stream).instrument(span);
+                        // No tracing span per connection (it would be part of every idle
+                        // connection's state): events carry the peer address instead.
+                        let _ = stream.set_nodelay(true);
+                        let fut = conn.run(stream.into_split());
                         tokio::spawn(fut);
                     }
                     Err(e) => {
@@ -299,11 +301,12 @@ impl<H: KpHandler> Connection<H> {
     // Not an `async fn`: that would keep a second copy of `self` (its argument) in the
     // connection's state for its whole life.
     #[allow(clippy::manual_async_fn)]
-    fn run(mut self, stream: TcpStream) -> impl Future<Output = ()> + Send {
+    fn run(
+        mut self,
+        (mut rd, mut wr): (OwnedReadHalf, OwnedWriteHalf),
+    ) -> impl Future<Output = ()> + Send {
         async move {
             self.metrics.connections_open.inc();
-            let _ = stream.set_nodelay(true);
-            let (mut rd, mut wr) = stream.into_split();
             let connect_timeout = Duration::from_millis(self.config.connect_timeout_ms);
             // Boxed, like every call into the handler below: those futures (authentication with
             // its timer, token validation, a bus publish) would otherwise sit inline in the
@@ -321,7 +324,7 @@ impl<H: KpHandler> Connection<H> {
                 }
                 Ok(Err(close)) => close,
                 Err(_) => {
-                    tracing::debug!("no CONNECT in time");
+                    tracing::debug!(peer = %self.peer, "no CONNECT in time");
                     Close::Quietly
                 }
             };
@@ -345,13 +348,16 @@ impl<H: KpHandler> Connection<H> {
         }
     }
 
-    async fn read_more(&mut self, rd: &mut tokio::net::tcp::OwnedReadHalf) -> Result<(), Close> {
+    async fn read_more(&mut self, rd: &mut OwnedReadHalf) -> Result<(), Close> {
         if self.read.capacity() == 0 {
             // No buffer (a new connection, or one that has been idle): read onto the stack and
             // keep exactly what arrived, so that a connection that sends one packet and then
             // idles holds a few dozen bytes, not a read buffer.
             loop {
-                rd.readable().await.map_err(|_| Close::Quietly)?;
+                // Not `readable()`: its future is ~100 bytes of every idle connection's state.
+                std::future::poll_fn(|cx| rd.as_ref().poll_read_ready(cx))
+                    .await
+                    .map_err(|_| Close::Quietly)?;
                 let mut scratch = [0u8; READ_RESERVE];
                 match rd.try_read(&mut scratch) {
                     Ok(0) => return Err(Close::Quietly),
@@ -375,7 +381,7 @@ impl<H: KpHandler> Connection<H> {
 
     fn decode_error(&mut self, e: &DecodeError) -> Close {
         self.metrics.protocol_errors.inc();
-        tracing::debug!(error = %e, "closing on a bad packet");
+        tracing::debug!(peer = %self.peer, error = %e, "closing on a bad packet");
         Close::Disconnect(e.reason_code())
     }
 
@@ -383,7 +389,7 @@ impl<H: KpHandler> Connection<H> {
     /// keep-alive to enforce.
     async fn accept_connect(
         &mut self,
-        rd: &mut tokio::net::tcp::OwnedReadHalf,
+        rd: &mut OwnedReadHalf,
     ) -> Result<(OutboxReceiver, Option<Duration>), Close> {
         let connect = loop {
             match self.codec.decode(&mut self.read) {
@@ -392,7 +398,7 @@ impl<H: KpHandler> Connection<H> {
                 Ok(None) => self.read_more(rd).await?,
                 Err(DecodeError::UnsupportedProtocolVersion(level)) => {
                     // 3.1.1 §3.1.2.2: answer return code 1 in a 3.1.1 CONNACK, then close.
-                    tracing::debug!(level, "unsupported MQTT protocol level");
+                    tracing::debug!(peer = %self.peer, level, "unsupported MQTT protocol level");
                     self.metrics.connections_refused.inc();
                     self.write.extend_from_slice(&[0x20, 0x02, 0x00, 0x01]);
                     return Err(Close::Quietly);
@@ -443,7 +449,7 @@ impl<H: KpHandler> Connection<H> {
         };
         self.session = Some(identity.session);
         if connect.will.is_some() {
-            tracing::debug!("will message ignored: fleetgate does not publish wills");
+            tracing::debug!(peer = %self.peer, "will message ignored: fleetgate does not publish wills");
         }
         self.max_inflight = if v5 {
             props.receive_maximum.unwrap_or(u16::MAX)
@@ -483,7 +489,7 @@ impl<H: KpHandler> Connection<H> {
         let connack =
             ConnAck { session_present: false, reason_code: ReasonCode::Success, properties };
         self.encode(&Packet::ConnAck(Box::new(connack)));
-        tracing::debug!(client_id, v5, "connected");
+        tracing::debug!(peer = %self.peer, client_id, v5, "connected");
         Ok((rx, keep_alive))
     }
 
@@ -501,14 +507,14 @@ impl<H: KpHandler> Connection<H> {
 
     fn encode(&mut self, packet: &Packet) {
         if let Err(e) = self.codec.encode(packet, &mut self.write) {
-            tracing::warn!(error = %e, "cannot encode a packet");
+            tracing::warn!(peer = %self.peer, error = %e, "cannot encode a packet");
         }
     }
 
     async fn serve(
         &mut self,
-        rd: &mut tokio::net::tcp::OwnedReadHalf,
-        wr: &mut tokio::net::tcp::OwnedWriteHalf,
+        rd: &mut OwnedReadHalf,
+        wr: &mut OwnedWriteHalf,
         mut outbox: OutboxReceiver,
         keep_alive: Option<Duration>,
     ) -> Close {
@@ -575,7 +581,7 @@ impl<H: KpHandler> Connection<H> {
                     let now = Instant::now();
                     if keep_alive.is_some_and(|idle| now >= last_read + idle) {
                         self.metrics.keep_alive_timeouts.inc();
-                        tracing::debug!("keep-alive timeout");
+                        tracing::debug!(peer = %self.peer, "keep-alive timeout");
                         return Close::Disconnect(ReasonCode::KeepAliveTimeout);
                     }
                     if now >= last_read + IDLE_RELEASE {
@@ -635,7 +641,7 @@ impl<H: KpHandler> Connection<H> {
             // QoS 2 flows, or packets only a server sends.
             other => {
                 self.metrics.protocol_errors.inc();
-                tracing::debug!(packet = ?std::mem::discriminant(&other), "unexpected packet");
+                tracing::debug!(peer = %self.peer, packet = ?std::mem::discriminant(&other), "unexpected packet");
                 Err(Close::Disconnect(ReasonCode::ProtocolError))
             }
         }
@@ -644,7 +650,7 @@ impl<H: KpHandler> Connection<H> {
     fn on_publish(&mut self, publish: Publish) -> Result<Option<Forward>, Close> {
         self.metrics.messages_received.inc();
         if publish.qos == QoS::ExactlyOnce {
-            tracing::debug!("QoS 2 refused");
+            tracing::debug!(peer = %self.peer, "QoS 2 refused");
             self.metrics.protocol_errors.inc();
             return Err(Close::Disconnect(ReasonCode::QoSNotSupported));
         }
@@ -749,7 +755,7 @@ impl<H: KpHandler> Connection<H> {
                 Ok(()) if granted == QoS::AtMostOnce => ReasonCode::Success,
                 Ok(()) => ReasonCode::GrantedQoS1,
                 Err(e) => {
-                    tracing::debug!(filter, status = e.status, reason = %e.reason, "subscription refused");
+                    tracing::debug!(peer = %self.peer, filter, status = e.status, reason = %e.reason, "subscription refused");
                     match e.status {
                         401 | 403 => ReasonCode::NotAuthorized,
                         404 => ReasonCode::TopicFilterInvalid,
@@ -820,7 +826,7 @@ impl<H: KpHandler> Connection<H> {
             }
             Err(e) => {
                 self.metrics.messages_too_large.inc();
-                tracing::warn!(error = %e, "response not sent");
+                tracing::warn!(peer = %self.peer, error = %e, "response not sent");
             }
         }
     }
