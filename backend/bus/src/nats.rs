@@ -75,7 +75,16 @@ struct PublishQueue {
 
 struct QueueState {
     queue: Vec<Outgoing>,
+    /// The last bus handle is gone, or the client refused a message (it has shut down).
     closed: bool,
+}
+
+/// Why [`PublishQueue::try_push`] did not queue an entry.
+enum Refused {
+    /// No room; the entry comes back.
+    Full(Outgoing),
+    /// The client has shut down.
+    Closed,
 }
 
 impl PublishQueue {
@@ -84,11 +93,14 @@ impl PublishQueue {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Queues `entry` if there is room (marks always fit). Returns it when the queue is full.
-    fn try_push(&self, entry: Outgoing) -> Result<(), Outgoing> {
+    /// Queues `entry` if there is room (marks always fit).
+    fn try_push(&self, entry: Outgoing) -> Result<(), Refused> {
         let mut state = self.lock();
+        if state.closed {
+            return Err(Refused::Closed);
+        }
         if matches!(entry, Outgoing::Message { .. }) && state.queue.len() >= self.capacity {
-            return Err(entry);
+            return Err(Refused::Full(entry));
         }
         state.queue.push(entry);
         let first = state.queue.len() == 1;
@@ -99,15 +111,16 @@ impl PublishQueue {
         Ok(())
     }
 
-    async fn push(&self, mut entry: Outgoing) {
+    async fn push(&self, mut entry: Outgoing) -> Result<(), BusError> {
         loop {
             // Registered before trying, so that room made in between is not missed.
             let room = self.room.notified();
             tokio::pin!(room);
             room.as_mut().enable();
             match self.try_push(entry) {
-                Ok(()) => return,
-                Err(back) => entry = back,
+                Ok(()) => return Ok(()),
+                Err(Refused::Full(back)) => entry = back,
+                Err(Refused::Closed) => return Err(BusError::Closed),
             }
             room.await;
         }
@@ -148,7 +161,12 @@ async fn write_batches(client: async_nats::Client, queue: Arc<PublishQueue>) {
                         None => client.publish(subject, payload).await,
                     };
                     if let Err(e) = result {
-                        tracing::warn!(error = %e, "NATS client closed: message not sent");
+                        // Only a client that has shut down refuses; later publishes fail.
+                        let was_closed = std::mem::replace(&mut queue.lock().closed, true);
+                        if !was_closed {
+                            tracing::warn!(error = %e, "NATS client closed: messages not sent");
+                            queue.room.notify_waiters();
+                        }
                     }
                 }
                 Outgoing::Mark(done) => {
@@ -206,10 +224,8 @@ impl Bus for NatsBus {
         // The common case without a future at all: there is room.
         match queue.try_push(Outgoing::Message { subject, reply, payload }) {
             Ok(()) => Ok(()),
-            Err(entry) => {
-                queue.push(entry).await;
-                Ok(())
-            }
+            Err(Refused::Full(entry)) => queue.push(entry).await,
+            Err(Refused::Closed) => Err(BusError::Closed),
         }
     }
 
@@ -237,7 +253,7 @@ impl Bus for NatsBus {
         let nats = |e: &dyn std::fmt::Display| BusError::Nats(e.to_string());
         // First everything queued here, in order, into the client.
         let (mark, handed_over) = oneshot::channel();
-        self.publisher.queue.push(Outgoing::Mark(mark)).await;
+        self.publisher.queue.push(Outgoing::Mark(mark)).await?;
         handed_over.await.map_err(|_| BusError::Closed)?;
         let inbox = self.client.new_inbox();
         let mut probe = self.client.subscribe(inbox.clone()).await.map_err(|e| nats(&e))?;

@@ -93,3 +93,47 @@ async fn connect_failure_names_the_url() {
     let err = NatsBus::connect(&options).await.err().expect("must fail");
     assert!(err.to_string().contains(&port.to_string()), "{err}");
 }
+
+/// Publishes from many tasks through the batching queue, with a queue far smaller than what is
+/// sent (so publishers wait for room): every message arrives, each publisher's in order, and a
+/// flush returns only after everything published before it is through the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_publishes_arrive_complete_and_in_order() {
+    const TASKS: u32 = 8;
+    const EACH: u32 = 500;
+    let server = NatsServer::start();
+    let mut options = NatsOptions::new(server.url(), "batching");
+    options.publish_capacity = 4;
+    let publisher = NatsBus::connect(&options).await.expect("connect");
+    let receiver = connect(&server, "receiver").await;
+    let mut sub = receiver.subscribe("batch.>", None).await.expect("sub");
+    receiver.flush().await.expect("flush");
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let bus = publisher.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..EACH {
+                let subject = Subject::from(format!("batch.{t}"));
+                bus.publish(subject, None, Bytes::from(i.to_be_bytes().to_vec()))
+                    .await
+                    .expect("publish");
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("publisher task");
+    }
+    publisher.flush().await.expect("flush");
+    let mut next = [0u32; TASKS as usize];
+    for _ in 0..TASKS * EACH {
+        let msg = tokio::time::timeout(Duration::from_secs(10), sub.next())
+            .await
+            .expect("every message in time")
+            .expect("subscription open");
+        let t: usize = msg.subject.as_str()["batch.".len()..].parse().expect("task number");
+        let i = u32::from_be_bytes(msg.payload[..].try_into().expect("4 bytes"));
+        assert_eq!(i, next[t], "publisher {t}'s messages in order");
+        next[t] += 1;
+    }
+    assert!(next.iter().all(|n| *n == EACH));
+}
