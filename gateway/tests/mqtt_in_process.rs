@@ -291,3 +291,36 @@ fn keep_alive_timeout_closes() {
     assert_eq!(got, b"\x20\x02\x00\x00");
     assert!(started.elapsed() >= Duration::from_millis(1400), "{:?}", started.elapsed());
 }
+
+#[test]
+fn traffic_keeps_a_connection_alive_and_an_idle_one_still_answers() {
+    let fg = up();
+    let ping = |s: &mut TcpStream| {
+        s.write_all(b"\xc0\x00").expect("PINGREQ");
+        let mut pong = [0u8; 2];
+        s.read_exact(&mut pong).expect("PINGRESP");
+        assert_eq!(&pong, b"\xd0\x00");
+    };
+    let connect = |keep_alive: u8| {
+        let mut s = TcpStream::connect(fg.mqtt).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        let mut packet = b"\x10\x10\x00\x04MQTT\x04\x02\x00\x01\x00\x04test".to_vec();
+        packet[11] = keep_alive;
+        s.write_all(&packet).expect("CONNECT");
+        let mut connack = [0u8; 4];
+        s.read_exact(&mut connack).expect("CONNACK");
+        assert_eq!(&connack, b"\x20\x02\x00\x00");
+        s
+    };
+    // Keep-alive 1 s (closed after 1.5 s of silence), but a packet every 0.4 s for 2.4 s.
+    let mut busy = connect(1);
+    for _ in 0..6 {
+        std::thread::sleep(Duration::from_millis(400));
+        ping(&mut busy);
+    }
+    // Silent for longer than the 2 s after which a connection gives its buffers back.
+    let mut idle = connect(10);
+    std::thread::sleep(Duration::from_millis(2500));
+    ping(&mut idle);
+    ping(&mut idle);
+}
