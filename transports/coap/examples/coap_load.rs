@@ -20,7 +20,8 @@
 //! ```
 //!
 //! `compare` runs, for each pair, fleetgate (`fleetgate up`, CoAP on `--port`, its other
-//! listeners on the ports just above) and then `coap-server-notls -p <port + 1> -e -d 100`
+//! listeners on the ports just above) and `coap-server-notls -p <port + 1> -e -d 100` (in
+//! that order in odd pairs, the other way round in even ones)
 //! (which answers a POST to an existing resource with 2.04 and the payload echoed; the probe's
 //! first POST creates it), each pinned with `taskset -c <sut-cpus>`, each given a warm-up and
 //! then every step. It prints each side's steps with the server's CPU-seconds per million
@@ -753,9 +754,12 @@ fn compare_main(mut argv: impl Iterator<Item = String>) {
     let mut pairs = Vec::new();
     for pair in 1..=args.pairs {
         println!("=== pair {pair} of {}", args.pairs);
+        // A B in odd pairs, B A in even ones: whoever runs first in a pair has no edge.
+        let libcoap_first = pair % 2 == 0;
+        let early = libcoap_first.then(|| run_side(&args, Side::Libcoap, ticks));
         let fg = run_side(&args, Side::Fleetgate, ticks);
         let b = (!args.fleetgate_b.is_empty()).then(|| run_side(&args, Side::FleetgateB, ticks));
-        let lc = run_side(&args, Side::Libcoap, ticks);
+        let lc = early.unwrap_or_else(|| run_side(&args, Side::Libcoap, ticks));
         pairs.push((fg, lc, b));
     }
     println!(
