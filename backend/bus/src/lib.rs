@@ -98,7 +98,8 @@ impl Subscription {
 pub trait Bus: Clone + Send + Sync + 'static {
     /// Publishes `payload` to `subject`, asking for answers on `reply`. Returns when the bus
     /// has accepted the message (in-process: queued to every receiver; NATS: queued in the
-    /// client's bounded outgoing buffer), waiting while it is full.
+    /// bus's bounded publish queue, which one writer drains into the client in order), waiting
+    /// while it is full.
     fn publish(
         &self,
         subject: Subject,
