@@ -230,6 +230,8 @@ async fn connect_bus(role: Role, config: &Config) -> Result<AnyBus, StartError> 
             options.publish_capacity = config.nats.publish_capacity;
             options.subscription_capacity = config.nats.subscription_capacity;
             options.connect_timeout = Duration::from_millis(config.nats.connect_timeout_ms);
+            options.publish_linger = Duration::from_millis(config.nats.publish_linger_ms);
+            options.publish_batch = config.nats.publish_batch;
             let bus = NatsBus::connect(&options).await.map_err(StartError::Nats)?;
             tracing::info!(url, "connected to NATS");
             Ok(AnyBus::Nats(bus))

@@ -4,9 +4,11 @@
 //! in batches. Handed straight to `async-nats`, each publish wakes the client's connection task,
 //! which tokio runs right after the publisher (its "LIFO slot"): one `writev` to the server per
 //! message, and on a shared core a context switch into nats-server for each. The writer instead
-//! yields once after being woken, so that every device connection that is ready gets to queue
-//! its message first; under load a batch is what a scheduler round produced, and a lone message
-//! waits for nothing.
+//! hands over at most one batch per [`NatsOptions::publish_linger`]: a message that comes after
+//! a quiet spell goes at once, and under load the next batch waits until the linger since the
+//! previous one is over (or until [`NatsOptions::publish_batch`] messages are queued).
+//! nats-server's cost is mostly per read, not per message, so fewer and larger writes cut its CPU
+//! as well as ours; the price is up to that much latency under load. A flush does not linger.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -30,6 +32,12 @@ pub struct NatsOptions {
     pub subscription_capacity: usize,
     /// How long the first connection attempt may take.
     pub connect_timeout: Duration,
+    /// The shortest time between two batches handed to the server: a batch that would follow
+    /// the previous one sooner waits for more messages instead. Zero: a batch is only what the
+    /// tasks that are ready at that moment queue. Tokio's timer counts whole milliseconds.
+    pub publish_linger: Duration,
+    /// A batch this large goes at once, without waiting out the linger.
+    pub publish_batch: usize,
 }
 
 impl NatsOptions {
@@ -41,6 +49,8 @@ impl NatsOptions {
             publish_capacity: 8192,
             subscription_capacity: 65536,
             connect_timeout: Duration::from_secs(5),
+            publish_linger: Duration::from_millis(1),
+            publish_batch: 256,
         }
     }
 }
@@ -71,10 +81,14 @@ struct PublishQueue {
     /// Wakes publishers waiting for room.
     room: Notify,
     capacity: usize,
+    /// Queued messages that wake the writer before its linger is over.
+    batch: usize,
 }
 
 struct QueueState {
     queue: Vec<Outgoing>,
+    /// A flush mark is queued: the writer must not linger.
+    urgent: bool,
     /// The last bus handle is gone, or the client refused a message (it has shut down).
     closed: bool,
 }
@@ -99,16 +113,25 @@ impl PublishQueue {
         if state.closed {
             return Err(Refused::Closed);
         }
-        if matches!(entry, Outgoing::Message { .. }) && state.queue.len() >= self.capacity {
+        let mark = matches!(entry, Outgoing::Mark(_));
+        if !mark && state.queue.len() >= self.capacity {
             return Err(Refused::Full(entry));
         }
         state.queue.push(entry);
-        let first = state.queue.len() == 1;
+        state.urgent |= mark;
+        // The first entry wakes the writer; a full batch or a mark cuts its linger short.
+        let wake = state.queue.len() == 1 || state.queue.len() == self.batch || mark;
         drop(state);
-        if first {
+        if wake {
             self.writer.notify_one();
         }
         Ok(())
+    }
+
+    /// Whether the writer should wait for more before taking the queue.
+    fn worth_waiting_for(&self) -> bool {
+        let state = self.lock();
+        !state.closed && !state.urgent && state.queue.len() < self.batch
     }
 
     async fn push(&self, mut entry: Outgoing) -> Result<(), BusError> {
@@ -141,15 +164,25 @@ impl Drop for Publisher {
 }
 
 /// Drains the publish queue into the client, a batch at a time, in order.
-async fn write_batches(client: async_nats::Client, queue: Arc<PublishQueue>) {
+async fn write_batches(client: async_nats::Client, queue: Arc<PublishQueue>, linger: Duration) {
     let mut batch = Vec::new();
+    let mut last_write = tokio::time::Instant::now();
     loop {
         queue.writer.notified().await;
         // Let the tasks that are ready now queue their messages too.
         tokio::task::yield_now().await;
+        // The linger counts from the previous batch: after a quiet spell a message goes at
+        // once, under load batches go out at most once per linger.
+        let deadline = last_write + linger;
+        if tokio::time::Instant::now() < deadline && queue.worth_waiting_for() {
+            // Over at the deadline, or when a full batch, a flush mark or closing wakes us.
+            let _ = tokio::time::timeout_at(deadline, queue.writer.notified()).await;
+        }
+        last_write = tokio::time::Instant::now();
         let closed = {
             let mut state = queue.lock();
             std::mem::swap(&mut batch, &mut state.queue);
+            state.urgent = false;
             state.closed
         };
         queue.room.notify_waiters();
@@ -198,12 +231,13 @@ impl NatsBus {
             .await
             .map_err(|e| BusError::Nats(format!("cannot connect to {}: {e}", options.url)))?;
         let queue = Arc::new(PublishQueue {
-            state: Mutex::new(QueueState { queue: Vec::new(), closed: false }),
+            state: Mutex::new(QueueState { queue: Vec::new(), urgent: false, closed: false }),
             writer: Notify::new(),
             room: Notify::new(),
             capacity: options.publish_capacity.max(1),
+            batch: options.publish_batch.max(1),
         });
-        tokio::spawn(write_batches(client.clone(), queue.clone()));
+        tokio::spawn(write_batches(client.clone(), queue.clone(), options.publish_linger));
         Ok(Self { client, publisher: Arc::new(Publisher { queue }) })
     }
 

@@ -21,7 +21,7 @@ use fleetgate_transport_core::{
     OutboxReceiver, SessionId, Transport, TryRecvError,
 };
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, watch};
@@ -349,33 +349,50 @@ impl<H: KpHandler> Connection<H> {
     }
 
     async fn read_more(&mut self, rd: &mut OwnedReadHalf) -> Result<(), Close> {
-        if self.read.capacity() == 0 {
-            // No buffer (a new connection, or one that has been idle): read onto the stack and
-            // keep exactly what arrived, so that a connection that sends one packet and then
-            // idles holds a few dozen bytes, not a read buffer.
-            loop {
-                // Not `readable()`: its future is ~100 bytes of every idle connection's state.
-                std::future::poll_fn(|cx| rd.as_ref().poll_read_ready(cx))
-                    .await
-                    .map_err(|_| Close::Quietly)?;
-                let mut scratch = [0u8; READ_RESERVE];
-                match rd.try_read(&mut scratch) {
-                    Ok(0) => return Err(Close::Quietly),
-                    Ok(n) => {
-                        self.read.extend_from_slice(&scratch[..n]);
-                        return Ok(());
-                    }
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(_) => return Err(Close::Quietly),
-                }
+        loop {
+            // Not `readable()`: its future is ~100 bytes of every idle connection's state.
+            std::future::poll_fn(|cx| rd.as_ref().poll_read_ready(cx))
+                .await
+                .map_err(|_| Close::Quietly)?;
+            match self.read_once(rd) {
+                Ok(0) => return Err(Close::Quietly),
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return Err(Close::Quietly),
             }
         }
-        if self.read.capacity() - self.read.len() < READ_MIN_SPARE {
-            self.read.reserve(READ_RESERVE);
-        }
-        match rd.read_buf(&mut self.read).await {
-            Ok(0) | Err(_) => Err(Close::Quietly),
-            Ok(_) => Ok(()),
+    }
+
+    /// One `recv` into the read buffer. Without a buffer (a new connection, or one that has
+    /// been idle) it reads onto the stack and keeps exactly what arrived, so that a connection
+    /// that sends one packet and then idles holds a few dozen bytes, not a read buffer.
+    ///
+    /// A read that leaves room unfilled has drained the socket, so it also clears the socket's
+    /// readiness: the next read then waits for the device instead of making a second `recv`
+    /// that only reports "nothing more", one system call per packet saved. Tokio clears only
+    /// if no readiness event arrived since the read began, so data that came in meanwhile still
+    /// wakes the connection.
+    fn read_once(&mut self, rd: &OwnedReadHalf) -> std::io::Result<usize> {
+        let mut got = 0;
+        let read = rd.as_ref().try_io(tokio::io::Interest::READABLE, || {
+            let (n, room) = if self.read.capacity() == 0 {
+                let mut scratch = [0u8; READ_RESERVE];
+                let n = rd.try_read(&mut scratch)?;
+                self.read.extend_from_slice(&scratch[..n]);
+                (n, scratch.len())
+            } else {
+                if self.read.capacity() - self.read.len() < READ_MIN_SPARE {
+                    self.read.reserve(READ_RESERVE);
+                }
+                let room = self.read.capacity() - self.read.len();
+                (rd.try_read_buf(&mut self.read)?, room)
+            };
+            got = n;
+            if n > 0 && n < room { Err(std::io::ErrorKind::WouldBlock.into()) } else { Ok(n) }
+        });
+        match read {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && got > 0 => Ok(got),
+            read => read,
         }
     }
 
