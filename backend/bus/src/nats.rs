@@ -166,7 +166,9 @@ impl Drop for Publisher {
 /// Drains the publish queue into the client, a batch at a time, in order.
 async fn write_batches(client: async_nats::Client, queue: Arc<PublishQueue>, linger: Duration) {
     let mut batch = Vec::new();
-    let mut last_write = tokio::time::Instant::now();
+    // As if the previous batch went a linger ago: the first message does not wait.
+    let now = tokio::time::Instant::now();
+    let mut last_write = now.checked_sub(linger).unwrap_or(now);
     loop {
         queue.writer.notified().await;
         // Let the tasks that are ready now queue their messages too.

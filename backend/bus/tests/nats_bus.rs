@@ -137,3 +137,48 @@ async fn batched_publishes_arrive_complete_and_in_order() {
     }
     assert!(next.iter().all(|n| *n == EACH));
 }
+
+#[tokio::test]
+async fn the_publish_linger_spaces_batches_and_gives_way_to_full_batches_and_flushes() {
+    let server = NatsServer::start();
+    let mut options = NatsOptions::new(server.url(), "linger");
+    options.publish_linger = Duration::from_secs(30);
+    options.publish_batch = 4;
+    let publisher = NatsBus::connect(&options).await.expect("connect");
+    let receiver = connect(&server, "receiver").await;
+    let mut sub = receiver.subscribe("linger", None).await.expect("sub");
+    receiver.flush().await.expect("flush");
+    let publish = |n: u8| {
+        let bus = publisher.clone();
+        async move {
+            bus.publish(Subject::from_static("linger"), None, Bytes::from(vec![n]))
+                .await
+                .expect("publish")
+        }
+    };
+
+    // The first message follows no batch: it goes at once.
+    publish(0).await;
+    assert_eq!(next_payload(&mut sub).await.as_deref(), Some(&[0u8][..]), "a lone message waits");
+
+    // The next one is within the linger of that batch: it waits for company.
+    publish(1).await;
+    let early = tokio::time::timeout(Duration::from_millis(500), sub.next()).await;
+    assert!(early.is_err(), "a message right after a batch went without lingering");
+
+    // A full batch goes without waiting out the linger, in order.
+    for n in 2..5 {
+        publish(n).await;
+    }
+    for n in 1..5u8 {
+        assert_eq!(next_payload(&mut sub).await.as_deref(), Some(&[n][..]), "full batch in order");
+    }
+
+    // A flush does not linger either.
+    publish(5).await;
+    tokio::time::timeout(Duration::from_secs(5), publisher.flush())
+        .await
+        .expect("a flush waited out the linger")
+        .expect("flush");
+    assert_eq!(next_payload(&mut sub).await.as_deref(), Some(&[5u8][..]));
+}
