@@ -8,7 +8,8 @@
 //! a quiet spell goes at once, and under load the next batch waits until the linger since the
 //! previous one is over (or until [`NatsOptions::publish_batch`] messages are queued).
 //! nats-server's cost is mostly per read, not per message, so fewer and larger writes cut its CPU
-//! as well as ours; the price is up to that much latency under load. A flush does not linger.
+//! as well as ours; the price is up to that much latency under load, so it is off by default.
+//! A flush does not linger.
 
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -49,7 +50,7 @@ impl NatsOptions {
             publish_capacity: 8192,
             subscription_capacity: 65536,
             connect_timeout: Duration::from_secs(5),
-            publish_linger: Duration::from_millis(1),
+            publish_linger: Duration::ZERO,
             publish_batch: 256,
         }
     }

@@ -51,7 +51,7 @@ pub struct NatsConfig {
     /// The shortest time between two batches written to NATS: under load a batch waits out
     /// the rest of it for more messages; after a quiet spell a message goes at once (0: no
     /// wait beyond one scheduler round). Larger batches cost nats-server and the gateway less
-    /// CPU per message, for up to this much latency.
+    /// CPU per message, for up to this much latency (BENCHMARKS.md has the trade measured).
     pub publish_linger_ms: u64,
     /// A batch of this many messages is written at once, without waiting out the linger.
     pub publish_batch: usize,
@@ -64,7 +64,7 @@ impl Default for NatsConfig {
             publish_capacity: 8192,
             subscription_capacity: 65_536,
             connect_timeout_ms: 5000,
-            publish_linger_ms: 1,
+            publish_linger_ms: 0,
             publish_batch: 256,
         }
     }
