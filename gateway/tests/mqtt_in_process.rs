@@ -324,3 +324,42 @@ fn traffic_keeps_a_connection_alive_and_an_idle_one_still_answers() {
     ping(&mut idle);
     ping(&mut idle);
 }
+
+#[test]
+fn a_device_that_publishes_and_hangs_up_is_let_go() {
+    let fg = up();
+    let open = r#"fleetgate_transport_connections_open{transport="mqtt"}"#;
+    let topic = b"kp1/demo-v1/dcx/tok-1/json";
+    let payload = br#"[{"t":1}]"#;
+    let mut publish = vec![0x30, (2 + topic.len() + payload.len()) as u8, 0, topic.len() as u8];
+    publish.extend_from_slice(topic);
+    publish.extend_from_slice(payload);
+    // Keep-alive 0: the gateway never times these out, so only reading the FIN ends them. The
+    // FIN follows the last packet at once, often in the same read as the data before it.
+    let keep_alive_off = b"\x10\x10\x00\x04MQTT\x04\x02\x00\x00\x00\x04test";
+    for round in 0..20 {
+        let mut s = TcpStream::connect(fg.mqtt).expect("connect");
+        if round % 2 == 0 {
+            let mut both = keep_alive_off.to_vec();
+            both.extend_from_slice(&publish);
+            s.write_all(&both).expect("CONNECT and PUBLISH");
+        } else {
+            s.write_all(keep_alive_off).expect("CONNECT");
+            let mut connack = [0u8; 4];
+            s.read_exact(&mut connack).expect("CONNACK");
+            s.write_all(&publish).expect("PUBLISH");
+        }
+        s.shutdown(std::net::Shutdown::Write).expect("FIN");
+        drop(s);
+    }
+    let received = r#"fleetgate_transport_messages_received_total{transport="mqtt"}"#;
+    let wait_for = |name: &str, value: f64| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while fg.metric(name) != Some(value) {
+            assert!(std::time::Instant::now() < deadline, "{name}: {:?}", fg.metric(name));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_for(received, 20.0);
+    wait_for(open, 0.0);
+}
