@@ -181,13 +181,15 @@ async fn write_batches(client: async_nats::Client, queue: Arc<PublishQueue>, lin
             // Over at the deadline, or when a full batch, a flush mark or closing wakes us.
             let _ = tokio::time::timeout_at(deadline, queue.writer.notified()).await;
         }
-        last_write = tokio::time::Instant::now();
         let closed = {
             let mut state = queue.lock();
             std::mem::swap(&mut batch, &mut state.queue);
             state.urgent = false;
             state.closed
         };
+        if !batch.is_empty() {
+            last_write = tokio::time::Instant::now();
+        }
         queue.room.notify_waiters();
         for entry in batch.drain(..) {
             match entry {
