@@ -59,6 +59,12 @@ pub enum ConnectError {
     /// TCP connect failed.
     #[error("TCP connect: {0}")]
     Tcp(io::Error),
+    /// A socket operation other than TCP connect failed.
+    #[error("socket: {0}")]
+    Socket(io::Error),
+    /// No answer to the opening exchange (HTTP and CoAP devices) in time.
+    #[error("no {0} within the connect timeout")]
+    Unanswered(&'static str),
     /// No CONNACK in time.
     #[error("no CONNACK within the connect timeout")]
     Timeout,
@@ -484,6 +490,47 @@ impl Device {
         if self.is_open() {
             let _ = self.send_control(&Packet::Disconnect(Disconnect::normal()));
             self.mark_closed();
+        }
+    }
+}
+
+/// A simulated device of any transport, as the sender and the run see it.
+#[derive(Debug, Clone)]
+pub enum SimDevice {
+    /// An MQTT connection.
+    Mqtt(Arc<Device>),
+    /// A CoAP socket.
+    Coap(Arc<crate::coap_device::CoapDevice>),
+    /// An HTTP/1.1 connection.
+    Http(Arc<crate::http_device::HttpDevice>),
+}
+
+impl SimDevice {
+    /// Sends one data sample now, without waiting. `with_request_id` is for MQTT only (the run
+    /// refuses it for the other transports); HTTP requests are answered whatever `qos` says.
+    pub fn publish(&self, qos: QoS, with_request_id: bool, payload: &[u8]) -> SendOutcome {
+        match self {
+            SimDevice::Mqtt(d) => d.publish(qos, with_request_id, payload),
+            SimDevice::Coap(d) => d.publish(qos, payload),
+            SimDevice::Http(d) => d.publish(payload),
+        }
+    }
+
+    /// Writes what the socket takes of the outbox; `true` when bytes are left.
+    pub fn flush(&self) -> bool {
+        match self {
+            SimDevice::Mqtt(d) => d.flush(),
+            SimDevice::Coap(d) => d.flush(),
+            SimDevice::Http(d) => d.flush(),
+        }
+    }
+
+    /// Whether the device can still send.
+    pub fn is_open(&self) -> bool {
+        match self {
+            SimDevice::Mqtt(d) => d.is_open(),
+            SimDevice::Coap(d) => d.is_open(),
+            SimDevice::Http(d) => d.is_open(),
         }
     }
 }

@@ -1,21 +1,24 @@
 //! fleetgate's fleet load generator and its side-by-side comparison runner.
 //!
 //! - [`loadgen`]: simulated devices, each on its own MQTT 3.1.1/5 connection (fleetgate's
-//!   sans-IO codec, no client library), publishing 1/KP data samples at open-loop stepped rates
-//!   from many loopback source addresses; delivery counted on NATS (fleetgate) or by an MQTT
-//!   subscriber (any broker); per-step counts and HDR latency; JSON and SVG results. The
-//!   `fleetgate-loadgen` binary is its command line.
+//!   sans-IO codec, no client library), CoAP socket ([`coap_device`], fleetgate's CoAP codec)
+//!   or pipelined HTTP/1.1 connection ([`http_device`]), publishing 1/KP data samples at
+//!   open-loop stepped rates from many loopback source addresses; delivery counted on NATS
+//!   (fleetgate) or by an MQTT subscriber (any broker); per-step counts and HDR latency; JSON
+//!   and SVG results. The `fleetgate-loadgen` binary is its command line.
 //! - [`compare`]: the `fleetgate-compare` runner: starts fleetgate and its peers (Mosquitto,
 //!   rumqttd) pinned to their own core, alternates them (A B A B), runs the generator against
 //!   each and prints maximum sustainable rates, CPU per message, latency and memory per
 //!   connection as ratios.
 //!
-//! What it does not do: CoAP, HTTP, UDP and QUIC devices (not yet), TLS, QoS 2, or any traffic
+//! What it does not do: custom-UDP and QUIC devices (not yet), TLS, DTLS, QoS 2, or any traffic
 //! outside 127.0.0.0/8 unless explicitly allowed. The per-codec criterion benches live beside
 //! their crates.
 
+pub mod coap_device;
 pub mod compare;
 pub mod device;
+pub mod http_device;
 pub mod loadgen;
 pub mod payload;
 pub mod procfs;

@@ -1,7 +1,8 @@
-//! The fleet load generator: N simulated devices, each on its own MQTT connection, publishing
-//! 1/KP data samples at an open-loop offered rate in steps, with delivery counted at the far
-//! end (NATS for fleetgate, an MQTT subscriber for a broker). Also an idle mode that only
-//! holds connections, for memory-per-connection measurements.
+//! The fleet load generator: N simulated devices, each on its own MQTT or HTTP connection or
+//! CoAP socket (`--transport`), publishing 1/KP data samples at an open-loop offered rate in
+//! steps, with delivery counted at the far end (NATS for fleetgate, an MQTT subscriber for a
+//! broker). Also an idle mode (MQTT only) that only holds connections, for
+//! memory-per-connection measurements.
 //!
 //! What it does not do: retransmit (a QoS 1 message whose window is full is dropped and
 //! counted as backpressure, never queued), QoS 2, TLS, or send anywhere but the loopback range
@@ -19,7 +20,9 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::device::{self, Device, DeviceOptions, SendOutcome};
+use crate::coap_device::{self, CoapOptions};
+use crate::device::{self, DeviceOptions, SendOutcome, SimDevice};
+use crate::http_device::{self, HttpOptions};
 use crate::payload;
 use crate::procfs;
 use crate::report::{
@@ -37,6 +40,27 @@ pub enum Target {
     Fleetgate,
     /// Any MQTT broker: delivery counted by an MQTT subscriber on `kp1/#`.
     Broker,
+}
+
+/// The devices' transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Transport {
+    /// MQTT over TCP (`--mqtt`).
+    Mqtt,
+    /// CoAP over UDP (`--coap`): QoS 1 sends CON, QoS 0 NON requests.
+    Coap,
+    /// HTTP/1.1 over TCP (`--http`), pipelined; every request is answered.
+    Http,
+}
+
+impl Transport {
+    fn name(self) -> &'static str {
+        match self {
+            Transport::Mqtt => "mqtt",
+            Transport::Coap => "coap",
+            Transport::Http => "http",
+        }
+    }
 }
 
 /// MQTT protocol version of the devices.
@@ -69,22 +93,32 @@ impl MqttVersion {
 /// Command-line settings of a load-generator run.
 #[derive(Debug, Clone, Args)]
 pub struct LoadgenArgs {
-    /// What the devices talk to.
+    /// What the devices talk to (`broker` needs `--transport mqtt`).
     #[arg(long, value_enum, default_value = "fleetgate")]
     pub target: Target,
+    /// The devices' transport. CoAP and HTTP devices take neither `--request-ids` nor
+    /// `--idle`.
+    #[arg(long, value_enum, default_value = "mqtt")]
+    pub transport: Transport,
     /// MQTT address of the system under test.
     #[arg(long, default_value = "127.0.0.1:1883")]
     pub mqtt: SocketAddr,
+    /// CoAP (UDP) address of the system under test (`--transport coap`).
+    #[arg(long, default_value = "127.0.0.1:5683")]
+    pub coap: SocketAddr,
+    /// HTTP address of the system under test (`--transport http`).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub http: SocketAddr,
     /// NATS URL where fleetgate's ClientData is counted (`--target fleetgate`).
     #[arg(long)]
     pub nats_url: Option<String>,
     /// MQTT version of the devices.
     #[arg(long, value_enum, default_value = "3.1.1")]
     pub mqtt_version: MqttVersion,
-    /// QoS of the data samples: 0 or 1.
+    /// QoS of the data samples: 0 or 1 (CoAP: NON or CON; HTTP: no difference).
     #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=1))]
     pub qos: u8,
-    /// Simulated devices, one TCP connection each.
+    /// Simulated devices, one TCP connection (or UDP socket) each.
     #[arg(long, default_value_t = 1000)]
     pub devices: usize,
     /// Number of the first device: tokens and client ids are `<prefix><number, 6 digits>`.
@@ -119,11 +153,11 @@ pub struct LoadgenArgs {
     /// Each adds ~28,000 ephemeral ports.
     #[arg(long, default_value = "127.0.0.1")]
     pub source_ips: String,
-    /// Give each message a request id (devices then count `/status` responses).
+    /// Give each message a request id (devices then count `/status` responses). MQTT only.
     #[arg(long)]
     pub request_ids: bool,
-    /// QoS 1 messages a connection may have unacknowledged; a send finding it full is dropped
-    /// and counted as backpressure.
+    /// QoS 1 messages (CoAP: CON requests; HTTP: any request) a device may have
+    /// unacknowledged; a send finding it full is dropped and counted as backpressure.
     #[arg(long, default_value_t = 100)]
     pub window: u32,
     /// Unwritten bytes a connection may hold before sends are dropped as backpressure.
@@ -148,7 +182,8 @@ pub struct LoadgenArgs {
     /// Sending tasks (default: one per runtime thread).
     #[arg(long)]
     pub workers: Option<usize>,
-    /// Idle mode: connect, hold the connections with keep-alive, report how many held.
+    /// Idle mode: connect, hold the connections with keep-alive, report how many held. MQTT
+    /// only.
     #[arg(long)]
     pub idle: bool,
     /// Idle mode: how long to hold after the ramp-up, seconds.
@@ -244,14 +279,29 @@ struct Plan {
     watch: Vec<(String, u32)>,
     qos: QoS,
     device_opts: DeviceOptions,
+    coap_opts: CoapOptions,
+    http_opts: HttpOptions,
 }
 
 fn check(args: &LoadgenArgs) -> Result<Plan, LoadgenError> {
     let bad = |m: String| Err(LoadgenError::Settings(m));
     let sources = parse_source_ips(&args.source_ips).map_err(LoadgenError::Settings)?;
+    if args.transport != Transport::Mqtt {
+        let t = args.transport.name();
+        if args.target == Target::Broker {
+            return bad(format!("--target broker needs --transport mqtt (not {t})"));
+        }
+        if args.idle {
+            return bad(format!("--idle is for MQTT devices only (not {t})"));
+        }
+        if args.request_ids {
+            return bad(format!("--request-ids is for MQTT devices only (not {t})"));
+        }
+    }
     if !args.allow_remote {
-        if !is_local(args.mqtt.ip()) {
-            return bad(format!("--mqtt {} is not on 127.0.0.0/8 (--allow-remote)", args.mqtt));
+        let (flag, addr) = target_addr(args);
+        if !is_local(addr.ip()) {
+            return bad(format!("--{flag} {addr} is not on 127.0.0.0/8 (--allow-remote)"));
         }
         if let Some(ip) = sources.iter().find(|ip| !is_local(**ip)) {
             return bad(format!("source address {ip} is not on 127.0.0.0/8 (--allow-remote)"));
@@ -300,7 +350,29 @@ fn check(args: &LoadgenArgs) -> Result<Plan, LoadgenError> {
             window: args.window.max(1),
             max_buffer_bytes: args.max_buffer_bytes,
         },
+        coap_opts: CoapOptions {
+            target: args.coap,
+            app_version: args.app_version.clone(),
+            window: args.window.max(1),
+            connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+        },
+        http_opts: HttpOptions {
+            target: args.http,
+            app_version: args.app_version.clone(),
+            window: args.window.max(1),
+            max_buffer_bytes: args.max_buffer_bytes,
+            connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+        },
     })
+}
+
+/// The option naming the devices' target address, and the address.
+fn target_addr(args: &LoadgenArgs) -> (&'static str, SocketAddr) {
+    match args.transport {
+        Transport::Mqtt => ("mqtt", args.mqtt),
+        Transport::Coap => ("coap", args.coap),
+        Transport::Http => ("http", args.http),
+    }
 }
 
 /// The soft limit on open files of this process, from `/proc/self/limits`.
@@ -324,12 +396,13 @@ pub async fn run(args: &LoadgenArgs) -> Result<Report, LoadgenError> {
         if !args.idle {
             let svg_path = args.svg.clone().unwrap_or_else(|| path.with_extension("svg"));
             let title = format!(
-                "fleetgate-loadgen: {} {} QoS {}, {} devices, {} B",
+                "fleetgate-loadgen: {} {} {} QoS {}, {} devices, {} B",
                 match args.target {
                     Target::Fleetgate => "fleetgate",
                     Target::Broker => "broker",
                 },
-                args.mqtt,
+                args.transport.name(),
+                target_addr(args).1,
                 args.qos,
                 args.devices,
                 args.payload_bytes
@@ -425,7 +498,8 @@ fn settings(args: &LoadgenArgs, plan: &Plan) -> Settings {
             Target::Fleetgate => "fleetgate".into(),
             Target::Broker => "broker".into(),
         },
-        mqtt: args.mqtt.to_string(),
+        transport: args.transport.name().into(),
+        mqtt: target_addr(args).1.to_string(),
         nats_url: args.nats_url.clone(),
         mqtt_version: args.mqtt_version.name().into(),
         qos: args.qos,
@@ -452,7 +526,7 @@ fn worker_count(args: &LoadgenArgs) -> usize {
 }
 
 /// A connect task's result: the device and its reader task.
-type ConnectResult = Result<(Arc<Device>, JoinHandle<()>), device::ConnectError>;
+type ConnectResult = Result<(SimDevice, JoinHandle<()>), device::ConnectError>;
 
 /// Connects every device at the ramp-up rate; returns the connected ones, their reader tasks
 /// and the summary.
@@ -461,12 +535,13 @@ async fn connect_all(
     plan: &Plan,
     counters: &Arc<RunCounters>,
     stop: &watch::Receiver<bool>,
-) -> (Vec<Arc<Device>>, Vec<JoinHandle<()>>, ConnectSummary) {
+) -> (Vec<SimDevice>, Vec<JoinHandle<()>>, ConnectSummary) {
     let start = Instant::now();
     let interval = Duration::from_secs_f64(1.0 / args.connect_rate);
     let permits = Arc::new(Semaphore::new(args.connect_concurrency.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
-    let opts = Arc::new(plan.device_opts.clone());
+    let opts = Arc::new((plan.device_opts.clone(), plan.coap_opts.clone(), plan.http_opts.clone()));
+    let transport = args.transport;
     let mut devices = Vec::with_capacity(args.devices);
     let mut readers = Vec::with_capacity(args.devices);
     let mut summary = ConnectSummary { requested: args.devices, ..Default::default() };
@@ -512,12 +587,20 @@ async fn connect_all(
         let counters = counters.clone();
         let stop = stop.clone();
         tasks.spawn(async move {
-            let connected = device::connect(&opts, Some(source), &token, counters).await;
+            let (mqtt, coap, http) = &*opts;
+            let connected = match transport {
+                Transport::Mqtt => device::connect(mqtt, Some(source), &token, counters)
+                    .await
+                    .map(|c| (SimDevice::Mqtt(c.device.clone()), c.spawn_reader(stop))),
+                Transport::Coap => coap_device::connect(coap, Some(source), &token, counters)
+                    .await
+                    .map(|d| (SimDevice::Coap(d.clone()), tokio::spawn(d.read_loop(stop)))),
+                Transport::Http => http_device::connect(http, Some(source), &token, counters)
+                    .await
+                    .map(|d| (SimDevice::Http(d.clone()), tokio::spawn(d.read_loop(stop)))),
+            };
             drop(permit);
-            connected.map(|c| {
-                let d = c.device.clone();
-                (d, c.spawn_reader(stop))
-            })
+            connected
         });
     }
     while let Some(r) = tasks.join_next().await {
@@ -581,12 +664,12 @@ type Usage = Vec<Vec<ProcessUsage>>;
 async fn load(
     args: &LoadgenArgs,
     plan: &Plan,
-    devices: &[Arc<Device>],
+    devices: &[SimDevice],
     counters: &Arc<RunCounters>,
     live: &Arc<LiveDelivery>,
 ) -> Usage {
     let workers = worker_count(args).min(devices.len());
-    let mut groups: Vec<Vec<Arc<Device>>> = vec![Vec::new(); workers];
+    let mut groups: Vec<Vec<SimDevice>> = vec![Vec::new(); workers];
     for (i, d) in devices.iter().enumerate() {
         groups[i % workers].push(d.clone());
     }
@@ -693,7 +776,9 @@ async fn load(
         let t = counters.totals();
         let delivered = live.delivered.load(Ordering::Relaxed);
         let done = delivered >= t.sent
-            && (plan.qos == QoS::AtMostOnce || t.acked >= t.sent)
+            // HTTP answers every request, so its acknowledgements are awaited at QoS 0 too.
+            && ((plan.qos == QoS::AtMostOnce && args.transport != Transport::Http)
+                || t.acked >= t.sent)
             && (!wants_responses || t.responded + t.errors >= t.sent);
         if done || Instant::now() >= drain_end {
             break;
@@ -709,7 +794,7 @@ async fn load(
 
 /// One sending task: a share of the devices and of the offered rate.
 struct Worker {
-    devices: Vec<Arc<Device>>,
+    devices: Vec<SimDevice>,
     share: f64,
     steps: StepPlan,
     origin: Instant,
@@ -1021,5 +1106,37 @@ mod tests {
         assert_eq!(p.watch, vec![("sut".to_owned(), 1)]);
         // Idle mode needs neither NATS nor rates.
         assert!(check(&args(&["--idle"])).is_ok());
+    }
+
+    #[test]
+    fn coap_and_http_settings() {
+        let nats = ["--nats-url", "nats://127.0.0.1:14333"];
+        for t in ["coap", "http"] {
+            let with = |extra: &[&str]| {
+                let mut v = vec!["--transport", t];
+                v.extend_from_slice(&nats);
+                v.extend_from_slice(extra);
+                check(&args(&v))
+            };
+            assert!(with(&[]).is_ok(), "{t}");
+            for bad in [&["--target", "broker"][..], &["--idle"], &["--request-ids"]] {
+                assert!(matches!(with(bad), Err(LoadgenError::Settings(_))), "{t} {bad:?}");
+            }
+            let remote = format!("--{t}");
+            assert!(with(&[&remote, "10.0.0.1:5683"]).is_err(), "{t} remote target");
+            assert!(with(&[&remote, "10.0.0.1:5683", "--allow-remote"]).is_ok());
+        }
+        // The MQTT address is not checked for CoAP and HTTP runs, and vice versa.
+        let a = args(&[
+            "--transport",
+            "coap",
+            "--mqtt",
+            "10.0.0.1:1883",
+            "--nats-url",
+            "nats://127.0.0.1:1",
+        ]);
+        assert!(check(&a).is_ok());
+        let a = args(&["--target", "broker", "--coap", "10.0.0.1:5683"]);
+        assert!(check(&a).is_ok());
     }
 }

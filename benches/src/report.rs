@@ -217,7 +217,10 @@ pub struct IdleReport {
 pub struct Settings {
     /// `fleetgate` or `broker`.
     pub target: String,
-    /// The MQTT address the devices connect to.
+    /// The devices' transport: `mqtt`, `coap` or `http` (absent in older results: `mqtt`).
+    #[serde(default)]
+    pub transport: String,
+    /// The address the devices connect to (MQTT, CoAP or HTTP, after `transport`).
     pub mqtt: String,
     /// The NATS URL delivery is counted on (fleetgate), if any.
     pub nats_url: Option<String>,

@@ -1,6 +1,7 @@
 //! End to end: the load generator against a real `fleetgate up` on a real NATS server, for
-//! two seconds at a low rate, QoS 1 with request ids, so every count can be checked exactly.
-//! fleetgate runs in this test's process (`fleetgate::run::run_until`).
+//! two seconds at a low rate, so every count can be checked exactly: MQTT devices at QoS 1 with
+//! request ids, CoAP devices (CON) and HTTP devices. fleetgate runs in this test's process
+//! (`fleetgate::run::run_until`), every listener on a free port.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -29,26 +30,116 @@ async fn ready(admin: SocketAddr) -> bool {
     text.starts_with("HTTP/1.1 200")
 }
 
+/// A running `fleetgate up` on its own NATS server, every listener on a free port.
+struct Gateway {
+    nats: NatsServer,
+    mqtt: SocketAddr,
+    coap: SocketAddr,
+    http: SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), fleetgate::run::StartError>>,
+}
+
+impl Gateway {
+    async fn start() -> Self {
+        let nats = NatsServer::start();
+        let local = |port| SocketAddr::from(([127, 0, 0, 1], port));
+        let (mqtt, coap, http, admin) =
+            (local(free_port()), local(free_port()), local(free_port()), local(free_port()));
+        let mut config = Config::default();
+        config.nats.url = Some(nats.url());
+        config.transports.mqtt.listen = mqtt;
+        config.transports.coap.listen = coap;
+        config.transports.http.listen = http;
+        config.admin.listen = admin;
+        config.auth.auto_register = true;
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(run_until(Role::Up, config, async {
+            let _ = stop_rx.await;
+        }));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !ready(admin).await {
+            assert!(!task.is_finished(), "fleetgate stopped at start-up");
+            assert!(tokio::time::Instant::now() < deadline, "fleetgate not ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Gateway { nats, mqtt, coap, http, stop, task }
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
+    }
+}
+
+/// 20 CoAP or HTTP devices, 100 then 200 msg/s for a second each: every message sent is
+/// acknowledged without error and delivered on NATS, and no device is lost.
+async fn short_run_delivers_and_acknowledges_everything(transport: &str, qos: &str) {
+    let gw = Gateway::start().await;
+    let (coap, http, nats_url) = (gw.coap.to_string(), gw.http.to_string(), gw.nats.url());
+    let cli = Cli::parse_from([
+        "loadgen",
+        "--transport",
+        transport,
+        "--coap",
+        &coap,
+        "--http",
+        &http,
+        "--nats-url",
+        &nats_url,
+        "--devices",
+        "20",
+        "--source-ips",
+        "127.0.0.1-127.0.0.3",
+        "--connect-rate",
+        "1000",
+        "--rates",
+        "100,200",
+        "--step-secs",
+        "1",
+        "--qos",
+        qos,
+        "--drain-secs",
+        "5",
+        "--workers",
+        "2",
+        "--quiet",
+    ]);
+    let report = tokio::time::timeout(Duration::from_secs(30), run(&cli.args))
+        .await
+        .expect("the run ends by itself")
+        .expect("the run succeeds");
+    assert_eq!(report.settings.transport, transport);
+    assert_eq!(report.connect.connected, 20, "{:?}", report.connect);
+    let t = &report.totals;
+    assert_eq!((t.sent, t.skipped, t.backpressure_window, t.backpressure_buffer), (300, 0, 0, 0));
+    assert_eq!((t.acked, t.ack_errors), (300, 0), "{t:?}");
+    assert_eq!((t.delivered, t.lost), (300, 0), "{t:?}");
+    assert_eq!(report.foreign_deliveries, 0);
+    assert_eq!(t.latency.count, 300);
+    assert_eq!(report.connections_lost, 0);
+    for (step, rate) in report.steps.iter().zip([100, 200]) {
+        assert_eq!(step.delivered, rate, "per-step attribution: {step:?}");
+    }
+    assert_eq!(report.msr.as_ref().map(|m| m.rate), Some(200));
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coap_devices_are_acknowledged_and_delivered() {
+    short_run_delivers_and_acknowledges_everything("coap", "1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_devices_are_answered_and_delivered() {
+    // QoS 0: HTTP answers every request all the same.
+    short_run_delivers_and_acknowledges_everything("http", "0").await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn loadgen_counts_every_message_through_fleetgate_on_nats() {
-    let nats = NatsServer::start();
-    let mqtt = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let mut config = Config::default();
-    config.nats.url = Some(nats.url());
-    config.transports.mqtt.listen = mqtt;
-    config.admin.listen = admin;
-    config.auth.auto_register = true;
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let gateway = tokio::spawn(run_until(Role::Up, config, async {
-        let _ = stop_rx.await;
-    }));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !ready(admin).await {
-        assert!(!gateway.is_finished(), "fleetgate stopped at start-up");
-        assert!(tokio::time::Instant::now() < deadline, "fleetgate not ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let gw = Gateway::start().await;
+    let (nats, mqtt) = (&gw.nats, gw.mqtt);
 
     let dir = tempfile::tempdir().expect("temp dir");
     let out = dir.path().join("run.json");
@@ -116,6 +207,5 @@ async fn loadgen_counts_every_message_through_fleetgate_on_nats() {
     let svg = std::fs::read_to_string(out.with_extension("svg")).expect("svg written");
     assert!(svg.contains("</svg>"));
 
-    let _ = stop_tx.send(());
-    let _ = tokio::time::timeout(Duration::from_secs(10), gateway).await;
+    gw.stop().await;
 }

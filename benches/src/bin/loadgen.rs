@@ -4,6 +4,8 @@
 //! fleetgate-loadgen --target fleetgate --mqtt 127.0.0.1:11883 --nats-url nats://127.0.0.1:4222 \
 //!     --devices 1000 --rates 10000,20000,40000 --step-secs 5 --out run.json
 //! fleetgate-loadgen --target broker --mqtt 127.0.0.1:21883 --qos 1 --rates 10000,20000
+//! fleetgate-loadgen --transport coap --coap 127.0.0.1:5683 --qos 1 --nats-url nats://127.0.0.1:4222
+//! fleetgate-loadgen --transport http --http 127.0.0.1:8080 --nats-url nats://127.0.0.1:4222
 //! fleetgate-loadgen --idle --devices 15000 --source-ips 127.0.0.2-127.0.0.20 --hold-secs 30
 //! ```
 
@@ -12,8 +14,8 @@ use std::process::ExitCode;
 use clap::Parser;
 use fleetgate_benches::loadgen::{LoadgenArgs, run, summary_table};
 
-/// Simulates a fleet of MQTT devices publishing 1/KP data samples at open-loop stepped rates,
-/// counts delivery at the far end, and reports rates, loss and latency per step.
+/// Simulates a fleet of MQTT, CoAP or HTTP devices publishing 1/KP data samples at open-loop
+/// stepped rates, counts delivery at the far end, and reports rates, loss and latency per step.
 #[derive(Parser)]
 #[command(version)]
 struct Cli {
