@@ -269,6 +269,41 @@ fn request_id_suffix(buf: &mut [u8; 11], mut id: u32) -> usize {
     n + 1
 }
 
+/// What a write of an outbox that does not wait did.
+pub(crate) enum Written {
+    /// The socket took everything; the outbox is empty.
+    All,
+    /// The socket is full: bytes are left for a later attempt.
+    Pending,
+    /// The connection is gone; the outbox was dropped.
+    Closed,
+}
+
+/// Writes what `stream` takes of `buf` now, without waiting (shared by the TCP devices).
+pub(crate) fn write_now(stream: &TcpStream, buf: &mut BytesMut) -> Written {
+    while !buf.is_empty() {
+        match stream.try_write(buf) {
+            Ok(0) => break,
+            Ok(n) => buf.advance(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Written::Pending,
+            Err(_) => break,
+        }
+    }
+    let all = buf.is_empty();
+    buf.clear();
+    if all { Written::All } else { Written::Closed }
+}
+
+/// Reads what `stream` has into `read` without waiting; `false` when the peer closed the
+/// connection or it failed (shared by the TCP devices).
+pub(crate) fn read_now(stream: &TcpStream, read: &mut BytesMut) -> bool {
+    match stream.try_read_buf(read) {
+        Ok(0) => false,
+        Ok(_) => true,
+        Err(e) => e.kind() == io::ErrorKind::WouldBlock,
+    }
+}
+
 impl Device {
     /// The device's topic.
     pub fn topic(&self) -> &[u8] {
@@ -347,24 +382,14 @@ impl Device {
     }
 
     fn write_out(&self, buf: &mut BytesMut) -> bool {
-        while !buf.is_empty() {
-            match self.stream.try_write(buf) {
-                Ok(0) => {
-                    buf.clear();
-                    self.mark_closed();
-                    return false;
-                }
-                Ok(n) => buf.advance(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
-                Err(_) => {
-                    buf.clear();
-                    self.mark_closed();
-                    return false;
-                }
+        match write_now(&self.stream, buf) {
+            Written::All => false,
+            Written::Pending => true,
+            Written::Closed => {
+                self.mark_closed();
+                false
             }
         }
-        buf.clear();
-        false
     }
 
     /// Queues a control packet (PUBACK, PINGREQ, DISCONNECT) and writes what the socket takes;
@@ -454,21 +479,9 @@ impl Device {
                 biased;
                 _ = stop.changed() => break,
                 r = self.stream.readable() => {
-                    if r.is_err() {
+                    if r.is_err() || !read_now(&self.stream, &mut read) {
                         self.mark_closed();
                         return;
-                    }
-                    match self.stream.try_read_buf(&mut read) {
-                        Ok(0) => {
-                            self.mark_closed();
-                            return;
-                        }
-                        Ok(_) => {}
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(_) => {
-                            self.mark_closed();
-                            return;
-                        }
                     }
                 }
                 r = self.stream.writable(), if want_write => {

@@ -13,7 +13,6 @@
 //! What it does not do: HTTP/2, TLS, authentication headers, request ids in the path, or
 //! reconnect (a connection the server closes stays closed and is counted lost).
 
-use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,7 +22,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use crate::device::{ConnectError, SendOutcome, tcp_connect};
+use crate::device::{ConnectError, SendOutcome, Written, read_now, tcp_connect, write_now};
 use crate::stats::RunCounters;
 
 /// Read buffer growth step.
@@ -275,24 +274,14 @@ impl HttpDevice {
     }
 
     fn write_out(&self, buf: &mut BytesMut) -> bool {
-        while !buf.is_empty() {
-            match self.stream.try_write(buf) {
-                Ok(0) => {
-                    buf.clear();
-                    self.mark_closed();
-                    return false;
-                }
-                Ok(n) => buf.advance(n),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
-                Err(_) => {
-                    buf.clear();
-                    self.mark_closed();
-                    return false;
-                }
+        match write_now(&self.stream, buf) {
+            Written::All => false,
+            Written::Pending => true,
+            Written::Closed => {
+                self.mark_closed();
+                false
             }
         }
-        buf.clear();
-        false
     }
 
     fn mark_closed(&self) {
@@ -343,21 +332,9 @@ impl HttpDevice {
                 biased;
                 _ = stop.changed() => break,
                 r = self.stream.readable() => {
-                    if r.is_err() {
+                    if r.is_err() || !read_now(&self.stream, &mut read) {
                         self.mark_closed();
                         return;
-                    }
-                    match self.stream.try_read_buf(&mut read) {
-                        Ok(0) => {
-                            self.mark_closed();
-                            return;
-                        }
-                        Ok(_) => {}
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(_) => {
-                            self.mark_closed();
-                            return;
-                        }
                     }
                 }
                 // The sender writes the outbox too; this picks up what it left when the
