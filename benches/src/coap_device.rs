@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,7 +31,7 @@ use fleetgate_transport_mqtt::codec::QoS;
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 
-use crate::device::{ConnectError, SendOutcome};
+use crate::device::{ConnectError, Liveness, SendOutcome};
 use crate::stats::RunCounters;
 
 /// Content-Format application/json (RFC 7252 §12.3).
@@ -107,9 +107,7 @@ pub struct CoapDevice {
     state: Mutex<State>,
     inflight: AtomicU32,
     window: u32,
-    open: AtomicBool,
-    stopping: AtomicBool,
-    counters: Arc<RunCounters>,
+    live: Liveness,
 }
 
 impl std::fmt::Debug for CoapDevice {
@@ -119,7 +117,7 @@ impl std::fmt::Debug for CoapDevice {
                 "path",
                 &self.path.iter().map(|s| String::from_utf8_lossy(s)).collect::<Vec<_>>(),
             )
-            .field("open", &self.open.load(Ordering::Relaxed))
+            .field("open", &self.live.is_open())
             .finish_non_exhaustive()
     }
 }
@@ -127,7 +125,8 @@ impl std::fmt::Debug for CoapDevice {
 /// A starting value for message ids and tokens that differs per device and per run, so that a
 /// reused source port within the gateway's EXCHANGE_LIFETIME is not taken for retransmissions.
 fn seed(token: &str) -> u32 {
-    let mut h = crate::stats::unix_nanos() as u32 ^ (crate::stats::unix_nanos() >> 32) as u32;
+    let now = crate::stats::unix_nanos();
+    let mut h = now as u32 ^ (now >> 32) as u32;
     for b in token.bytes() {
         h = h.rotate_left(5) ^ u32::from(b);
         h = h.wrapping_mul(0x9E37_79B1);
@@ -175,7 +174,6 @@ pub async fn connect(
     tokio::time::timeout(opts.connect_timeout, ping)
         .await
         .map_err(|_| ConnectError::Unanswered("answer to a CoAP ping"))??;
-    counters.connections_open.fetch_add(1, Ordering::Relaxed);
     let path = crate::device::data_topic(&opts.app_version, token)
         .split('/')
         .map(|s| s.as_bytes().to_vec())
@@ -192,21 +190,14 @@ pub async fn connect(
         }),
         inflight: AtomicU32::new(0),
         window: opts.window.max(1),
-        open: AtomicBool::new(true),
-        stopping: AtomicBool::new(false),
-        counters,
+        live: Liveness::opened(counters),
     }))
 }
 
 impl CoapDevice {
     /// Whether the device still sends.
     pub fn is_open(&self) -> bool {
-        self.open.load(Ordering::Relaxed)
-    }
-
-    /// CON requests sent and not yet answered.
-    pub fn inflight(&self) -> u32 {
-        self.inflight.load(Ordering::Relaxed)
+        self.live.is_open()
     }
 
     /// Sends one data sample now, without waiting: CON for QoS 1, NON for QoS 0.
@@ -263,12 +254,7 @@ impl CoapDevice {
     }
 
     fn mark_closed(&self) {
-        if self.open.swap(false, Ordering::Relaxed) {
-            self.counters.connections_open.fetch_sub(1, Ordering::Relaxed);
-            if !self.stopping.load(Ordering::Relaxed) {
-                self.counters.connections_lost.fetch_add(1, Ordering::Relaxed);
-            }
-        }
+        self.live.mark_closed();
     }
 
     /// Forgets the request `token` answers; whether it was outstanding.
@@ -308,7 +294,7 @@ impl CoapDevice {
             write_empty(&mut ack, MessageType::Acknowledgement, msg.message_id());
             let _ = self.socket.try_send(&ack);
         }
-        let step = self.counters.current();
+        let step = self.live.counters().current();
         if msg.mtype() == MessageType::Reset {
             // The gateway rejected a request outright.
             if self.settle(None, Some(msg.message_id())) {
@@ -367,7 +353,7 @@ impl CoapDevice {
 
     /// Stops sending, without counting the device as lost.
     pub fn shutdown(&self) {
-        self.stopping.store(true, Ordering::Relaxed);
+        self.live.stop();
         self.mark_closed();
     }
 }

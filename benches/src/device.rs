@@ -108,16 +108,14 @@ pub struct Device {
     window: u32,
     max_buffer: usize,
     keep_alive_secs: u16,
-    open: AtomicBool,
-    stopping: AtomicBool,
-    counters: Arc<RunCounters>,
+    live: Liveness,
 }
 
 impl std::fmt::Debug for Device {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Device")
             .field("topic", &String::from_utf8_lossy(&self.topic))
-            .field("open", &self.open.load(Ordering::Relaxed))
+            .field("open", &self.live.is_open())
             .finish_non_exhaustive()
     }
 }
@@ -223,7 +221,6 @@ pub async fn connect(
     let (stream, codec, read, window) = tokio::time::timeout(opts.connect_timeout, work)
         .await
         .map_err(|_| ConnectError::Timeout)??;
-    counters.connections_open.fetch_add(1, Ordering::Relaxed);
     let device = Arc::new(Device {
         stream,
         codec: codec.clone(),
@@ -233,9 +230,7 @@ pub async fn connect(
         window: window.max(1),
         max_buffer: opts.max_buffer_bytes,
         keep_alive_secs: opts.keep_alive_secs,
-        open: AtomicBool::new(true),
-        stopping: AtomicBool::new(false),
-        counters,
+        live: Liveness::opened(counters),
     });
     Ok(Connected { device, read, codec })
 }
@@ -267,6 +262,46 @@ fn request_id_suffix(buf: &mut [u8; 11], mut id: u32) -> usize {
     buf[0] = b'/';
     buf[1..=n].copy_from_slice(&digits[i..]);
     n + 1
+}
+
+/// A device's state as the run counts it: open until it closes or is stopped; a close counts as
+/// a lost connection unless the run is stopping the device (shared by every transport).
+pub(crate) struct Liveness {
+    open: AtomicBool,
+    stopping: AtomicBool,
+    counters: Arc<RunCounters>,
+}
+
+impl Liveness {
+    /// A device that has just connected: counted in `connections_open`.
+    pub(crate) fn opened(counters: Arc<RunCounters>) -> Self {
+        counters.connections_open.fetch_add(1, Ordering::Relaxed);
+        Self { open: AtomicBool::new(true), stopping: AtomicBool::new(false), counters }
+    }
+
+    pub(crate) fn is_open(&self) -> bool {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    /// The run's counters.
+    pub(crate) fn counters(&self) -> &RunCounters {
+        &self.counters
+    }
+
+    /// Closed (once): a lost connection unless [`Liveness::stop`] came first.
+    pub(crate) fn mark_closed(&self) {
+        if self.open.swap(false, Ordering::Relaxed) {
+            self.counters.connections_open.fetch_sub(1, Ordering::Relaxed);
+            if !self.stopping.load(Ordering::Relaxed) {
+                self.counters.connections_lost.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The run is stopping the device: closing it is not a loss.
+    pub(crate) fn stop(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+    }
 }
 
 /// What a write of an outbox that does not wait did.
@@ -305,24 +340,9 @@ pub(crate) fn read_now(stream: &TcpStream, read: &mut BytesMut) -> bool {
 }
 
 impl Device {
-    /// The device's topic.
-    pub fn topic(&self) -> &[u8] {
-        &self.topic
-    }
-
     /// Whether the connection is still open.
     pub fn is_open(&self) -> bool {
-        self.open.load(Ordering::Relaxed)
-    }
-
-    /// QoS 1 messages sent and not yet acknowledged.
-    pub fn inflight(&self) -> u32 {
-        self.inflight.load(Ordering::Relaxed)
-    }
-
-    /// The QoS 1 in-flight window in force.
-    pub fn window(&self) -> u32 {
-        self.window
+        self.live.is_open()
     }
 
     /// Sends one data sample with `payload`, now, without waiting for anything.
@@ -405,12 +425,7 @@ impl Device {
     }
 
     fn mark_closed(&self) {
-        if self.open.swap(false, Ordering::Relaxed) {
-            self.counters.connections_open.fetch_sub(1, Ordering::Relaxed);
-            if !self.stopping.load(Ordering::Relaxed) {
-                self.counters.connections_lost.fetch_add(1, Ordering::Relaxed);
-            }
-        }
+        self.live.mark_closed();
     }
 
     /// Handles one packet from the server; `true` when a reply is left unwritten.
@@ -420,7 +435,7 @@ impl Device {
                 let _ = self.inflight.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
                     Some(n.saturating_sub(1))
                 });
-                let step = self.counters.current();
+                let step = self.live.counters().current();
                 step.acked.fetch_add(1, Ordering::Relaxed);
                 if ack.reason_code.is_error() {
                     step.ack_errors.fetch_add(1, Ordering::Relaxed);
@@ -428,7 +443,7 @@ impl Device {
                 false
             }
             Packet::Publish(p) => {
-                let step = self.counters.current();
+                let step = self.live.counters().current();
                 if p.topic.ends_with(b"/status") {
                     step.responded.fetch_add(1, Ordering::Relaxed);
                 } else if p.topic.ends_with(b"/error") {
@@ -499,7 +514,7 @@ impl Device {
     /// Sends DISCONNECT (best effort) and marks the connection closed without counting it as
     /// lost.
     pub fn shutdown(&self) {
-        self.stopping.store(true, Ordering::Relaxed);
+        self.live.stop();
         if self.is_open() {
             let _ = self.send_control(&Packet::Disconnect(Disconnect::normal()));
             self.mark_closed();

@@ -14,7 +14,7 @@
 //! reconnect (a connection the server closes stays closed and is counted lost).
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,7 +22,9 @@ use bytes::{Buf, Bytes, BytesMut};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 
-use crate::device::{ConnectError, SendOutcome, Written, read_now, tcp_connect, write_now};
+use crate::device::{
+    ConnectError, Liveness, SendOutcome, Written, read_now, tcp_connect, write_now,
+};
 use crate::stats::RunCounters;
 
 /// Read buffer growth step.
@@ -188,16 +190,14 @@ pub struct HttpDevice {
     inflight: AtomicU32,
     window: u32,
     max_buffer: usize,
-    open: AtomicBool,
-    stopping: AtomicBool,
-    counters: Arc<RunCounters>,
+    live: Liveness,
 }
 
 impl std::fmt::Debug for HttpDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HttpDevice")
             .field("head", &String::from_utf8_lossy(&self.head))
-            .field("open", &self.open.load(Ordering::Relaxed))
+            .field("open", &self.live.is_open())
             .finish_non_exhaustive()
     }
 }
@@ -212,7 +212,6 @@ pub async fn connect(
     let stream = tokio::time::timeout(opts.connect_timeout, tcp_connect(opts.target, source))
         .await
         .map_err(|_| ConnectError::Unanswered("TCP connect"))??;
-    counters.connections_open.fetch_add(1, Ordering::Relaxed);
     let head = format!(
         "POST /{} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: ",
         crate::device::data_topic(&opts.app_version, token),
@@ -225,21 +224,14 @@ pub async fn connect(
         inflight: AtomicU32::new(0),
         window: opts.window.max(1),
         max_buffer: opts.max_buffer_bytes,
-        open: AtomicBool::new(true),
-        stopping: AtomicBool::new(false),
-        counters,
+        live: Liveness::opened(counters),
     }))
 }
 
 impl HttpDevice {
     /// Whether the connection is still open.
     pub fn is_open(&self) -> bool {
-        self.open.load(Ordering::Relaxed)
-    }
-
-    /// Requests sent and not yet answered.
-    pub fn inflight(&self) -> u32 {
-        self.inflight.load(Ordering::Relaxed)
+        self.live.is_open()
     }
 
     /// Sends one data sample with `payload`, now, without waiting for anything.
@@ -285,19 +277,14 @@ impl HttpDevice {
     }
 
     fn mark_closed(&self) {
-        if self.open.swap(false, Ordering::Relaxed) {
-            self.counters.connections_open.fetch_sub(1, Ordering::Relaxed);
-            if !self.stopping.load(Ordering::Relaxed) {
-                self.counters.connections_lost.fetch_add(1, Ordering::Relaxed);
-            }
-        }
+        self.live.mark_closed();
     }
 
     fn handle(&self, r: ParsedResponse) {
         let _ = self
             .inflight
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(1)));
-        let step = self.counters.current();
+        let step = self.live.counters().current();
         step.acked.fetch_add(1, Ordering::Relaxed);
         if r.status >= 400 {
             step.ack_errors.fetch_add(1, Ordering::Relaxed);
@@ -352,7 +339,7 @@ impl HttpDevice {
 
     /// Marks the connection closed without counting it as lost.
     pub fn shutdown(&self) {
-        self.stopping.store(true, Ordering::Relaxed);
+        self.live.stop();
         self.mark_closed();
     }
 }
