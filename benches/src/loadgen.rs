@@ -499,7 +499,7 @@ fn settings(args: &LoadgenArgs, plan: &Plan) -> Settings {
             Target::Broker => "broker".into(),
         },
         transport: args.transport.name().into(),
-        mqtt: target_addr(args).1.to_string(),
+        address: target_addr(args).1.to_string(),
         nats_url: args.nats_url.clone(),
         mqtt_version: args.mqtt_version.name().into(),
         qos: args.qos,

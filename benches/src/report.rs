@@ -220,8 +220,10 @@ pub struct Settings {
     /// The devices' transport: `mqtt`, `coap` or `http` (absent in older results: `mqtt`).
     #[serde(default)]
     pub transport: String,
-    /// The address the devices connect to (MQTT, CoAP or HTTP, after `transport`).
-    pub mqtt: String,
+    /// The address the devices connect to (MQTT, CoAP or HTTP, after `transport`; `mqtt` in
+    /// results written before the other transports).
+    #[serde(alias = "mqtt")]
+    pub address: String,
     /// The NATS URL delivery is counted on (fleetgate), if any.
     pub nats_url: Option<String>,
     /// `3.1.1` or `5`.
@@ -299,6 +301,19 @@ mod tests {
             latency: LatencySummary { count: attempted - lost, p99_us, ..Default::default() },
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn settings_of_older_results_still_read() {
+        let old = r#"{"target":"fleetgate","mqtt":"127.0.0.1:1883","nats_url":null,
+            "mqtt_version":"3.1.1","qos":0,"devices":1,"device_offset":1,"payload_bytes":64,
+            "rates":[10000],"step_secs":1.0,"request_ids":false,"window":1,"source_ips":1,
+            "workers":1,"threads":1,"idle":false}"#;
+        let s: Settings = match serde_json::from_str(old) {
+            Ok(s) => s,
+            Err(e) => panic!("an older result no longer reads: {e}"),
+        };
+        assert_eq!((s.address.as_str(), s.transport.as_str()), ("127.0.0.1:1883", ""));
     }
 
     #[test]
