@@ -7,6 +7,7 @@ use std::sync::Arc;
 use fleetgate_transport_coap::{CoapConfig, CoapTransport};
 use fleetgate_transport_core::Transport;
 use fleetgate_transport_core::compliance::ScriptedGateway;
+use fleetgate_transport_core::metrics::TransportMetrics;
 
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
@@ -14,9 +15,10 @@ async fn main() -> std::io::Result<()> {
     let listen =
         listen.parse().map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     let reuse_port = std::env::var_os("COAP_REUSE_PORT").is_some();
-    let transport =
-        CoapTransport::bind(CoapConfig { listen, reuse_port, ..CoapConfig::default() })?;
-    println!("listening on {}", transport.local_addr());
+    let config = CoapConfig { listen, reuse_port, ..CoapConfig::default() };
+    let mut transport = CoapTransport::new(config, &TransportMetrics::default());
+    transport.bind().map_err(std::io::Error::other)?;
+    println!("listening on {:?}", transport.local_addrs());
     let gateway = Arc::new(ScriptedGateway::default());
     let (_stop, shutdown) = tokio::sync::watch::channel(false);
     let pusher = gateway.clone();
@@ -27,6 +29,6 @@ async fn main() -> std::io::Result<()> {
             pusher.push("tok-1", "/config/json", b"{\"configId\":\"pushed\"}");
         }
     });
-    transport.serve(gateway, shutdown).await;
+    Box::new(transport).serve(gateway, shutdown).await;
     Ok(())
 }

@@ -153,8 +153,8 @@ impl Drop for PeerSlot {
     }
 }
 
-pub(crate) struct Peer<H> {
-    handler: Arc<H>,
+pub(crate) struct Peer {
+    handler: Arc<dyn KpHandler>,
     shared: Arc<Shared>,
     socket: Arc<UdpSocket>,
     addr: SocketAddr,
@@ -193,9 +193,9 @@ impl Refusal {
     }
 }
 
-impl<H: KpHandler> Peer<H> {
+impl Peer {
     pub(crate) fn new(
-        handler: Arc<H>,
+        handler: Arc<dyn KpHandler>,
         shared: Arc<Shared>,
         socket: Arc<UdpSocket>,
         addr: SocketAddr,

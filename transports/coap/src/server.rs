@@ -34,22 +34,22 @@
 //!   5.05, a ping (Empty CON) and a malformed confirmable message RST.
 
 use fleetgate_transport_core::stopped;
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use std::io::IoSliceMut;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 
 use bytes::{Bytes, BytesMut};
-use fleetgate_transport_core::metrics::{Counter, Gauge, write_metric};
-use fleetgate_transport_core::{KpHandler, Transport};
-use nix::sys::socket::{MsgFlags, MultiHeaders, SockaddrStorage, recvmmsg};
+use fleetgate_transport_core::metrics::{
+    Counter, Gauge, Registry, TransportMetrics, transport_registry,
+};
+use fleetgate_transport_core::net::{self, PeerQueues, ReceiveBatch, Routed};
+use fleetgate_transport_core::{BindError, BoxFuture, KpHandler, Transport};
 use serde::{Deserialize, Serialize};
 use tokio::net::UdpSocket;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tracing::Instrument;
@@ -137,8 +137,8 @@ impl Default for CoapConfig {
     }
 }
 
-/// CoAP counters for `/metrics`.
-#[derive(Debug, Default)]
+/// CoAP metrics: the shared transport families, labelled `transport="coap"`, and its own.
+#[derive(Debug, Clone)]
 pub struct CoapMetrics {
     /// CoAP messages received (every datagram that decoded).
     pub messages_received: Counter,
@@ -146,6 +146,12 @@ pub struct CoapMetrics {
     pub messages_sent: Counter,
     /// Datagrams that are not CoAP messages.
     pub protocol_errors: Counter,
+    /// Sessions opened.
+    pub sessions_opened: Counter,
+    /// Sessions refused by the gateway (credentials, unavailable auth).
+    pub sessions_refused: Counter,
+    /// Peers with state now (each with a session once it sent a request).
+    pub sessions_open: Gauge,
     /// Datagrams dropped because their peer's queue was full.
     pub datagrams_dropped: Counter,
     /// Retransmitted requests answered from the deduplication cache.
@@ -164,96 +170,90 @@ pub struct CoapMetrics {
     pub pushes_unobserved: Counter,
     /// Block1 transfers completed.
     pub block_transfers: Counter,
-    /// Sessions opened.
-    pub sessions_opened: Counter,
-    /// Sessions refused by the gateway (credentials, unavailable auth).
-    pub sessions_refused: Counter,
     /// Peers dropped after `session_idle_timeout_ms` without traffic.
     pub sessions_expired: Counter,
     /// Requests refused with 5.03 because `max_sessions` peers have state.
     pub sessions_over_limit: Counter,
-    /// Peers with state now (each with a session once it sent a request).
-    pub sessions_open: Gauge,
     /// Observations registered now.
     pub observations_open: Gauge,
 }
 
-/// Labels of every CoAP transport metric.
-const LABELS: &str = "{transport=\"coap\"}";
+/// The transport's name in metrics and logs.
+const NAME: &str = "coap";
 
 impl CoapMetrics {
-    /// Appends the Prometheus text exposition.
-    pub fn render(&self, out: &mut String) {
+    /// The CoAP handles of the shared families, and fresh counters of its own.
+    pub fn new(shared: &TransportMetrics) -> Self {
+        let c = shared.counters(NAME);
+        Self {
+            messages_received: c.messages_received(),
+            messages_sent: c.messages_sent(),
+            protocol_errors: c.protocol_errors(),
+            sessions_opened: c.sessions_opened(),
+            sessions_refused: c.sessions_refused(),
+            sessions_open: c.sessions_open(),
+            datagrams_dropped: Counter::default(),
+            duplicates: Counter::default(),
+            separate_responses: Counter::default(),
+            retransmissions: Counter::default(),
+            retransmit_timeouts: Counter::default(),
+            resets_received: Counter::default(),
+            notifications: Counter::default(),
+            pushes_unobserved: Counter::default(),
+            block_transfers: Counter::default(),
+            sessions_expired: Counter::default(),
+            sessions_over_limit: Counter::default(),
+            observations_open: Gauge::default(),
+        }
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        let r = transport_registry(registry, NAME);
         let counters = [
-            ("messages_received_total", "Messages received from devices", &self.messages_received),
-            ("messages_sent_total", "Responses and pushes sent to devices", &self.messages_sent),
             (
-                "protocol_errors_total",
-                "Datagrams that are not valid messages",
-                &self.protocol_errors,
-            ),
-            (
-                "datagrams_dropped_total",
+                "datagrams_dropped",
                 "Datagrams dropped on a full peer queue",
                 &self.datagrams_dropped,
             ),
             (
-                "duplicates_total",
+                "duplicates",
                 "Retransmitted requests answered from the deduplication cache",
                 &self.duplicates,
             ),
             (
-                "separate_responses_total",
+                "separate_responses",
                 "Requests acknowledged before their answer arrived",
                 &self.separate_responses,
             ),
             (
-                "retransmissions_total",
+                "retransmissions",
                 "Confirmable responses and notifications retransmitted",
                 &self.retransmissions,
             ),
             (
-                "retransmit_timeouts_total",
+                "retransmit_timeouts",
                 "Confirmable responses and notifications never acknowledged",
                 &self.retransmit_timeouts,
             ),
-            ("resets_received_total", "Resets received", &self.resets_received),
-            ("notifications_total", "Notifications sent to observers", &self.notifications),
+            ("resets_received", "Resets received", &self.resets_received),
+            ("notifications", "Notifications sent to observers", &self.notifications),
             (
-                "pushes_unobserved_total",
+                "pushes_unobserved",
                 "Pushes for resources nobody observes, dropped",
                 &self.pushes_unobserved,
             ),
+            ("block_transfers", "Block-wise request transfers completed", &self.block_transfers),
+            ("sessions_expired", "Sessions closed after idling", &self.sessions_expired),
             (
-                "block_transfers_total",
-                "Block-wise request transfers completed",
-                &self.block_transfers,
-            ),
-            ("sessions_opened_total", "Sessions opened", &self.sessions_opened),
-            ("sessions_refused_total", "Sessions refused", &self.sessions_refused),
-            ("sessions_expired_total", "Sessions closed after idling", &self.sessions_expired),
-            (
-                "sessions_over_limit_total",
+                "sessions_over_limit",
                 "Requests refused because too many peers have sessions",
                 &self.sessions_over_limit,
             ),
         ];
         for (name, help, counter) in counters {
-            let name = format!("fleetgate_transport_{name}");
-            write_metric(out, "counter", &name, help, LABELS, counter.get());
+            r.register(name, help, counter.clone());
         }
-        let gauges = [
-            (
-                "sessions_open",
-                "Peers with state (a session once they sent a request)",
-                &self.sessions_open,
-            ),
-            ("observations_open", "Observations registered", &self.observations_open),
-        ];
-        for (name, help, gauge) in gauges {
-            let name = format!("fleetgate_transport_{name}");
-            write_metric(out, "gauge", &name, help, LABELS, gauge.get());
-        }
+        r.register("observations_open", "Observations registered", self.observations_open.clone());
     }
 }
 
@@ -289,115 +289,16 @@ pub(crate) struct Shared {
     pub block_szx: u8,
 }
 
-/// The CoAP transport, bound and ready to serve.
+/// The CoAP transport over UDP.
 pub struct CoapTransport {
     sockets: Vec<Arc<UdpSocket>>,
-    local_addr: SocketAddr,
     shared: Arc<Shared>,
 }
 
-/// Room for one datagram: any UDP datagram fits, so none is ever truncated.
-const MAX_DATAGRAM: usize = 65_536;
-/// Received datagrams are copied into buffers allocated this large and carved into one `Bytes`
-/// per datagram.
-const RECEIVE_ARENA: usize = 4 * MAX_DATAGRAM;
-/// Datagrams taken from the socket by one `recvmmsg` call.
-const RECEIVE_BATCH: usize = 32;
-
-thread_local! {
-    /// `recvmmsg` headers, one set per thread: they hold raw pointers, so they are not `Send`
-    /// and cannot live in a reader task.
-    static HEADERS: std::cell::RefCell<MultiHeaders<SockaddrStorage>> =
-        std::cell::RefCell::new(MultiHeaders::preallocate(RECEIVE_BATCH, None));
-}
-
-/// Receives up to [`RECEIVE_BATCH`] datagrams with one system call (`recvmmsg`).
-struct ReceiveBatch {
-    /// One `MAX_DATAGRAM` slot per datagram, reused (the kernel writes only what arrived).
-    slots: Vec<Vec<u8>>,
-    /// Length and sender of each datagram of the last call; `next` hands them out in order.
-    received: Vec<(usize, Option<SockaddrStorage>)>,
-    next: usize,
-    arena: BytesMut,
-}
-
-impl ReceiveBatch {
-    fn new() -> Self {
-        Self {
-            slots: vec![vec![0; MAX_DATAGRAM]; RECEIVE_BATCH],
-            received: Vec::with_capacity(RECEIVE_BATCH),
-            next: 0,
-            arena: BytesMut::new(),
-        }
-    }
-
-    /// One non-blocking `recvmmsg`: `WouldBlock` when nothing is waiting.
-    fn receive(&mut self, fd: RawFd) -> std::io::Result<()> {
-        self.received.clear();
-        self.next = 0;
-        let (slots, received) = (&mut self.slots, &mut self.received);
-        HEADERS.with_borrow_mut(|headers| {
-            let mut slices: Vec<[IoSliceMut<'_>; 1]> =
-                slots.iter_mut().map(|slot| [IoSliceMut::new(slot)]).collect();
-            let results = recvmmsg(fd, headers, slices.iter_mut(), MsgFlags::MSG_DONTWAIT, None)?;
-            received.extend(results.map(|r| (r.bytes, r.address)));
-            Ok(())
-        })
-    }
-
-    /// The next datagram of the last call and its sender, copied out of its slot.
-    fn next(&mut self) -> Option<(SocketAddr, Bytes)> {
-        loop {
-            let &(len, from) = self.received.get(self.next)?;
-            let slot = &self.slots[self.next];
-            self.next += 1;
-            let Some(peer) = from.and_then(socket_addr) else { continue };
-            if self.arena.capacity() < len {
-                self.arena.reserve(RECEIVE_ARENA.max(len));
-            }
-            self.arena.extend_from_slice(&slot[..len.min(slot.len())]);
-            return Some((peer, self.arena.split().freeze()));
-        }
-    }
-}
-
-fn socket_addr(addr: SockaddrStorage) -> Option<SocketAddr> {
-    if let Some(v4) = addr.as_sockaddr_in() {
-        return Some(SocketAddr::V4((*v4).into()));
-    }
-    addr.as_sockaddr_in6().map(|v6| SocketAddr::V6((*v6).into()))
-}
-
-fn udp_socket(addr: SocketAddr, reuse_port: bool) -> std::io::Result<UdpSocket> {
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::DGRAM,
-        Some(socket2::Protocol::UDP),
-    )?;
-    if reuse_port {
-        socket.set_reuse_port(true)?;
-    }
-    // Best effort: a larger receive buffer absorbs bursts; the kernel caps it at rmem_max.
-    let _ = socket.set_recv_buffer_size(4 << 20);
-    let _ = socket.set_send_buffer_size(4 << 20);
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    UdpSocket::from_std(socket.into())
-}
-
 impl CoapTransport {
-    /// Binds the socket (one per core with `reuse_port`). An error here (port taken, no
-    /// permission) is a start-up error. Must be called within a tokio runtime.
-    pub fn bind(config: CoapConfig) -> std::io::Result<Self> {
-        let first = udp_socket(config.listen, config.reuse_port)?;
-        let local_addr = first.local_addr()?;
-        let mut sockets = vec![Arc::new(first)];
-        if config.reuse_port {
-            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-            for _ in 1..cores {
-                sockets.push(Arc::new(udp_socket(local_addr, true)?));
-            }
-        }
+    /// The transport for `config`, reporting into `metrics`; [`Transport::bind`] opens its
+    /// sockets (one per core with `reuse_port`).
+    pub fn new(config: CoapConfig, metrics: &TransportMetrics) -> Self {
         let ms = Duration::from_millis;
         let shared = Shared {
             ack_timeout: ms(config.ack_timeout_ms.max(1)),
@@ -405,14 +306,14 @@ impl CoapTransport {
             idle_timeout: ms(config.session_idle_timeout_ms.max(1)),
             block_timeout: ms(config.block_transfer_timeout_ms.max(1)),
             block_szx: crate::codec::BlockOption::szx_for(config.block_size_bytes),
-            metrics: Arc::default(),
+            metrics: Arc::new(CoapMetrics::new(metrics)),
             peers: AtomicUsize::new(0),
             config,
         };
-        Ok(Self { sockets, local_addr, shared: Arc::new(shared) })
+        Self { sockets: Vec::new(), shared: Arc::new(shared) }
     }
 
-    /// The transport's counters.
+    /// The transport's metrics.
     pub fn metrics(&self) -> Arc<CoapMetrics> {
         self.shared.metrics.clone()
     }
@@ -420,44 +321,66 @@ impl CoapTransport {
 
 impl Transport for CoapTransport {
     fn name(&self) -> &'static str {
-        "coap"
+        NAME
     }
 
-    fn local_addr(&self) -> SocketAddr {
-        self.local_addr
+    fn config_section(&self) -> &'static str {
+        "transports.coap"
     }
 
-    async fn serve<H: KpHandler>(self, handler: Arc<H>, shutdown: watch::Receiver<bool>) {
-        let mut readers = JoinSet::new();
-        for (i, socket) in self.sockets.into_iter().enumerate() {
-            let reader = Reader {
-                socket,
-                shared: self.shared.clone(),
-                handler: handler.clone(),
-                shutdown: shutdown.clone(),
-                peers: HashMap::new(),
-                tasks: JoinSet::new(),
-                scratch: BytesMut::new(),
-            };
-            let span = tracing::info_span!("coap", socket = i);
-            readers.spawn(reader.run().instrument(span));
-        }
-        while readers.join_next().await.is_some() {}
+    fn bind(&mut self) -> Result<(), BindError> {
+        let config = &self.shared.config;
+        let sockets = net::bind_udp_per_core(config.listen, config.reuse_port)
+            .map_err(|e| BindError::listen(self.config_section(), config.listen, e))?;
+        self.sockets = sockets.into_iter().map(Arc::new).collect();
+        Ok(())
+    }
+
+    fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.sockets.first().and_then(|s| s.local_addr().ok()).into_iter().collect()
+    }
+
+    fn register_metrics(&self, registry: &mut Registry) {
+        self.shared.metrics.register(registry);
+    }
+
+    fn serve(
+        self: Box<Self>,
+        handler: Arc<dyn KpHandler>,
+        shutdown: watch::Receiver<bool>,
+    ) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            let mut readers = JoinSet::new();
+            for (i, socket) in self.sockets.into_iter().enumerate() {
+                let reader = Reader {
+                    peers: PeerQueues::new(self.shared.config.peer_queue_capacity),
+                    socket,
+                    shared: self.shared.clone(),
+                    handler: handler.clone(),
+                    shutdown: shutdown.clone(),
+                    tasks: JoinSet::new(),
+                    scratch: BytesMut::new(),
+                };
+                let span = tracing::info_span!("coap", socket = i);
+                readers.spawn(reader.run().instrument(span));
+            }
+            while readers.join_next().await.is_some() {}
+        })
     }
 }
 
 /// Reads one socket and hands datagrams to their peers' tasks.
-struct Reader<H> {
+struct Reader {
     socket: Arc<UdpSocket>,
     shared: Arc<Shared>,
-    handler: Arc<H>,
+    handler: Arc<dyn KpHandler>,
     shutdown: watch::Receiver<bool>,
-    peers: HashMap<SocketAddr, mpsc::Sender<Datagram>>,
+    peers: PeerQueues<SocketAddr, Datagram>,
     tasks: JoinSet<()>,
     scratch: BytesMut,
 }
 
-impl<H: KpHandler> Reader<H> {
+impl Reader {
     async fn run(mut self) {
         let mut batch = ReceiveBatch::new();
         let mut sweep = tokio::time::interval(Duration::from_secs(5));
@@ -481,7 +404,7 @@ impl<H: KpHandler> Reader<H> {
                     match received {
                         Ok(()) => {
                             let at = Instant::now();
-                            while let Some((peer, bytes)) = batch.next() {
+                            while let Some((peer, bytes)) = batch.next_datagram() {
                                 self.dispatch(peer, Datagram { bytes, at }).await;
                             }
                         }
@@ -496,7 +419,7 @@ impl<H: KpHandler> Reader<H> {
                     }
                 }
                 _ = sweep.tick() => {
-                    self.peers.retain(|_, queue| !queue.is_closed());
+                    self.peers.sweep();
                     while self.tasks.try_join_next().is_some() {}
                 }
                 () = &mut stop => break,
@@ -508,20 +431,14 @@ impl<H: KpHandler> Reader<H> {
     }
 
     async fn dispatch(&mut self, addr: SocketAddr, datagram: Datagram) {
-        let datagram = match self.peers.get(&addr) {
-            Some(queue) => match queue.try_send(datagram) {
-                Ok(()) => return,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    self.shared.metrics.datagrams_dropped.inc();
-                    return;
-                }
-                // The peer's task ended (idle): start a new one.
-                Err(mpsc::error::TrySendError::Closed(datagram)) => {
-                    self.peers.remove(&addr);
-                    datagram
-                }
-            },
-            None => datagram,
+        let datagram = match self.peers.route(&addr, datagram) {
+            Ok(()) => return,
+            Err(Routed::Full(_)) => {
+                self.shared.metrics.datagrams_dropped.inc();
+                return;
+            }
+            // No task owns the peer (new, or its task ended idle): maybe start one.
+            Err(Routed::NoPeer(datagram)) => datagram,
         };
         // Only a request or a ping from an unknown peer is worth state; a stray ACK or RST,
         // another version or garbage is dropped (RFC 7252 §3, §4.2).
@@ -548,9 +465,7 @@ impl<H: KpHandler> Reader<H> {
             self.refuse_busy(addr, &datagram.bytes).await;
             return;
         }
-        let (queue, inbound) = mpsc::channel(self.shared.config.peer_queue_capacity.max(1));
-        let _ = queue.try_send(datagram);
-        self.peers.insert(addr, queue);
+        let inbound = self.peers.insert(addr, datagram);
         let peer = Peer::new(self.handler.clone(), self.shared.clone(), self.socket.clone(), addr);
         let span = tracing::debug_span!("peer", %addr);
         self.tasks.spawn(peer.run(inbound, self.shutdown.clone()).instrument(span));

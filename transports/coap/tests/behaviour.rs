@@ -10,6 +10,7 @@ use std::time::Duration;
 use common::{CoapClient, Req, serve};
 use fleetgate_transport_coap::codec::{BlockOption, Code, MessageType, option};
 use fleetgate_transport_coap::{CoapConfig, response_code};
+use fleetgate_transport_core::BoxFuture;
 use fleetgate_transport_core::compliance::ScriptedGateway;
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -21,12 +22,7 @@ fn path(extension: &str, rest: &str) -> String {
 
 async fn setup(
     config: CoapConfig,
-) -> (
-    Arc<ScriptedGateway>,
-    CoapClient,
-    Arc<fleetgate_transport_coap::CoapMetrics>,
-    tokio::sync::watch::Sender<bool>,
-) {
+) -> (Arc<ScriptedGateway>, CoapClient, common::Served, tokio::sync::watch::Sender<bool>) {
     let gateway = Arc::new(ScriptedGateway::default());
     let (addr, metrics, stop) = serve(gateway.clone(), config).await;
     let client = CoapClient::new(addr).await;
@@ -78,32 +74,38 @@ impl HeldGateway {
 }
 
 impl fleetgate_transport_core::KpHandler for HeldGateway {
-    async fn open_session(
-        &self,
-        _: fleetgate_transport_core::ClientCredentials<'_>,
+    fn open_session<'a>(
+        &'a self,
+        _: fleetgate_transport_core::ClientCredentials<'a>,
         outbox: fleetgate_transport_core::Outbox,
-    ) -> Result<fleetgate_transport_core::ClientIdentity, fleetgate_transport_core::KpError> {
+    ) -> BoxFuture<
+        'a,
+        Result<fleetgate_transport_core::ClientIdentity, fleetgate_transport_core::KpError>,
+    > {
         *self.outbox.lock().expect("lock") = Some(outbox);
         let session = fleetgate_transport_core::SessionId(1);
-        Ok(fleetgate_transport_core::ClientIdentity { session, client_id: None })
+        Box::pin(std::future::ready(Ok(fleetgate_transport_core::ClientIdentity {
+            session,
+            client_id: None,
+        })))
     }
 
-    async fn handle(
+    fn handle(
         &self,
         _: fleetgate_transport_core::SessionId,
         request: fleetgate_transport_core::KpRequest,
-    ) -> Result<(), fleetgate_transport_core::KpError> {
+    ) -> BoxFuture<'_, Result<(), fleetgate_transport_core::KpError>> {
         self.held.lock().expect("lock").push(request);
-        Ok(())
+        Box::pin(std::future::ready(Ok(())))
     }
 
-    async fn subscribe(
-        &self,
+    fn subscribe<'a>(
+        &'a self,
         _: fleetgate_transport_core::SessionId,
-        _: &str,
+        _: &'a str,
         _: u64,
-    ) -> Result<(), fleetgate_transport_core::KpError> {
-        Ok(())
+    ) -> BoxFuture<'a, Result<(), fleetgate_transport_core::KpError>> {
+        Box::pin(std::future::ready(Ok(())))
     }
 
     fn unsubscribe(&self, _: fleetgate_transport_core::SessionId, _: &str) -> bool {
@@ -115,14 +117,13 @@ impl fleetgate_transport_core::KpHandler for HeldGateway {
 
 #[tokio::test]
 async fn a_retransmission_while_pending_gets_an_empty_ack_and_one_answer() {
-    use fleetgate_transport_core::Transport;
     let gateway = Arc::new(HeldGateway::default());
     let config =
         CoapConfig { listen: "127.0.0.1:0".parse().expect("addr"), ..CoapConfig::default() };
-    let transport = fleetgate_transport_coap::CoapTransport::bind(config).expect("bind");
-    let mut client = CoapClient::new(transport.local_addr()).await;
-    let (_stop, shutdown) = tokio::sync::watch::channel(false);
-    tokio::spawn(transport.serve(gateway.clone(), shutdown));
+    let transport = fleetgate_transport_coap::CoapTransport::new(config, &Default::default());
+    let (addr, _stop) =
+        fleetgate_transport_core::compliance::start(Box::new(transport), gateway.clone());
+    let mut client = CoapClient::new(addr).await;
 
     let p = path("echo", "/json");
     let (mid, token, bytes) = client.build(Req::post(&p, b"[2]"));
@@ -627,8 +628,7 @@ async fn shutdown_closes_sessions_and_metrics_render() {
     let _ = stop.send(true);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(gateway.closed_sessions(), 1);
-    let mut out = String::new();
-    metrics.render(&mut out);
+    let out = metrics.text();
     assert!(
         out.contains("fleetgate_transport_messages_received_total{transport=\"coap\"} 1"),
         "{out}"

@@ -19,8 +19,8 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::{
-    ClientCredentials, ClientIdentity, KpError, KpHandler, KpOutcome, KpRequest, KpResponse,
-    Outbox, SessionId,
+    BoxFuture, ClientCredentials, ClientIdentity, KpError, KpHandler, KpOutcome, KpRequest,
+    KpResponse, Outbox, SessionId,
 };
 
 /// The app version every scenario uses.
@@ -128,27 +128,8 @@ impl ScriptedGateway {
     }
 }
 
-fn status_in(payload: &[u8]) -> u16 {
-    std::str::from_utf8(payload).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(500)
-}
-
-impl KpHandler for ScriptedGateway {
-    async fn open_session(
-        &self,
-        credentials: ClientCredentials<'_>,
-        outbox: Outbox,
-    ) -> Result<ClientIdentity, KpError> {
-        if credentials.username == Some("intruder") {
-            return Err(KpError::unauthorized("bad credentials"));
-        }
-        let session = SessionId(self.next_session.fetch_add(1, Ordering::Relaxed) + 1);
-        if let Ok(mut state) = self.state.lock() {
-            state.sessions.insert(session, (outbox, Vec::new()));
-        }
-        Ok(ClientIdentity { session, client_id: None })
-    }
-
-    async fn handle(&self, session: SessionId, request: KpRequest) -> Result<(), KpError> {
+impl ScriptedGateway {
+    async fn handle_request(&self, session: SessionId, request: KpRequest) -> Result<(), KpError> {
         let answers = request.topic.request_id().is_some() || request.wants_answer;
         if let Ok(mut state) = self.state.lock() {
             state.requests += 1;
@@ -181,16 +162,51 @@ impl KpHandler for ScriptedGateway {
         }
         Ok(())
     }
+}
 
-    async fn subscribe(&self, session: SessionId, filter: &str, tag: u64) -> Result<(), KpError> {
-        let levels: Vec<&str> = filter.split('/').collect();
-        if levels.len() < 4 || levels[3] != TOKEN {
-            return Err(KpError::forbidden("name the token"));
-        }
-        if let Ok(mut state) = self.state.lock() {
-            state.subscriptions.push((session, filter.to_owned(), tag));
-        }
-        Ok(())
+fn status_in(payload: &[u8]) -> u16 {
+    std::str::from_utf8(payload).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(500)
+}
+
+impl KpHandler for ScriptedGateway {
+    fn open_session<'a>(
+        &'a self,
+        credentials: ClientCredentials<'a>,
+        outbox: Outbox,
+    ) -> BoxFuture<'a, Result<ClientIdentity, KpError>> {
+        let refused = credentials.username == Some("intruder");
+        Box::pin(async move {
+            if refused {
+                return Err(KpError::unauthorized("bad credentials"));
+            }
+            let session = SessionId(self.next_session.fetch_add(1, Ordering::Relaxed) + 1);
+            if let Ok(mut state) = self.state.lock() {
+                state.sessions.insert(session, (outbox, Vec::new()));
+            }
+            Ok(ClientIdentity { session, client_id: None })
+        })
+    }
+
+    fn handle(&self, session: SessionId, request: KpRequest) -> BoxFuture<'_, Result<(), KpError>> {
+        Box::pin(self.handle_request(session, request))
+    }
+
+    fn subscribe<'a>(
+        &'a self,
+        session: SessionId,
+        filter: &'a str,
+        tag: u64,
+    ) -> BoxFuture<'a, Result<(), KpError>> {
+        Box::pin(async move {
+            let levels: Vec<&str> = filter.split('/').collect();
+            if levels.len() < 4 || levels[3] != TOKEN {
+                return Err(KpError::forbidden("name the token"));
+            }
+            if let Ok(mut state) = self.state.lock() {
+                state.subscriptions.push((session, filter.to_owned(), tag));
+            }
+            Ok(())
+        })
     }
 
     fn unsubscribe(&self, session: SessionId, filter: &str) -> bool {
@@ -290,4 +306,21 @@ where
     }
     // Every request but the one that is not 1/KP reached the gateway.
     assert!(gateway.requests() >= 7, "{} requests reached the gateway", gateway.requests());
+}
+
+/// Binds `transport` and serves it with `handler` in a task until the returned sender is
+/// dropped or sends `true`. Returns its first local address.
+pub fn start(
+    mut transport: Box<dyn crate::Transport>,
+    handler: std::sync::Arc<dyn KpHandler>,
+) -> (std::net::SocketAddr, tokio::sync::watch::Sender<bool>) {
+    if let Err(e) = transport.bind() {
+        panic!("the transport under test cannot bind: {e}");
+    }
+    let Some(addr) = transport.local_addrs().first().copied() else {
+        panic!("the transport under test has no local address after bind");
+    };
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    tokio::spawn(transport.serve(handler, shutdown));
+    (addr, stop)
 }

@@ -1,27 +1,29 @@
-//! The boundary between device transports and the gateway.
+//! The boundary between device transports and the gateway, and what every transport shares.
 //!
-//! A transport (MQTT, CoAP, HTTP, ...) turns its wire format into [`KpRequest`]s and hands them
-//! to a [`KpHandler`]; answers and pushes come back as [`KpResponse`]s through the session's
-//! [`Outbox`]. This crate defines those types, the 1/KP resource path rules
-//! ([`KpTopic`], DESIGN decisions 1 and 6), the status codes of DESIGN decision 3 and the 1/KP
-//! error body. It knows nothing of sockets, the bus or any extension's payloads.
+//! A transport (MQTT, CoAP, HTTP, ...) turns its wire format into 1/KP requests (the plain
+//! types of `fleetgate-kp`, re-exported here) and hands them to a [`KpHandler`]; answers and
+//! pushes come back through the session's [`Outbox`]. The binary sees each transport as a
+//! [`Transport`]: made from its configuration section, bound, served. This crate also holds
+//! what every transport needs besides: the socket layer ([`net`]: SO_REUSEPORT listeners,
+//! batched UDP reads, per-peer queues), the shared metric families ([`metrics`]) and, behind
+//! the `compliance` feature, the compliance kit every transport's tests run.
+//!
+//! It knows nothing of the bus or of any extension's payloads, and no protocol's wire format.
 
 #[cfg(feature = "compliance")]
 pub mod compliance;
 mod handler;
-pub mod listener;
 pub mod metrics;
+pub mod net;
 mod outbox;
-mod status;
-mod topic;
 
-pub use handler::{
-    ClientCredentials, ClientIdentity, KpHandler, KpOutcome, KpRequest, KpResponse, SessionId,
-    Transport,
+pub use fleetgate_kp::{
+    ClientCredentials, ClientIdentity, KpError, KpOutcome, KpRequest, KpResponse, KpTopic,
+    KpTopicError, SessionId, error_body, parse_request_id, response_topic, status_reason,
+    topic_filter_matches,
 };
+pub use handler::{BindError, BoxFuture, KpHandler, Transport};
 pub use outbox::{Outbox, OutboxReceiver, TryRecvError, TrySendError, outbox};
-pub use status::{KpError, error_body, status_reason};
-pub use topic::{KpTopic, KpTopicError, parse_request_id, topic_filter_matches};
 
 /// Resolves once `shutdown` turns true (or its sender is gone): the stop signal every transport
 /// loop selects on.

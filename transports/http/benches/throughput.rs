@@ -23,9 +23,10 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use fleetgate_transport_core::metrics::TransportMetrics;
 use fleetgate_transport_core::{
-    ClientCredentials, ClientIdentity, KpError, KpHandler, KpOutcome, KpRequest, KpResponse,
-    Outbox, SessionId, Transport,
+    BoxFuture, ClientCredentials, ClientIdentity, KpError, KpHandler, KpOutcome, KpRequest,
+    KpResponse, Outbox, SessionId, Transport,
 };
 use fleetgate_transport_http::{HttpConfig, HttpTransport};
 use http_body_util::{BodyExt, Full};
@@ -41,19 +42,19 @@ struct InstantGateway {
 }
 
 impl KpHandler for InstantGateway {
-    async fn open_session(
-        &self,
-        _credentials: ClientCredentials<'_>,
+    fn open_session<'a>(
+        &'a self,
+        _credentials: ClientCredentials<'a>,
         outbox: Outbox,
-    ) -> Result<ClientIdentity, KpError> {
+    ) -> BoxFuture<'a, Result<ClientIdentity, KpError>> {
         let session = SessionId(self.next.fetch_add(1, Ordering::Relaxed));
         if let Ok(mut sessions) = self.sessions.write() {
             sessions.insert(session, outbox);
         }
-        Ok(ClientIdentity { session, client_id: None })
+        Box::pin(std::future::ready(Ok(ClientIdentity { session, client_id: None })))
     }
 
-    async fn handle(&self, session: SessionId, request: KpRequest) -> Result<(), KpError> {
+    fn handle(&self, session: SessionId, request: KpRequest) -> BoxFuture<'_, Result<(), KpError>> {
         let response = KpResponse {
             base: request.topic.base(),
             request_id: request.topic.request_id(),
@@ -65,11 +66,16 @@ impl KpHandler for InstantGateway {
         {
             let _ = outbox.try_send(response);
         }
-        Ok(())
+        Box::pin(std::future::ready(Ok(())))
     }
 
-    async fn subscribe(&self, _: SessionId, _: &str, _: u64) -> Result<(), KpError> {
-        Ok(())
+    fn subscribe<'a>(
+        &'a self,
+        _: SessionId,
+        _: &'a str,
+        _: u64,
+    ) -> BoxFuture<'a, Result<(), KpError>> {
+        Box::pin(std::future::ready(Ok(())))
     }
 
     fn unsubscribe(&self, _: SessionId, _: &str) -> bool {
@@ -224,13 +230,13 @@ fn main() {
     let (transport_addr, bare_addr) = servers.block_on(async {
         let config =
             HttpConfig { listen: "127.0.0.1:0".parse().expect("addr"), ..Default::default() };
-        let transport = HttpTransport::bind(config).expect("bind the transport");
-        let transport_addr = transport.local_addr();
-        let (_stop, shutdown) = tokio::sync::watch::channel(false);
-        tokio::spawn(async move {
-            let _keep = _stop;
-            transport.serve(Arc::new(InstantGateway::default()), shutdown).await;
-        });
+        let mut transport = HttpTransport::new(config, &TransportMetrics::default());
+        transport.bind().expect("bind the transport");
+        let transport_addr = transport.local_addrs()[0];
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        // Served until the process ends.
+        std::mem::forget(stop);
+        tokio::spawn(Box::new(transport).serve(Arc::new(InstantGateway::default()), shutdown));
         let bare = TcpListener::bind("127.0.0.1:0").await.expect("bind the bare server");
         let bare_addr = bare.local_addr().expect("addr");
         tokio::spawn(bare_hyper(bare, h2));

@@ -44,8 +44,8 @@ pub(crate) struct Shared {
     pub metrics: Arc<HttpMetrics>,
 }
 
-pub(crate) struct Connection<H> {
-    handler: Arc<H>,
+pub(crate) struct Connection {
+    handler: Arc<dyn KpHandler>,
     shared: Arc<Shared>,
     peer: SocketAddr,
     shutdown: watch::Receiver<bool>,
@@ -89,9 +89,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-impl<H: KpHandler> Connection<H> {
+impl Connection {
     pub fn new(
-        handler: Arc<H>,
+        handler: Arc<dyn KpHandler>,
         shared: Arc<Shared>,
         peer: SocketAddr,
         shutdown: watch::Receiver<bool>,
@@ -438,14 +438,14 @@ impl Drop for PendingRequest<'_> {
 }
 
 /// Ends a long poll however it ends: removes it, releases its subscription, uncounts it.
-struct PollGuard<'a, H: KpHandler> {
-    conn: &'a Connection<H>,
+struct PollGuard<'a> {
+    conn: &'a Connection,
     tag: u64,
     subscription: Option<(SessionId, String)>,
     counted: bool,
 }
 
-impl<H: KpHandler> Drop for PollGuard<'_, H> {
+impl Drop for PollGuard<'_> {
     fn drop(&mut self) {
         lock(&self.conn.waiters).polls.retain(|p| p.tag != self.tag);
         if let Some((session, filter)) = &self.subscription {

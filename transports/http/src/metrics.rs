@@ -1,14 +1,22 @@
-//! HTTP transport counters and their Prometheus text.
+//! HTTP transport metrics: the shared transport families, labelled `transport="http"`, and the
+//! HTTP transport's own.
 
-use std::fmt::Write;
+use fleetgate_transport_core::metrics::{
+    Counter, Family, Gauge, Registry, TransportMetrics, transport_registry,
+};
+use prometheus_client::encoding::EncodeLabelSet;
 
-use fleetgate_transport_core::metrics::{Counter, Gauge, write_metric};
+/// The transport's name in metrics and logs.
+pub(crate) const NAME: &str = "http";
 
-/// Labels of every HTTP transport metric.
-const LABELS: &str = "{transport=\"http\"}";
+/// The `class` label of `fleetgate_transport_http_responses_total`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClassLabel {
+    class: &'static str,
+}
 
-/// HTTP counters for `/metrics`.
-#[derive(Debug, Default)]
+/// HTTP metrics for `/metrics`.
+#[derive(Debug, Clone)]
 pub struct HttpMetrics {
     /// Connections accepted.
     pub connections_accepted: Counter,
@@ -16,8 +24,9 @@ pub struct HttpMetrics {
     pub connections_open: Gauge,
     /// Requests received (every method and path).
     pub requests_received: Counter,
-    /// Responses sent, by class: 1xx and 3xx (none expected), 2xx, 4xx, 5xx.
-    pub responses: [Counter; 4],
+    /// Responses sent, by class: other (1xx, 3xx: none expected), 2xx, 4xx, 5xx.
+    responses: [Counter; 4],
+    responses_family: Family<ClassLabel, Counter>,
     /// Requests answered 413 (body over `max_body_bytes`).
     pub payload_too_large: Counter,
     /// Requests answered 504 by the transport's own `request_timeout_ms`, or 408 for a body
@@ -41,7 +50,29 @@ fn class_index(status: u16) -> usize {
     }
 }
 
+const CLASSES: [&str; 4] = ["other", "2xx", "4xx", "5xx"];
+
 impl HttpMetrics {
+    /// The HTTP handles of the shared families, and fresh ones of its own.
+    pub fn new(shared: &TransportMetrics) -> Self {
+        let c = shared.counters(NAME);
+        let responses_family = Family::<ClassLabel, Counter>::default();
+        let responses =
+            CLASSES.map(|class| responses_family.get_or_create_owned(&ClassLabel { class }));
+        Self {
+            connections_accepted: c.connections_accepted(),
+            connections_open: c.connections_open(),
+            requests_received: c.messages_received(),
+            sessions_refused: c.sessions_refused(),
+            responses,
+            responses_family,
+            payload_too_large: Counter::default(),
+            request_timeouts: Counter::default(),
+            header_timeouts: Counter::default(),
+            long_polls_waiting: Gauge::default(),
+        }
+    }
+
     /// Counts one response with `status`.
     pub fn count_response(&self, status: u16) {
         self.responses[class_index(status)].inc();
@@ -50,67 +81,53 @@ impl HttpMetrics {
         }
     }
 
-    /// Appends the Prometheus text exposition.
-    pub fn render(&self, out: &mut String) {
-        let counters = [
-            ("connections_accepted_total", "Connections accepted", &self.connections_accepted),
-            ("messages_received_total", "Requests received from devices", &self.requests_received),
-            (
-                "payload_too_large_total",
-                "Requests refused for a body over the limit",
-                &self.payload_too_large,
-            ),
-            (
-                "request_timeouts_total",
-                "Requests the transport timed out (408 body, 504 answer)",
-                &self.request_timeouts,
-            ),
-            (
-                "header_timeouts_total",
-                "Connections closed for slow request headers",
-                &self.header_timeouts,
-            ),
-            (
-                "sessions_refused_total",
-                "Sessions refused by the gateway (credentials)",
-                &self.sessions_refused,
-            ),
-        ];
-        for (name, help, counter) in counters {
-            let name = format!("fleetgate_transport_{name}");
-            write_metric(out, "counter", &name, help, LABELS, counter.get());
-        }
-        let name = "fleetgate_transport_http_responses_total";
-        let _ = writeln!(out, "# HELP {name} HTTP responses sent, by status class");
-        let _ = writeln!(out, "# TYPE {name} counter");
-        for (class, counter) in ["other", "2xx", "4xx", "5xx"].iter().zip(&self.responses) {
-            let _ =
-                writeln!(out, "{name}{{transport=\"http\",class=\"{class}\"}} {}", counter.get());
-        }
-        let gauges = [
-            ("connections_open", "Connections open", &self.connections_open),
-            ("long_polls_waiting", "Long polls waiting for a push", &self.long_polls_waiting),
-        ];
-        for (name, help, gauge) in gauges {
-            let name = format!("fleetgate_transport_{name}");
-            write_metric(out, "gauge", &name, help, LABELS, gauge.get());
-        }
+    pub(crate) fn register(&self, registry: &mut Registry) {
+        let r = transport_registry(registry, NAME);
+        r.register(
+            "http_responses",
+            "HTTP responses sent, by status class",
+            self.responses_family.clone(),
+        );
+        r.register(
+            "payload_too_large",
+            "Requests refused for a body over the limit",
+            self.payload_too_large.clone(),
+        );
+        r.register(
+            "request_timeouts",
+            "Requests the transport timed out (408 body, 504 answer)",
+            self.request_timeouts.clone(),
+        );
+        r.register(
+            "header_timeouts",
+            "Connections closed for slow request headers",
+            self.header_timeouts.clone(),
+        );
+        r.register(
+            "long_polls_waiting",
+            "Long polls waiting for a push",
+            self.long_polls_waiting.clone(),
+        );
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use fleetgate_transport_core::metrics::encode;
+
     use super::*;
 
     #[test]
     fn renders_labelled_families() {
-        let m = HttpMetrics::default();
+        let mut registry = Registry::with_prefix("fleetgate");
+        let shared = TransportMetrics::register(&mut registry);
+        let m = HttpMetrics::new(&shared);
+        m.register(&mut registry);
         m.requests_received.inc();
         m.count_response(204);
         m.count_response(413);
         m.connections_open.inc();
-        let mut out = String::new();
-        m.render(&mut out);
+        let out = encode(&registry);
         assert!(
             out.contains("fleetgate_transport_messages_received_total{transport=\"http\"} 1\n")
         );
@@ -124,10 +141,5 @@ mod tests {
             out.contains("fleetgate_transport_payload_too_large_total{transport=\"http\"} 1\n")
         );
         assert!(out.contains("fleetgate_transport_connections_open{transport=\"http\"} 1\n"));
-        // Every sample line belongs to a family announced just before it.
-        for line in out.lines().filter(|l| !l.starts_with('#')) {
-            let family = line.split(['{', ' ']).next().unwrap_or_default();
-            assert!(out.contains(&format!("# TYPE {family} ")), "{line}");
-        }
     }
 }

@@ -44,7 +44,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fleetgate_transport_core::{KpHandler, Transport};
+use fleetgate_transport_core::metrics::{Registry, TransportMetrics};
+use fleetgate_transport_core::{BindError, BoxFuture, KpHandler, Transport, net};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
@@ -52,24 +53,25 @@ use tokio::task::JoinSet;
 use tracing::Instrument;
 
 use crate::connection::{Connection, Shared};
+use crate::metrics::NAME;
 use crate::wire::{Preface, preface};
 use crate::{HttpConfig, HttpMetrics};
 
-/// The HTTP transport, bound and ready to serve.
+/// The HTTP transport over TCP.
 pub struct HttpTransport {
-    listener: TcpListener,
+    listener: Option<TcpListener>,
     shared: Arc<Shared>,
 }
 
 impl HttpTransport {
-    /// Binds the listener. An error here (port taken, no permission) is a start-up error.
-    pub fn bind(config: HttpConfig) -> std::io::Result<Self> {
-        let listener =
-            fleetgate_transport_core::listener::bind_tcp(config.listen, config.reuse_port)?;
-        Ok(Self { listener, shared: Arc::new(Shared { config, metrics: Arc::default() }) })
+    /// The transport for `config`, reporting into `metrics`; [`Transport::bind`] opens its
+    /// listener.
+    pub fn new(config: HttpConfig, metrics: &TransportMetrics) -> Self {
+        let metrics = Arc::new(HttpMetrics::new(metrics));
+        Self { listener: None, shared: Arc::new(Shared { config, metrics }) }
     }
 
-    /// The transport's counters.
+    /// The transport's metrics.
     pub fn metrics(&self) -> Arc<HttpMetrics> {
         self.shared.metrics.clone()
     }
@@ -77,19 +79,53 @@ impl HttpTransport {
 
 impl Transport for HttpTransport {
     fn name(&self) -> &'static str {
-        "http"
+        NAME
     }
 
-    fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().unwrap_or(self.shared.config.listen)
+    fn config_section(&self) -> &'static str {
+        "transports.http"
     }
 
-    async fn serve<H: KpHandler>(self, handler: Arc<H>, mut shutdown: watch::Receiver<bool>) {
+    fn bind(&mut self) -> Result<(), BindError> {
+        let config = &self.shared.config;
+        let listener = net::bind_tcp(config.listen, config.reuse_port)
+            .map_err(|e| BindError::listen(self.config_section(), config.listen, e))?;
+        self.listener = Some(listener);
+        Ok(())
+    }
+
+    fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listener.iter().filter_map(|l| l.local_addr().ok()).collect()
+    }
+
+    fn register_metrics(&self, registry: &mut Registry) {
+        self.shared.metrics.register(registry);
+    }
+
+    fn serve(
+        self: Box<Self>,
+        handler: Arc<dyn KpHandler>,
+        shutdown: watch::Receiver<bool>,
+    ) -> BoxFuture<'static, ()> {
+        Box::pin(self.accept_loop(handler, shutdown))
+    }
+}
+
+impl HttpTransport {
+    async fn accept_loop(
+        self: Box<Self>,
+        handler: Arc<dyn KpHandler>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let Some(listener) = &self.listener else {
+            tracing::error!("bug: the HTTP transport was served before it was bound");
+            return;
+        };
         let limit = Arc::new(Semaphore::new(self.shared.config.max_connections.max(1)));
         let mut connections = JoinSet::new();
         loop {
             tokio::select! {
-                accepted = accept(&self.listener, &limit) => match accepted {
+                accepted = accept(listener, &limit) => match accepted {
                     Ok((stream, peer, permit)) => {
                         self.shared.metrics.connections_accepted.inc();
                         let conn = serve_connection(
@@ -148,8 +184,8 @@ async fn sniff(stream: &TcpStream) -> std::io::Result<Option<Preface>> {
     }
 }
 
-async fn serve_connection<H: KpHandler>(
-    handler: Arc<H>,
+async fn serve_connection(
+    handler: Arc<dyn KpHandler>,
     shared: Arc<Shared>,
     stream: TcpStream,
     peer: SocketAddr,
@@ -209,15 +245,14 @@ async fn serve_connection<H: KpHandler>(
 /// Runs a hyper connection and, beside it, routes the gateway's responses from the outbox to
 /// the requests waiting on this connection. On shutdown, asks the connection to finish
 /// gracefully.
-async fn drive<C, H>(
+async fn drive<C>(
     http: C,
     graceful: impl Fn(Pin<&mut C>),
-    conn: &Connection<H>,
+    conn: &Connection,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), hyper::Error>
 where
     C: Future<Output = Result<(), hyper::Error>>,
-    H: KpHandler,
 {
     tokio::pin!(http);
     let stop = stopped(&mut shutdown);

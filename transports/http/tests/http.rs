@@ -323,8 +323,7 @@ async fn metrics_count_requests_and_responses() {
     let mut conn = Conn::h1(served.addr).await;
     let _ = conn.send(Method::POST, &format!("{ECHO}/1"), None, b"[]").await;
     let _ = conn.send(Method::POST, "/nowhere", None, b"").await;
-    let mut text = String::new();
-    served.metrics.render(&mut text);
+    let text = served.metrics_text();
     for line in [
         "fleetgate_transport_messages_received_total{transport=\"http\"} 2",
         "fleetgate_transport_http_responses_total{transport=\"http\",class=\"2xx\"} 1",

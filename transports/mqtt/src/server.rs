@@ -15,10 +15,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use fleetgate_transport_core::metrics::{Counter, Gauge, write_metric};
+use fleetgate_transport_core::metrics::{
+    Counter, Gauge, Registry, TransportMetrics, transport_registry,
+};
 use fleetgate_transport_core::{
-    ClientCredentials, KpError, KpHandler, KpOutcome, KpRequest, KpResponse, KpTopic,
-    OutboxReceiver, SessionId, Transport, TryRecvError,
+    BindError, BoxFuture, ClientCredentials, KpError, KpHandler, KpOutcome, KpRequest, KpResponse,
+    KpTopic, OutboxReceiver, SessionId, Transport, TryRecvError, net,
 };
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
@@ -81,8 +83,8 @@ impl Default for MqttConfig {
     }
 }
 
-/// MQTT counters for `/metrics`.
-#[derive(Debug, Default)]
+/// MQTT metrics: the shared transport families, labelled `transport="mqtt"`, and two of its own.
+#[derive(Debug, Clone)]
 pub struct MqttMetrics {
     /// Connections accepted.
     pub connections_accepted: Counter,
@@ -94,57 +96,47 @@ pub struct MqttMetrics {
     pub messages_received: Counter,
     /// PUBLISH packets sent (responses and pushes).
     pub messages_sent: Counter,
-    /// Responses not sent because they exceeded the client's Maximum Packet Size.
-    pub messages_too_large: Counter,
     /// Connections closed for a protocol violation or malformed packet.
     pub protocol_errors: Counter,
+    /// Responses not sent because they exceeded the client's Maximum Packet Size.
+    pub messages_too_large: Counter,
     /// Connections closed for exceeding the keep-alive.
     pub keep_alive_timeouts: Counter,
 }
 
 impl MqttMetrics {
-    /// Appends the Prometheus text exposition.
-    pub fn render(&self, out: &mut String) {
-        let counters = [
-            ("connections_accepted_total", "Connections accepted", &self.connections_accepted),
-            (
-                "connections_refused_total",
-                "Connections refused at CONNECT",
-                &self.connections_refused,
-            ),
-            ("messages_received_total", "Messages received from devices", &self.messages_received),
-            ("messages_sent_total", "Responses and pushes sent to devices", &self.messages_sent),
-            (
-                "messages_too_large_total",
-                "Responses over the client's maximum packet size",
-                &self.messages_too_large,
-            ),
-            (
-                "protocol_errors_total",
-                "Connections closed for malformed packets",
-                &self.protocol_errors,
-            ),
-            (
-                "keep_alive_timeouts_total",
-                "Connections closed for keep-alive timeout",
-                &self.keep_alive_timeouts,
-            ),
-        ];
-        for (name, help, counter) in counters {
-            let name = format!("fleetgate_transport_{name}");
-            write_metric(out, "counter", &name, help, LABELS, counter.get());
+    /// The MQTT handles of the shared families, and fresh counters of its own.
+    pub fn new(shared: &TransportMetrics) -> Self {
+        let c = shared.counters(NAME);
+        Self {
+            connections_accepted: c.connections_accepted(),
+            connections_open: c.connections_open(),
+            connections_refused: c.connections_refused(),
+            messages_received: c.messages_received(),
+            messages_sent: c.messages_sent(),
+            protocol_errors: c.protocol_errors(),
+            messages_too_large: Counter::default(),
+            keep_alive_timeouts: Counter::default(),
         }
-        let open = self.connections_open.get();
-        write_metric(
-            out,
-            "gauge",
-            "fleetgate_transport_connections_open",
-            "Connections open",
-            LABELS,
-            open,
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        let r = transport_registry(registry, NAME);
+        r.register(
+            "messages_too_large",
+            "Responses over the client's maximum packet size, not sent",
+            self.messages_too_large.clone(),
+        );
+        r.register(
+            "keep_alive_timeouts",
+            "Connections closed for keep-alive timeout",
+            self.keep_alive_timeouts.clone(),
         );
     }
 }
+
+/// The transport's name in metrics and logs.
+const NAME: &str = "mqtt";
 
 /// Read buffer policy: when less than `READ_MIN_SPARE` bytes are free, reserve `READ_RESERVE`
 /// more. Small, so that an idle connection holds little memory; a busy one still reads many
@@ -156,25 +148,25 @@ const READ_RESERVE: usize = 2048;
 /// connections, the bulk of a large fleet, then hold no buffer memory at all.
 const IDLE_RELEASE: Duration = Duration::from_secs(2);
 
-/// Labels of every MQTT transport metric.
-const LABELS: &str = "{transport=\"mqtt\"}";
-
-/// The MQTT transport, bound and ready to serve.
+/// The MQTT transport over TCP.
 pub struct MqttTransport {
-    listener: TcpListener,
     config: Arc<MqttConfig>,
+    listener: Option<TcpListener>,
     metrics: Arc<MqttMetrics>,
 }
 
 impl MqttTransport {
-    /// Binds the listener. An error here (port taken, no permission) is a start-up error.
-    pub fn bind(config: MqttConfig) -> std::io::Result<Self> {
-        let listener =
-            fleetgate_transport_core::listener::bind_tcp(config.listen, config.reuse_port)?;
-        Ok(Self { listener, config: Arc::new(config), metrics: Arc::default() })
+    /// The transport for `config`, reporting into `metrics`; [`Transport::bind`] opens its
+    /// listener.
+    pub fn new(config: MqttConfig, metrics: &TransportMetrics) -> Self {
+        Self {
+            config: Arc::new(config),
+            listener: None,
+            metrics: Arc::new(MqttMetrics::new(metrics)),
+        }
     }
 
-    /// The transport's counters.
+    /// The transport's metrics.
     pub fn metrics(&self) -> Arc<MqttMetrics> {
         self.metrics.clone()
     }
@@ -182,20 +174,54 @@ impl MqttTransport {
 
 impl Transport for MqttTransport {
     fn name(&self) -> &'static str {
-        "mqtt"
+        NAME
     }
 
-    fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().unwrap_or(self.config.listen)
+    fn config_section(&self) -> &'static str {
+        "transports.mqtt"
     }
 
-    async fn serve<H: KpHandler>(self, handler: Arc<H>, mut shutdown: watch::Receiver<bool>) {
+    fn bind(&mut self) -> Result<(), BindError> {
+        let listen = self.config.listen;
+        let listener = net::bind_tcp(listen, self.config.reuse_port)
+            .map_err(|e| BindError::listen(self.config_section(), listen, e))?;
+        self.listener = Some(listener);
+        Ok(())
+    }
+
+    fn local_addrs(&self) -> Vec<SocketAddr> {
+        self.listener.iter().filter_map(|l| l.local_addr().ok()).collect()
+    }
+
+    fn register_metrics(&self, registry: &mut Registry) {
+        self.metrics.register(registry);
+    }
+
+    fn serve(
+        self: Box<Self>,
+        handler: Arc<dyn KpHandler>,
+        shutdown: watch::Receiver<bool>,
+    ) -> BoxFuture<'static, ()> {
+        Box::pin(self.accept_loop(handler, shutdown))
+    }
+}
+
+impl MqttTransport {
+    async fn accept_loop(
+        self: Box<Self>,
+        handler: Arc<dyn KpHandler>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let Some(listener) = self.listener else {
+            tracing::error!("bug: the MQTT transport was served before it was bound");
+            return;
+        };
         // Each connection task holds a sender; `recv` returns None once all have ended. (A
         // JoinSet would keep an entry per connection, idle ones included.)
         let (live, mut all_ended) = mpsc::channel::<()>(1);
         loop {
             tokio::select! {
-                accepted = self.listener.accept() => match accepted {
+                accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
                         self.metrics.connections_accepted.inc();
                         let conn = Connection::new(handler.clone(), self.config.clone(), self.metrics.clone(), peer, shutdown.clone(), live.clone());
@@ -244,8 +270,8 @@ fn response_qos(tag: u64) -> QoS {
     if tag == 1 { QoS::AtMostOnce } else { QoS::AtLeastOnce }
 }
 
-struct Connection<H> {
-    handler: Arc<H>,
+struct Connection {
+    handler: Arc<dyn KpHandler>,
     config: Arc<MqttConfig>,
     metrics: Arc<MqttMetrics>,
     peer: SocketAddr,
@@ -264,9 +290,9 @@ struct Connection<H> {
     _live: mpsc::Sender<()>,
 }
 
-impl<H: KpHandler> Connection<H> {
+impl Connection {
     fn new(
-        handler: Arc<H>,
+        handler: Arc<dyn KpHandler>,
         config: Arc<MqttConfig>,
         metrics: Arc<MqttMetrics>,
         peer: SocketAddr,
@@ -768,8 +794,7 @@ impl<H: KpHandler> Connection<H> {
             let granted = s.options.qos.min(QoS::AtLeastOnce);
             let filter = std::str::from_utf8(&s.filter).unwrap_or_default();
             let tag = 1 + granted as u64;
-            let code = match Box::pin(self.handler.subscribe(self.session_id(), filter, tag)).await
-            {
+            let code = match self.handler.subscribe(self.session_id(), filter, tag).await {
                 Ok(()) if granted == QoS::AtMostOnce => ReasonCode::Success,
                 Ok(()) => ReasonCode::GrantedQoS1,
                 Err(e) => {

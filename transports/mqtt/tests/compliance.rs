@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use fleetgate_transport_core::Transport;
 use fleetgate_transport_core::compliance::{self, Answer, KpClient, ScriptedGateway};
+use fleetgate_transport_core::metrics::TransportMetrics;
 use fleetgate_transport_mqtt::codec::{
     Codec, Connect, Packet, ProtocolVersion, PubAck, Publish, PublishProperties, QoS, ReasonCode,
 };
@@ -124,13 +124,10 @@ impl KpClient for MqttClient {
 
 async fn serve(gateway: Arc<ScriptedGateway>) -> SocketAddr {
     let config = MqttConfig { listen: "127.0.0.1:0".parse().expect("addr"), ..Default::default() };
-    let transport = MqttTransport::bind(config).expect("bind");
-    let addr = transport.local_addr();
-    let (_stop, shutdown) = tokio::sync::watch::channel(false);
-    tokio::spawn(async move {
-        let _keep = _stop;
-        transport.serve(gateway, shutdown).await;
-    });
+    let transport = MqttTransport::new(config, &TransportMetrics::default());
+    let (addr, stop) = compliance::start(Box::new(transport), gateway);
+    // Served for the rest of the test process.
+    std::mem::forget(stop);
     addr
 }
 

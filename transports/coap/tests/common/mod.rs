@@ -13,7 +13,8 @@ use fleetgate_transport_coap::codec::{
 };
 use fleetgate_transport_coap::{CoapConfig, CoapMetrics, CoapTransport};
 use fleetgate_transport_core::Transport;
-use fleetgate_transport_core::compliance::{Answer, KpClient, ScriptedGateway};
+use fleetgate_transport_core::compliance::{Answer, KpClient, ScriptedGateway, start};
+use fleetgate_transport_core::metrics::{Registry, TransportMetrics, encode};
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 
@@ -21,14 +22,36 @@ use tokio::sync::watch;
 pub async fn serve(
     gateway: Arc<ScriptedGateway>,
     config: CoapConfig,
-) -> (SocketAddr, Arc<CoapMetrics>, watch::Sender<bool>) {
+) -> (SocketAddr, Served, watch::Sender<bool>) {
     let config = CoapConfig { listen: "127.0.0.1:0".parse().expect("addr"), ..config };
-    let transport = CoapTransport::bind(config).expect("bind");
-    let addr = transport.local_addr();
+    let mut registry = Registry::with_prefix("fleetgate");
+    let shared = TransportMetrics::register(&mut registry);
+    let transport = CoapTransport::new(config, &shared);
+    transport.register_metrics(&mut registry);
     let metrics = transport.metrics();
-    let (stop, shutdown) = watch::channel(false);
-    tokio::spawn(transport.serve(gateway, shutdown));
-    (addr, metrics, stop)
+    let (addr, stop) = start(Box::new(transport), gateway);
+    (addr, Served { metrics, registry }, stop)
+}
+
+/// The served transport's metrics: its handles, and the registry they render from.
+pub struct Served {
+    pub metrics: Arc<CoapMetrics>,
+    pub registry: Registry,
+}
+
+impl std::ops::Deref for Served {
+    type Target = CoapMetrics;
+
+    fn deref(&self) -> &CoapMetrics {
+        &self.metrics
+    }
+}
+
+impl Served {
+    /// The OpenMetrics text of the transport's metrics.
+    pub fn text(&self) -> String {
+        encode(&self.registry)
+    }
 }
 
 pub struct CoapClient {

@@ -10,8 +10,10 @@ use std::time::Duration;
 use base64::Engine;
 use bytes::Bytes;
 use fleetgate_transport_core::compliance::{Answer, KpClient, ScriptedGateway};
+use fleetgate_transport_core::metrics::{Registry, TransportMetrics, encode};
 use fleetgate_transport_core::{
-    ClientCredentials, ClientIdentity, KpError, KpHandler, KpRequest, Outbox, SessionId, Transport,
+    BoxFuture, ClientCredentials, ClientIdentity, KpError, KpHandler, KpRequest, Outbox, SessionId,
+    Transport,
 };
 use fleetgate_transport_http::{HttpConfig, HttpMetrics, HttpTransport};
 use http_body_util::{BodyExt, Full};
@@ -25,6 +27,7 @@ use tokio::sync::watch;
 pub struct Served {
     pub addr: SocketAddr,
     pub metrics: Arc<HttpMetrics>,
+    pub registry: Registry,
     pub stop: watch::Sender<bool>,
     pub task: tokio::task::JoinHandle<()>,
 }
@@ -34,12 +37,23 @@ pub fn config() -> HttpConfig {
 }
 
 pub fn serve<H: KpHandler>(handler: Arc<H>, config: HttpConfig) -> Served {
-    let transport = HttpTransport::bind(config).expect("bind");
-    let addr = transport.local_addr();
+    let mut registry = Registry::with_prefix("fleetgate");
+    let shared = TransportMetrics::register(&mut registry);
+    let mut transport = HttpTransport::new(config, &shared);
+    transport.bind().expect("bind");
+    transport.register_metrics(&mut registry);
+    let addr = transport.local_addrs()[0];
     let metrics = transport.metrics();
     let (stop, shutdown) = watch::channel(false);
-    let task = tokio::spawn(transport.serve(handler, shutdown));
-    Served { addr, metrics, stop, task }
+    let task = tokio::spawn(Box::new(transport).serve(handler, shutdown));
+    Served { addr, metrics, registry, stop, task }
+}
+
+impl Served {
+    /// The OpenMetrics text of the transport's metrics.
+    pub fn metrics_text(&self) -> String {
+        encode(&self.registry)
+    }
 }
 
 pub fn basic(user: &str, password: &str) -> String {
@@ -225,11 +239,11 @@ impl Recording {
 }
 
 impl KpHandler for Recording {
-    async fn open_session(
-        &self,
-        credentials: ClientCredentials<'_>,
+    fn open_session<'a>(
+        &'a self,
+        credentials: ClientCredentials<'a>,
         outbox: Outbox,
-    ) -> Result<ClientIdentity, KpError> {
+    ) -> BoxFuture<'a, Result<ClientIdentity, KpError>> {
         if let Ok(mut opened) = self.opened.lock() {
             opened.push(Presented {
                 transport: credentials.transport,
@@ -237,15 +251,20 @@ impl KpHandler for Recording {
                 password: credentials.password.map(<[u8]>::to_vec),
             });
         }
-        self.inner.open_session(credentials, outbox).await
+        self.inner.open_session(credentials, outbox)
     }
 
-    async fn handle(&self, session: SessionId, request: KpRequest) -> Result<(), KpError> {
-        self.inner.handle(session, request).await
+    fn handle(&self, session: SessionId, request: KpRequest) -> BoxFuture<'_, Result<(), KpError>> {
+        self.inner.handle(session, request)
     }
 
-    async fn subscribe(&self, session: SessionId, filter: &str, tag: u64) -> Result<(), KpError> {
-        self.inner.subscribe(session, filter, tag).await
+    fn subscribe<'a>(
+        &'a self,
+        session: SessionId,
+        filter: &'a str,
+        tag: u64,
+    ) -> BoxFuture<'a, Result<(), KpError>> {
+        self.inner.subscribe(session, filter, tag)
     }
 
     fn unsubscribe(&self, session: SessionId, filter: &str) -> bool {

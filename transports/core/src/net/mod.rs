@@ -1,4 +1,13 @@
-//! TCP listeners the way every fleetgate transport binds them.
+//! The socket machinery every transport needs, in one place: listening TCP sockets and UDP
+//! sockets (with SO_REUSEPORT, so several sockets or processes share a port and the kernel
+//! spreads peers over them), batched UDP reads with `recvmmsg`, and per-peer queues that let a
+//! reader hand each datagram to the task that owns its peer without waiting for it.
+
+mod peers;
+mod udp;
+
+pub use peers::{PeerQueues, Routed};
+pub use udp::{MAX_DATAGRAM, ReceiveBatch, bind_udp, bind_udp_per_core};
 
 use std::net::SocketAddr;
 
@@ -6,7 +15,7 @@ use tokio::net::TcpListener;
 
 /// Binds a listening TCP socket on `addr` with SO_REUSEADDR and, when `reuse_port`, SO_REUSEPORT
 /// (several gateway processes sharing one port). An error (port taken, no permission) is a
-/// start-up error for the caller to name its setting in.
+/// start-up error for the caller to name its setting in. Must be called within a tokio runtime.
 pub fn bind_tcp(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListener> {
     let socket = socket2::Socket::new(
         socket2::Domain::for_address(addr),
