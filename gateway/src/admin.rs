@@ -1,5 +1,6 @@
 //! The admin HTTP server: `/healthz` (the process runs), `/readyz` (it takes traffic: started,
-//! bus connected, not draining) and `/metrics` (Prometheus text).
+//! bus connected, every service ready, not draining) and `/metrics` (OpenMetrics text of the
+//! process's one registry).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -7,7 +8,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
-use fleetgate_transport_core::metrics::merge_families;
+use fleetgate_bus::AnyBus;
+use fleetgate_service::ServiceStatus;
+use fleetgate_transport_core::metrics::{Registry, encode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
@@ -15,17 +18,32 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-/// Something that appends Prometheus text to `/metrics`.
-pub type MetricsSource = Box<dyn Fn(&mut String) + Send + Sync>;
+/// The OpenMetrics content type `/metrics` answers with.
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// What the admin endpoints report on.
 pub struct AdminState {
     /// True once every service has started, false again while draining.
     pub ready: AtomicBool,
-    /// Extra readiness condition (the bus connection).
-    pub bus_connected: Box<dyn Fn() -> bool + Send + Sync>,
-    /// Every component's metrics.
-    pub metrics: Vec<MetricsSource>,
+    /// The bus, ready while connected.
+    pub bus: AnyBus,
+    /// Every running service's status.
+    pub services: Vec<Arc<dyn ServiceStatus>>,
+    /// Every metric of the process.
+    pub registry: Registry,
+}
+
+impl AdminState {
+    /// `Ok` when the process takes traffic, else why not.
+    fn readiness(&self) -> Result<(), String> {
+        if !self.ready.load(Ordering::Relaxed) {
+            return Err("starting or draining".into());
+        }
+        if !self.bus.is_connected() {
+            return Err("bus disconnected".into());
+        }
+        self.services.iter().try_for_each(|s| s.readiness())
+    }
 }
 
 /// Serves the admin endpoints on `listener` until `shutdown`.
@@ -74,24 +92,15 @@ fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>>
     }
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
-        "/readyz" => {
-            if !state.ready.load(Ordering::Relaxed) {
-                text(StatusCode::SERVICE_UNAVAILABLE, "not ready: starting or draining\n".into())
-            } else if !(state.bus_connected)() {
-                text(StatusCode::SERVICE_UNAVAILABLE, "not ready: bus disconnected\n".into())
-            } else {
-                text(StatusCode::OK, "ready\n".into())
-            }
-        }
+        "/readyz" => match state.readiness() {
+            Ok(()) => text(StatusCode::OK, "ready\n".into()),
+            Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
+        },
         "/metrics" => {
-            let mut out = String::with_capacity(8192);
-            for source in &state.metrics {
-                source(&mut out);
-            }
-            let mut r = text(StatusCode::OK, merge_families(&out));
+            let mut r = text(StatusCode::OK, encode(&state.registry));
             r.headers_mut().insert(
                 hyper::header::CONTENT_TYPE,
-                hyper::header::HeaderValue::from_static("text/plain; version=0.0.4"),
+                hyper::header::HeaderValue::from_static(OPENMETRICS),
             );
             r
         }

@@ -1,15 +1,17 @@
 //! fleetgate: a high-throughput IoT device gateway, wire-compatible with the Kaa platform.
 //!
-//! This crate is the `fleetgate` binary and the communication service it runs: [`service`]
-//! turns 1/KP requests from the device transports into 4/ESP messages on the bus and routes the
-//! answers back; [`run`] starts the services of one process (`fleetgate up` all of them on one
-//! bus, `fleetgate gateway|dcx|auth` one each on NATS); [`config`] loads the YAML configuration
-//! with its environment overrides; [`admin`] serves health, readiness and metrics.
+//! This crate is the `fleetgate` binary: the command line, [`config`] (the YAML configuration
+//! with its environment overrides), [`registry`] (every transport and service it can run),
+//! [`run`] (`fleetgate up` runs every service on one bus, `fleetgate <service>` one on NATS),
+//! [`admin`] (health, readiness, metrics) and [`gateway_service`], the one place where the
+//! device transports meet the communication service and so the bus.
 //!
-//! Protocol codecs live in the transport crates, the bus and Avro records in `backend/`; this
-//! crate is the only one that wires transports to the bus.
+//! It holds no protocol logic: codecs and sessions live in the transport crates, the
+//! communication service in `fleetgate-communication`, the bus, records and extensions in
+//! `backend/`.
 
 pub mod admin;
 pub mod config;
+pub mod gateway_service;
+pub mod registry;
 pub mod run;
-pub mod service;

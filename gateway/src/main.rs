@@ -1,12 +1,13 @@
-//! The `fleetgate` command line.
+//! The `fleetgate` command line: `up`, `config`, and one command per registered service.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Arg, ArgAction, Command};
 use fleetgate::config::Config;
 use fleetgate::config::loader::{ConfigSource, load};
+use fleetgate::registry::{SERVICES, service};
 use fleetgate::run::{Role, add_demo_endpoint, run};
 
 /// mimalloc rather than the system allocator: cheaper small allocations on the per-message
@@ -15,38 +16,43 @@ use fleetgate::run::{Role, add_demo_endpoint, run};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// fleetgate: a high-throughput IoT device gateway, wire-compatible with Kaa.
-#[derive(Parser)]
-#[command(version, about)]
-struct Cli {
-    /// YAML configuration file (else $FLEETGATE_CONFIG, else /srv/fleetgate/service-config.yml
-    /// where it exists, else built-in defaults). Any setting can be overridden by FLEETGATE_<KEY>.
-    #[arg(long, global = true, value_name = "FILE")]
-    config: Option<PathBuf>,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Run every service in one process: gateway with its transports, DCX and auth, on the
-    /// in-process bus (or on NATS when nats.url is set).
-    Up,
-    /// Run the communication service and its device transports (needs nats.url).
-    Gateway,
-    /// Run the data collection extension (needs nats.url).
-    Dcx,
-    /// Run the 16/ECAP authentication provider (needs nats.url).
-    Auth,
-    /// Print the effective configuration (file, environment overrides and defaults) as YAML
-    /// and exit.
-    Config,
+fn cli() -> Command {
+    let mut cli = Command::new("fleetgate")
+        .version(env!("CARGO_PKG_VERSION"))
+        .about("fleetgate: a high-throughput IoT device gateway, wire-compatible with Kaa")
+        .subcommand_required(true)
+        .arg(
+            Arg::new("config")
+                .long("config")
+                .global(true)
+                .value_name("FILE")
+                .value_parser(clap::value_parser!(PathBuf))
+                .action(ArgAction::Set)
+                .help(
+                    "YAML configuration file (else $FLEETGATE_CONFIG, else \
+                     /srv/fleetgate/service-config.yml where it exists, else built-in defaults). \
+                     Any setting can be overridden by FLEETGATE_<KEY>.",
+                ),
+        )
+        .subcommand(Command::new("up").about(
+            "Run every service in one process, on the in-process bus (or on NATS when nats.url \
+             is set)",
+        ))
+        .subcommand(Command::new("config").about(
+            "Print the effective configuration (file, environment overrides and defaults) as \
+             YAML and exit",
+        ));
+    for s in SERVICES {
+        cli = cli.subcommand(Command::new(s.name).about(s.about));
+    }
+    cli
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = cli().get_matches();
     let env: HashMap<String, String> = std::env::vars().collect();
-    let source = ConfigSource::resolve(cli.config.as_deref(), &env);
+    let path = matches.get_one::<PathBuf>("config").cloned();
+    let source = ConfigSource::resolve(path.as_deref(), &env);
     let mut config: Config = match load(&source, &env) {
         Ok(c) => c,
         Err(e) => {
@@ -54,15 +60,20 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let role = match cli.command {
-        Command::Up => Role::Up,
-        Command::Gateway => Role::Gateway,
-        Command::Dcx => Role::Dcx,
-        Command::Auth => Role::Auth,
-        Command::Config => return print_config(&config),
+    let role = match matches.subcommand_name() {
+        Some("config") => return print_config(&config),
+        Some("up") => Role::Up,
+        Some(name) => match service(name) {
+            Some(entry) => Role::One(entry),
+            None => {
+                eprintln!("fleetgate: unknown command `{name}`");
+                return ExitCode::from(2);
+            }
+        },
+        None => return ExitCode::from(2),
     };
     init_logging(&config.process.log_filter);
-    if source == ConfigSource::BuiltInDefaults && matches!(role, Role::Up | Role::Auth) {
+    if source == ConfigSource::BuiltInDefaults && matches!(role.name(), "up" | "auth") {
         add_demo_endpoint(&mut config.auth);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -75,11 +86,27 @@ fn main() -> ExitCode {
     match runtime.block_on(run(role, config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e}");
-            eprintln!("fleetgate: {e}");
+            let message = error_chain(&e);
+            tracing::error!("{message}");
+            eprintln!("fleetgate: {message}");
             ExitCode::from(2)
         }
     }
+}
+
+/// The error and its sources, `: `-separated, for one line of log.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = s.source();
+    }
+    message
 }
 
 fn print_config(config: &Config) -> ExitCode {

@@ -1,45 +1,44 @@
-//! Starting and stopping the services of one fleetgate process: `fleetgate up` runs them all on
-//! one bus; `fleetgate gateway|dcx|auth` runs one on NATS.
+//! Starting and stopping the services of one fleetgate process: `fleetgate up` runs every
+//! service of the registry on one bus; `fleetgate <service>` runs one on NATS.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use fleetgate_auth::{AuthConfig, AuthProvider, EndpointEntry};
+use fleetgate_auth::{AuthConfig, EndpointEntry};
 use fleetgate_bus::{AnyBus, Bus, InProcessBus, NatsBus, NatsOptions};
-use fleetgate_dcx::Dcx;
-use fleetgate_transport_coap::CoapTransport;
-use fleetgate_transport_core::Transport;
-use fleetgate_transport_http::HttpTransport;
-use fleetgate_transport_mqtt::server::MqttTransport;
+use fleetgate_service::{Running, Service, ServiceError, StartContext};
+use fleetgate_transport_core::metrics::{Registry, TransportMetrics};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::admin::{self, AdminState, MetricsSource};
+use crate::admin::{self, AdminState};
 use crate::config::Config;
-use crate::service::Gateway;
+use crate::registry::{SERVICES, ServiceEntry};
 
 /// Which services a process runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 pub enum Role {
-    /// Everything, in one process.
+    /// Every registered service, in one process.
     Up,
-    /// The communication service and its device transports.
-    Gateway,
-    /// The data collection extension.
-    Dcx,
-    /// The 16/ECAP provider.
-    Auth,
+    /// One service, on NATS.
+    One(&'static ServiceEntry),
 }
 
 impl Role {
-    fn name(self) -> &'static str {
+    /// `up` or the service's name.
+    pub fn name(self) -> &'static str {
         match self {
             Role::Up => "up",
-            Role::Gateway => "gateway",
-            Role::Dcx => "dcx",
-            Role::Auth => "auth",
+            Role::One(s) => s.name,
+        }
+    }
+
+    fn services(self) -> Vec<&'static ServiceEntry> {
+        match self {
+            Role::Up => SERVICES.iter().collect(),
+            Role::One(s) => vec![s],
         }
     }
 }
@@ -64,10 +63,10 @@ pub enum StartError {
     NeedsNats(&'static str),
     /// NATS is unreachable.
     #[error("nats.url: {0}")]
-    Nats(fleetgate_bus::BusError),
-    /// A service refused its configuration or the bus refused it.
-    #[error("{0}")]
-    Service(String),
+    Nats(#[source] fleetgate_bus::BusError),
+    /// A service refused its configuration, a port, or the bus refused it.
+    #[error(transparent)]
+    Service(#[from] ServiceError),
 }
 
 /// The token of the demo endpoint `fleetgate up` accepts when it runs on built-in defaults.
@@ -103,87 +102,34 @@ pub async fn run_until(
     let (stop_tx, stop) = watch::channel(false);
     let bus = connect_bus(role, &config).await?;
 
-    // Bind everything first, so that a taken port fails start-up before any service runs.
+    // Make and bind everything first, so that a taken port fails start-up before any service
+    // runs.
     let admin_listener = match config.admin.enabled {
         true => Some(bind_tcp("admin.listen", config.admin.listen).await?),
         false => None,
     };
-    let serves_devices = matches!(role, Role::Up | Role::Gateway);
-    let transports = &config.transports;
-    let bind_error = |setting: &'static str, addr: SocketAddr| {
-        move |source| StartError::Bind { setting, addr, source }
-    };
-    let mqtt = match serves_devices && transports.mqtt.enabled {
-        true => Some(
-            MqttTransport::bind(transports.mqtt.clone())
-                .map_err(bind_error("transports.mqtt.listen", transports.mqtt.listen))?,
-        ),
-        false => None,
-    };
-    let coap = match serves_devices && transports.coap.enabled {
-        true => Some(
-            CoapTransport::bind(transports.coap.clone())
-                .map_err(bind_error("transports.coap.listen", transports.coap.listen))?,
-        ),
-        false => None,
-    };
-    let http = match serves_devices && transports.http.enabled {
-        true => Some(
-            HttpTransport::bind(transports.http.clone())
-                .map_err(bind_error("transports.http.listen", transports.http.listen))?,
-        ),
-        false => None,
-    };
+    let mut registry = Registry::with_prefix("fleetgate");
+    let transport_metrics = TransportMetrics::register(&mut registry);
+    let mut services: Vec<Box<dyn Service>> =
+        role.services().iter().map(|s| (s.make)(&config, &transport_metrics)).collect();
+    for service in &mut services {
+        service.bind()?;
+        service.register_metrics(&mut registry);
+    }
 
-    let service_error = |e: &dyn std::fmt::Display| StartError::Service(e.to_string());
-    let mut metrics: Vec<MetricsSource> = Vec::new();
-    let mut services: Vec<tokio::task::JoinHandle<()>> = Vec::new();
-    if matches!(role, Role::Up | Role::Auth) {
-        let auth = AuthProvider::start(bus.clone(), config.auth.clone(), stop.clone())
-            .await
-            .map_err(|e| service_error(&e))?;
-        services.push(tokio::spawn(auth.join()));
-    }
-    if matches!(role, Role::Up | Role::Dcx) {
-        let dcx = Dcx::start(bus.clone(), config.dcx.clone(), stop.clone())
-            .await
-            .map_err(|e| service_error(&e))?;
-        let m = dcx.metrics.clone();
-        metrics.push(Box::new(move |out| m.render(out)));
-        services.push(tokio::spawn(dcx.join()));
-    }
-    let mut gateway = None;
-    if serves_devices {
-        let g = Gateway::start(bus.clone(), config.gateway.clone(), stop.clone())
-            .await
-            .map_err(|e| service_error(&e))?;
-        let m = g.clone();
-        metrics.push(Box::new(move |out| m.render_metrics(out)));
-        if let Some(mqtt) = mqtt {
-            let m = mqtt.metrics();
-            metrics.push(Box::new(move |out| m.render(out)));
-            services.push(serve(mqtt, &g, &stop));
-        }
-        if let Some(coap) = coap {
-            let m = coap.metrics();
-            metrics.push(Box::new(move |out| m.render(out)));
-            services.push(serve(coap, &g, &stop));
-        }
-        if let Some(http) = http {
-            let m = http.metrics();
-            metrics.push(Box::new(move |out| m.render(out)));
-            services.push(serve(http, &g, &stop));
-        }
-        gateway = Some(g);
+    let mut running: Vec<Running> = Vec::with_capacity(services.len());
+    for service in services {
+        let name = service.name();
+        let context = StartContext { bus: bus.clone(), shutdown: stop.clone() };
+        running.push(service.start(context).await?);
+        tracing::debug!(service = name, "service started");
     }
 
     let state = Arc::new(AdminState {
         ready: Default::default(),
-        bus_connected: {
-            let bus = bus.clone();
-            Box::new(move || bus.is_connected())
-        },
-        metrics,
+        bus: bus.clone(),
+        services: running.iter().map(|r| r.status.clone()).collect(),
+        registry,
     });
     if let Some(listener) = admin_listener {
         tracing::info!(listen = %admin::describe(&listener), "admin endpoints listening");
@@ -195,32 +141,21 @@ pub async fn run_until(
     until.await;
     tracing::info!("stopping: draining requests in flight");
     state.ready.store(false, Ordering::Relaxed);
-    if let Some(gateway) = &gateway {
-        let deadline =
-            tokio::time::Instant::now() + Duration::from_millis(config.process.drain_timeout_ms);
-        while gateway.pending_requests() > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    let deadline =
+        tokio::time::Instant::now() + Duration::from_millis(config.process.drain_timeout_ms);
+    while state.services.iter().any(|s| s.in_flight() > 0) && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let _ = stop_tx.send(true);
     // Bounded, so that a bus that is gone (NATS down) cannot keep the process from exiting.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    for service in services {
-        let _ = tokio::time::timeout_at(deadline, service).await;
+    for service in running {
+        let _ = tokio::time::timeout_at(deadline, service.stopped).await;
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), bus.flush()).await;
     tracing::info!("stopped");
     Ok(())
-}
-
-/// Serves devices on `transport` until `stop`.
-fn serve<T: Transport>(
-    transport: T,
-    gateway: &Arc<Gateway<AnyBus>>,
-    stop: &watch::Receiver<bool>,
-) -> tokio::task::JoinHandle<()> {
-    tracing::info!(listen = %transport.local_addr(), "{} transport listening", transport.name());
-    tokio::spawn(transport.serve(gateway.clone(), stop.clone()))
 }
 
 async fn connect_bus(role: Role, config: &Config) -> Result<AnyBus, StartError> {
@@ -236,8 +171,10 @@ async fn connect_bus(role: Role, config: &Config) -> Result<AnyBus, StartError> 
             tracing::info!(url, "connected to NATS");
             Ok(AnyBus::Nats(bus))
         }
-        _ if role != Role::Up => Err(StartError::NeedsNats(role.name())),
-        _ => Ok(AnyBus::InProcess(InProcessBus::new(config.bus.in_process_capacity))),
+        _ => match role {
+            Role::One(service) => Err(StartError::NeedsNats(service.name)),
+            Role::Up => Ok(AnyBus::InProcess(InProcessBus::new(config.bus.in_process_capacity))),
+        },
     }
 }
 

@@ -19,6 +19,7 @@ use fleetgate_messages::{
     ClientUsernamePasswordValidationRequest, ClientUsernamePasswordValidationResponse,
     EndpointTokenValidationRequest, EndpointTokenValidationResponse, Record, subjects,
 };
+use fleetgate_service::{BoxFuture, Running, ServiceError, StartContext};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
@@ -107,6 +108,36 @@ pub enum AuthError {
     /// The bus refused a subscription.
     #[error("auth: cannot subscribe: {0}")]
     Bus(#[from] BusError),
+}
+
+/// The provider as a service of the process: made from `auth.*`, started on the bus.
+pub struct AuthService {
+    config: AuthConfig,
+}
+
+impl AuthService {
+    /// The service for `config`.
+    pub fn new(config: AuthConfig) -> Self {
+        Self { config }
+    }
+}
+
+impl fleetgate_service::Service for AuthService {
+    fn name(&self) -> &'static str {
+        "auth"
+    }
+
+    fn start(
+        self: Box<Self>,
+        context: StartContext,
+    ) -> BoxFuture<'static, Result<Running, ServiceError>> {
+        Box::pin(async move {
+            let provider = AuthProvider::start(context.bus, self.config, context.shutdown)
+                .await
+                .map_err(|e| ServiceError::new("auth", e))?;
+            Ok(Running::task(provider.task))
+        })
+    }
 }
 
 /// A running provider replica.

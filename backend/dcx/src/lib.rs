@@ -21,6 +21,9 @@ use fleetgate_bus::{Bus, BusError, Message, Subject, Subscription, now_ms};
 use fleetgate_messages::{
     ClientData, DataSamplesHeader, DataSamplesProcessed, ExtensionData, Record, subjects,
 };
+use fleetgate_service::{BoxFuture, Running, ServiceError, StartContext};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, watch};
 
@@ -76,59 +79,75 @@ pub enum DcxError {
     Bus(#[from] BusError),
 }
 
-/// Counters for `/metrics`.
-#[derive(Debug, Default)]
+/// DCX metrics (`fleetgate_dcx_*`). Cloning shares them.
+#[derive(Debug, Clone, Default)]
 pub struct DcxMetrics {
-    requests: AtomicU64,
-    samples: AtomicU64,
-    failed: AtomicU64,
-    undecodable: AtomicU64,
-    expired: AtomicU64,
-    receiver_timeouts: AtomicU64,
+    requests: Counter,
+    samples: Counter,
+    failed: Counter,
+    undecodable: Counter,
+    expired: Counter,
+    receiver_timeouts: Counter,
 }
 
 impl DcxMetrics {
-    /// Appends the Prometheus text exposition of these counters.
-    pub fn render(&self, out: &mut String) {
-        use std::fmt::Write;
-        let rows = [
-            ("fleetgate_dcx_requests_total", "ClientData requests processed", &self.requests),
-            ("fleetgate_dcx_samples_total", "Data samples broadcast over 13/DSTP", &self.samples),
-            (
-                "fleetgate_dcx_failed_requests_total",
-                "Requests answered with an error",
-                &self.failed,
-            ),
-            (
-                "fleetgate_dcx_undecodable_messages_total",
-                "ClientData that was not valid Avro",
-                &self.undecodable,
-            ),
-            (
-                "fleetgate_dcx_expired_messages_total",
-                "ClientData dropped past its timeout",
-                &self.expired,
-            ),
-            (
-                "fleetgate_dcx_receiver_timeouts_total",
-                "Batches a reliable receiver did not confirm in time",
-                &self.receiver_timeouts,
-            ),
-        ];
-        for (name, help, value) in rows {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-                value.load(Ordering::Relaxed)
-            );
-        }
+    /// Registers the counters under `fleetgate_dcx_`.
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("dcx");
+        r.register("requests", "ClientData requests processed", self.requests.clone());
+        r.register("samples", "Data samples broadcast over 13/DSTP", self.samples.clone());
+        r.register("failed_requests", "Requests answered with an error", self.failed.clone());
+        r.register(
+            "undecodable_messages",
+            "ClientData that was not valid Avro",
+            self.undecodable.clone(),
+        );
+        r.register("expired_messages", "ClientData dropped past its timeout", self.expired.clone());
+        r.register(
+            "receiver_timeouts",
+            "Batches a reliable receiver did not confirm in time",
+            self.receiver_timeouts.clone(),
+        );
+    }
+}
+
+/// DCX as a service of the process: made from `dcx.*`, started on the bus.
+pub struct DcxService {
+    config: DcxConfig,
+    metrics: DcxMetrics,
+}
+
+impl DcxService {
+    /// The service for `config`.
+    pub fn new(config: DcxConfig) -> Self {
+        Self { config, metrics: DcxMetrics::default() }
+    }
+}
+
+impl fleetgate_service::Service for DcxService {
+    fn name(&self) -> &'static str {
+        "dcx"
+    }
+
+    fn register_metrics(&self, registry: &mut Registry) {
+        self.metrics.register(registry);
+    }
+
+    fn start(
+        self: Box<Self>,
+        context: StartContext,
+    ) -> BoxFuture<'static, Result<Running, ServiceError>> {
+        Box::pin(async move {
+            let dcx = Dcx::start(context.bus, self.config, self.metrics, context.shutdown)
+                .await
+                .map_err(|e| ServiceError::new("dcx", e))?;
+            Ok(Running::task(dcx.task))
+        })
     }
 }
 
 /// A running DCX replica.
 pub struct Dcx {
-    /// Its counters.
-    pub metrics: Arc<DcxMetrics>,
     /// Its replica id.
     pub replica_id: String,
     task: tokio::task::JoinHandle<()>,
@@ -140,6 +159,7 @@ impl Dcx {
     pub async fn start<B: Bus>(
         bus: B,
         config: DcxConfig,
+        metrics: DcxMetrics,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Self, DcxError> {
         for (key, value) in
@@ -163,8 +183,7 @@ impl Dcx {
             subjects::replica(&replica_id, subjects::DSTP, subjects::DATA_SAMPLES_PROCESSED);
         let processed = bus.subscribe(&processed_subject, None).await?;
         bus.flush().await?;
-        let metrics = Arc::new(DcxMetrics::default());
-        let service = Arc::new(Service {
+        let service = Arc::new(Replica {
             events_subject: Subject::from(subjects::event(
                 &config.instance,
                 subjects::ENDPOINT,
@@ -176,14 +195,14 @@ impl Dcx {
             waiters: Waiters::default(),
             next_id: AtomicU64::new(0),
             replica_id: replica_id.clone(),
-            metrics: metrics.clone(),
+            metrics,
             bus,
             config,
         });
         tokio::spawn(route_confirmations(service.clone(), processed));
         let task = tokio::spawn(serve(service, requests, shutdown));
         tracing::info!(replica = %replica_id, "dcx started");
-        Ok(Self { metrics, replica_id, task })
+        Ok(Self { replica_id, task })
     }
 
     /// Waits until the replica has stopped (after shutdown, with in-flight requests answered).
@@ -192,7 +211,7 @@ impl Dcx {
     }
 }
 
-struct Service<B> {
+struct Replica<B> {
     bus: B,
     config: DcxConfig,
     replica_id: String,
@@ -201,11 +220,11 @@ struct Service<B> {
     fallback_reply: Subject,
     waiters: Waiters,
     next_id: AtomicU64,
-    metrics: Arc<DcxMetrics>,
+    metrics: DcxMetrics,
 }
 
 async fn serve<B: Bus>(
-    service: Arc<Service<B>>,
+    service: Arc<Replica<B>>,
     mut requests: Subscription,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -238,7 +257,7 @@ async fn serve<B: Bus>(
     tracing::info!(replica = %service.replica_id, "dcx stopped");
 }
 
-async fn route_confirmations<B: Bus>(service: Arc<Service<B>>, mut processed: Subscription) {
+async fn route_confirmations<B: Bus>(service: Arc<Replica<B>>, mut processed: Subscription) {
     while let Some(msg) = processed.next().await {
         match DataSamplesProcessed::decode(&msg.payload) {
             Ok(p) => service.waiters.confirm(
@@ -255,25 +274,25 @@ async fn route_confirmations<B: Bus>(service: Arc<Service<B>>, mut processed: Su
 /// How a request ended: a status code and, for errors, a reason.
 type Outcome = (i32, Option<String>);
 
-impl<B: Bus> Service<B> {
+impl<B: Bus> Replica<B> {
     async fn process(&self, msg: Message) {
         let request = match ClientData::decode(&msg.payload) {
             Ok(r) => r,
             Err(e) => {
-                self.metrics.undecodable.fetch_add(1, Ordering::Relaxed);
+                self.metrics.undecodable.inc();
                 tracing::warn!(error = %e, subject = %msg.subject, "undecodable ClientData dropped");
                 return;
             }
         };
         if fleetgate_bus::is_expired(request.timestamp_ms, request.timeout_ms) {
-            self.metrics.expired.fetch_add(1, Ordering::Relaxed);
+            self.metrics.expired.inc();
             tracing::debug!(correlation_id = request.correlation_id, "expired ClientData dropped");
             return;
         }
-        self.metrics.requests.fetch_add(1, Ordering::Relaxed);
+        self.metrics.requests.inc();
         let (status, reason) = self.collect(&request).await;
         if status != 200 {
-            self.metrics.failed.fetch_add(1, Ordering::Relaxed);
+            self.metrics.failed.inc();
         }
         if request.request_id.is_none() && status == 200 {
             return;
@@ -329,7 +348,7 @@ impl<B: Bus> Service<B> {
                 return (503, Some(format!("cannot broadcast data samples: {e}")));
             }
         }
-        self.metrics.samples.fetch_add(samples.len() as u64, Ordering::Relaxed);
+        self.metrics.samples.inc_by(samples.len() as u64);
         tracing::debug!(
             request = request.correlation_id,
             event = %correlation_id,
@@ -342,7 +361,7 @@ impl<B: Bus> Service<B> {
             Ok(Ok(outcome)) => outcome,
             _ => {
                 self.waiters.forget(&correlation_id);
-                self.metrics.receiver_timeouts.fetch_add(1, Ordering::Relaxed);
+                self.metrics.receiver_timeouts.inc();
                 (504, Some("a reliable data receiver did not confirm in time".into()))
             }
         }

@@ -1,18 +1,17 @@
 //! fleetgate's configuration tree (DESIGN "Conventions": YAML, `FLEETGATE_*` overrides,
-//! unknown keys are errors, units in key names). Each service owns its section's type.
+//! unknown keys are errors, units in key names). Each service and transport owns its section's
+//! type; the transports' sections are gathered in [`crate::registry::TransportsConfig`].
 
 pub mod loader;
 
 use std::net::SocketAddr;
 
 use fleetgate_auth::AuthConfig;
+use fleetgate_communication::GatewayConfig;
 use fleetgate_dcx::DcxConfig;
-use fleetgate_transport_coap::CoapConfig;
-use fleetgate_transport_http::HttpConfig;
-use fleetgate_transport_mqtt::server::MqttConfig;
 use serde::{Deserialize, Serialize};
 
-use crate::service::GatewayConfig;
+use crate::registry::TransportsConfig;
 
 /// The whole configuration of a fleetgate process.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -98,18 +97,6 @@ impl Default for AdminConfig {
     fn default() -> Self {
         Self { enabled: true, listen: SocketAddr::from(([0, 0, 0, 0], 8008)) }
     }
-}
-
-/// `transports.*`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct TransportsConfig {
-    /// MQTT 3.1.1 and 5.0 over TCP.
-    pub mqtt: MqttConfig,
-    /// CoAP over UDP.
-    pub coap: CoapConfig,
-    /// HTTP/1.1 and h2c.
-    pub http: HttpConfig,
 }
 
 /// `process.*`.

@@ -5,6 +5,7 @@ use std::sync::Mutex;
 
 use bytes::Bytes;
 use fleetgate_transport_core::SessionId;
+use fleetgate_transport_core::metrics::Latency;
 use tokio::time::Instant;
 
 const SHARDS: u64 = 32;
@@ -18,7 +19,10 @@ pub(crate) struct Pending {
     /// request without one.
     pub(crate) request_id: Option<u32>,
     pub(crate) tag: u64,
-    pub(crate) deadline: Instant,
+    /// When the request went to the bus.
+    pub(crate) sent: Instant,
+    /// The extension's request latency, observed when the answer (or the timeout) comes.
+    pub(crate) latency: Latency,
 }
 
 #[derive(Default)]
@@ -47,9 +51,10 @@ impl PendingTable {
         self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(crate) fn insert(&self, n: u64, pending: Pending) {
+    /// Registers request `n`, to expire at `deadline` unless taken before.
+    pub(crate) fn insert(&self, n: u64, pending: Pending, deadline: Instant) {
         let mut shard = self.shard(n);
-        shard.deadlines.push_back((pending.deadline, n));
+        shard.deadlines.push_back((deadline, n));
         shard.requests.insert(n, pending);
     }
 
@@ -87,8 +92,16 @@ mod tests {
 
     use super::*;
 
-    fn pending(deadline: Instant) -> Pending {
-        Pending { session: SessionId(1), base: Bytes::new(), request_id: Some(1), tag: 0, deadline }
+    fn pending(sent: Instant) -> Pending {
+        let latency = Latency::default();
+        Pending {
+            session: SessionId(1),
+            base: Bytes::new(),
+            request_id: Some(1),
+            tag: 0,
+            sent,
+            latency,
+        }
     }
 
     #[test]
@@ -96,7 +109,7 @@ mod tests {
         let t = PendingTable::default();
         let now = Instant::now();
         for n in 0..100 {
-            t.insert(n, pending(now + Duration::from_millis(n)));
+            t.insert(n, pending(now), now + Duration::from_millis(n));
         }
         assert!(t.take(5).is_some());
         assert!(t.take(5).is_none());

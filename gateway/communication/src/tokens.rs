@@ -10,8 +10,8 @@ use fleetgate_transport_core::KpError;
 use fleetgate_transport_core::metrics::Counter;
 use tokio::time::Instant;
 
-use super::GatewayConfig;
-use super::sharded::Sharded;
+use crate::GatewayConfig;
+use crate::sharded::Sharded;
 
 struct Cached {
     app_version: Box<str>,

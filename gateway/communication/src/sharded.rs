@@ -41,11 +41,4 @@ impl<K: Hash + Eq, V> Sharded<K, V> {
             f(&mut shard.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
         }
     }
-
-    /// Number of entries (walks every shard).
-    pub(crate) fn len(&self) -> usize {
-        let mut n = 0;
-        self.for_each_shard(|m| n += m.len());
-        n
-    }
 }

@@ -7,7 +7,7 @@ use fleetgate_transport_core::{KpResponse, Outbox, SessionId, TrySendError};
 
 use tokio::time::Instant;
 
-use super::sharded::Sharded;
+use crate::sharded::Sharded;
 
 struct Session {
     outbox: Outbox,
@@ -240,9 +240,5 @@ impl Sessions {
             }
         }
         Some(endpoints)
-    }
-
-    pub(crate) fn len(&self) -> usize {
-        self.sessions.len()
     }
 }

@@ -1,0 +1,268 @@
+//! The communication service: 1/KP requests from any transport to 4/ESP `ClientData` on the
+//! bus, `ExtensionData` back to the session that asked (or, for pushes, to every session that
+//! uses the endpoint), 16/ECAP for tokens and client credentials, 9/ELCE connectivity events.
+//!
+//! A message's way reads straight through, one module per direction:
+//! - [`uplink`]: device → bus. A session opens (16/ECAP client credentials), a request's token
+//!   is resolved (16/ECAP, cached per session), the request becomes `ClientData` on the
+//!   extension's subject and, when an answer is due, a pending request.
+//! - [`downlink`]: bus → device. `ExtensionData` answers a pending request or is a push for an
+//!   endpoint's sessions; copies go to subscribers; a request nobody answered gets 504.
+//! - [`events`]: connectivity (9/ELCE connected and disconnected) and 16/ECAP token revocation.
+//!
+//! The gateway is the transports' [`KpHandler`]; it knows the bus and the Avro records, and no
+//! transport, socket or wire format. The binary wires it to the transports of its registry.
+
+mod correlation;
+pub mod downlink;
+pub mod events;
+mod metrics;
+mod pending;
+mod sessions;
+mod sharded;
+mod tokens;
+pub mod uplink;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use fleetgate_bus::{Bus, BusError, Requester, Subject};
+use fleetgate_messages::subjects;
+use fleetgate_transport_core::metrics::Latency;
+use fleetgate_transport_core::{
+    BoxFuture, ClientCredentials, ClientIdentity, KpError, KpHandler, KpRequest, Outbox, SessionId,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+pub use metrics::GatewayMetrics;
+
+use correlation::CorrelationId;
+use pending::PendingTable;
+use sessions::Sessions;
+use tokens::TokenCache;
+
+/// Communication service settings (`gateway.*`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// Service instance name: extensions push to `kaa.v1.service.<instance>.esp.ExtensionData`
+    /// and connectivity events come from `kaa.v1.events.<instance>...`.
+    pub instance: String,
+    /// This replica's id; generated when unset.
+    pub replica_id: Option<String>,
+    /// App versions devices may use; empty: any.
+    pub app_versions: Vec<String>,
+    /// Extension instances devices may address; each is reached at
+    /// `kaa.v1.service.<name>.esp.ClientData`.
+    pub extensions: Vec<String>,
+    /// The 16/ECAP provider's service instance.
+    pub auth_instance: String,
+    /// How long an extension has to answer a request before the device gets 504.
+    pub request_timeout_ms: u64,
+    /// How long the 16/ECAP provider has to answer before a device gets 503.
+    pub auth_timeout_ms: u64,
+    /// How long a validated token is trusted without asking the provider again.
+    pub token_cache_ttl_ms: u64,
+    /// How long an unknown token stays unknown without asking again.
+    pub token_negative_cache_ttl_ms: u64,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            instance: "kpc".into(),
+            replica_id: None,
+            app_versions: Vec::new(),
+            extensions: vec!["dcx".into()],
+            auth_instance: "auth".into(),
+            request_timeout_ms: 10_000,
+            auth_timeout_ms: 5_000,
+            token_cache_ttl_ms: 60_000,
+            token_negative_cache_ttl_ms: 5_000,
+        }
+    }
+}
+
+/// Why the communication service could not start: configuration or backend.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// A name used in subjects is not a valid subject token.
+    #[error("gateway.{key}: `{value}` is not a valid subject token")]
+    InvalidName {
+        /// The setting.
+        key: &'static str,
+        /// Its value.
+        value: String,
+    },
+    /// The bus refused a subscription.
+    #[error("gateway: cannot subscribe")]
+    Bus(#[from] BusError),
+}
+
+/// An extension instance devices may address.
+struct Extension {
+    /// `kaa.v1.service.<name>.esp.ClientData`.
+    subject: Subject,
+    /// Its request latency.
+    latency: Latency,
+}
+
+/// The communication service of one gateway replica.
+pub struct Gateway<B: Bus> {
+    bus: B,
+    config: GatewayConfig,
+    replica_id: String,
+    /// `<replica id>-`: every correlation id this replica makes starts with it.
+    correlation_prefix: String,
+    reply_subject: Subject,
+    extensions: HashMap<String, Extension>,
+    app_versions: HashSet<String>,
+    connected_subject: Subject,
+    disconnected_subject: Subject,
+    client_requests: Subject,
+    client_requester: Requester<B>,
+    sessions: Sessions,
+    pending: PendingTable,
+    tokens: TokenCache<B>,
+    next_session: AtomicU64,
+    next_request: AtomicU64,
+    metrics: GatewayMetrics,
+}
+
+impl<B: Bus> Gateway<B> {
+    /// Validates the configuration, subscribes to this replica's reply subjects (and waits until
+    /// the bus has them), and starts routing extension answers until `shutdown`.
+    pub async fn start(
+        bus: B,
+        config: GatewayConfig,
+        metrics: GatewayMetrics,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<Arc<Self>, GatewayError> {
+        let check = |key: &'static str, value: &str| {
+            if subjects::is_valid_token(value) {
+                Ok(())
+            } else {
+                Err(GatewayError::InvalidName { key, value: value.to_owned() })
+            }
+        };
+        check("instance", &config.instance)?;
+        check("auth_instance", &config.auth_instance)?;
+        for e in &config.extensions {
+            check("extensions", e)?;
+        }
+        let replica_id = match &config.replica_id {
+            Some(id) => {
+                check("replica_id", id)?;
+                id.clone()
+            }
+            None => fleetgate_bus::new_replica_id(&config.instance),
+        };
+        let correlation = fleetgate_messages::correlation_id;
+        let tokens = TokenCache::new(
+            Requester::start(
+                bus.clone(),
+                subjects::ecap_token_response_reply(&replica_id).into(),
+                correlation,
+            )
+            .await?,
+            Subject::from(subjects::ecap_token_request(&config.auth_instance)),
+            &config,
+        );
+        let client_requester = Requester::start(
+            bus.clone(),
+            subjects::ecap_username_password_response_reply(&replica_id).into(),
+            correlation,
+        )
+        .await?;
+        let reply_subject = Subject::from(subjects::esp_extension_data_reply(&replica_id));
+        let replies = bus.subscribe(&reply_subject, None).await?;
+        // Pushes without affinity go to every replica; only the one holding the session sends.
+        let pushes = bus.subscribe(&subjects::esp_extension_data(&config.instance), None).await?;
+        let revocations = bus.subscribe(subjects::TOKEN_REVOKED_ANY, None).await?;
+        bus.flush().await?;
+        let extensions = config
+            .extensions
+            .iter()
+            .map(|e| {
+                let subject = Subject::from(subjects::esp_client_data(e));
+                (e.clone(), Extension { subject, latency: metrics.request_duration_of(e) })
+            })
+            .collect();
+        let gateway = Arc::new(Self {
+            correlation_prefix: format!("{replica_id}-"),
+            extensions,
+            app_versions: config.app_versions.iter().cloned().collect(),
+            connected_subject: subjects::elce_connected(&config.instance).into(),
+            disconnected_subject: subjects::elce_disconnected(&config.instance).into(),
+            client_requests: subjects::ecap_username_password_request(&config.auth_instance).into(),
+            client_requester,
+            sessions: Sessions::default(),
+            pending: PendingTable::default(),
+            next_session: AtomicU64::new(1),
+            next_request: AtomicU64::new(1),
+            metrics,
+            reply_subject,
+            tokens,
+            replica_id,
+            config,
+            bus,
+        });
+        let weak = || Arc::downgrade(&gateway);
+        tokio::spawn(downlink::route_answers(weak(), replies, shutdown.clone()));
+        tokio::spawn(downlink::route_answers(weak(), pushes, shutdown.clone()));
+        tokio::spawn(downlink::expire_requests(weak(), shutdown.clone()));
+        tokio::spawn(events::end_revoked(weak(), revocations, shutdown));
+        tracing::info!(replica = %gateway.replica_id, "communication service started");
+        Ok(gateway)
+    }
+
+    /// This replica's id.
+    pub fn replica_id(&self) -> &str {
+        &self.replica_id
+    }
+
+    /// Requests sent to extensions that have not been answered yet.
+    pub fn pending_requests(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// A new request number and its correlation id.
+    fn new_correlation_id(&self) -> (u64, CorrelationId) {
+        let n = self.next_request.fetch_add(1, Ordering::Relaxed);
+        (n, CorrelationId::new(&self.correlation_prefix, n))
+    }
+}
+
+/// The transports' view of the gateway: each call goes to the direction it belongs to.
+impl<B: Bus> KpHandler for Gateway<B> {
+    fn open_session<'a>(
+        &'a self,
+        credentials: ClientCredentials<'a>,
+        outbox: Outbox,
+    ) -> BoxFuture<'a, Result<ClientIdentity, KpError>> {
+        Box::pin(self.open(credentials, outbox))
+    }
+
+    fn handle(&self, session: SessionId, request: KpRequest) -> BoxFuture<'_, Result<(), KpError>> {
+        Box::pin(self.accept(session, request))
+    }
+
+    fn subscribe<'a>(
+        &'a self,
+        session: SessionId,
+        filter: &'a str,
+        tag: u64,
+    ) -> BoxFuture<'a, Result<(), KpError>> {
+        Box::pin(self.add_subscription(session, filter, tag))
+    }
+
+    fn unsubscribe(&self, session: SessionId, filter: &str) -> bool {
+        self.sessions.unsubscribe(session, filter)
+    }
+
+    fn close_session(&self, session: SessionId) {
+        self.end_session(session);
+    }
+}

@@ -1,0 +1,71 @@
+//! The communication service's metrics (`fleetgate_gateway_*`).
+
+use fleetgate_transport_core::metrics::{Counter, Family, Gauge, Latency, Registry};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::registry::Unit;
+
+/// The `extension` label of the request latency.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ExtensionLabel {
+    pub(crate) extension: String,
+}
+
+/// Counters, gauges and the request latency. Cloning shares them.
+#[derive(Debug, Clone, Default)]
+pub struct GatewayMetrics {
+    pub(crate) requests: Counter,
+    pub(crate) rejected: Counter,
+    pub(crate) responses: Counter,
+    pub(crate) pushes: Counter,
+    pub(crate) copies: Counter,
+    pub(crate) timeouts: Counter,
+    pub(crate) undeliverable: Counter,
+    pub(crate) slow_sessions: Counter,
+    pub(crate) sessions_opened: Counter,
+    pub(crate) sessions_refused: Counter,
+    pub(crate) token_cache_misses: Counter,
+    pub(crate) sessions_open: Gauge,
+    pub(crate) requests_pending: Gauge,
+    /// From a request's `ClientData` on the bus to its `ExtensionData` (or the timeout).
+    pub(crate) request_duration: Family<ExtensionLabel, Latency>,
+}
+
+impl GatewayMetrics {
+    /// Registers every metric under `fleetgate_gateway_`.
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("gateway");
+        let counters = [
+            ("requests", "1/KP requests received", &self.requests),
+            ("requests_rejected", "Requests refused before reaching an extension", &self.rejected),
+            ("responses", "Extension answers routed to the requesting session", &self.responses),
+            ("pushes", "Extension pushes routed to sessions", &self.pushes),
+            ("subscriber_copies", "Responses and pushes copied to subscribers", &self.copies),
+            ("request_timeouts", "Requests an extension did not answer in time", &self.timeouts),
+            ("undeliverable", "Answers for sessions that have gone", &self.undeliverable),
+            ("slow_sessions_closed", "Sessions closed for not reading", &self.slow_sessions),
+            ("sessions_opened", "Sessions opened", &self.sessions_opened),
+            ("sessions_refused", "Sessions refused by authentication", &self.sessions_refused),
+            ("token_cache_misses", "Token validations sent to 16/ECAP", &self.token_cache_misses),
+        ];
+        for (name, help, counter) in counters {
+            r.register(name, help, counter.clone());
+        }
+        r.register("sessions_open", "Sessions open", self.sessions_open.clone());
+        r.register(
+            "requests_pending",
+            "Requests awaiting an extension (sampled every 50 ms)",
+            self.requests_pending.clone(),
+        );
+        r.register_with_unit(
+            "request_duration",
+            "From a request's ClientData on the bus to the extension's answer or the timeout",
+            Unit::Seconds,
+            self.request_duration.clone(),
+        );
+    }
+
+    /// The request latency of `extension`.
+    pub(crate) fn request_duration_of(&self, extension: &str) -> Latency {
+        self.request_duration.get_or_create_owned(&ExtensionLabel { extension: extension.into() })
+    }
+}

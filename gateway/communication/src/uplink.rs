@@ -1,0 +1,237 @@
+//! Device → bus: sessions open, tokens resolve, requests become `ClientData`.
+//!
+//! A session opens with the client's credentials checked through 16/ECAP. A request is checked
+//! (extension, app version, token, resource path), its token resolved (through the session when
+//! it used the token before, else the token cache and 16/ECAP, which also announces the
+//! endpoint connected), and it goes to the extension's subject as `ClientData` with this
+//! replica's reply subject; when an answer is due it waits in the pending table, where the
+//! [`crate::downlink`] finds it.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fleetgate_bus::{Bus, BusError, now_ms};
+use fleetgate_messages::{
+    ClientData, ClientUsernamePasswordValidationRequest, ClientUsernamePasswordValidationResponse,
+    Record, encode_pooled,
+};
+use fleetgate_transport_core::{
+    ClientCredentials, ClientIdentity, KpError, KpOutcome, KpRequest, KpResponse, Outbox, SessionId,
+};
+use tokio::time::Instant;
+
+use crate::correlation::CorrelationId;
+use crate::pending::Pending;
+use crate::{Extension, Gateway};
+
+impl<B: Bus> Gateway<B> {
+    /// Checks a connecting client's credentials through 16/ECAP and opens its session.
+    pub(crate) async fn open(
+        &self,
+        credentials: ClientCredentials<'_>,
+        outbox: Outbox,
+    ) -> Result<ClientIdentity, KpError> {
+        let (_, correlation_id) = self.new_correlation_id();
+        let correlation_id = correlation_id.as_str();
+        let password = credentials.password.map(String::from_utf8_lossy);
+        let request = ClientUsernamePasswordValidationRequest {
+            correlation_id,
+            timestamp_ms: now_ms(),
+            timeout_ms: i64::try_from(self.config.auth_timeout_ms).unwrap_or(0),
+            username: credentials.username,
+            password: password.as_deref(),
+        };
+        let timeout = Duration::from_millis(self.config.auth_timeout_ms);
+        let reply = self
+            .client_requester
+            .request(self.client_requests.clone(), correlation_id, request.to_bytes(), timeout)
+            .await
+            .map_err(|e| {
+                self.metrics.sessions_refused.inc();
+                tracing::warn!(error = %e, "client authentication unavailable");
+                KpError::unavailable("the authentication service did not answer")
+            })?;
+        let answer =
+            ClientUsernamePasswordValidationResponse::decode(&reply.payload).map_err(|e| {
+                tracing::warn!(error = %e, "undecodable client-username-password-response");
+                KpError::unavailable("the authentication service gave an unreadable answer")
+            })?;
+        if !(200..300).contains(&answer.status_code) {
+            self.metrics.sessions_refused.inc();
+            let reason = answer.reason_phrase.unwrap_or("bad credentials").to_owned();
+            return Err(KpError::new(u16::try_from(answer.status_code).unwrap_or(401), reason));
+        }
+        let session = SessionId(self.next_session.fetch_add(1, Ordering::Relaxed));
+        self.sessions.open(session, outbox);
+        tracing::debug!(session = session.0, transport = credentials.transport, peer = %credentials.peer, "session opened");
+        self.metrics.sessions_opened.inc();
+        self.metrics.sessions_open.inc();
+        Ok(ClientIdentity { session, client_id: answer.client_id.map(str::to_owned) })
+    }
+
+    /// Takes one request from a session: on the bus, or refused (and the refusal copied to
+    /// subscribers; the transport answers the requester itself).
+    pub(crate) async fn accept(
+        &self,
+        session: SessionId,
+        request: KpRequest,
+    ) -> Result<(), KpError> {
+        self.metrics.requests.inc();
+        let result = self.forward(session, &request).await;
+        if let Err(e) = &result {
+            self.metrics.rejected.inc();
+            let response = KpResponse {
+                base: request.topic.base(),
+                request_id: request.topic.request_id(),
+                tag: request.tag,
+                outcome: KpOutcome::Error(e.clone()),
+            };
+            self.copy_to_subscribers(&response, &[session]);
+        }
+        result
+    }
+
+    /// A subscription to a filter that names one endpoint token the session may use.
+    pub(crate) async fn add_subscription(
+        &self,
+        session: SessionId,
+        filter: &str,
+        tag: u64,
+    ) -> Result<(), KpError> {
+        let levels: Vec<&str> = filter.split('/').collect();
+        let named = levels.len() >= 4
+            && levels[..4].iter().all(|l| !l.is_empty() && *l != "+" && *l != "#");
+        if !named || levels[0] != "kp1" {
+            return Err(KpError::forbidden(
+                "a subscription must name kp1/<app version>/<extension>/<endpoint token>",
+            ));
+        }
+        let (app_version, extension, token) = (levels[1], levels[2], levels[3]);
+        if !self.extensions.contains_key(extension) {
+            return Err(KpError::not_found(format!("unknown extension instance `{extension}`")));
+        }
+        if !self.app_versions.is_empty() && !self.app_versions.contains(app_version) {
+            return Err(KpError::not_found(format!("unknown app version `{app_version}`")));
+        }
+        self.tokens.resolve(app_version, token, &self.metrics.token_cache_misses).await?;
+        if self.sessions.subscribe(session, token, filter, tag) {
+            Ok(())
+        } else {
+            Err(KpError::unavailable("the session has ended"))
+        }
+    }
+
+    /// A token's first use in a session: resolve it, note it, announce the endpoint connected
+    /// when the session had not used it yet.
+    async fn first_use(
+        &self,
+        session: SessionId,
+        app_version: &str,
+        token: &str,
+    ) -> Result<Arc<str>, KpError> {
+        let resolved =
+            self.tokens.resolve(app_version, token, &self.metrics.token_cache_misses).await?;
+        let id = resolved.endpoint_id;
+        match self.sessions.note_endpoint(session, &id, app_version, token, resolved.expires) {
+            None => return Err(KpError::unavailable("the session has ended")),
+            Some(true) => self.publish_connected(&[(&id, app_version)]).await,
+            Some(false) => {}
+        }
+        Ok(id)
+    }
+
+    /// The request's `ClientData`, encoded, and its request number; registers the request as
+    /// pending when an answer is expected. Synchronous, so that none of this is held in the
+    /// request's future while the bus takes it.
+    fn client_data(
+        &self,
+        session: SessionId,
+        request: &KpRequest,
+        extension: &Extension,
+        endpoint_id: &str,
+        resource_path: &str,
+    ) -> (u64, Bytes) {
+        let topic = &request.topic;
+        let app_version = topic.app_version();
+        let n = self.next_request.fetch_add(1, Ordering::Relaxed);
+        let correlation_id = CorrelationId::new(&self.correlation_prefix, n);
+        // Without a request id the extension answers only errors, unless the transport needs
+        // an answer: then the extension sees this replica's own (positive, 31-bit) id.
+        let path_id = topic.request_id();
+        let esp_request_id = match path_id {
+            Some(id) => i32::try_from(id).ok(),
+            None if request.wants_answer => Some(i32::try_from(n % 0x7fff_ffff + 1).unwrap_or(1)),
+            None => None,
+        };
+        let data = ClientData {
+            correlation_id: correlation_id.as_str(),
+            timestamp_ms: now_ms(),
+            timeout_ms: i64::try_from(self.config.request_timeout_ms).unwrap_or(0),
+            app_version_name: app_version,
+            endpoint_id: Some(endpoint_id),
+            resource_path,
+            request_id: esp_request_id,
+            payload: &request.payload,
+            config_name: None,
+        };
+        if esp_request_id.is_some() {
+            let now = Instant::now();
+            let deadline = now + Duration::from_millis(self.config.request_timeout_ms);
+            let pending = Pending {
+                session,
+                base: topic.base(),
+                request_id: path_id,
+                tag: request.tag,
+                sent: now,
+                latency: extension.latency.clone(),
+            };
+            self.pending.insert(n, pending, deadline);
+        }
+        (n, encode_pooled(&data))
+    }
+
+    async fn forward(&self, session: SessionId, request: &KpRequest) -> Result<(), KpError> {
+        let topic = &request.topic;
+        let extension_name = topic.extension();
+        let extension = self.extensions.get(extension_name).ok_or_else(|| {
+            KpError::not_found(format!("unknown extension instance `{extension_name}`"))
+        })?;
+        let app_version = topic.app_version();
+        if !self.app_versions.is_empty() && !self.app_versions.contains(app_version) {
+            return Err(KpError::not_found(format!("unknown app version `{app_version}`")));
+        }
+        let token =
+            topic.token().ok_or_else(|| KpError::unauthorized("no endpoint token in the path"))?;
+        let resource_path = topic
+            .resource_path()
+            .ok_or_else(|| KpError::not_found("no resource path after the endpoint token"))?;
+        // A token the session already used needs no token cache lookup (revocation ends the
+        // session; the trust expires with the cache entry it came from).
+        let endpoint_id =
+            match self.sessions.trusted_endpoint(session, app_version, token, Instant::now()) {
+                None => return Err(KpError::unavailable("the session has ended")),
+                Some(Some(endpoint_id)) => endpoint_id,
+                // Boxed: the first use of a token in a session is rare, and its future (a 16/ECAP
+                // request with a timer) would otherwise sit inline in every request's future.
+                Some(None) => Box::pin(self.first_use(session, app_version, token)).await?,
+            };
+        let (n, payload) =
+            self.client_data(session, request, extension, &endpoint_id, resource_path);
+        drop(endpoint_id);
+        let published = self
+            .bus
+            .publish(extension.subject.clone(), Some(self.reply_subject.clone()), payload)
+            .await;
+        published.map_err(|e| {
+            self.pending.take(n);
+            match e {
+                BusError::NoResponders(_) => KpError::unavailable(format!(
+                    "no replica of extension `{extension_name}` is running"
+                )),
+                e => KpError::unavailable(format!("the bus did not take the request: {e}")),
+            }
+        })
+    }
+}

@@ -1,0 +1,85 @@
+//! The `gateway` service: the communication service and the device transports of the
+//! registry, wired together. The only place where transports meet the bus.
+
+use std::sync::Arc;
+
+use fleetgate_bus::{AnyBus, Bus};
+use fleetgate_communication::{Gateway, GatewayConfig, GatewayMetrics};
+use fleetgate_service::{BoxFuture, Running, Service, ServiceError, ServiceStatus, StartContext};
+use fleetgate_transport_core::metrics::{Registry, TransportMetrics};
+use fleetgate_transport_core::{KpHandler, Transport};
+
+use crate::config::Config;
+use crate::registry::TRANSPORTS;
+
+/// The communication service with its transports, made from `gateway.*` and `transports.*`.
+pub struct GatewayService {
+    config: GatewayConfig,
+    transports: Vec<Box<dyn Transport>>,
+    metrics: GatewayMetrics,
+}
+
+impl GatewayService {
+    /// Makes every enabled transport of the registry (unbound).
+    pub fn new(config: &Config, metrics: &TransportMetrics) -> Self {
+        let transports =
+            TRANSPORTS.iter().filter_map(|t| (t.make)(&config.transports, metrics)).collect();
+        Self { config: config.gateway.clone(), transports, metrics: GatewayMetrics::default() }
+    }
+}
+
+impl Service for GatewayService {
+    fn name(&self) -> &'static str {
+        "gateway"
+    }
+
+    fn bind(&mut self) -> Result<(), ServiceError> {
+        for transport in &mut self.transports {
+            transport.bind().map_err(|e| ServiceError::new("gateway", e))?;
+        }
+        Ok(())
+    }
+
+    fn register_metrics(&self, registry: &mut Registry) {
+        self.metrics.register(registry);
+        for transport in &self.transports {
+            transport.register_metrics(registry);
+        }
+    }
+
+    fn start(
+        self: Box<Self>,
+        context: StartContext,
+    ) -> BoxFuture<'static, Result<Running, ServiceError>> {
+        Box::pin(async move {
+            let StartContext { bus, shutdown } = context;
+            let gateway = Gateway::start(bus, self.config, self.metrics, shutdown.clone())
+                .await
+                .map_err(|e| ServiceError::new("gateway", e))?;
+            let handler: Arc<dyn KpHandler> = gateway.clone();
+            let mut serving = Vec::new();
+            for transport in self.transports {
+                for addr in transport.local_addrs() {
+                    tracing::info!(listen = %addr, "{} transport listening", transport.name());
+                }
+                serving.push(tokio::spawn(transport.serve(handler.clone(), shutdown.clone())));
+            }
+            let status = Arc::new(GatewayStatus(gateway));
+            let stopped = Box::pin(async move {
+                for task in serving {
+                    let _ = task.await;
+                }
+            });
+            Ok(Running { status, stopped })
+        })
+    }
+}
+
+/// The gateway's requests in flight, for the graceful stop.
+struct GatewayStatus<B: Bus>(Arc<Gateway<B>>);
+
+impl ServiceStatus for GatewayStatus<AnyBus> {
+    fn in_flight(&self) -> usize {
+        self.0.pending_requests()
+    }
+}

@@ -1,0 +1,147 @@
+//! The registries: every device transport and every service this binary can run, each made
+//! from its configuration section. Adding a transport or a service means its crate, its entry
+//! here and its configuration section (a field below, or of [`crate::config::Config`]):
+//! nothing else in the binary names them.
+
+use fleetgate_auth::AuthService;
+use fleetgate_dcx::DcxService;
+use fleetgate_service::Service;
+use fleetgate_transport_coap::{CoapConfig, CoapTransport};
+use fleetgate_transport_core::Transport;
+use fleetgate_transport_core::metrics::TransportMetrics;
+use fleetgate_transport_http::{HttpConfig, HttpTransport};
+use fleetgate_transport_mqtt::server::{MqttConfig, MqttTransport};
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+use crate::gateway_service::GatewayService;
+
+/// `transports.*`: one section per registered transport.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TransportsConfig {
+    /// MQTT 3.1.1 and 5.0 over TCP.
+    pub mqtt: MqttConfig,
+    /// CoAP over UDP.
+    pub coap: CoapConfig,
+    /// HTTP/1.1 and h2c.
+    pub http: HttpConfig,
+}
+
+/// A device transport the binary can serve.
+pub struct TransportEntry {
+    /// Its name (the metrics label, its section under `transports`).
+    pub name: &'static str,
+    /// Makes it from the configuration, or `None` when its section disables it.
+    pub make: fn(&TransportsConfig, &TransportMetrics) -> Option<Box<dyn Transport>>,
+}
+
+/// Every device transport, in the order they are bound.
+pub const TRANSPORTS: &[TransportEntry] = &[
+    TransportEntry {
+        name: "mqtt",
+        make: |c, m| c.mqtt.enabled.then(|| boxed(MqttTransport::new(c.mqtt.clone(), m))),
+    },
+    TransportEntry {
+        name: "coap",
+        make: |c, m| c.coap.enabled.then(|| boxed(CoapTransport::new(c.coap.clone(), m))),
+    },
+    TransportEntry {
+        name: "http",
+        make: |c, m| c.http.enabled.then(|| boxed(HttpTransport::new(c.http.clone(), m))),
+    },
+];
+
+fn boxed(transport: impl Transport) -> Box<dyn Transport> {
+    Box::new(transport)
+}
+
+/// A service the binary can run: `fleetgate <name>` runs it alone (on NATS), `fleetgate up`
+/// runs every one.
+pub struct ServiceEntry {
+    /// Its command name.
+    pub name: &'static str,
+    /// One line for `--help`.
+    pub about: &'static str,
+    /// Makes it from the configuration.
+    pub make: fn(&Config, &TransportMetrics) -> Box<dyn Service>,
+}
+
+/// Every service, in the order `fleetgate up` starts them: providers first, so that the
+/// gateway's first devices find them running.
+pub const SERVICES: &[ServiceEntry] = &[
+    ServiceEntry {
+        name: "auth",
+        about: "Run the 16/ECAP authentication provider (needs nats.url)",
+        make: |c, _| Box::new(AuthService::new(c.auth.clone())),
+    },
+    ServiceEntry {
+        name: "dcx",
+        about: "Run the data collection extension (needs nats.url)",
+        make: |c, _| Box::new(DcxService::new(c.dcx.clone())),
+    },
+    ServiceEntry {
+        name: "gateway",
+        about: "Run the communication service and its device transports (needs nats.url)",
+        make: |c, m| Box::new(GatewayService::new(c, m)),
+    },
+];
+
+/// The service named `name`.
+pub fn service(name: &str) -> Option<&'static ServiceEntry> {
+    SERVICES.iter().find(|s| s.name == name)
+}
+
+#[cfg(test)]
+mod tests {
+    use fleetgate_transport_core::metrics::{Registry, encode};
+
+    use super::*;
+
+    #[test]
+    fn names_are_unique() {
+        let mut names: Vec<_> = SERVICES.iter().map(|s| s.name).collect();
+        names.extend(["up", "config"]);
+        let before = names.len();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), before, "a service name clashes with another command");
+        let mut transports: Vec<_> = TRANSPORTS.iter().map(|t| t.name).collect();
+        transports.sort_unstable();
+        transports.dedup();
+        assert_eq!(transports.len(), TRANSPORTS.len());
+    }
+
+    #[tokio::test]
+    async fn every_metric_family_is_declared_once() {
+        let config = Config::default();
+        let mut registry = Registry::with_prefix("fleetgate");
+        let shared = TransportMetrics::register(&mut registry);
+        for entry in SERVICES {
+            (entry.make)(&config, &shared).register_metrics(&mut registry);
+        }
+        // Touch the shared families for every transport, so that each shows its samples.
+        for t in TRANSPORTS {
+            shared.counters(t.name).messages_received().inc();
+        }
+        let text = encode(&registry);
+        let mut families: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split(' ').next())
+            .collect();
+        assert!(families.len() > 30, "{text}");
+        let before = families.len();
+        families.sort_unstable();
+        families.dedup();
+        assert_eq!(families.len(), before, "a metric family is declared twice:\n{text}");
+        assert!(families.iter().all(|f| f.starts_with("fleetgate_")), "{families:?}");
+        for t in TRANSPORTS {
+            let sample = format!(
+                "fleetgate_transport_messages_received_total{{transport=\"{}\"}} 1",
+                t.name
+            );
+            assert!(text.contains(&sample), "{sample} in\n{text}");
+        }
+    }
+}
