@@ -3,6 +3,9 @@
 //!
 //! It is a dev-dependency only; nothing in a shipped binary links it.
 
+// Test support: a broken expectation here is a failed test, so it may panic.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};

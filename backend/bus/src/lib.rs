@@ -55,9 +55,24 @@ pub enum BusError {
     /// No answer within the time allowed.
     #[error("no reply on `{0}` in time")]
     Timeout(String),
-    /// The NATS client reported an error.
-    #[error("NATS: {0}")]
-    Nats(String),
+    /// The NATS server could not be reached.
+    #[error("cannot connect to NATS at {url}")]
+    Connect {
+        /// The URL tried.
+        url: String,
+        /// What the client said.
+        #[source]
+        source: async_nats::ConnectError,
+    },
+    /// The NATS client refused an operation.
+    #[error("NATS refused to {operation}")]
+    Nats {
+        /// What was refused: `subscribe`, `publish`, `flush`.
+        operation: &'static str,
+        /// The client's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// A stream of messages from [`Bus::subscribe`]. Dropping it unsubscribes.

@@ -234,7 +234,7 @@ impl NatsBus {
             .max_reconnects(None)
             .connect(options.url.as_str())
             .await
-            .map_err(|e| BusError::Nats(format!("cannot connect to {}: {e}", options.url)))?;
+            .map_err(|source| BusError::Connect { url: options.url.clone(), source })?;
         let queue = Arc::new(PublishQueue {
             state: Mutex::new(QueueState { queue: Vec::new(), urgent: false, closed: false }),
             writer: Notify::new(),
@@ -281,7 +281,7 @@ impl Bus for NatsBus {
             Some(q) => self.client.queue_subscribe(subject, q.to_owned()).await,
             None => self.client.subscribe(subject).await,
         }
-        .map_err(|e| BusError::Nats(e.to_string()))?;
+        .map_err(|e| BusError::Nats { operation: "subscribe", source: e.into() })?;
         Ok(Subscription { inner: SubscriptionInner::Nats(sub) })
     }
 
@@ -289,15 +289,22 @@ impl Bus for NatsBus {
     /// sent before has been processed by it (a socket flush alone does not guarantee that).
     async fn flush(&self) -> Result<(), BusError> {
         use futures_util::StreamExt;
-        let nats = |e: &dyn std::fmt::Display| BusError::Nats(e.to_string());
+        let nats = |operation: &'static str| {
+            move |e: Box<dyn std::error::Error + Send + Sync>| BusError::Nats {
+                operation,
+                source: e,
+            }
+        };
         // First everything queued here, in order, into the client.
         let (mark, handed_over) = oneshot::channel();
         self.publisher.queue.push(Outgoing::Mark(mark)).await?;
         handed_over.await.map_err(|_| BusError::Closed)?;
         let inbox = self.client.new_inbox();
-        let mut probe = self.client.subscribe(inbox.clone()).await.map_err(|e| nats(&e))?;
-        self.client.publish(inbox.clone(), Bytes::new()).await.map_err(|e| nats(&e))?;
-        self.client.flush().await.map_err(|e| nats(&e))?;
+        let mut probe =
+            self.client.subscribe(inbox.clone()).await.map_err(|e| nats("subscribe")(e.into()))?;
+        let probed = self.client.publish(inbox.clone(), Bytes::new()).await;
+        probed.map_err(|e| nats("publish")(e.into()))?;
+        self.client.flush().await.map_err(|e| nats("flush")(e.into()))?;
         match tokio::time::timeout(Duration::from_secs(10), probe.next()).await {
             Ok(Some(_)) => Ok(()),
             Ok(None) => Err(BusError::Closed),

@@ -1,5 +1,7 @@
 //! The NATS bus against a real `nats-server` child process.
 
+#![allow(clippy::expect_used)] // helpers of the tests: a failed expectation fails the test
+
 use std::time::Duration;
 
 use bytes::Bytes;

@@ -5,11 +5,11 @@ use std::borrow::Cow;
 use serde_json::value::RawValue;
 
 /// Why a request's payload cannot become samples. Always the device's fault.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Debug, thiserror::Error)]
 pub enum SampleError {
     /// Not valid JSON.
     #[error("payload is not valid JSON: {0}")]
-    InvalidJson(String),
+    InvalidJson(#[source] serde_json::Error),
     /// A `plain` payload that does not start with a number.
     #[error("plain payload must be a number with an optional unit, e.g. `47` or `47%`")]
     InvalidPlain,
@@ -48,7 +48,7 @@ pub fn samples_of<'a>(
 
 /// DESIGN decision 4: a JSON array is a batch, any other JSON value is one sample.
 fn json_samples(payload: &[u8]) -> Result<Vec<Cow<'_, [u8]>>, SampleError> {
-    let invalid = |e: serde_json::Error| SampleError::InvalidJson(e.to_string());
+    let invalid = SampleError::InvalidJson;
     let whole: &RawValue = serde_json::from_slice(payload).map_err(invalid)?;
     let text = whole.get();
     if text.starts_with('[') {
@@ -147,7 +147,7 @@ mod tests {
         let s = strings(samples_of("/plain/count", b"3").expect("valid"));
         assert_eq!(s, [r#"{"count-unit":"number","count-value":3}"#]);
         for bad in [&b"abc"[..], b"", b"-", b".5", b"\xff"] {
-            assert_eq!(samples_of("/plain/x", bad), Err(SampleError::InvalidPlain));
+            assert!(matches!(samples_of("/plain/x", bad), Err(SampleError::InvalidPlain)));
         }
     }
 

@@ -2,7 +2,7 @@
 //! (gateway → extension) and `ExtensionData` decode (extension → gateway).
 
 // `criterion_group!` generates an undocumented public function.
-#![allow(missing_docs)]
+#![allow(missing_docs, clippy::expect_used, clippy::unwrap_used)]
 
 use bytes::BytesMut;
 use criterion::{Criterion, Throughput, black_box, criterion_group, criterion_main};

@@ -1,13 +1,16 @@
 //! Shared helpers for the record tests: proptest strategies, `apache-avro` value builders and
 //! the checks every record goes through.
 
+// Test support: a broken expectation here is a failed test, so it may panic.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 use crate::avro::NullBranch;
 use apache_avro::Schema;
 use apache_avro::types::Value;
 use proptest::prelude::*;
 
 /// Decodes a hex string of a test vector.
-pub fn hex(s: &str) -> Vec<u8> {
+pub(crate) fn hex(s: &str) -> Vec<u8> {
     s.as_bytes()
         .chunks(2)
         .map(|pair| u8::from_str_radix(std::str::from_utf8(pair).unwrap(), 16).unwrap())
@@ -15,13 +18,13 @@ pub fn hex(s: &str) -> Vec<u8> {
 }
 
 /// Parses an `.avsc` schema with `apache-avro`.
-pub fn schema(text: &str) -> Schema {
+pub(crate) fn schema(text: &str) -> Schema {
     Schema::parse_str(text).unwrap()
 }
 
 /// Strings: arbitrary Unicode (often empty or short), empty, and long enough for multi-byte
 /// length prefixes.
-pub fn text() -> BoxedStrategy<String> {
+pub(crate) fn text() -> BoxedStrategy<String> {
     prop_oneof![
         4 => any::<String>(),
         1 => Just(String::new()),
@@ -32,17 +35,17 @@ pub fn text() -> BoxedStrategy<String> {
 }
 
 /// Optional strings.
-pub fn opt_text() -> BoxedStrategy<Option<String>> {
+pub(crate) fn opt_text() -> BoxedStrategy<Option<String>> {
     proptest::option::of(text()).boxed()
 }
 
 /// Byte payloads, empty to a few hundred bytes.
-pub fn blob() -> BoxedStrategy<Vec<u8>> {
+pub(crate) fn blob() -> BoxedStrategy<Vec<u8>> {
     proptest::collection::vec(any::<u8>(), 0..300).boxed()
 }
 
 /// Longs, biased towards edge values.
-pub fn long() -> BoxedStrategy<i64> {
+pub(crate) fn long() -> BoxedStrategy<i64> {
     prop_oneof![
         3 => any::<i64>(),
         1 => -130i64..130,
@@ -54,7 +57,7 @@ pub fn long() -> BoxedStrategy<i64> {
 }
 
 /// Ints, biased towards edge values.
-pub fn int() -> BoxedStrategy<i32> {
+pub(crate) fn int() -> BoxedStrategy<i32> {
     prop_oneof![
         3 => any::<i32>(),
         1 => -130i32..130,
@@ -65,7 +68,7 @@ pub fn int() -> BoxedStrategy<i32> {
 }
 
 /// `apache-avro` string value.
-pub fn s(v: &str) -> Value {
+pub(crate) fn s(v: &str) -> Value {
     Value::String(v.to_owned())
 }
 
@@ -77,22 +80,22 @@ fn union(v: Option<Value>, null: NullBranch) -> Value {
 }
 
 /// `apache-avro` value of an optional string union.
-pub fn opt_s(v: Option<&str>, null: NullBranch) -> Value {
+pub(crate) fn opt_s(v: Option<&str>, null: NullBranch) -> Value {
     union(v.map(s), null)
 }
 
 /// `apache-avro` value of an optional bytes union.
-pub fn opt_b(v: Option<&[u8]>, null: NullBranch) -> Value {
+pub(crate) fn opt_b(v: Option<&[u8]>, null: NullBranch) -> Value {
     union(v.map(|b| Value::Bytes(b.to_vec())), null)
 }
 
 /// `apache-avro` value of an optional int union.
-pub fn opt_i(v: Option<i32>, null: NullBranch) -> Value {
+pub(crate) fn opt_i(v: Option<i32>, null: NullBranch) -> Value {
     union(v.map(Value::Int), null)
 }
 
 /// `apache-avro` record value: the common header, then `rest`.
-pub fn record(
+pub(crate) fn record(
     correlation_id: &str,
     timestamp_ms: i64,
     timeout_ms: i64,

@@ -1,7 +1,7 @@
 //! Shared by the end-to-end tests: the real `fleetgate` binary as a child process, real MQTT
 //! clients and a NATS observer.
 
-#![allow(dead_code)] // each test file uses a different part
+#![allow(dead_code, clippy::expect_used, clippy::unwrap_used)] // each test file uses a different part; test support may panic
 
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
@@ -13,7 +13,7 @@ use fleetgate_testkit::free_port;
 use futures_util::StreamExt;
 
 /// A `fleetgate` child process with its own ports, killed on drop.
-pub struct Fleetgate {
+pub(crate) struct Fleetgate {
     child: Option<Child>,
     pub mqtt: SocketAddr,
     pub admin: SocketAddr,
@@ -26,14 +26,14 @@ pub struct Fleetgate {
 impl Fleetgate {
     /// Starts `fleetgate <command>` with `env` overrides on free ports, and waits until
     /// `/readyz` says ready.
-    pub fn start(command: &str, env: &[(&str, String)]) -> Self {
+    pub(crate) fn start(command: &str, env: &[(&str, String)]) -> Self {
         let mut fg = Self::spawn(command, env);
         fg.wait_ready();
         fg
     }
 
     /// Starts without waiting.
-    pub fn spawn(command: &str, env: &[(&str, String)]) -> Self {
+    pub(crate) fn spawn(command: &str, env: &[(&str, String)]) -> Self {
         let mqtt = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let coap = SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
@@ -60,7 +60,7 @@ impl Fleetgate {
         Self { child: Some(child), mqtt, admin, coap, http, log }
     }
 
-    pub fn wait_ready(&mut self) {
+    pub(crate) fn wait_ready(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
@@ -75,7 +75,7 @@ impl Fleetgate {
     }
 
     /// Waits for the process to exit by itself and returns its exit code and log.
-    pub fn wait_exit(&mut self, timeout: Duration) -> (Option<i32>, String) {
+    pub(crate) fn wait_exit(&mut self, timeout: Duration) -> (Option<i32>, String) {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
@@ -87,12 +87,12 @@ impl Fleetgate {
         }
     }
 
-    pub fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     /// SIGKILL: the process gets no chance to finish anything.
-    pub fn kill(&mut self) {
+    pub(crate) fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -100,14 +100,14 @@ impl Fleetgate {
     }
 
     /// SIGTERM, then waits for a clean exit.
-    pub fn terminate(&mut self) -> Option<i32> {
+    pub(crate) fn terminate(&mut self) -> Option<i32> {
         let child = self.child.as_ref()?;
         let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
         self.wait_exit(Duration::from_secs(15)).0
     }
 
     /// The value of a metric sample line that starts with `name` on `/metrics`.
-    pub fn metric(&self, name: &str) -> Option<f64> {
+    pub(crate) fn metric(&self, name: &str) -> Option<f64> {
         let (_, body) = http_get(self.admin, "/metrics")?;
         body.lines()
             .find(|l| l.starts_with(name) && !l.starts_with('#'))
@@ -128,7 +128,7 @@ impl Drop for Fleetgate {
 }
 
 /// A UDP port on 127.0.0.1 that was free a moment ago.
-pub fn free_udp_port() -> u16 {
+pub(crate) fn free_udp_port() -> u16 {
     std::net::UdpSocket::bind("127.0.0.1:0")
         .and_then(|s| s.local_addr())
         .map(|a| a.port())
@@ -136,7 +136,7 @@ pub fn free_udp_port() -> u16 {
 }
 
 /// A minimal HTTP/1.1 GET: (status, body).
-pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+pub(crate) fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
@@ -149,7 +149,7 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
 }
 
 /// The auth settings of a test: one endpoint with token `tok-1` in app version `demo-v1`.
-pub fn demo_endpoint_env() -> Vec<(&'static str, String)> {
+pub(crate) fn demo_endpoint_env() -> Vec<(&'static str, String)> {
     vec![
         (
             "FLEETGATE_AUTH_ENDPOINTS",
@@ -160,14 +160,14 @@ pub fn demo_endpoint_env() -> Vec<(&'static str, String)> {
 }
 
 /// A NATS subscriber that records what arrives on the subjects of interest.
-pub struct NatsObserver {
+pub(crate) struct NatsObserver {
     pub client: async_nats::Client,
     client_data: async_nats::Subscriber,
     samples: async_nats::Subscriber,
 }
 
 impl NatsObserver {
-    pub async fn connect(url: &str) -> Self {
+    pub(crate) async fn connect(url: &str) -> Self {
         let client = async_nats::connect(url).await.expect("observer connects");
         let client_data = client.subscribe("kaa.v1.service.dcx.esp.ClientData").await.expect("sub");
         let samples = client
@@ -184,7 +184,7 @@ impl NatsObserver {
     }
 
     /// The next `ClientData` payload.
-    pub async fn client_data(&mut self) -> async_nats::Message {
+    pub(crate) async fn client_data(&mut self) -> async_nats::Message {
         tokio::time::timeout(Duration::from_secs(10), self.client_data.next())
             .await
             .expect("ClientData in time")
@@ -192,7 +192,7 @@ impl NatsObserver {
     }
 
     /// The next `DataSamplesEvent` message.
-    pub async fn samples_event(&mut self) -> async_nats::Message {
+    pub(crate) async fn samples_event(&mut self) -> async_nats::Message {
         tokio::time::timeout(Duration::from_secs(10), self.samples.next())
             .await
             .expect("DataSamplesEvent in time")
@@ -200,7 +200,7 @@ impl NatsObserver {
     }
 
     /// Every message that arrives on the samples subject within `quiet` of the previous one.
-    pub async fn drain_samples(&mut self, quiet: Duration) -> Vec<async_nats::Message> {
+    pub(crate) async fn drain_samples(&mut self, quiet: Duration) -> Vec<async_nats::Message> {
         let mut out = Vec::new();
         while let Ok(Some(m)) = tokio::time::timeout(quiet, self.samples.next()).await {
             out.push(m);
@@ -210,7 +210,7 @@ impl NatsObserver {
 }
 
 /// Publishes with rumqttc (MQTT 3.1.1) and returns the first PUBLISH the gateway sends back.
-pub async fn rumqttc_request(
+pub(crate) async fn rumqttc_request(
     addr: SocketAddr,
     subscribe_first: Option<&str>,
     topic: &str,
@@ -244,7 +244,7 @@ pub async fn rumqttc_request(
 
 /// A bare MQTT client built on fleetgate's own codec, for the cases real clients do not
 /// produce (topic aliases, exact CONNECT contents).
-pub struct RawClient {
+pub(crate) struct RawClient {
     stream: tokio::net::TcpStream,
     codec: fleetgate_transport_mqtt::codec::Codec,
     read: bytes::BytesMut,
@@ -252,7 +252,7 @@ pub struct RawClient {
 
 impl RawClient {
     /// Connects and returns the CONNACK.
-    pub async fn connect(
+    pub(crate) async fn connect(
         addr: SocketAddr,
         connect: fleetgate_transport_mqtt::codec::Connect,
     ) -> (Self, fleetgate_transport_mqtt::codec::ConnAck) {
@@ -268,7 +268,7 @@ impl RawClient {
         }
     }
 
-    pub fn connect_packet(
+    pub(crate) fn connect_packet(
         version: fleetgate_transport_mqtt::codec::ProtocolVersion,
         username: Option<&str>,
         password: Option<&str>,
@@ -285,7 +285,7 @@ impl RawClient {
         }
     }
 
-    pub async fn send(&mut self, packet: &fleetgate_transport_mqtt::codec::Packet) {
+    pub(crate) async fn send(&mut self, packet: &fleetgate_transport_mqtt::codec::Packet) {
         use tokio::io::AsyncWriteExt;
         let mut out = bytes::BytesMut::new();
         self.codec.encode(packet, &mut out).expect("encode");
@@ -294,7 +294,7 @@ impl RawClient {
 
     /// The next packet from the server, `None` when it closed the connection (or nothing came
     /// within 10 s).
-    pub async fn next(&mut self) -> Option<fleetgate_transport_mqtt::codec::Packet> {
+    pub(crate) async fn next(&mut self) -> Option<fleetgate_transport_mqtt::codec::Packet> {
         use tokio::io::AsyncReadExt;
         loop {
             if let Some(p) = self.codec.decode(&mut self.read).expect("server sends valid MQTT") {
@@ -310,7 +310,9 @@ impl RawClient {
     }
 
     /// The next PUBLISH, acknowledging it when it is QoS 1; skips other packets.
-    pub async fn next_publish(&mut self) -> Option<fleetgate_transport_mqtt::codec::Publish> {
+    pub(crate) async fn next_publish(
+        &mut self,
+    ) -> Option<fleetgate_transport_mqtt::codec::Publish> {
         use fleetgate_transport_mqtt::codec::{Packet, PubAck};
         loop {
             match self.next().await? {

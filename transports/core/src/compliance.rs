@@ -10,6 +10,9 @@
 //!
 //! Enabled by the `compliance` feature; only tests use it.
 
+// Test support: a broken expectation here is a failed test, so it may panic.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Mutex;

@@ -90,7 +90,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Connection {
-    pub fn new(
+    pub(crate) fn new(
         handler: Arc<dyn KpHandler>,
         shared: Arc<Shared>,
         peer: SocketAddr,
@@ -113,7 +113,7 @@ impl Connection {
     }
 
     /// Answers one HTTP request.
-    pub async fn respond(self: Arc<Self>, req: Request<Incoming>) -> HttpResponse {
+    pub(crate) async fn respond(self: Arc<Self>, req: Request<Incoming>) -> HttpResponse {
         let metrics = &self.shared.metrics;
         metrics.requests_received.inc();
         let response = match self.route(req).await {
@@ -360,7 +360,7 @@ impl Connection {
 
     /// Routes the responses in the outbox until it is empty; `Pending` then, having registered
     /// `cx` for the next one. For the connection's driver.
-    pub fn poll_responses(&self, cx: &mut Context<'_>) -> TaskPoll<()> {
+    pub(crate) fn poll_responses(&self, cx: &mut Context<'_>) -> TaskPoll<()> {
         let mut responses = lock(&self.responses);
         loop {
             match responses.poll_recv(cx) {
@@ -404,7 +404,7 @@ impl Connection {
     }
 
     /// The connection has ended: closes its sessions and wakes whatever still waits.
-    pub fn close(&self) {
+    pub(crate) fn close(&self) {
         let open = {
             let mut sessions = lock(&self.sessions);
             sessions.closed = true;

@@ -7,7 +7,7 @@ use crate::HttpError;
 
 /// What a client presented in its `Authorization` header.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Credentials {
+pub(crate) struct Credentials {
     /// `Basic`: the user name.
     pub username: Option<String>,
     /// `Basic`: the password; `Bearer`: the token.
@@ -17,7 +17,7 @@ pub struct Credentials {
 /// Reads an `Authorization` header: `Basic base64(user:password)` (RFC 7617) gives a user name
 /// and a password; `Bearer <token>` (RFC 6750) gives no user name and the token as the
 /// password; no header gives neither.
-pub fn parse_authorization(value: Option<&[u8]>) -> Result<Credentials, HttpError> {
+pub(crate) fn parse_authorization(value: Option<&[u8]>) -> Result<Credentials, HttpError> {
     let Some(value) = value else {
         return Ok(Credentials::default());
     };
@@ -48,7 +48,7 @@ pub fn parse_authorization(value: Option<&[u8]>) -> Result<Credentials, HttpErro
 
 /// A long poll's query: `observe=true` (or `1`, or bare `observe`) and an optional
 /// `timeout_ms=N`. `Ok(None)` when the query does not ask to observe.
-pub fn parse_observe(query: Option<&str>) -> Result<Option<Option<u64>>, HttpError> {
+pub(crate) fn parse_observe(query: Option<&str>) -> Result<Option<Option<u64>>, HttpError> {
     let mut observe = false;
     let mut timeout_ms = None;
     for pair in query.unwrap_or_default().split('&').filter(|p| !p.is_empty()) {
@@ -67,11 +67,11 @@ pub fn parse_observe(query: Option<&str>) -> Result<Option<Option<u64>>, HttpErr
 }
 
 /// The client connection preface of HTTP/2 (RFC 9113 §3.4).
-pub const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+pub(crate) const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// What the first bytes of a connection say about its protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Preface {
+pub(crate) enum Preface {
     /// Not the HTTP/2 preface: HTTP/1.
     Http1,
     /// The whole HTTP/2 preface.
@@ -81,7 +81,7 @@ pub enum Preface {
 }
 
 /// Classifies the first bytes of a connection.
-pub fn preface(first: &[u8]) -> Preface {
+pub(crate) fn preface(first: &[u8]) -> Preface {
     let n = first.len().min(H2_PREFACE.len());
     if first[..n] != H2_PREFACE[..n] {
         Preface::Http1
@@ -93,7 +93,7 @@ pub fn preface(first: &[u8]) -> Preface {
 }
 
 /// `application/json` for a payload that is JSON, else `application/octet-stream`.
-pub fn content_type(payload: &[u8]) -> &'static str {
+pub(crate) fn content_type(payload: &[u8]) -> &'static str {
     if serde_json::from_slice::<serde::de::IgnoredAny>(payload).is_ok() {
         "application/json"
     } else {

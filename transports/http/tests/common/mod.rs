@@ -1,7 +1,7 @@
 //! Test support: a served transport, a small hyper-based HTTP client that implements the
 //! compliance kit's `KpClient`, and a handler that records the credentials it was given.
 
-#![allow(dead_code, missing_docs)]
+#![allow(dead_code, missing_docs, clippy::expect_used, clippy::unwrap_used)]
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -24,7 +24,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 /// A transport serving `handler` on a free local port.
-pub struct Served {
+pub(crate) struct Served {
     pub addr: SocketAddr,
     pub metrics: Arc<HttpMetrics>,
     pub registry: Registry,
@@ -32,11 +32,11 @@ pub struct Served {
     pub task: tokio::task::JoinHandle<()>,
 }
 
-pub fn config() -> HttpConfig {
+pub(crate) fn config() -> HttpConfig {
     HttpConfig { listen: "127.0.0.1:0".parse().expect("addr"), ..Default::default() }
 }
 
-pub fn serve<H: KpHandler>(handler: Arc<H>, config: HttpConfig) -> Served {
+pub(crate) fn serve<H: KpHandler>(handler: Arc<H>, config: HttpConfig) -> Served {
     let mut registry = Registry::with_prefix("fleetgate");
     let shared = TransportMetrics::register(&mut registry);
     let mut transport = HttpTransport::new(config, &shared);
@@ -51,19 +51,19 @@ pub fn serve<H: KpHandler>(handler: Arc<H>, config: HttpConfig) -> Served {
 
 impl Served {
     /// The OpenMetrics text of the transport's metrics.
-    pub fn metrics_text(&self) -> String {
+    pub(crate) fn metrics_text(&self) -> String {
         encode(&self.registry)
     }
 }
 
-pub fn basic(user: &str, password: &str) -> String {
+pub(crate) fn basic(user: &str, password: &str) -> String {
     let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
     format!("Basic {encoded}")
 }
 
 /// A response as the tests look at it.
 #[derive(Debug)]
-pub struct Reply {
+pub(crate) struct Reply {
     pub status: u16,
     pub headers: HeaderMap,
     pub body: Bytes,
@@ -71,7 +71,7 @@ pub struct Reply {
 
 impl Reply {
     /// The status the 1/KP error body names; panics when the body is not one.
-    pub fn error_code(&self) -> u16 {
+    pub(crate) fn error_code(&self) -> u16 {
         let text = std::str::from_utf8(&self.body).expect("UTF-8 body");
         let prefix = format!("{{\"statusCode\":{},\"reasonPhrase\":\"", self.status);
         assert!(text.starts_with(&prefix) && text.ends_with("\"}"), "1/KP error body: {text}");
@@ -80,13 +80,13 @@ impl Reply {
 }
 
 /// One HTTP connection, HTTP/1.1 or HTTP/2 with prior knowledge.
-pub enum Conn {
+pub(crate) enum Conn {
     H1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
     H2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
 }
 
 impl Conn {
-    pub async fn h1(addr: SocketAddr) -> Self {
+    pub(crate) async fn h1(addr: SocketAddr) -> Self {
         let stream = TcpStream::connect(addr).await.expect("connect");
         let (sender, conn) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("h1");
@@ -94,7 +94,7 @@ impl Conn {
         Conn::H1(sender)
     }
 
-    pub async fn h2(addr: SocketAddr) -> Self {
+    pub(crate) async fn h2(addr: SocketAddr) -> Self {
         let stream = TcpStream::connect(addr).await.expect("connect");
         let (sender, conn) =
             hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
@@ -105,7 +105,7 @@ impl Conn {
     }
 
     /// Sends one request; `None` when the connection failed.
-    pub async fn send(
+    pub(crate) async fn send(
         &mut self,
         method: Method,
         uri: &str,
@@ -136,7 +136,7 @@ impl Conn {
         Some(Reply { status, headers, body })
     }
 
-    pub fn h2_sender(&self) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    pub(crate) fn h2_sender(&self) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
         match self {
             Conn::H2(s) => s.clone(),
             Conn::H1(_) => panic!("not an HTTP/2 connection"),
@@ -145,7 +145,7 @@ impl Conn {
 }
 
 /// The compliance kit's client: requests on one keep-alive connection, long polls on their own.
-pub struct HttpClient {
+pub(crate) struct HttpClient {
     addr: SocketAddr,
     auth: Option<String>,
     conn: Conn,
@@ -154,7 +154,7 @@ pub struct HttpClient {
 }
 
 impl HttpClient {
-    pub async fn connect(
+    pub(crate) async fn connect(
         addr: SocketAddr,
         metrics: Arc<HttpMetrics>,
         credentials: Option<(&str, &str)>,
@@ -219,7 +219,7 @@ impl KpClient for HttpClient {
 
 /// What `open_session` was given.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Presented {
+pub(crate) struct Presented {
     pub transport: &'static str,
     pub username: Option<String>,
     pub password: Option<Vec<u8>>,
@@ -227,13 +227,13 @@ pub struct Presented {
 
 /// The scripted gateway, recording the credentials of every session it opens.
 #[derive(Default)]
-pub struct Recording {
+pub(crate) struct Recording {
     pub inner: ScriptedGateway,
     pub opened: Mutex<Vec<Presented>>,
 }
 
 impl Recording {
-    pub fn opened(&self) -> Vec<Presented> {
+    pub(crate) fn opened(&self) -> Vec<Presented> {
         self.opened.lock().map(|o| o.clone()).unwrap_or_default()
     }
 }
