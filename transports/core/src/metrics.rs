@@ -38,6 +38,7 @@ pub struct TransportMetrics {
     sessions_opened: Family<TransportLabel, Counter>,
     sessions_refused: Family<TransportLabel, Counter>,
     sessions_open: Family<TransportLabel, Gauge>,
+    request_accept: Family<TransportLabel, Latency>,
 }
 
 impl TransportMetrics {
@@ -80,6 +81,12 @@ impl TransportMetrics {
             "Peers with state (a session once they sent a request)",
             m.sessions_open.clone(),
         );
+        r.register_with_unit(
+            "request_accept",
+            "From a device request read off the wire to the gateway's acceptance (on the bus, or refused)",
+            prometheus_client::registry::Unit::Seconds,
+            m.request_accept.clone(),
+        );
         metrics
     }
 
@@ -121,6 +128,7 @@ handles! {
     sessions_opened: Counter,
     sessions_refused: Counter,
     sessions_open: Gauge,
+    request_accept: Latency,
 }
 
 /// The sub-registry where `transport` registers its own metrics: names get the prefix

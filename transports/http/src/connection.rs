@@ -16,7 +16,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll as TaskPoll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use fleetgate_transport_core::{
@@ -156,13 +156,16 @@ impl Connection {
         }
         let session = self.session(&parts.headers).await?;
         let payload = self.read_body(body).await?;
+        let received = Instant::now();
         // Request tags are odd (see the module doc).
         let tag = self.next_tag.fetch_add(2, Ordering::Relaxed) | 1;
         let answer = self.register_request(tag)?;
         let mut pending = PendingRequest { waiters: &self.waiters, tag, armed: true };
         let request = KpRequest { topic, payload, tag, wants_answer: true };
         let exchange = async {
-            self.handler.handle(session, request).await?;
+            let accepted = self.handler.handle(session, request).await;
+            self.shared.metrics.request_accept.observe(received.elapsed());
+            accepted?;
             self.take_ready_responses();
             answer.await.map_err(|_| KpError::from(HttpError::Gone))
         };

@@ -2,7 +2,7 @@
 //! HTTP transport's own.
 
 use fleetgate_transport_core::metrics::{
-    Counter, Family, Gauge, Registry, TransportMetrics, transport_registry,
+    Counter, Family, Gauge, Latency, Registry, TransportMetrics, transport_registry,
 };
 use prometheus_client::encoding::EncodeLabelSet;
 
@@ -38,6 +38,8 @@ pub struct HttpMetrics {
     pub sessions_refused: Counter,
     /// Long polls waiting for a push now (counted once their subscription is in place).
     pub long_polls_waiting: Gauge,
+    /// From a request's body read to the gateway's acceptance.
+    pub request_accept: Latency,
 }
 
 /// Index into [`HttpMetrics::responses`].
@@ -64,6 +66,7 @@ impl HttpMetrics {
             connections_open: c.connections_open(),
             requests_received: c.messages_received(),
             sessions_refused: c.sessions_refused(),
+            request_accept: c.request_accept(),
             responses,
             responses_family,
             payload_too_large: Counter::default(),

@@ -329,6 +329,8 @@ async fn metrics_count_requests_and_responses() {
         "fleetgate_transport_http_responses_total{transport=\"http\",class=\"2xx\"} 1",
         "fleetgate_transport_http_responses_total{transport=\"http\",class=\"4xx\"} 1",
         "fleetgate_transport_connections_open{transport=\"http\"} 1",
+        // Only the 1/KP request reached the gateway.
+        "fleetgate_transport_request_accept_seconds_count{transport=\"http\"} 1",
     ] {
         assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
     }
