@@ -175,6 +175,11 @@ impl Bus for InProcessBus {
     async fn flush(&self) -> Result<(), BusError> {
         Ok(())
     }
+
+    /// No limit: messages are handed over in memory.
+    fn max_payload(&self) -> usize {
+        usize::MAX
+    }
 }
 
 /// The receiving end of an in-process subscription.

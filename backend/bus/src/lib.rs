@@ -49,6 +49,15 @@ pub enum BusError {
     /// The subject is not a valid NATS subject.
     #[error("invalid subject `{0}`")]
     InvalidSubject(String),
+    /// The message is larger than the bus carries (NATS `max_payload`). Only this message is
+    /// refused; the bus goes on.
+    #[error("a message of {size} bytes is over the bus's limit of {max} bytes")]
+    TooLarge {
+        /// The message's payload size.
+        size: usize,
+        /// The largest payload the bus carries.
+        max: usize,
+    },
     /// The bus was shut down.
     #[error("the bus is closed")]
     Closed,
@@ -133,6 +142,10 @@ pub trait Bus: Clone + Send + Sync + 'static {
     /// Waits until everything subscribed and published so far has reached the bus (NATS: a
     /// round trip through the server).
     fn flush(&self) -> impl Future<Output = Result<(), BusError>> + Send;
+
+    /// The largest payload one message may carry (NATS: the server's `max_payload`, learned
+    /// at connect); a larger one is refused with [`BusError::TooLarge`].
+    fn max_payload(&self) -> usize;
 }
 
 /// The bus chosen by configuration: in-process unless a NATS URL is set.
@@ -172,6 +185,13 @@ impl Bus for AnyBus {
         match self {
             AnyBus::InProcess(b) => b.flush().await,
             AnyBus::Nats(b) => b.flush().await,
+        }
+    }
+
+    fn max_payload(&self) -> usize {
+        match self {
+            AnyBus::InProcess(b) => b.max_payload(),
+            AnyBus::Nats(b) => b.max_payload(),
         }
     }
 }

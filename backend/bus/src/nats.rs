@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::Bytes;
+use async_nats::PublishErrorKind;
 use tokio::sync::{Notify, oneshot};
 
 use crate::{Bus, BusError, Subject, Subscription, SubscriptionInner};
@@ -198,12 +199,20 @@ async fn write_batches(client: async_nats::Client, queue: Arc<PublishQueue>, lin
                         Some(reply) => client.publish_with_reply(subject, reply, payload).await,
                         None => client.publish(subject, payload).await,
                     };
-                    if let Err(e) = result {
-                        // Only a client that has shut down refuses; later publishes fail.
-                        let was_closed = std::mem::replace(&mut queue.lock().closed, true);
-                        if !was_closed {
-                            tracing::warn!(error = %e, "NATS client closed: messages not sent");
-                            queue.room.notify_waiters();
+                    match result {
+                        Ok(()) => {}
+                        // One message the client refuses (checked in `publish` already, but the
+                        // server's limit may have shrunk on a reconnect): that message only.
+                        Err(e) if e.kind() == PublishErrorKind::MaxPayloadExceeded => {
+                            tracing::warn!(error = %e, "NATS refused an oversized message");
+                        }
+                        Err(e) => {
+                            // The client has shut down; later publishes fail.
+                            let was_closed = std::mem::replace(&mut queue.lock().closed, true);
+                            if !was_closed {
+                                tracing::warn!(error = %e, "NATS client closed: messages not sent");
+                                queue.room.notify_waiters();
+                            }
                         }
                     }
                 }
@@ -259,6 +268,12 @@ impl Bus for NatsBus {
         reply: Option<Subject>,
         payload: Bytes,
     ) -> Result<(), BusError> {
+        // Refused here, for this message alone: handed to the client, an oversized message would
+        // fail in the writer, where nobody waits for the answer.
+        let max = self.client.max_payload();
+        if payload.len() > max {
+            return Err(BusError::TooLarge { size: payload.len(), max });
+        }
         let queue = &self.publisher.queue;
         // The common case without a future at all: there is room.
         match queue.try_push(Outgoing::Message { subject, reply, payload }) {
@@ -283,6 +298,11 @@ impl Bus for NatsBus {
         }
         .map_err(|e| BusError::Nats { operation: "subscribe", source: e.into() })?;
         Ok(Subscription { inner: SubscriptionInner::Nats(sub) })
+    }
+
+    /// The server's `max_payload` (1 MiB unless configured otherwise), as of the last connect.
+    fn max_payload(&self) -> usize {
+        self.client.max_payload()
     }
 
     /// Waits for a round trip through the server, so that every subscription and message

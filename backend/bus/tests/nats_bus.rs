@@ -184,3 +184,31 @@ async fn the_publish_linger_spaces_batches_and_gives_way_to_full_batches_and_flu
         .expect("flush");
     assert_eq!(next_payload(&mut sub).await.as_deref(), Some(&[5u8][..]));
 }
+
+/// A message over the server's `max_payload` is refused to its publisher alone: the bus goes
+/// on carrying everything else (one oversized request must not disable a gateway).
+#[tokio::test]
+async fn an_oversized_message_is_refused_alone() {
+    let server = NatsServer::start();
+    let bus = connect(&server, "big").await;
+    let max = bus.max_payload();
+    assert_eq!(max, 1024 * 1024, "nats-server's default max_payload");
+    let mut sub = bus.subscribe("svc", None).await.expect("sub");
+    bus.flush().await.expect("flush");
+    let too_large = Bytes::from(vec![0u8; max + 1]);
+    match bus.publish(Subject::from_static("svc"), None, too_large).await {
+        Err(fleetgate_bus::BusError::TooLarge { size, max: limit }) => {
+            assert_eq!((size, limit), (max + 1, max));
+        }
+        other => panic!("expected TooLarge, got {other:?}"),
+    }
+    bus.publish(Subject::from_static("svc"), None, Bytes::from(vec![1u8; max]))
+        .await
+        .expect("a message at the limit still goes");
+    bus.publish(Subject::from_static("svc"), None, Bytes::from_static(b"after"))
+        .await
+        .expect("the bus still carries messages");
+    bus.flush().await.expect("flush");
+    assert_eq!(next_payload(&mut sub).await.map(|p| p.len()), Some(max));
+    assert_eq!(next_payload(&mut sub).await.as_deref(), Some(&b"after"[..]));
+}

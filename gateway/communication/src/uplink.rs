@@ -230,6 +230,10 @@ impl<B: Bus> Gateway<B> {
                 BusError::NoResponders(_) => KpError::unavailable(format!(
                     "no replica of extension `{extension_name}` is running"
                 )),
+                // The device's payload plus the 4/ESP envelope is over the bus's limit.
+                BusError::TooLarge { max, .. } => KpError::too_large(format!(
+                    "the payload with its 4/ESP envelope is over the bus's limit of {max} bytes"
+                )),
                 e => KpError::unavailable(format!("the bus did not take the request: {e}")),
             }
         })
