@@ -14,8 +14,8 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use bytes::Bytes;
 use async_nats::PublishErrorKind;
+use bytes::Bytes;
 use tokio::sync::{Notify, oneshot};
 
 use crate::{Bus, BusError, Subject, Subscription, SubscriptionInner};

@@ -25,7 +25,9 @@ use fleetgate_transport_core::{
 };
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Incoming};
-use hyper::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE, HeaderMap, HeaderValue, WWW_AUTHENTICATE};
+use hyper::header::{
+    ALLOW, AUTHORIZATION, CONNECTION, CONTENT_TYPE, HeaderMap, HeaderValue, WWW_AUTHENTICATE,
+};
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::sync::{oneshot, watch};
 
@@ -34,6 +36,9 @@ use crate::{HttpConfig, HttpError, wire};
 
 /// Different credentials one connection may use, each its own session.
 const MAX_SESSIONS_PER_CONNECTION: usize = 4;
+
+/// The most of a refused (too large) body read and dropped before the refusal goes out.
+const DISCARD_MAX_BYTES: u64 = 64 * 1024 * 1024;
 
 /// The response body type of the transport.
 pub(crate) type HttpResponse = Response<Full<Bytes>>;
@@ -116,11 +121,18 @@ impl Connection {
     pub(crate) async fn respond(self: Arc<Self>, req: Request<Incoming>) -> HttpResponse {
         let metrics = &self.shared.metrics;
         metrics.requests_received.inc();
+        let http1 = req.version() < hyper::Version::HTTP_2;
         let response = match self.route(req).await {
             Ok(response) => response,
             Err(e) => {
                 tracing::debug!(status = e.status, reason = %e.reason, "request refused");
-                error_response(&e)
+                let mut response = error_response(&e);
+                // What is left of a body too large was read and dropped only up to a bound:
+                // the connection cannot carry another request after it.
+                if e.status == 413 && http1 {
+                    response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+                }
+                response
             }
         };
         metrics.count_response(response.status().as_u16());
@@ -152,6 +164,8 @@ impl Connection {
         let limit = self.shared.config.max_body_bytes;
         // The size hint is the Content-Length when there is one.
         if body.size_hint().lower() > limit {
+            let mut body = body;
+            self.discard(&mut body).await;
             return Err(HttpError::BodyTooLarge { limit }.into());
         }
         let session = self.session(&parts.headers).await?;
@@ -241,6 +255,7 @@ impl Connection {
                 };
                 total += data.len() as u64;
                 if total > limit {
+                    self.discard(&mut body).await;
                     return Err(HttpError::BodyTooLarge { limit });
                 }
                 if first.is_empty() && joined.is_empty() {
@@ -262,6 +277,23 @@ impl Connection {
                 Err(HttpError::BodyTimeout(ms))
             }
         }
+    }
+
+    /// Reads and drops the rest of a refused body, up to [`DISCARD_MAX_BYTES`] and the request
+    /// timeout, so that a client that writes its whole body before it reads (Python's urllib,
+    /// many device stacks) reads the refusal instead of a reset connection.
+    async fn discard(&self, body: &mut Incoming) {
+        let drain = async {
+            let mut dropped = 0u64;
+            while let Some(Ok(frame)) = body.frame().await {
+                dropped += frame.data_ref().map_or(0, |d| d.len() as u64);
+                if dropped > DISCARD_MAX_BYTES {
+                    break;
+                }
+            }
+        };
+        let ms = self.shared.config.request_timeout_ms;
+        let _ = tokio::time::timeout(Duration::from_millis(ms), drain).await;
     }
 
     fn register(&self, waiter: impl FnOnce(&mut Waiters)) -> Result<(), HttpError> {

@@ -355,3 +355,24 @@ async fn shutdown_ends_long_polls_and_connections() {
         .expect("task");
     assert_eq!(gateway.closed_sessions(), 1);
 }
+
+/// A client that writes its whole (too large) body before it reads, as Python's urllib and
+/// many device stacks do, still reads its 413, and the connection is closed after it.
+#[tokio::test]
+async fn a_client_that_writes_a_10_mb_body_first_reads_its_413() {
+    let gateway = Arc::new(ScriptedGateway::default());
+    let served = serve(gateway.clone(), small_body_config());
+    let mut stream = TcpStream::connect(served.addr).await.expect("connect");
+    let size = 10 * 1024 * 1024;
+    let head = format!("POST {ECHO}/1 HTTP/1.1\r\nhost: x\r\ncontent-length: {size}\r\n\r\n");
+    stream.write_all(head.as_bytes()).await.expect("write the head");
+    let body = vec![b'1'; size];
+    // The whole body goes out before anything is read: no broken pipe.
+    stream.write_all(&body).await.expect("the server reads the whole body");
+    let (response, closed) = read_until_closed(&mut stream, Duration::from_secs(10)).await;
+    let text = String::from_utf8_lossy(&response);
+    assert!(text.starts_with("HTTP/1.1 413 "), "{text}");
+    assert!(text.to_ascii_lowercase().contains("connection: close"), "{text}");
+    assert!(closed, "the connection is closed after the refusal");
+    assert_eq!(gateway.requests(), 0);
+}
