@@ -16,5 +16,6 @@
 pub mod codec;
 mod peer;
 pub mod server;
+pub mod session;
 
 pub use server::{CoapConfig, CoapMetrics, CoapTransport, response_code};
