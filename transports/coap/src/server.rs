@@ -1,6 +1,9 @@
 //! The tokio glue: UDP sockets, one reader task per socket, and one task per peer address that
-//! owns the peer's CoAP state (deduplication, exchanges, observations, block-wise transfers)
-//! and its 1/KP session.
+//! drives the peer's [`PeerSession`](crate::session::PeerSession) (its CoAP state and its 1/KP
+//! session): it feeds the session the peer's datagrams and the session's outbox, sends what the
+//! session sends, calls the gateway for the session's events, and sleeps until its deadline.
+//! The reader answers what needs no state itself: a ping from an unknown peer (RST), and a
+//! request from one peer more than `max_sessions` (5.03).
 //!
 //! A reader never waits for a peer: it hands each datagram to its peer's bounded queue and
 //! drops it when that queue is full (the peer retransmits). A peer task waits for the gateway
