@@ -89,11 +89,13 @@ impl Peer {
         tokio::pin!(stop);
         loop {
             let now = Instant::now();
-            if self.session.poll_timeout().is_some_and(|due| due <= now) {
+            let mut next = self.session.poll_timeout();
+            if next.is_some_and(|due| due <= now) {
                 self.session.handle_timeout(now);
                 self.drive().await;
+                next = self.session.poll_timeout();
             }
-            let Some(next) = self.session.poll_timeout() else {
+            let Some(next) = next else {
                 // Closed: idle for too long.
                 tracing::debug!("idle: closing");
                 break;
@@ -209,16 +211,22 @@ impl Peer {
                         peer: self.addr,
                     };
                     let result = self.handler.open_session(credentials, outbox).await;
-                    match &result {
+                    let opened = match &result {
                         Ok(identity) => {
                             tracing::debug!(session = identity.session.0, "session opened");
-                            self.outbox = Some(responses);
+                            Some(identity.session)
                         }
                         Err(e) => {
                             tracing::debug!(status = e.status, reason = %e.reason, "session refused");
+                            None
                         }
-                    }
+                    };
                     self.session.session_opened(result, Instant::now());
+                    // The outbox belongs to the session only if the session took it (it hands
+                    // back a session it no longer wants as `CloseSession`).
+                    if opened.is_some() && self.session.session() == opened {
+                        self.outbox = Some(responses);
+                    }
                 }
                 Event::CloseSession(id) => self.handler.close_session(id),
                 Event::Diagnostic(diagnostic) => log(&diagnostic),

@@ -287,7 +287,7 @@ pub(crate) struct Shared {
     /// Peers with a task now, for `max_sessions`.
     pub peers: AtomicUsize,
     /// What each peer's session is made with.
-    pub settings: Settings,
+    pub settings: Arc<Settings>,
 }
 
 /// The CoAP transport over UDP.
@@ -301,7 +301,7 @@ impl CoapTransport {
     /// sockets (one per core with `reuse_port`).
     pub fn new(config: CoapConfig, metrics: &TransportMetrics) -> Self {
         let shared = Shared {
-            settings: Settings::from(&config),
+            settings: Arc::new(Settings::from(&config)),
             metrics: Arc::new(CoapMetrics::new(metrics)),
             peers: AtomicUsize::new(0),
             config,

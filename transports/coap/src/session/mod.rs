@@ -29,6 +29,7 @@
 use std::borrow::Cow;
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -54,9 +55,9 @@ const CONFIRM_EVERY: Duration = Duration::from_secs(24 * 3600);
 const OBSERVE_MASK: u32 = 0xFF_FFFF;
 /// Non-confirmable notifications remembered so that a RST to one cancels its observation.
 const RECENT_NON: usize = 32;
-/// Durations in [`Settings`] are capped at this, so that no deadline computed from them can
-/// overflow an `Instant`.
-const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+/// A deadline that would overflow an `Instant` (a configured duration of centuries) is this far
+/// away instead.
+const FAR: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// What a session needs of the transport's configuration. [`crate::CoapConfig`] explains each
 /// setting as a device sees it; the transport derives these from it.
@@ -348,7 +349,7 @@ enum Kp {
 
 /// One CoAP peer's state and its 1/KP session (see the module docs).
 pub struct PeerSession {
-    settings: Settings,
+    settings: Arc<Settings>,
     /// The block size exponent of [`Settings::block_size_bytes`].
     block_szx: u8,
     kp: Kp,
@@ -378,25 +379,16 @@ pub struct PeerSession {
     stats: Stats,
 }
 
-/// `t + d`, or `t` in the impossible case that it overflows (every duration added is capped at
-/// [`MAX_DURATION`] or a small multiple of it).
+/// `t + d`, or [`FAR`] after `t` when that overflows.
 fn after(t: Instant, d: Duration) -> Instant {
-    t.checked_add(d).unwrap_or(t)
+    t.checked_add(d).or_else(|| t.checked_add(FAR)).unwrap_or(t)
 }
 
 impl PeerSession {
-    /// A peer with no state yet, first heard at `now`. `seed` drives every random choice
-    /// (message ids, retransmission jitter, hash keys): the same seed and inputs give the same
-    /// outputs. Durations in `settings` are capped at a year.
-    pub fn new(settings: Settings, seed: u64, now: Instant) -> Self {
-        let cap = |d: Duration| d.min(MAX_DURATION);
-        let settings = Settings {
-            ack_timeout: cap(settings.ack_timeout),
-            exchange_lifetime: cap(settings.exchange_lifetime),
-            block_transfer_timeout: cap(settings.block_transfer_timeout),
-            idle_timeout: cap(settings.idle_timeout),
-            ..settings
-        };
+    /// A peer with no state yet, first heard at `now`; `settings` are shared by every peer of
+    /// a transport. `seed` drives every random choice (message ids, retransmission jitter, hash
+    /// keys): the same seed and inputs give the same outputs.
+    pub fn new(settings: Arc<Settings>, seed: u64, now: Instant) -> Self {
         // xorshift needs a state other than zero; splitmix64 spreads small seeds.
         let mut rng = splitmix64(seed).max(1);
         let next_mid = (xorshift(&mut rng) >> 48) as u16;
@@ -513,13 +505,16 @@ impl PeerSession {
             return;
         }
         if response.tag != 0
-            && self.exchanges.get(&response.tag).is_some_and(|e| e.waiting.is_none())
             && let Some(exchange) = self.exchanges.remove(&response.tag)
         {
-            self.answer(exchange, &response.outcome, now);
-        } else {
-            self.notify(response, now);
+            if exchange.waiting.is_none() {
+                self.answer(exchange, &response.outcome, now);
+                return;
+            }
+            // A tag not handed to the gateway yet: the answer cannot be for it.
+            self.exchanges.insert(response.tag, exchange);
         }
+        self.notify(response, now);
     }
 
     /// The result of [`Event::OpenSession`]. On success the requests that waited are forwarded
@@ -741,7 +736,7 @@ impl PeerSession {
         // ACK_TIMEOUT times a random factor in [1, ACK_RANDOM_FACTOR = 1.5].
         let ack = self.settings.ack_timeout;
         let jitter = (xorshift(&mut self.rng) >> 11) as f64 / (1u64 << 53) as f64;
-        ack + ack.mul_f64(0.5 * jitter)
+        ack.saturating_add(ack.mul_f64(0.5 * jitter))
     }
 
     fn new_mid(&mut self) -> u16 {

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -39,7 +40,7 @@ impl Sim {
     fn seeded(settings: Settings, seed: u64) -> Self {
         let start = Instant::now();
         Self {
-            session: PeerSession::new(settings, seed, start),
+            session: PeerSession::new(Arc::new(settings), seed, start),
             start,
             now: start,
             sent: VecDeque::new(),
