@@ -6,6 +6,7 @@
 
 #![no_main]
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -101,16 +102,21 @@ impl Harness {
 }
 
 fn settings(s: &mut Script) -> Settings {
-    let ms = |v: u64| Duration::from_millis(v);
+    // Short durations, so that every deadline is reached; 255 for one too long to add to an
+    // `Instant`.
+    let duration = |s: &mut Script, scale: u64| match s.byte() {
+        255 => Duration::MAX,
+        b => Duration::from_millis(u64::from(b) * scale),
+    };
     Settings {
-        ack_timeout: ms(u64::from(s.byte() % 50)),
-        exchange_lifetime: ms(u64::from(s.byte()) * 10),
+        ack_timeout: duration(s, 1),
+        exchange_lifetime: duration(s, 10),
         max_exchanges: usize::from(s.byte() % 8),
         max_payload_bytes: 16 << (s.byte() % 8),
         block_size_bytes: 8 << (s.byte() % 8),
         max_block_transfers: usize::from(s.byte() % 4),
-        block_transfer_timeout: ms(u64::from(s.byte()) * 10),
-        idle_timeout: ms(u64::from(s.u16())),
+        block_transfer_timeout: duration(s, 10),
+        idle_timeout: duration(s, 100),
         max_observations: usize::from(s.byte() % 4),
         observe_max_age_secs: 60,
     }
@@ -201,7 +207,7 @@ fn run(data: &[u8]) {
     let seed = u64::from(s.u16());
     let start = Instant::now();
     let mut h = Harness {
-        session: PeerSession::new(settings, seed, start),
+        session: PeerSession::new(Arc::new(settings), seed, start),
         now: start,
         forwarded: Vec::new(),
         undone: Vec::new(),
