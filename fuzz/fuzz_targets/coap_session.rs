@@ -61,6 +61,7 @@ struct Harness {
     /// Message ids of confirmable messages the session sent.
     sent_con: Vec<u16>,
     next_session: u64,
+    next_block1: (u32, u8),
 }
 
 impl Harness {
@@ -123,8 +124,9 @@ fn settings(s: &mut Script) -> Settings {
 }
 
 /// A request (or another message) built from the script: mostly valid, with the options the
-/// session acts on.
-fn message(s: &mut Script) -> Bytes {
+/// session acts on. `next_block1` is the Block1 number and size that continue the last
+/// transfer, so that whole transfers happen.
+fn message(s: &mut Script, next_block1: &mut (u32, u8)) -> Bytes {
     let flags = s.byte();
     let mtype = match flags & 3 {
         0 => MessageType::Confirmable,
@@ -172,7 +174,17 @@ fn message(s: &mut Script) -> Bytes {
         if opts & 4 != 0 {
             w.block_option(option::BLOCK2, block(s))?;
         }
-        let block1 = (opts & 8 != 0).then(|| block(s));
+        let block1 = (opts & 8 != 0).then(|| {
+            let mut b = block(s);
+            if opts & 64 != 0 {
+                (b.num, b.szx) = match *next_block1 {
+                    (0, _) => (0, b.szx),
+                    continued => continued,
+                };
+                *next_block1 = if b.more { (b.num + 1, b.szx) } else { (0, 0) };
+            }
+            b
+        });
         if let Some(b) = block1 {
             w.block_option(option::BLOCK1, b)?;
         }
@@ -213,6 +225,7 @@ fn run(data: &[u8]) {
         undone: Vec::new(),
         sent_con: Vec::new(),
         next_session: 1,
+        next_block1: (0, 0),
     };
     while !s.is_empty() {
         match s.byte() % 10 {
@@ -222,7 +235,7 @@ fn run(data: &[u8]) {
                 h.session.handle_datagram(raw, h.now);
             }
             1 | 2 => {
-                let msg = message(&mut s);
+                let msg = message(&mut s, &mut h.next_block1);
                 h.session.handle_datagram(msg, h.now);
             }
             3 => {
