@@ -1,6 +1,9 @@
 //! The tokio glue: UDP sockets, one reader task per socket, and one task per peer address that
-//! owns the peer's CoAP state (deduplication, exchanges, observations, block-wise transfers)
-//! and its 1/KP session.
+//! drives the peer's [`PeerSession`](crate::session::PeerSession) (its CoAP state and its 1/KP
+//! session): it feeds the session the peer's datagrams and the session's outbox, sends what the
+//! session sends, calls the gateway for the session's events, and sleeps until its deadline.
+//! The reader answers what needs no state itself: a ping from an unknown peer (RST), and a
+//! request from one peer more than `max_sessions` (5.03).
 //!
 //! A reader never waits for a peer: it hands each datagram to its peer's bounded queue and
 //! drops it when that queue is full (the peer retransmits). A peer task waits for the gateway
@@ -51,11 +54,11 @@ use serde::{Deserialize, Serialize};
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::codec::{Code, Header, Message, MessageType, MessageWriter, option, write_empty};
 use crate::peer::{Datagram, Peer};
+use crate::session::Settings;
 
 /// CoAP listener settings (`transports.coap.*`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -257,22 +260,23 @@ impl CoapMetrics {
     }
 }
 
-/// The CoAP response code for an HTTP status (DESIGN decision 3): 2xx gives `success` (2.04
-/// Changed for POST and PUT, 2.05 Content for GET and notifications), 400, 401, 403, 404, 413,
-/// 429, 503 and 504 their CoAP twins, any other 4xx 4.00, anything else 5.00.
-pub fn response_code(status: u16, success: Code) -> Code {
-    match status {
-        200..=299 => success,
-        400 => Code::BAD_REQUEST,
-        401 => Code::UNAUTHORIZED,
-        403 => Code::FORBIDDEN,
-        404 => Code::NOT_FOUND,
-        413 => Code::REQUEST_ENTITY_TOO_LARGE,
-        429 => Code::TOO_MANY_REQUESTS,
-        503 => Code::SERVICE_UNAVAILABLE,
-        504 => Code::GATEWAY_TIMEOUT,
-        402..=499 => Code::BAD_REQUEST,
-        _ => Code::INTERNAL_SERVER_ERROR,
+pub use crate::session::response_code;
+
+impl From<&CoapConfig> for Settings {
+    fn from(config: &CoapConfig) -> Self {
+        let ms = |v: u64| Duration::from_millis(v.max(1));
+        Settings {
+            ack_timeout: ms(config.ack_timeout_ms),
+            exchange_lifetime: ms(config.exchange_lifetime_ms),
+            max_exchanges: config.max_exchanges,
+            max_payload_bytes: config.max_payload_bytes,
+            block_size_bytes: config.block_size_bytes,
+            max_block_transfers: config.max_block_transfers,
+            block_transfer_timeout: ms(config.block_transfer_timeout_ms),
+            idle_timeout: ms(config.session_idle_timeout_ms),
+            max_observations: config.max_observations,
+            observe_max_age_secs: config.observe_max_age_secs,
+        }
     }
 }
 
@@ -282,11 +286,8 @@ pub(crate) struct Shared {
     pub metrics: Arc<CoapMetrics>,
     /// Peers with a task now, for `max_sessions`.
     pub peers: AtomicUsize,
-    pub ack_timeout: Duration,
-    pub exchange_lifetime: Duration,
-    pub idle_timeout: Duration,
-    pub block_timeout: Duration,
-    pub block_szx: u8,
+    /// What each peer's session is made with.
+    pub settings: Arc<Settings>,
 }
 
 /// The CoAP transport over UDP.
@@ -299,13 +300,8 @@ impl CoapTransport {
     /// The transport for `config`, reporting into `metrics`; [`Transport::bind`] opens its
     /// sockets (one per core with `reuse_port`).
     pub fn new(config: CoapConfig, metrics: &TransportMetrics) -> Self {
-        let ms = Duration::from_millis;
         let shared = Shared {
-            ack_timeout: ms(config.ack_timeout_ms.max(1)),
-            exchange_lifetime: ms(config.exchange_lifetime_ms.max(1)),
-            idle_timeout: ms(config.session_idle_timeout_ms.max(1)),
-            block_timeout: ms(config.block_transfer_timeout_ms.max(1)),
-            block_szx: crate::codec::BlockOption::szx_for(config.block_size_bytes),
+            settings: Arc::new(Settings::from(&config)),
             metrics: Arc::new(CoapMetrics::new(metrics)),
             peers: AtomicUsize::new(0),
             config,
@@ -403,7 +399,7 @@ impl Reader {
                         .try_io(tokio::io::Interest::READABLE, || batch.receive(fd));
                     match received {
                         Ok(()) => {
-                            let at = Instant::now();
+                            let at = std::time::Instant::now();
                             while let Some((peer, bytes)) = batch.next_datagram() {
                                 self.dispatch(peer, Datagram { bytes, at }).await;
                             }
