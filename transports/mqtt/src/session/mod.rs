@@ -239,8 +239,8 @@ pub enum Violation {
     /// A `$share/` filter on MQTT 5; CONNACK said shared subscriptions are not available.
     #[error("client asked for a shared subscription; they are not available")]
     SharedSubscription,
-    /// An AUTH packet: enhanced authentication is not available.
-    #[error("client sent AUTH; enhanced authentication is not available")]
+    /// An AUTH packet, although CONNECT named no authentication method (MQTT 5 §4.12).
+    #[error("client sent AUTH without an authentication method in CONNECT")]
     Auth,
 }
 
@@ -249,7 +249,7 @@ impl Violation {
     pub fn reason_code(&self) -> ReasonCode {
         match self {
             Violation::Malformed(e) => e.reason_code(),
-            Violation::UnexpectedPacket(_) | Violation::TopicAliasUnknown(_) => {
+            Violation::UnexpectedPacket(_) | Violation::TopicAliasUnknown(_) | Violation::Auth => {
                 ReasonCode::ProtocolError
             }
             Violation::QoS2 => ReasonCode::QoSNotSupported,
@@ -258,7 +258,6 @@ impl Violation {
             Violation::ReceiveMaximumExceeded(_) => ReasonCode::ReceiveMaximumExceeded,
             Violation::SubscriptionIdentifier => ReasonCode::SubscriptionIdentifiersNotSupported,
             Violation::SharedSubscription => ReasonCode::SharedSubscriptionsNotSupported,
-            Violation::Auth => ReasonCode::BadAuthenticationMethod,
         }
     }
 }
@@ -1072,6 +1071,14 @@ impl Session {
         let _ = self.codec.encode(packet, &mut self.write);
     }
 
+    /// Appends the packet `make` builds with `reason`, or with Unspecified error (0x80) when
+    /// that packet type cannot carry `reason`.
+    fn encode_reason(&mut self, reason: ReasonCode, make: impl Fn(ReasonCode) -> Packet) {
+        if self.codec.encode(&make(reason), &mut self.write).is_err() {
+            self.encode(&make(ReasonCode::UnspecifiedError));
+        }
+    }
+
     /// Refuses CONNECT with CONNACK `reason` and closes.
     fn refuse(&mut self, reason: ReasonCode) {
         let connack = ConnAck {
@@ -1097,23 +1104,25 @@ impl Session {
             (State::Closed(_), _) => return,
             (State::Connected { .. }, Close::ClientDisconnected) => {}
             (State::Connected { .. }, close) if v5 => {
-                let reason_code = match close {
+                let reason = match close {
                     Close::Violation(v) => v.reason_code(),
                     Close::KeepAliveTimeout => ReasonCode::KeepAliveTimeout,
                     Close::Local(reason) => *reason,
                     _ => ReasonCode::UnspecifiedError,
                 };
-                self.encode(&Packet::Disconnect(Disconnect::with_reason(reason_code)));
+                self.encode_reason(reason, |r| Packet::Disconnect(Disconnect::with_reason(r)));
             }
             (State::Connecting { .. } | State::Authenticating { .. }, Close::Violation(v))
                 if v5 =>
             {
-                let connack = ConnAck {
-                    session_present: false,
-                    reason_code: v.reason_code(),
-                    properties: ConnAckProperties::default(),
-                };
-                self.encode(&Packet::ConnAck(Box::new(connack)));
+                self.encode_reason(v.reason_code(), |reason_code| {
+                    let properties = ConnAckProperties::default();
+                    Packet::ConnAck(Box::new(ConnAck {
+                        session_present: false,
+                        reason_code,
+                        properties,
+                    }))
+                });
             }
             _ => {}
         }
