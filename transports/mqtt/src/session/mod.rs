@@ -301,7 +301,8 @@ pub struct Session {
     /// Our QoS 1 PUBLISH packets not yet acknowledged, and how many may be.
     inflight: u16,
     max_inflight: u16,
-    /// The client's QoS 1 PUBLISH packets not yet acknowledged.
+    /// The client's QoS 1 PUBLISH packets not yet acknowledged (saturating: only MQTT 5
+    /// checks it, and there it stops at the receive maximum).
     unacked: u16,
     next_packet_id: u16,
     stats: Stats,
@@ -925,7 +926,7 @@ impl Session {
         };
         let packet_id = publish.packet_id.filter(|_| publish.qos == QoS::AtLeastOnce);
         if packet_id.is_some() {
-            self.unacked += 1;
+            self.unacked = self.unacked.saturating_add(1);
         }
         self.pending.push_back(Entry { packet_id, step });
     }
