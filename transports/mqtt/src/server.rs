@@ -582,14 +582,17 @@ fn read_once(read: &mut BytesMut, rd: &OwnedReadHalf) -> std::io::Result<usize> 
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use fleetgate_transport_core::compliance::ScriptedGateway;
+    use crate::codec::{Codec, Connect, Packet};
+    use fleetgate_transport_core::compliance::{self, ScriptedGateway};
+    use tokio::io::AsyncReadExt;
+    use tokio::net::TcpStream;
 
     /// The connection's future is part of every idle connection's memory (M4). It was 832
     /// bytes before the protocol moved into the session; it must not grow past that.
     #[tokio::test]
     async fn connection_state_stays_small() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         let (stream, peer) = listener.accept().await.unwrap();
         let (_stop, shutdown) = watch::channel(false);
         let (live, _all_ended) = mpsc::channel(1);
@@ -602,5 +605,88 @@ mod tests {
         eprintln!("connection future: {size} bytes");
         assert!(size <= 832, "the connection future grew to {size} bytes");
         drop(client);
+    }
+
+    async fn connect_v5(addr: SocketAddr, keep_alive_secs: u16) -> (TcpStream, Codec) {
+        let mut stream = TcpStream::connect(addr).await.unwrap();
+        let mut codec = Codec::new(1 << 20);
+        codec.set_version(ProtocolVersion::V5);
+        let connect = Connect {
+            protocol_version: ProtocolVersion::V5,
+            clean_start: true,
+            keep_alive_secs,
+            client_id: bytes::Bytes::from_static(b"glue"),
+            will: None,
+            username: None,
+            password: None,
+            properties: Default::default(),
+        };
+        let mut out = BytesMut::new();
+        codec.encode(&Packet::Connect(Box::new(connect)), &mut out).unwrap();
+        stream.write_all(&out).await.unwrap();
+        let mut client = (stream, codec);
+        assert!(matches!(next(&mut client).await, Some(Packet::ConnAck(_))));
+        client
+    }
+
+    /// The next packet from the server, or `None` once it closes the connection.
+    async fn next((stream, codec): &mut (TcpStream, Codec)) -> Option<Packet> {
+        let mut buf = BytesMut::new();
+        loop {
+            if let Some(p) = codec.decode(&mut buf).unwrap() {
+                return Some(p);
+            }
+            let read = tokio::time::timeout(Duration::from_secs(5), stream.read_buf(&mut buf));
+            if read.await.unwrap().unwrap() == 0 {
+                return None;
+            }
+        }
+    }
+
+    fn disconnect_reason(packet: Option<Packet>) -> ReasonCode {
+        match packet {
+            Some(Packet::Disconnect(d)) => d.reason_code,
+            other => panic!("expected DISCONNECT, got {other:?}"),
+        }
+    }
+
+    /// What the glue adds to the session: its timer, the shutdown signal and the metrics.
+    #[tokio::test]
+    async fn the_glue_drives_timeouts_shutdown_and_metrics() {
+        let config = MqttConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            connect_timeout_ms: 200,
+            ..MqttConfig::default()
+        };
+        let transport = MqttTransport::new(config, &TransportMetrics::default());
+        let metrics = transport.metrics();
+        let gateway = Arc::new(ScriptedGateway::default());
+        let (addr, stop) = compliance::start(Box::new(transport), gateway.clone());
+
+        // No CONNECT: closed after the connect timeout, without a word.
+        let mut silent = TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(Duration::from_secs(5), silent.read(&mut buf));
+        assert_eq!(read.await.unwrap().unwrap(), 0);
+
+        // Keep-alive 1 s: DISCONNECT 0x8D after 1.5 s of silence, counted.
+        let mut idle = connect_v5(addr, 1).await;
+        assert_eq!(disconnect_reason(next(&mut idle).await), ReasonCode::KeepAliveTimeout);
+        assert_eq!(metrics.keep_alive_timeouts.get(), 1);
+        assert!(next(&mut idle).await.is_none());
+
+        // Shutdown: DISCONNECT 0x8B, and the gateway's session is closed.
+        let mut open = connect_v5(addr, 0).await;
+        stop.send(true).unwrap();
+        assert_eq!(disconnect_reason(next(&mut open).await), ReasonCode::ServerShuttingDown);
+        assert!(next(&mut open).await.is_none());
+        for _ in 0..100 {
+            if gateway.closed_sessions() == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(gateway.closed_sessions(), 2);
+        assert_eq!(metrics.connections_open.get(), 0);
     }
 }
