@@ -27,6 +27,7 @@ pub fn unix_nanos() -> u64 {
 }
 
 /// A histogram of microsecond latencies with three significant digits.
+#[expect(clippy::expect_used, reason = "constant bounds, valid for hdrhistogram")]
 pub fn latency_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).expect("constant bounds are valid")
 }

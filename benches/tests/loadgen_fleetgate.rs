@@ -3,6 +3,9 @@
 //! request ids, CoAP devices (CON) and HTTP devices. fleetgate runs in this test's process
 //! (`fleetgate::run::run_until`), every listener on a free port.
 
+// Test code: a failed expectation fails the test.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 use std::net::SocketAddr;
 use std::time::Duration;
 

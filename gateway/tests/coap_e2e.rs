@@ -7,6 +7,9 @@
 //! The clients must be installed (`apt-get install -y libcoap3-bin`, `pip install aiocoap`); a
 //! missing one fails the test with the command that installs it.
 
+// Test code: a failed expectation fails the test.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 mod support;
 
 use std::process::Command;

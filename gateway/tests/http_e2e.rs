@@ -2,6 +2,9 @@
 //! every error code of DESIGN decision 3 that HTTP can reach comes back as the HTTP status with
 //! the 1/KP error body, over HTTP/1.1 and HTTP/2 (h2c with prior knowledge).
 
+// Test code: a failed expectation fails the test.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 mod support;
 
 use std::net::SocketAddr;

@@ -49,7 +49,10 @@ async fn credentials_are_checked_by_the_auth_provider() {
             assert!(client.next().await.is_none(), "then the connection closes");
         }
     }
-    assert_eq!(fg.metric("fleetgate_transport_connections_refused_total"), Some(6.0));
+    assert_eq!(
+        fg.metric("fleetgate_transport_connections_refused_total{transport=\"mqtt\"}"),
+        Some(6.0)
+    );
 }
 
 #[tokio::test]
@@ -120,5 +123,8 @@ async fn responses_over_the_clients_maximum_packet_size_are_not_sent() {
     client.send(&publish("kp1/demo-v1/dcx/tok-1/json/2", None, b"[1]")).await;
     let p = client.next_publish().await.expect("the status");
     assert_eq!(&p.topic[..], b"kp1/demo-v1/dcx/tok-1/json/2/status");
-    assert_eq!(fg.metric("fleetgate_transport_messages_too_large_total"), Some(1.0));
+    assert_eq!(
+        fg.metric("fleetgate_transport_messages_too_large_total{transport=\"mqtt\"}"),
+        Some(1.0)
+    );
 }

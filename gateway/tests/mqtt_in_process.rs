@@ -1,6 +1,9 @@
 //! `fleetgate up` on the in-process bus, driven by real MQTT clients: rumqttc (3.1.1 and 5.0)
 //! and the Mosquitto command-line clients.
 
+// Test code: a failed expectation fails the test.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 mod support;
 
 use std::io::{Read, Write};
@@ -233,7 +236,10 @@ fn oversized_packet_is_a_clean_disconnect() {
     s.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
     s.read_exact(&mut buf).expect("connack and pingresp");
     assert_eq!(&buf, b"\x20\x02\x00\x00\xd0\x00");
-    assert_eq!(fg.metric("fleetgate_transport_protocol_errors_total"), Some(2.0));
+    assert_eq!(
+        fg.metric("fleetgate_transport_protocol_errors_total{transport=\"mqtt\"}"),
+        Some(2.0)
+    );
 }
 
 #[test]

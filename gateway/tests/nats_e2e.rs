@@ -1,6 +1,9 @@
 //! fleetgate on a real NATS server (a `nats-server` child process): `fleetgate up` on NATS,
 //! gateway, DCX and auth as separate processes, and DCX replicas sharing a queue group.
 
+// Test code: a failed expectation fails the test.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 mod support;
 
 use std::collections::{BTreeSet, HashSet};

@@ -33,7 +33,7 @@
 //! Sends only to the address given, or to 127.0.0.1 (`compare`); every run is bounded by its
 //! steps, and `compare` kills the servers it started.
 
-#![allow(missing_docs, clippy::unwrap_used, clippy::print_stdout)]
+#![allow(missing_docs, clippy::unwrap_used, clippy::print_stdout, clippy::expect_used)]
 
 use std::io::{IoSlice, IoSliceMut};
 use std::net::{SocketAddr, UdpSocket};

@@ -53,6 +53,9 @@ pub(crate) struct Peer {
     session: PeerSession,
     /// The 1/KP session's answers and pushes, once the gateway opened it.
     outbox: Option<OutboxReceiver>,
+    /// When the last datagram handed to the session was read: a request's latency counts from
+    /// the read that brought it.
+    last_read: Instant,
     _slot: PeerSlot,
 }
 
@@ -64,13 +67,15 @@ impl Peer {
         addr: SocketAddr,
     ) -> Self {
         shared.metrics.sessions_open.inc();
-        let session = PeerSession::new(shared.settings.clone(), seed(addr), Instant::now());
+        let now = Instant::now();
+        let session = PeerSession::new(shared.settings.clone(), seed(addr), now);
         Self {
             handler,
             socket,
             addr,
             session,
             outbox: None,
+            last_read: now,
             _slot: PeerSlot(shared.clone()),
             shared,
         }
@@ -138,6 +143,7 @@ impl Peer {
                 },
                 datagram = inbound.recv() => match datagram {
                     Some(datagram) => {
+                        self.last_read = datagram.at;
                         self.session.handle_datagram(datagram.bytes, datagram.at);
                         self.drive().await;
                         self.take_ready(&mut inbound).await;
@@ -164,6 +170,7 @@ impl Peer {
             if let Some(response) = self.outbox.as_mut().and_then(|o| o.try_recv().ok()) {
                 self.session.on_response(response, now);
             } else if let Ok(datagram) = inbound.try_recv() {
+                self.last_read = datagram.at;
                 self.session.handle_datagram(datagram.bytes, datagram.at);
             } else {
                 return;
@@ -195,6 +202,7 @@ impl Peer {
                 Event::Request { session, request } => {
                     let tag = request.tag;
                     let result = self.handler.handle(session, request).await;
+                    self.shared.metrics.request_accept.observe(self.last_read.elapsed());
                     if let Err(e) = &result {
                         tracing::debug!(status = e.status, reason = %e.reason, "request refused by the gateway");
                     }

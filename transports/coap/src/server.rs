@@ -46,7 +46,7 @@ use std::os::fd::AsRawFd;
 
 use bytes::{Bytes, BytesMut};
 use fleetgate_transport_core::metrics::{
-    Counter, Gauge, Registry, TransportMetrics, transport_registry,
+    Counter, Gauge, Latency, Registry, TransportMetrics, transport_registry,
 };
 use fleetgate_transport_core::net::{self, PeerQueues, ReceiveBatch, Routed};
 use fleetgate_transport_core::{BindError, BoxFuture, KpHandler, Transport};
@@ -151,6 +151,8 @@ pub struct CoapMetrics {
     pub protocol_errors: Counter,
     /// Sessions opened.
     pub sessions_opened: Counter,
+    /// From the read that brought a request to the gateway's acceptance.
+    pub request_accept: Latency,
     /// Sessions refused by the gateway (credentials, unavailable auth).
     pub sessions_refused: Counter,
     /// Peers with state now (each with a session once it sent a request).
@@ -193,6 +195,7 @@ impl CoapMetrics {
             messages_sent: c.messages_sent(),
             protocol_errors: c.protocol_errors(),
             sessions_opened: c.sessions_opened(),
+            request_accept: c.request_accept(),
             sessions_refused: c.sessions_refused(),
             sessions_open: c.sessions_open(),
             datagrams_dropped: Counter::default(),

@@ -2,6 +2,9 @@
 //! deduplication, separate responses and their retransmission, resets, every error code,
 //! Observe, Block1, limits and sessions.
 
+// Test code: a failed expectation fails the test.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 mod common;
 
 use std::sync::Arc;

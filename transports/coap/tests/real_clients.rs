@@ -5,6 +5,9 @@
 //! These tools must be installed (`apt-get install -y libcoap3-bin`, `pip install aiocoap`);
 //! a missing tool fails the test with the command that installs it.
 
+// Test code: a failed expectation fails the test.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 mod common;
 
 use std::process::Stdio;

@@ -13,7 +13,7 @@
 //! `ONLY=transport` or `ONLY=bare` loads one side only, for profiling; `H2=1` speaks HTTP/2
 //! with prior knowledge instead, to both servers)
 
-#![allow(missing_docs)]
+#![allow(missing_docs, clippy::expect_used, clippy::unwrap_used)]
 
 use std::collections::HashMap;
 use std::convert::Infallible;

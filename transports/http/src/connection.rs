@@ -121,18 +121,11 @@ impl Connection {
     pub(crate) async fn respond(self: Arc<Self>, req: Request<Incoming>) -> HttpResponse {
         let metrics = &self.shared.metrics;
         metrics.requests_received.inc();
-        let http1 = req.version() < hyper::Version::HTTP_2;
         let response = match self.route(req).await {
             Ok(response) => response,
             Err(e) => {
                 tracing::debug!(status = e.status, reason = %e.reason, "request refused");
-                let mut response = error_response(&e);
-                // What is left of a body too large was read and dropped only up to a bound:
-                // the connection cannot carry another request after it.
-                if e.status == 413 && http1 {
-                    response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
-                }
-                response
+                error_response(&e)
             }
         };
         metrics.count_response(response.status().as_u16());
@@ -162,14 +155,19 @@ impl Connection {
     ) -> Result<HttpResponse, KpError> {
         let (parts, body) = req.into_parts();
         let limit = self.shared.config.max_body_bytes;
+        let http1 = parts.version < hyper::Version::HTTP_2;
         // The size hint is the Content-Length when there is one.
         if body.size_hint().lower() > limit {
             let mut body = body;
             self.discard(&mut body).await;
-            return Err(HttpError::BodyTooLarge { limit }.into());
+            return Ok(body_too_large(limit, http1));
         }
         let session = self.session(&parts.headers).await?;
-        let payload = self.read_body(body).await?;
+        let payload = match self.read_body(body).await {
+            Ok(payload) => payload,
+            Err(HttpError::BodyTooLarge { limit }) => return Ok(body_too_large(limit, http1)),
+            Err(e) => return Err(e.into()),
+        };
         let received = Instant::now();
         // Request tags are odd (see the module doc).
         let tag = self.next_tag.fetch_add(2, Ordering::Relaxed) | 1;
@@ -514,6 +512,16 @@ fn outcome_response(outcome: KpOutcome, on_empty: StatusCode) -> HttpResponse {
 }
 
 /// The error's status code with the 1/KP error body.
+/// 413 for a body over `limit`, whose rest was read and dropped only up to a bound: an
+/// HTTP/1 connection cannot carry another request after it, so the answer says it closes.
+fn body_too_large(limit: u64, http1: bool) -> HttpResponse {
+    let mut response = error_response(&HttpError::BodyTooLarge { limit }.into());
+    if http1 {
+        response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
 pub(crate) fn error_response(e: &KpError) -> HttpResponse {
     let mut response = Response::new(Full::new(e.body()));
     *response.status_mut() =

@@ -26,7 +26,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use fleetgate_transport_core::metrics::{
-    Counter, Gauge, Registry, TransportMetrics, transport_registry,
+    Counter, Gauge, Latency, Registry, TransportMetrics, transport_registry,
 };
 use fleetgate_transport_core::{
     BindError, BoxFuture, ClientCredentials, KpHandler, KpResponse, OutboxReceiver, SessionId,
@@ -109,6 +109,8 @@ pub struct MqttMetrics {
     pub messages_too_large: Counter,
     /// Connections closed for exceeding the keep-alive.
     pub keep_alive_timeouts: Counter,
+    /// From the read that brought a request to the gateway's acceptance.
+    pub request_accept: Latency,
 }
 
 impl MqttMetrics {
@@ -122,6 +124,7 @@ impl MqttMetrics {
             messages_received: c.messages_received(),
             messages_sent: c.messages_sent(),
             protocol_errors: c.protocol_errors(),
+            request_accept: c.request_accept(),
             messages_too_large: Counter::default(),
             keep_alive_timeouts: Counter::default(),
         }
@@ -330,7 +333,9 @@ impl Connection {
         loop {
             // What the session decoded, in order, one gateway call at a time. The event is
             // taken apart in a scope that ends before the request's await: only the handler's
-            // boxed future and a request id are held across it, not the event.
+            // boxed future, a request id and when this turn began (a request's latency counts
+            // from the read that brought it) are held across it, not the event.
+            let turn = Instant::now();
             loop {
                 let (id, request) = {
                     let Some(event) = self.session.poll_event() else { break };
@@ -345,6 +350,7 @@ impl Connection {
                     }
                 };
                 let result = self.handler.handle(self.session_id(), request).await;
+                self.metrics.request_accept.observe(turn.elapsed());
                 self.session.request_done(id, result);
             }
             // Then whatever responses are ready, within the client's receive window.

@@ -1,5 +1,8 @@
 //! The shared transport compliance kit against the MQTT transport, in both protocol versions.
 
+// Test code: a failed expectation fails the test.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;

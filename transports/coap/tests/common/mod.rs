@@ -1,6 +1,6 @@
 //! A small CoAP client on the crate's codec, and a server harness, for the tests.
 
-#![allow(dead_code, missing_docs)]
+#![allow(dead_code, missing_docs, clippy::expect_used, clippy::unwrap_used)]
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
@@ -19,7 +19,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::watch;
 
 /// Serves `gateway` on a CoAP transport on a free loopback port.
-pub async fn serve(
+pub(crate) async fn serve(
     gateway: Arc<ScriptedGateway>,
     config: CoapConfig,
 ) -> (SocketAddr, Served, watch::Sender<bool>) {
@@ -34,7 +34,7 @@ pub async fn serve(
 }
 
 /// The served transport's metrics: its handles, and the registry they render from.
-pub struct Served {
+pub(crate) struct Served {
     pub metrics: Arc<CoapMetrics>,
     pub registry: Registry,
 }
@@ -49,12 +49,12 @@ impl std::ops::Deref for Served {
 
 impl Served {
     /// The OpenMetrics text of the transport's metrics.
-    pub fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         encode(&self.registry)
     }
 }
 
-pub struct CoapClient {
+pub(crate) struct CoapClient {
     pub socket: UdpSocket,
     next_mid: u16,
     next_token: u32,
@@ -67,7 +67,7 @@ pub struct CoapClient {
 }
 
 /// A request to build.
-pub struct Req {
+pub(crate) struct Req {
     pub mtype: MessageType,
     pub code: Code,
     pub path: String,
@@ -78,7 +78,7 @@ pub struct Req {
 }
 
 impl Req {
-    pub fn post(path: &str, payload: &[u8]) -> Self {
+    pub(crate) fn post(path: &str, payload: &[u8]) -> Self {
         Self {
             mtype: MessageType::Confirmable,
             code: Code::POST,
@@ -90,26 +90,26 @@ impl Req {
         }
     }
 
-    pub fn option(mut self, number: u16, value: impl Into<Vec<u8>>) -> Self {
+    pub(crate) fn option(mut self, number: u16, value: impl Into<Vec<u8>>) -> Self {
         self.options.push((number, value.into()));
         self
     }
 
-    pub fn uint(self, number: u16, value: u32) -> Self {
+    pub(crate) fn uint(self, number: u16, value: u32) -> Self {
         let bytes = value.to_be_bytes();
         let skip = (value.leading_zeros() / 8) as usize;
         self.option(number, bytes[skip.min(4)..].to_vec())
     }
 }
 
-pub fn status_of(msg: &Message) -> u16 {
+pub(crate) fn status_of(msg: &Message) -> u16 {
     match msg.code().class() {
         2 => 200,
         c => u16::from(c) * 100 + u16::from(msg.code().detail()),
     }
 }
 
-pub fn answer_of(msg: &Message) -> Answer {
+pub(crate) fn answer_of(msg: &Message) -> Answer {
     let status = status_of(msg);
     let payload = if status == 200 {
         msg.payload().clone()
@@ -122,7 +122,7 @@ pub fn answer_of(msg: &Message) -> Answer {
 }
 
 impl CoapClient {
-    pub async fn new(server: SocketAddr) -> Self {
+    pub(crate) async fn new(server: SocketAddr) -> Self {
         let socket = UdpSocket::bind("127.0.0.1:0").await.expect("bind client");
         socket.connect(server).await.expect("connect");
         Self {
@@ -135,18 +135,18 @@ impl CoapClient {
         }
     }
 
-    pub fn new_token(&mut self) -> Token {
+    pub(crate) fn new_token(&mut self) -> Token {
         self.next_token += 1;
         Token::new(&self.next_token.to_be_bytes()).expect("4 bytes")
     }
 
-    pub fn new_mid(&mut self) -> u16 {
+    pub(crate) fn new_mid(&mut self) -> u16 {
         self.next_mid = self.next_mid.wrapping_add(1);
         self.next_mid
     }
 
     /// Encodes `req`, returning its message id, token and bytes.
-    pub fn build(&mut self, req: Req) -> (u16, Token, Bytes) {
+    pub(crate) fn build(&mut self, req: Req) -> (u16, Token, Bytes) {
         let mid = req.mid.unwrap_or_else(|| self.new_mid());
         let token = req.token.unwrap_or_else(|| self.new_token());
         let mut options = req.options;
@@ -167,18 +167,18 @@ impl CoapClient {
         (mid, token, out.freeze())
     }
 
-    pub async fn send(&self, bytes: &[u8]) {
+    pub(crate) async fn send(&self, bytes: &[u8]) {
         self.socket.send(bytes).await.expect("send");
     }
 
-    pub async fn send_empty(&self, mtype: MessageType, mid: u16) {
+    pub(crate) async fn send_empty(&self, mtype: MessageType, mid: u16) {
         let mut out = BytesMut::new();
         write_empty(&mut out, mtype, mid);
         self.send(&out).await;
     }
 
     /// The next datagram from the server, decoded.
-    pub async fn recv(&mut self, wait: Duration) -> Option<Message> {
+    pub(crate) async fn recv(&mut self, wait: Duration) -> Option<Message> {
         let mut buf = vec![0u8; 70_000];
         let n = tokio::time::timeout(wait, self.socket.recv(&mut buf)).await.ok()?.ok()?;
         buf.truncate(n);
@@ -186,7 +186,7 @@ impl CoapClient {
     }
 
     /// The next message matching `want`, first from the inbox; others are kept in the inbox.
-    pub async fn recv_matching(
+    pub(crate) async fn recv_matching(
         &mut self,
         wait: Duration,
         want: impl Fn(&Message) -> bool,
@@ -207,14 +207,14 @@ impl CoapClient {
 
     /// Sends a request and returns its response: piggybacked, or separate after an empty ACK
     /// (which it acknowledges), or the NON response.
-    pub async fn exchange(&mut self, req: Req, wait: Duration) -> Option<Message> {
+    pub(crate) async fn exchange(&mut self, req: Req, wait: Duration) -> Option<Message> {
         let mtype = req.mtype;
         let (mid, token, bytes) = self.build(req);
         self.send(&bytes).await;
         self.response_to(mtype, mid, token, wait).await
     }
 
-    pub async fn response_to(
+    pub(crate) async fn response_to(
         &mut self,
         mtype: MessageType,
         mid: u16,
@@ -280,7 +280,7 @@ impl KpClient for CoapClient {
 
 /// `connect` for the compliance kit: credentials travel as Uri-Query `u=`/`p=`; a refusal is
 /// the status of the first request.
-pub async fn connect(
+pub(crate) async fn connect(
     server: SocketAddr,
     credentials: Option<(&str, &str)>,
 ) -> Result<CoapClient, u16> {

@@ -18,33 +18,33 @@ use super::wire::{self, MAX_VARINT, Reader};
 
 /// Property identifiers (§2.2.2.2).
 pub(crate) mod id {
-    pub const PAYLOAD_FORMAT_INDICATOR: u8 = 0x01;
-    pub const MESSAGE_EXPIRY_INTERVAL: u8 = 0x02;
-    pub const CONTENT_TYPE: u8 = 0x03;
-    pub const RESPONSE_TOPIC: u8 = 0x08;
-    pub const CORRELATION_DATA: u8 = 0x09;
-    pub const SUBSCRIPTION_IDENTIFIER: u8 = 0x0B;
-    pub const SESSION_EXPIRY_INTERVAL: u8 = 0x11;
-    pub const ASSIGNED_CLIENT_IDENTIFIER: u8 = 0x12;
-    pub const SERVER_KEEP_ALIVE: u8 = 0x13;
-    pub const AUTHENTICATION_METHOD: u8 = 0x15;
-    pub const AUTHENTICATION_DATA: u8 = 0x16;
-    pub const REQUEST_PROBLEM_INFORMATION: u8 = 0x17;
-    pub const WILL_DELAY_INTERVAL: u8 = 0x18;
-    pub const REQUEST_RESPONSE_INFORMATION: u8 = 0x19;
-    pub const RESPONSE_INFORMATION: u8 = 0x1A;
-    pub const SERVER_REFERENCE: u8 = 0x1C;
-    pub const REASON_STRING: u8 = 0x1F;
-    pub const RECEIVE_MAXIMUM: u8 = 0x21;
-    pub const TOPIC_ALIAS_MAXIMUM: u8 = 0x22;
-    pub const TOPIC_ALIAS: u8 = 0x23;
-    pub const MAXIMUM_QOS: u8 = 0x24;
-    pub const RETAIN_AVAILABLE: u8 = 0x25;
-    pub const USER_PROPERTY: u8 = 0x26;
-    pub const MAXIMUM_PACKET_SIZE: u8 = 0x27;
-    pub const WILDCARD_SUBSCRIPTION_AVAILABLE: u8 = 0x28;
-    pub const SUBSCRIPTION_IDENTIFIER_AVAILABLE: u8 = 0x29;
-    pub const SHARED_SUBSCRIPTION_AVAILABLE: u8 = 0x2A;
+    pub(crate) const PAYLOAD_FORMAT_INDICATOR: u8 = 0x01;
+    pub(crate) const MESSAGE_EXPIRY_INTERVAL: u8 = 0x02;
+    pub(crate) const CONTENT_TYPE: u8 = 0x03;
+    pub(crate) const RESPONSE_TOPIC: u8 = 0x08;
+    pub(crate) const CORRELATION_DATA: u8 = 0x09;
+    pub(crate) const SUBSCRIPTION_IDENTIFIER: u8 = 0x0B;
+    pub(crate) const SESSION_EXPIRY_INTERVAL: u8 = 0x11;
+    pub(crate) const ASSIGNED_CLIENT_IDENTIFIER: u8 = 0x12;
+    pub(crate) const SERVER_KEEP_ALIVE: u8 = 0x13;
+    pub(crate) const AUTHENTICATION_METHOD: u8 = 0x15;
+    pub(crate) const AUTHENTICATION_DATA: u8 = 0x16;
+    pub(crate) const REQUEST_PROBLEM_INFORMATION: u8 = 0x17;
+    pub(crate) const WILL_DELAY_INTERVAL: u8 = 0x18;
+    pub(crate) const REQUEST_RESPONSE_INFORMATION: u8 = 0x19;
+    pub(crate) const RESPONSE_INFORMATION: u8 = 0x1A;
+    pub(crate) const SERVER_REFERENCE: u8 = 0x1C;
+    pub(crate) const REASON_STRING: u8 = 0x1F;
+    pub(crate) const RECEIVE_MAXIMUM: u8 = 0x21;
+    pub(crate) const TOPIC_ALIAS_MAXIMUM: u8 = 0x22;
+    pub(crate) const TOPIC_ALIAS: u8 = 0x23;
+    pub(crate) const MAXIMUM_QOS: u8 = 0x24;
+    pub(crate) const RETAIN_AVAILABLE: u8 = 0x25;
+    pub(crate) const USER_PROPERTY: u8 = 0x26;
+    pub(crate) const MAXIMUM_PACKET_SIZE: u8 = 0x27;
+    pub(crate) const WILDCARD_SUBSCRIPTION_AVAILABLE: u8 = 0x28;
+    pub(crate) const SUBSCRIPTION_IDENTIFIER_AVAILABLE: u8 = 0x29;
+    pub(crate) const SHARED_SUBSCRIPTION_AVAILABLE: u8 = 0x2A;
 }
 
 /// One decoded property with the value type its identifier prescribes.
