@@ -276,7 +276,7 @@ async fn dcx_waits_for_its_reliable_receivers() {
 /// When NATS stops reading, the gateway stops acknowledging (and reading) instead of buffering
 /// without limit; when NATS resumes, everything goes through.
 #[tokio::test]
-async fn a_stalled_nats_slows_devices_down() {
+async fn a_stalled_nats_slows_devices_down_and_acknowledges_nothing_it_cannot_deliver() {
     use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
     const N: usize = 4000;
     let nats = NatsServer::start();
@@ -313,11 +313,9 @@ async fn a_stalled_nats_slows_devices_down() {
         count_acks(&mut acked, event.expect("connected"));
     }
     let acked_while_frozen = acked;
-    assert!(acked_while_frozen > 0, "publishing went on while the socket to NATS had room");
-    assert!(
-        acked_while_frozen < N / 2,
-        "{acked_while_frozen} of {N} acknowledged while NATS was frozen"
-    );
+    // A PUBACK means DCX has the message (DESIGN decision 9): nothing is acknowledged while
+    // the bus cannot deliver, however much the socket to NATS still buffers.
+    assert_eq!(acked_while_frozen, 0, "acknowledged while NATS was frozen");
     nats.freeze(false);
     tokio::time::timeout(Duration::from_secs(60), async {
         while acked < N {

@@ -70,7 +70,7 @@ pub(crate) async fn expire_requests<B: Bus>(
                 outcome: KpOutcome::Error(KpError::timeout(reason.clone())),
             };
             gateway.copy_to_subscribers(&response, &[pending.session]);
-            gateway.deliver(pending.session, response);
+            gateway.deliver_answer(pending.session, response);
         }
         let pending = i64::try_from(gateway.pending.len()).unwrap_or(i64::MAX);
         gateway.metrics.requests_pending.set(pending);
@@ -107,7 +107,7 @@ impl<B: Bus> Gateway<B> {
             };
             self.metrics.responses.inc();
             self.copy_to_subscribers(&response, &[pending.session]);
-            self.deliver(pending.session, response);
+            self.deliver_answer(pending.session, response);
             return;
         }
         let (Some(endpoint_id), Some(extension)) =
@@ -167,8 +167,15 @@ impl<B: Bus> Gateway<B> {
         }
     }
 
-    /// Queues `response` in the session's outbox without waiting; a session whose outbox is
-    /// full does not read its responses and is closed.
+    /// Queues the answer to one of the session's requests in the room reserved for it.
+    fn deliver_answer(&self, session: SessionId, response: KpResponse) {
+        if let Delivery::NoSession = self.sessions.deliver_reserved(session, response) {
+            self.metrics.undeliverable.inc();
+        }
+    }
+
+    /// Queues `response` (a push or a copy) in the session's outbox without waiting; a session
+    /// whose outbox is full does not read its responses and is closed.
     fn deliver(&self, session: SessionId, response: KpResponse) {
         match self.sessions.deliver(session, response) {
             Delivery::Queued => {}

@@ -41,6 +41,14 @@ pub(crate) struct Route {
     pub(crate) token: Arc<str>,
 }
 
+/// Whether a session could promise room for an answer.
+pub(crate) enum Reserve {
+    Reserved,
+    /// As many answers are promised or queued as the session's outbox holds.
+    Full,
+    NoSession,
+}
+
 /// What became of a response.
 pub(crate) enum Delivery {
     Queued,
@@ -181,6 +189,35 @@ impl Sessions {
     /// The subscriptions whose filters name `token`.
     pub(crate) fn subscribers_of(&self, token: &str) -> Vec<Subscriber> {
         self.by_token.shard(token).get(token).cloned().unwrap_or_default()
+    }
+
+    /// Promises room in `session`'s outbox for the answer to a request it sent.
+    pub(crate) fn reserve(&self, session: SessionId) -> Reserve {
+        let shard = self.sessions.shard(&session);
+        match shard.get(&session) {
+            None => Reserve::NoSession,
+            Some(s) if s.outbox.try_reserve() => Reserve::Reserved,
+            Some(_) => Reserve::Full,
+        }
+    }
+
+    /// Gives back the room [`Sessions::reserve`] promised to an answer that will not come.
+    pub(crate) fn release(&self, session: SessionId) {
+        if let Some(s) = self.sessions.shard(&session).get(&session) {
+            s.outbox.release();
+        }
+    }
+
+    /// Queues the answer to a request of `session` in the room promised for it.
+    pub(crate) fn deliver_reserved(&self, session: SessionId, response: KpResponse) -> Delivery {
+        let shard = self.sessions.shard(&session);
+        let Some(s) = shard.get(&session) else {
+            return Delivery::NoSession;
+        };
+        match s.outbox.send_reserved(response) {
+            Ok(()) => Delivery::Queued,
+            Err(_) => Delivery::NoSession,
+        }
     }
 
     /// Queues a response for `session` without waiting.

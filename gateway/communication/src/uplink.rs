@@ -24,6 +24,7 @@ use tokio::time::Instant;
 
 use crate::correlation::CorrelationId;
 use crate::pending::Pending;
+use crate::sessions::Reserve;
 use crate::{Extension, Gateway};
 
 impl<B: Bus> Gateway<B> {
@@ -217,6 +218,21 @@ impl<B: Bus> Gateway<B> {
                 // request with a timer) would otherwise sit inline in every request's future.
                 Some(None) => Box::pin(self.first_use(session, app_version, token)).await?,
             };
+        // An answer expected is an answer promised room in the session's outbox, so that a
+        // burst of answers (after a backend stall) cannot overflow it.
+        let answered = topic.request_id().is_some() || request.wants_answer;
+        if answered {
+            match self.sessions.reserve(session) {
+                Reserve::Reserved => {}
+                Reserve::NoSession => return Err(KpError::unavailable("the session has ended")),
+                Reserve::Full => {
+                    return Err(KpError::new(
+                        429,
+                        "too many requests in flight on this session; wait for answers",
+                    ));
+                }
+            }
+        }
         let (n, payload) =
             self.client_data(session, request, extension, &endpoint_id, resource_path);
         drop(endpoint_id);
@@ -225,7 +241,9 @@ impl<B: Bus> Gateway<B> {
             .publish(extension.subject.clone(), Some(self.reply_subject.clone()), payload)
             .await;
         published.map_err(|e| {
-            self.pending.take(n);
+            if self.pending.take(n).is_some() {
+                self.sessions.release(session);
+            }
             match e {
                 BusError::NoResponders(_) => KpError::unavailable(format!(
                     "no replica of extension `{extension_name}` is running"

@@ -210,7 +210,11 @@ impl Peer {
                 }
                 Event::OpenSession { username, password } => {
                     let (outbox, responses) =
-                        new_outbox(self.shared.config.response_queue_capacity);
+                        // Room for the pushes, and for the answer to every exchange in flight.
+                        new_outbox(
+                            self.shared.config.response_queue_capacity
+                                + self.shared.config.max_exchanges,
+                        );
                     let credentials = ClientCredentials {
                         transport: "coap",
                         client_id: "",

@@ -112,8 +112,9 @@ pub struct CoapConfig {
     /// Per peer: datagrams waiting for the peer's task; more are dropped (and retransmitted by
     /// the peer if confirmable).
     pub peer_queue_capacity: usize,
-    /// Per session: responses and pushes waiting to be sent; a session that lets it fill is
-    /// closed by the gateway.
+    /// Per session: pushes waiting to be sent; a session that lets it fill is closed by the
+    /// gateway. Answers to the session's own requests have room besides (up to
+    /// `max_exchanges` of them).
     pub response_queue_capacity: usize,
 }
 

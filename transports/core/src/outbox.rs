@@ -4,6 +4,12 @@
 //! idle (most of a large fleet, most of the time) holds one small allocation and no buffer. A
 //! `tokio::sync::mpsc` channel allocates a block of 32 slots up front, about 3 KiB per session,
 //! which was the largest part of an idle MQTT connection's memory.
+//!
+//! Answers to a session's own requests never find it full: the gateway reserves a slot when it
+//! takes a request that will be answered ([`Outbox::try_reserve`]) and the answer uses it
+//! ([`Outbox::send_reserved`]). So a burst of answers after a backend stall cannot overflow the
+//! queue; only pushes and copies the session does not read in time can, and those are the
+//! session's own fault.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -22,6 +28,7 @@ pub fn outbox(capacity: usize) -> (Outbox, OutboxReceiver) {
     let shared = Arc::new(Shared {
         state: Mutex::new(State {
             queue: VecDeque::new(),
+            reserved: 0,
             waker: None,
             senders: 1,
             receiver_alive: true,
@@ -38,6 +45,8 @@ struct Shared {
 
 struct State {
     queue: VecDeque<KpResponse>,
+    /// Slots promised to answers still to come; they count against the capacity.
+    reserved: usize,
     waker: Option<Waker>,
     senders: usize,
     receiver_alive: bool,
@@ -83,7 +92,7 @@ impl Outbox {
             if !state.receiver_alive {
                 return Err(TrySendError::Closed(response));
             }
-            if state.queue.len() >= self.shared.capacity {
+            if state.queue.len() + state.reserved >= self.shared.capacity {
                 return Err(TrySendError::Full(response));
             }
             state.queue.push_back(response);
@@ -93,6 +102,42 @@ impl Outbox {
             waker.wake();
         }
         Ok(())
+    }
+
+    /// Reserves a slot for the answer to a request the session sent, so that the answer cannot
+    /// find the queue full; false when every slot is queued or promised (the session has more
+    /// requests in flight than its queue holds) or the receiver is gone.
+    pub fn try_reserve(&self) -> bool {
+        let mut state = self.shared.lock();
+        if !state.receiver_alive || state.queue.len() + state.reserved >= self.shared.capacity {
+            return false;
+        }
+        state.reserved += 1;
+        true
+    }
+
+    /// Queues an answer into a slot [`Outbox::try_reserve`] promised; never full. Fails only
+    /// when the transport has dropped the receiver.
+    pub fn send_reserved(&self, response: KpResponse) -> Result<(), TrySendError> {
+        let waker = {
+            let mut state = self.shared.lock();
+            state.reserved = state.reserved.saturating_sub(1);
+            if !state.receiver_alive {
+                return Err(TrySendError::Closed(response));
+            }
+            state.queue.push_back(response);
+            state.waker.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+        Ok(())
+    }
+
+    /// Gives back a slot [`Outbox::try_reserve`] promised to an answer that will not come.
+    pub fn release(&self) {
+        let mut state = self.shared.lock();
+        state.reserved = state.reserved.saturating_sub(1);
     }
 }
 
@@ -219,6 +264,30 @@ mod tests {
         assert_eq!(rx.try_recv().unwrap().tag, 2);
         assert_eq!(rx.try_recv().unwrap().tag, 4);
         assert_eq!(rx.try_recv().unwrap_err(), TryRecvError::Disconnected);
+    }
+
+    #[test]
+    fn reserved_slots_are_kept_for_answers() {
+        let (tx, mut rx) = outbox(3);
+        assert!(tx.try_reserve());
+        assert!(tx.try_reserve());
+        tx.try_send(response(1)).unwrap();
+        // Two slots are promised and one is used: a push finds the queue full...
+        assert!(matches!(tx.try_send(response(2)), Err(TrySendError::Full(_))));
+        assert!(!tx.try_reserve());
+        // ...but the answers always fit.
+        tx.send_reserved(response(3)).unwrap();
+        tx.send_reserved(response(4)).unwrap();
+        assert_eq!(
+            std::iter::from_fn(|| rx.try_recv().ok()).map(|r| r.tag).collect::<Vec<_>>(),
+            [1, 3, 4]
+        );
+        assert!(tx.try_reserve());
+        tx.release();
+        for tag in 5..8 {
+            tx.try_send(response(tag)).unwrap();
+        }
+        assert!(!tx.try_reserve());
     }
 
     #[test]

@@ -36,8 +36,9 @@ pub struct HttpConfig {
     /// Requests and long polls one connection may have waiting for answers at once (the
     /// HTTP/2 concurrent stream limit); more are answered 429.
     pub max_in_flight_per_connection: u32,
-    /// Responses and pushes queued from the gateway for one connection before they are routed
-    /// to the waiting requests; the gateway closes a session that lets it fill.
+    /// Pushes queued from the gateway for one connection before they are routed to the waiting
+    /// long polls; the gateway closes a session that lets it fill. Answers to the connection's
+    /// own requests have room besides (up to `max_in_flight_per_connection` of them).
     pub response_queue_capacity: usize,
     /// Accept HTTP/2 with prior knowledge (h2c) besides HTTP/1.1.
     pub http2: bool,

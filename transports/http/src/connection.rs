@@ -101,7 +101,11 @@ impl Connection {
         peer: SocketAddr,
         shutdown: watch::Receiver<bool>,
     ) -> Arc<Self> {
-        let (outbox, responses) = outbox(shared.config.response_queue_capacity);
+        // Room for the pushes, and for the answer to every request in flight.
+        let (outbox, responses) = outbox(
+            shared.config.response_queue_capacity
+                + shared.config.max_in_flight_per_connection as usize,
+        );
         let conn = Self {
             handler,
             shared,

@@ -68,8 +68,9 @@ pub struct MqttConfig {
     /// QoS 1 responses sent but not yet acknowledged by a 3.1.1 client (5.0 clients state their
     /// own Receive Maximum).
     pub max_inflight_v311: u16,
-    /// Responses and pushes queued for one connection; a connection that lets the queue fill
-    /// (it does not read) is closed rather than buffered without limit.
+    /// Pushes and subscription copies queued for one connection; a connection that lets the
+    /// queue fill (it does not read) is closed rather than buffered without limit. Answers to
+    /// the connection's own requests have room besides (up to `receive_maximum` of them).
     pub response_queue_capacity: usize,
 }
 
@@ -435,8 +436,12 @@ impl Connection {
     async fn on_other_event(&mut self, event: Event, outbox: &mut Option<OutboxReceiver>) {
         match event {
             Event::Connect(request) => {
-                let (tx, rx) =
-                    fleetgate_transport_core::outbox(self.config.response_queue_capacity);
+                // Room for the pushes, and for the answer to every request the session takes
+                // in at once (it decodes at most `receive_maximum + 1` ahead).
+                let capacity = self.config.response_queue_capacity
+                    + usize::from(self.config.receive_maximum)
+                    + 1;
+                let (tx, rx) = fleetgate_transport_core::outbox(capacity);
                 let credentials = ClientCredentials {
                     transport: NAME,
                     client_id: request.client_id(),

@@ -365,28 +365,60 @@ enum Step {
     Request(KpRequest),
     Subscribe(Vec<SubscribeFilter>),
     Unsubscribe(Vec<Bytes>),
-    /// Handed out; waiting for the gateway. A request keeps its topic to address an error
-    /// answer; a subscription the codes it would grant.
+    /// Handed out; waiting for the gateway to take it. A request keeps its topic to address an
+    /// error answer; a subscription the codes it would grant.
     Requested(KpTopic),
+    /// A QoS 1 request the gateway took: its PUBACK waits for the extension's answer (or the
+    /// gateway's word that the request is durable some other way), which comes back as a
+    /// response carrying the request's tag.
+    Delivering,
     Subscribing(Vec<ReasonCode>),
     Unsubscribing(usize),
-    /// Answered: written once it reaches the front of the queue. A PUBLISH's error answer goes
-    /// out before its PUBACK.
-    PubAck(Option<KpResponse>),
+    /// Answered: written once it reaches the front of the queue. A PUBLISH's answer (an error,
+    /// or a response to a request id) goes out before its PUBACK, which carries `reason`
+    /// (MQTT 5; 3.1.1 PUBACKs have none).
+    PubAck {
+        answer: Option<KpResponse>,
+        reason: ReasonCode,
+    },
     SubAck(Vec<ReasonCode>),
     UnsubAck(Vec<ReasonCode>),
 }
 
 impl Step {
     fn is_answered(&self) -> bool {
-        matches!(self, Step::PubAck(_) | Step::SubAck(_) | Step::UnsubAck(_))
+        matches!(self, Step::PubAck { .. } | Step::SubAck(_) | Step::UnsubAck(_))
     }
 }
 
-/// The QoS of a response: the tag a request carries is `1 + its QoS`; pushes (tag 0) and
-/// copies for QoS 1 subscriptions go at QoS 1.
+/// The QoS of a response: the low two bits of a tag are `1 + the QoS` of the request it
+/// answers (or of the subscription it is a copy for); pushes (tag 0) go at QoS 1.
 fn response_qos(tag: u64) -> QoS {
-    if tag == 1 { QoS::AtMostOnce } else { QoS::AtLeastOnce }
+    if tag & 3 == 1 { QoS::AtMostOnce } else { QoS::AtLeastOnce }
+}
+
+/// The tag of request `id` at `qos`: the request number above the two bits of the QoS, so
+/// that an answer finds its request ([`request_of`]) and a copy's tag (1 or 2) never looks like
+/// a request's.
+fn request_tag(id: RequestId, qos: QoS) -> u64 {
+    ((id.0 + 1) << 2) | (1 + qos as u64)
+}
+
+/// The request a response's tag names, if it names one.
+fn request_of(tag: u64) -> Option<RequestId> {
+    (tag >> 2).checked_sub(1).map(RequestId)
+}
+
+/// The MQTT 5 PUBACK reason code for a request the gateway or the extension refused with
+/// `status` (DESIGN decision 9).
+fn puback_reason(status: u16) -> ReasonCode {
+    match status {
+        400 => ReasonCode::PayloadFormatInvalid,
+        401 | 403 => ReasonCode::NotAuthorized,
+        404 => ReasonCode::TopicNameInvalid,
+        413 | 429 => ReasonCode::QuotaExceeded,
+        _ => ReasonCode::UnspecifiedError,
+    }
 }
 
 impl Session {
@@ -504,7 +536,8 @@ impl Session {
             let id = RequestId(self.first_id + u64::from(self.next_event));
             self.next_event += 1;
             let event;
-            (entry.step, event) = match std::mem::replace(&mut entry.step, Step::PubAck(None)) {
+            let placeholder = Step::PubAck { answer: None, reason: ReasonCode::Success };
+            (entry.step, event) = match std::mem::replace(&mut entry.step, placeholder) {
                 Step::Request(request) => {
                     (Step::Requested(request.topic.clone()), Event::Request { id, request })
                 }
@@ -674,17 +707,29 @@ impl Session {
     }
 
     /// The gateway has the request `id` (`Ok`), or refused it: then the client gets the error
-    /// on `<topic>/error` (at the request's QoS), before the PUBACK.
+    /// on `<topic>/error` (at the request's QoS) before the PUBACK, which carries the refusal's
+    /// reason code on MQTT 5. A QoS 1 request the gateway took is acknowledged only when its
+    /// answer comes ([`Session::send_response`] with the request's tag): PUBACK means the
+    /// extension has it (DESIGN decision 9).
     pub fn request_done(&mut self, id: RequestId, result: Result<(), KpError>) {
+        let v5 = self.is_v5();
         let Some(entry) = self.entry_mut(id) else { return };
+        // An answer that came first has settled the entry already.
         let Step::Requested(topic) = &entry.step else { return };
-        let answer = result.err().map(|e| KpResponse {
-            base: topic.base(),
-            request_id: topic.request_id(),
-            tag: if entry.packet_id.is_some() { 2 } else { 1 },
-            outcome: KpOutcome::Error(e),
-        });
-        entry.step = Step::PubAck(answer);
+        entry.step = match result {
+            Ok(()) if entry.packet_id.is_some() => Step::Delivering,
+            Ok(()) => Step::PubAck { answer: None, reason: ReasonCode::Success },
+            Err(e) => {
+                let reason = if v5 { puback_reason(e.status) } else { ReasonCode::Success };
+                let answer = KpResponse {
+                    base: topic.base(),
+                    request_id: topic.request_id(),
+                    tag: if entry.packet_id.is_some() { 2 } else { 1 },
+                    outcome: KpOutcome::Error(e),
+                };
+                Step::PubAck { answer: Some(answer), reason }
+            }
+        };
         self.drive();
     }
 
@@ -759,6 +804,30 @@ impl Session {
     /// cannot go out now: not connected, or a QoS 1 response and the client's receive window is
     /// full (see [`Session::wants_responses`]).
     pub fn send_response(&mut self, response: KpResponse) -> Result<(), KpResponse> {
+        // The answer to a request still owed its PUBACK settles it; it goes out (before the
+        // PUBACK) in the order the requests came.
+        if let Some(id) = request_of(response.tag) {
+            let v5 = self.is_v5();
+            if let Some(entry) = self.entry_mut(id)
+                && matches!(entry.step, Step::Requested(_) | Step::Delivering)
+            {
+                let (answer, reason) = match &response.outcome {
+                    // Without a request id a success is only acknowledged (1/KP).
+                    KpOutcome::Success(_) if response.request_id.is_none() => {
+                        (None, ReasonCode::Success)
+                    }
+                    KpOutcome::Success(_) => (Some(response), ReasonCode::Success),
+                    KpOutcome::Error(e) if v5 => {
+                        let reason = puback_reason(e.status);
+                        (Some(response), reason)
+                    }
+                    KpOutcome::Error(_) => (Some(response), ReasonCode::Success),
+                };
+                entry.step = Step::PubAck { answer, reason };
+                self.drive();
+                return Ok(());
+            }
+        }
         let window_full =
             response_qos(response.tag) == QoS::AtLeastOnce && self.inflight >= self.max_inflight;
         if !matches!(self.state, State::Connected { .. }) || window_full {
@@ -908,21 +977,27 @@ impl Session {
             Ok(topic) => topic,
             Err(v) => return self.violation(v),
         };
-        let tag = 1 + publish.qos as u64;
+        let id = RequestId(self.first_id + self.pending.len() as u64);
+        let tag = request_tag(id, publish.qos);
         let step = match KpTopic::parse(topic.clone()) {
             Ok(topic) => Step::Request(KpRequest {
                 topic,
                 payload: publish.payload,
                 tag,
-                wants_answer: false,
+                // A QoS 1 PUBACK waits for the extension's answer, with or without request id.
+                wants_answer: publish.qos == QoS::AtLeastOnce,
             }),
             // Not a 1/KP path: answered on `<topic>/error` all the same.
-            Err(e) => Step::PubAck(Some(KpResponse {
-                base: topic,
-                request_id: None,
-                tag,
-                outcome: KpOutcome::Error(KpError::not_found(e.to_string())),
-            })),
+            Err(e) => {
+                let reason = if v5 { ReasonCode::TopicNameInvalid } else { ReasonCode::Success };
+                let answer = KpResponse {
+                    base: topic,
+                    request_id: None,
+                    tag,
+                    outcome: KpOutcome::Error(KpError::not_found(e.to_string())),
+                };
+                Step::PubAck { answer: Some(answer), reason }
+            }
         };
         let packet_id = publish.packet_id.filter(|_| publish.qos == QoS::AtLeastOnce);
         if packet_id.is_some() {
@@ -998,7 +1073,7 @@ impl Session {
             if !front.step.is_answered() {
                 break;
             }
-            if let Step::PubAck(Some(answer)) = &front.step
+            if let Step::PubAck { answer: Some(answer), .. } = &front.step
                 && response_qos(answer.tag) == QoS::AtLeastOnce
                 && self.inflight >= self.max_inflight
             {
@@ -1008,13 +1083,14 @@ impl Session {
             self.first_id += 1;
             self.next_event = self.next_event.saturating_sub(1);
             match (step, packet_id) {
-                (Step::PubAck(answer), packet_id) => {
+                (Step::PubAck { answer, reason }, packet_id) => {
                     if let Some(answer) = answer {
                         self.publish(&answer);
                     }
                     if let Some(packet_id) = packet_id {
                         self.unacked = self.unacked.saturating_sub(1);
-                        self.encode(&Packet::PubAck(PubAck::new(packet_id)));
+                        let ack = PubAck { reason_code: reason, ..PubAck::new(packet_id) };
+                        self.encode(&Packet::PubAck(ack));
                     }
                 }
                 (Step::SubAck(reason_codes), Some(packet_id)) => {

@@ -87,6 +87,13 @@ impl Client {
             .collect()
     }
 
+    /// The gateway takes `request` and its extension answers success (without payload): what
+    /// a QoS 1 PUBACK waits for.
+    fn deliver(&mut self, id: RequestId, request: &KpRequest) {
+        self.session.request_done(id, Ok(()));
+        self.session.send_response(answer(request, KpOutcome::Success(Bytes::new()))).unwrap();
+    }
+
     /// Sends CONNECT, expects the Connect event, accepts it, and returns the CONNACK.
     fn connect_with(&mut self, connect: Connect) -> ConnAck {
         self.send(&Packet::Connect(Box::new(connect)));
@@ -118,6 +125,17 @@ impl Client {
             other => panic!("expected DISCONNECT {reason:?}, got {other:?}"),
         }
         assert!(self.session.is_closed());
+    }
+}
+
+/// The extension's answer to `request`, as the gateway routes it back: its base, request id and
+/// tag.
+fn answer(request: &KpRequest, outcome: KpOutcome) -> KpResponse {
+    KpResponse {
+        base: request.topic.base(),
+        request_id: request.topic.request_id(),
+        tag: request.tag,
+        outcome,
     }
 }
 
@@ -368,14 +386,14 @@ fn an_mqtt5_will_beyond_what_connack_offers_is_refused() {
 fn packets_sent_right_after_connect_wait_for_the_gateways_answer() {
     let mut client = Client::new(V311, SessionConfig::default());
     let mut bytes = client.bytes(&Packet::Connect(Box::new(connect(V311, "d", 0))));
-    bytes.extend(client.bytes(&publish("kp1/a/dcx/t/json/1", QoS::AtLeastOnce, 1)));
+    bytes.extend(client.bytes(&publish("kp1/a/dcx/t/json", QoS::AtLeastOnce, 1)));
     client.session.receive(&bytes, client.now);
     assert!(matches!(client.events()[..], [Event::Connect(_)]));
     assert!(!client.session.wants_input(), "no reading while the gateway authenticates");
     client.session.connected(Ok(ClientIdentity { session: SESSION, client_id: None }), client.now);
     let requests = client.requests();
     assert_eq!(requests.len(), 1);
-    client.session.request_done(requests[0].0, Ok(()));
+    client.deliver(requests[0].0, &requests[0].1);
     let packets = client.received();
     assert!(matches!(&packets[..], [Packet::ConnAck(_), Packet::PubAck(a)] if a.packet_id == 1));
 }
@@ -469,8 +487,9 @@ fn idle_connections_give_their_buffers_back() {
     client.session.read_buffer().extend_from_slice(&bytes);
     client.session.handle_input(client.now);
     let requests = client.requests();
-    client.session.request_done(requests[0].0, Ok(()));
-    assert_eq!(client.received().len(), 1);
+    client.deliver(requests[0].0, &requests[0].1);
+    // The answer to a request with an id, then its PUBACK.
+    assert_eq!(client.received().len(), 2);
     assert!(holds_buffers(&client.session));
     let release = client.now + IDLE_RELEASE;
     assert_eq!(client.session.poll_timeout(), Some(release), "before the keep-alive's 90 s");
@@ -509,18 +528,23 @@ fn pubacks_leave_in_arrival_order_whatever_order_requests_complete_in() {
     }
     let requests = client.requests();
     assert_eq!(requests.len(), 3);
-    assert_eq!(requests[0].1.tag, 2, "tag = 1 + QoS");
-    client.session.request_done(requests[2].0, Ok(()));
+    assert_eq!(requests[0].1.tag & 3, 2, "the low bits of a tag are 1 + QoS");
+    assert!(requests.iter().all(|(_, r)| r.wants_answer), "QoS 1 waits for the answer");
+    client.deliver(requests[2].0, &requests[2].1);
     assert!(client.received().is_empty(), "12 waits for 10 and 11");
-    client.session.request_done(requests[0].0, Ok(()));
+    client.deliver(requests[0].0, &requests[0].1);
     let packets = client.received();
-    assert_eq!(packets.iter().map(puback_id).collect::<Vec<_>>(), [10]);
+    assert_eq!(topic(&packets[0]), "kp1/a/dcx/t/json/10/status");
+    assert_eq!(puback_id(&packets[1]), 10);
     client.session.request_done(requests[1].0, Err(KpError::forbidden("no")));
     let packets = client.received();
-    assert_eq!(packets.len(), 3);
+    assert_eq!(packets.len(), 4);
     assert_eq!(topic(&packets[0]), "kp1/a/dcx/t/json/11/error", "the error before its PUBACK");
     assert_eq!(puback_id(&packets[1]), 11);
-    assert_eq!(puback_id(&packets[2]), 12);
+    let Packet::PubAck(refused) = &packets[1] else { panic!() };
+    assert_eq!(refused.reason_code, ReasonCode::NotAuthorized, "MQTT 5: a negative PUBACK");
+    assert_eq!(topic(&packets[2]), "kp1/a/dcx/t/json/12/status");
+    assert_eq!(puback_id(&packets[3]), 12);
     // An answer for an id already answered, or never handed out, is ignored.
     client.session.request_done(requests[1].0, Err(KpError::forbidden("again")));
     client.session.request_done(RequestId(99), Ok(()));
@@ -532,7 +556,8 @@ fn a_refused_qos0_request_gets_its_error_at_qos0_and_no_ack() {
     let mut client = connected(V311, SessionConfig::default());
     client.publish("kp1/a/dcx/t/json", QoS::AtMostOnce, 0);
     let requests = client.requests();
-    assert_eq!(requests[0].1.tag, 1);
+    assert_eq!(requests[0].1.tag & 3, 1);
+    assert!(!requests[0].1.wants_answer, "QoS 0 waits for nothing");
     client.session.request_done(requests[0].0, Err(KpError::unauthorized("bad token")));
     let [Packet::Publish(p)] = &client.received()[..] else { panic!() };
     assert_eq!(&p.topic[..], b"kp1/a/dcx/t/json/error");
@@ -685,14 +710,14 @@ fn a_qos0_error_answer_does_not_wait_for_the_window() {
 fn our_receive_maximum_is_enforced_on_mqtt5_clients() {
     let config = SessionConfig { receive_maximum: 2, ..Default::default() };
     let mut client = connected(V5, config);
-    client.publish("kp1/a/dcx/t/json/1", QoS::AtLeastOnce, 1);
-    client.publish("kp1/a/dcx/t/json/2", QoS::AtLeastOnce, 2);
+    client.publish("kp1/a/dcx/t/json", QoS::AtLeastOnce, 1);
+    client.publish("kp1/a/dcx/t/json", QoS::AtLeastOnce, 2);
     let requests = client.requests();
-    client.session.request_done(requests[0].0, Ok(()));
+    client.deliver(requests[0].0, &requests[0].1);
     // One acknowledged: room for one more, not two.
-    client.publish("kp1/a/dcx/t/json/3", QoS::AtLeastOnce, 3);
+    client.publish("kp1/a/dcx/t/json", QoS::AtLeastOnce, 3);
     assert_eq!(client.requests().len(), 1);
-    client.publish("kp1/a/dcx/t/json/4", QoS::AtLeastOnce, 4);
+    client.publish("kp1/a/dcx/t/json", QoS::AtLeastOnce, 4);
     let packets = client.received();
     assert_eq!(puback_id(&packets[0]), 1);
     let Packet::Disconnect(d) = &packets[1] else { panic!("{packets:?}") };
@@ -996,4 +1021,68 @@ fn a_reason_a_disconnect_cannot_carry_becomes_unspecified_error() {
     let mut client = connected(V5, SessionConfig::default());
     client.session.close(ReasonCode::BadAuthenticationMethod);
     client.expect_disconnect(ReasonCode::UnspecifiedError);
+}
+
+// ----- acknowledgements mean the extension has the message (DESIGN decision 9) -------------
+
+#[test]
+fn a_qos1_puback_waits_for_the_extensions_answer() {
+    for version in [V5, V311] {
+        let mut client = connected(version, SessionConfig::default());
+        client.publish("kp1/a/dcx/t/json", QoS::AtLeastOnce, 5);
+        let requests = client.requests();
+        client.session.request_done(requests[0].0, Ok(()));
+        assert!(client.received().is_empty(), "handed to the bus is not yet an acknowledgement");
+        let success = answer(&requests[0].1, KpOutcome::Success(Bytes::new()));
+        client.session.send_response(success).unwrap();
+        // No request id: acknowledged, no `/status` (1/KP).
+        let packets = client.received();
+        assert_eq!(packets.len(), 1, "{packets:?}");
+        assert_eq!(puback_id(&packets[0]), 5);
+    }
+}
+
+#[test]
+fn an_answer_that_comes_before_the_gateway_returns_settles_the_request() {
+    let mut client = connected(V5, SessionConfig::default());
+    client.publish("kp1/a/dcx/t/json/9", QoS::AtLeastOnce, 1);
+    let requests = client.requests();
+    let early = answer(&requests[0].1, KpOutcome::Success(Bytes::from_static(b"{}")));
+    client.session.send_response(early).unwrap();
+    client.session.request_done(requests[0].0, Ok(()));
+    let packets = client.received();
+    assert_eq!(topic(&packets[0]), "kp1/a/dcx/t/json/9/status");
+    assert_eq!(puback_id(&packets[1]), 1);
+    assert_eq!(packets.len(), 2);
+}
+
+#[test]
+fn an_extensions_refusal_is_a_negative_puback_on_mqtt5_and_an_error_topic_on_both() {
+    for (version, reason) in [(V5, ReasonCode::PayloadFormatInvalid), (V311, ReasonCode::Success)] {
+        let mut client = connected(version, SessionConfig::default());
+        client.publish("kp1/a/dcx/t/json", QoS::AtLeastOnce, 3);
+        let requests = client.requests();
+        client.session.request_done(requests[0].0, Ok(()));
+        let refusal = answer(&requests[0].1, KpOutcome::Error(KpError::bad_request("not JSON")));
+        client.session.send_response(refusal).unwrap();
+        let packets = client.received();
+        assert_eq!(topic(&packets[0]), "kp1/a/dcx/t/json/error");
+        let Packet::PubAck(ack) = &packets[1] else { panic!("{packets:?}") };
+        assert_eq!((ack.packet_id, ack.reason_code), (3, reason), "{version:?}");
+    }
+}
+
+#[test]
+fn a_late_answer_to_a_settled_request_is_published_as_a_response() {
+    let mut client = connected(V311, SessionConfig::default());
+    client.publish("kp1/a/dcx/t/json/4", QoS::AtMostOnce, 0);
+    let requests = client.requests();
+    client.session.request_done(requests[0].0, Ok(()));
+    assert!(client.received().is_empty(), "QoS 0: nothing to acknowledge");
+    let late = answer(&requests[0].1, KpOutcome::Success(Bytes::new()));
+    client.session.send_response(late).unwrap();
+    let packets = client.received();
+    assert_eq!(topic(&packets[0]), "kp1/a/dcx/t/json/4/status");
+    let Packet::Publish(p) = &packets[0] else { panic!() };
+    assert_eq!(p.qos, QoS::AtMostOnce, "at the request's QoS");
 }
