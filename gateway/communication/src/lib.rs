@@ -20,6 +20,7 @@ mod metrics;
 mod pending;
 mod sessions;
 mod sharded;
+pub mod spool;
 mod tokens;
 pub mod uplink;
 

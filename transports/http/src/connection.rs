@@ -512,6 +512,8 @@ fn outcome_response(outcome: KpOutcome, on_empty: StatusCode) -> HttpResponse {
             response
         }
         KpOutcome::Error(e) => error_response(&e),
+        // Durable in the gateway's spool; the extension has not answered yet.
+        KpOutcome::Stored => empty(StatusCode::ACCEPTED),
     }
 }
 

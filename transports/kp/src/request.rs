@@ -59,6 +59,11 @@ pub enum KpOutcome {
     Success(Bytes),
     /// Anything else, for the `/error` topic with the 1/KP error body.
     Error(KpError),
+    /// The bus could not take the request in time, so the gateway wrote it to its durable
+    /// spool: it will be delivered, and the extension's answer (if the device gets one) follows
+    /// later without tag. The transport acknowledges the request (MQTT PUBACK, HTTP 202, CoAP
+    /// 2.xx without payload) and publishes nothing for it.
+    Stored,
 }
 
 /// A response or push for a device, addressed by 1/KP path.
@@ -82,7 +87,7 @@ pub fn response_topic(response: &KpResponse) -> String {
         topic.push_str(&id.to_string());
     }
     topic.push_str(match response.outcome {
-        KpOutcome::Success(_) => "/status",
+        KpOutcome::Success(_) | KpOutcome::Stored => "/status",
         KpOutcome::Error(_) => "/error",
     });
     topic

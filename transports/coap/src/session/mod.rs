@@ -786,6 +786,8 @@ const OTHER_CREDENTIALS: &str = "this peer's session was opened with other crede
 fn outcome_parts(outcome: &KpOutcome, success: Code) -> (Code, Bytes) {
     match outcome {
         KpOutcome::Success(payload) => (success, payload.clone()),
+        // Durable in the gateway's spool; the extension has not answered yet.
+        KpOutcome::Stored => (success, Bytes::new()),
         KpOutcome::Error(KpError { status, reason }) => {
             (response_code(*status, success), Bytes::copy_from_slice(reason.as_bytes()))
         }

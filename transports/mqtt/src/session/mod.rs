@@ -812,10 +812,12 @@ impl Session {
                 && matches!(entry.step, Step::Requested(_) | Step::Delivering)
             {
                 let (answer, reason) = match &response.outcome {
-                    // Without a request id a success is only acknowledged (1/KP).
+                    // Without a request id a success is only acknowledged (1/KP); a request
+                    // the gateway spooled is acknowledged, and its answer comes later.
                     KpOutcome::Success(_) if response.request_id.is_none() => {
                         (None, ReasonCode::Success)
                     }
+                    KpOutcome::Stored => (None, ReasonCode::Success),
                     KpOutcome::Success(_) => (Some(response), ReasonCode::Success),
                     KpOutcome::Error(e) if v5 => {
                         let reason = puback_reason(e.status);
@@ -827,6 +829,10 @@ impl Session {
                 self.drive();
                 return Ok(());
             }
+        }
+        if response.outcome == KpOutcome::Stored {
+            // Only ever the answer to a request still owed its PUBACK; nothing to publish.
+            return Ok(());
         }
         let window_full =
             response_qos(response.tag) == QoS::AtLeastOnce && self.inflight >= self.max_inflight;
@@ -1117,6 +1123,8 @@ impl Session {
         let error_body;
         let (suffix, payload): (&[u8], &[u8]) = match &response.outcome {
             KpOutcome::Success(payload) => (b"/status", payload),
+            // Never published (see `send_response`).
+            KpOutcome::Stored => return,
             KpOutcome::Error(e) => {
                 error_body = e.body();
                 (b"/error", &error_body)
