@@ -43,7 +43,8 @@ pub struct CompareArgs {
     /// Scenarios to run: m1, m2, m4, m5.
     #[arg(long, value_delimiter = ',', default_value = "m1,m2,m4,m5")]
     pub scenarios: Vec<String>,
-    /// Peers to compare with: mosquitto, rumqttd (M4 always uses Mosquitto only).
+    /// Peers to compare with: mosquitto, rumqttd, or none ('') (M4 always uses Mosquitto
+    /// only).
     #[arg(long, value_delimiter = ',', default_value = "mosquitto,rumqttd")]
     pub peers: Vec<String>,
     /// A B pairs per scenario; the figures are medians over the pairs.
@@ -381,6 +382,16 @@ fn which(program: &Path) -> bool {
         .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
 }
 
+/// The systems named by `--peers`. `--peers ''` (no broker) arrives as one empty name and
+/// names none.
+fn parse_peers(names: &[String]) -> Result<Vec<System>, CompareError> {
+    names
+        .iter()
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| System::parse(p).ok_or_else(|| setup(format!("unknown peer {p:?}"))))
+        .collect()
+}
+
 impl Env {
     fn new(args: CompareArgs) -> Result<Self, CompareError> {
         let here = std::env::current_exe()
@@ -401,8 +412,7 @@ impl Env {
             return Err(setup("nats-server not found (apt-get install nats-server)"));
         }
         let mut peers = Vec::new();
-        for p in &args.peers {
-            let sys = System::parse(p).ok_or_else(|| setup(format!("unknown peer {p:?}")))?;
+        for sys in parse_peers(&args.peers)? {
             let bin = match sys {
                 System::Mosquitto => &args.mosquitto_bin,
                 System::Rumqttd => &args.rumqttd_bin,
@@ -1163,5 +1173,26 @@ mod tests {
                 .join("\n");
         assert!(text.contains("1500 B RSS per connection"), "{text}");
         assert!(text.contains("bytes per connection 0.50×"), "{text}");
+    }
+
+    #[test]
+    fn empty_or_broker_only_peers_parse() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: CompareArgs,
+        }
+        let parse = |argv: &[&str]| {
+            let args = <Cli as clap::Parser>::try_parse_from(argv).map(|c| c.args);
+            args.map_err(|e| e.to_string())
+                .and_then(|a| parse_peers(&a.peers).map_err(|e| e.to_string()))
+        };
+        // clap hands `--peers ''` over as one empty name, which `parse_peers` drops.
+        let raw = <Cli as clap::Parser>::try_parse_from(["c", "--peers", ""]).map(|c| c.args.peers);
+        assert_eq!(raw.map_err(|e| e.to_string()), Ok(vec![String::new()]));
+        assert_eq!(parse(&["c", "--peers", ""]), Ok(vec![]));
+        assert_eq!(parse(&["c", "--peers", "mosquitto"]), Ok(vec![System::Mosquitto]));
+        assert_eq!(parse(&["c"]), Ok(vec![System::Mosquitto, System::Rumqttd]));
+        assert!(parse(&["c", "--peers", "bogus"]).is_err());
     }
 }
