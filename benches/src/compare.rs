@@ -15,6 +15,12 @@
 //!   processes.
 //! - **M5** latency at a fixed 10k msg/s: p50, p99 device → delivery counter.
 //!
+//! A/B of two fleetgate builds (`--fleetgate-b-bin`): a second fleetgate, `fleetgate-b`, takes
+//! part in every pair of every scenario (M4 too) beside fleetgate, started the same way with a
+//! nats-server of its own; the two swap order on odd pairs so neither always goes first. Each
+//! scenario then also prints fleetgate / fleetgate-b: the median over pairs of the per-pair
+//! ratio with the min–max of those ratios. `--peers ''` leaves the brokers out of M1, M2, M5.
+//!
 //! Placement on a 2-core machine (`--sut-core`, `--load-core`, `--nats-core`): the system under
 //! test on core 0, the generator (and its delivery counter) on core 1, nats-server on core 0
 //! beside fleetgate. fleetgate's path to its delivery counter includes NATS, so fleetgate and
@@ -43,7 +49,8 @@ pub struct CompareArgs {
     /// Scenarios to run: m1, m2, m4, m5.
     #[arg(long, value_delimiter = ',', default_value = "m1,m2,m4,m5")]
     pub scenarios: Vec<String>,
-    /// Peers to compare with: mosquitto, rumqttd (M4 always uses Mosquitto only).
+    /// Peers to compare with: mosquitto, rumqttd, or none ('') (M4 always uses Mosquitto
+    /// only).
     #[arg(long, value_delimiter = ',', default_value = "mosquitto,rumqttd")]
     pub peers: Vec<String>,
     /// A B pairs per scenario; the figures are medians over the pairs.
@@ -108,6 +115,10 @@ pub struct CompareArgs {
     /// The fleetgate binary (default: beside this one).
     #[arg(long)]
     pub fleetgate_bin: Option<PathBuf>,
+    /// A second fleetgate binary to A/B against the first: it runs in every pair of every
+    /// scenario as `fleetgate-b`, and fleetgate / fleetgate-b ratios are printed.
+    #[arg(long)]
+    pub fleetgate_b_bin: Option<PathBuf>,
     /// The fleetgate-loadgen binary (default: beside this one).
     #[arg(long)]
     pub loadgen_bin: Option<PathBuf>,
@@ -142,6 +153,8 @@ fn setup(msg: impl Into<String>) -> CompareError {
 pub enum System {
     /// `fleetgate up` on NATS, auto-registering tokens; delivery counted on NATS.
     Fleetgate,
+    /// The same with the `--fleetgate-b-bin` binary: the other side of an A/B of two builds.
+    FleetgateB,
     /// Mosquitto 2.0, delivery counted by one subscriber on `kp1/#`.
     Mosquitto,
     /// rumqttd, segment sizes capped, delivery counted by one subscriber on `kp1/#`.
@@ -153,11 +166,18 @@ impl System {
     pub fn name(self) -> &'static str {
         match self {
             System::Fleetgate => "fleetgate",
+            System::FleetgateB => "fleetgate-b",
             System::Mosquitto => "mosquitto",
             System::Rumqttd => "rumqttd",
         }
     }
 
+    /// Whether this is a fleetgate build: started on nats-server, delivery counted on NATS.
+    fn is_fleetgate(self) -> bool {
+        matches!(self, System::Fleetgate | System::FleetgateB)
+    }
+
+    /// A peer name of `--peers` (fleetgate-b is not one: it comes with `--fleetgate-b-bin`).
     fn parse(s: &str) -> Option<System> {
         match s.trim() {
             "fleetgate" => Some(System::Fleetgate),
@@ -179,10 +199,47 @@ pub fn median(values: &[f64]) -> Option<f64> {
     Some(if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 })
 }
 
+/// The per-pair ratios `a[i] / b[i]`; pairs where `b[i]` is 0 or a figure is missing are left
+/// out.
+fn pair_ratios(a: &[f64], b: &[f64]) -> Vec<f64> {
+    a.iter()
+        .zip(b)
+        .filter(|(_, b)| **b > 0.0)
+        .map(|(a, b)| a / b)
+        .filter(|r| r.is_finite())
+        .collect()
+}
+
 /// The median over pairs of `a[i] / b[i]` (pairs where `b[i]` is 0 are left out).
 pub fn median_ratio(a: &[f64], b: &[f64]) -> Option<f64> {
-    let ratios: Vec<f64> = a.iter().zip(b).filter(|(_, b)| **b > 0.0).map(|(a, b)| a / b).collect();
-    median(&ratios)
+    median(&pair_ratios(a, b))
+}
+
+/// Per-pair ratios summarised: their median and their spread.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct RatioSpread {
+    /// The median over pairs of the per-pair ratio.
+    pub median: f64,
+    /// The smallest per-pair ratio.
+    pub min: f64,
+    /// The largest per-pair ratio.
+    pub max: f64,
+    /// Pairs that gave a ratio.
+    pub pairs: usize,
+}
+
+impl RatioSpread {
+    /// The per-pair ratios `a[i] / b[i]` summarised (as [`median_ratio`] leaves pairs out);
+    /// `None` when no pair gave one.
+    pub fn of(a: &[f64], b: &[f64]) -> Option<RatioSpread> {
+        let ratios = pair_ratios(a, b);
+        Some(RatioSpread {
+            median: median(&ratios)?,
+            min: ratios.iter().copied().fold(f64::INFINITY, f64::min),
+            max: ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            pairs: ratios.len(),
+        })
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -340,6 +397,8 @@ struct Env {
     args: CompareArgs,
     launcher: Launcher,
     fleetgate: PathBuf,
+    /// The second fleetgate build of an A/B run.
+    fleetgate_b: Option<PathBuf>,
     loadgen: PathBuf,
     peers: Vec<System>,
     run_no: usize,
@@ -381,6 +440,16 @@ fn which(program: &Path) -> bool {
         .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
 }
 
+/// The systems named by `--peers`. `--peers ''` (no broker) arrives as one empty name and
+/// names none.
+fn parse_peers(names: &[String]) -> Result<Vec<System>, CompareError> {
+    names
+        .iter()
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| System::parse(p).ok_or_else(|| setup(format!("unknown peer {p:?}"))))
+        .collect()
+}
+
 impl Env {
     fn new(args: CompareArgs) -> Result<Self, CompareError> {
         let here = std::env::current_exe()
@@ -397,16 +466,19 @@ impl Env {
                 )));
             }
         }
+        let fleetgate_b = args.fleetgate_b_bin.clone();
+        if let Some(path) = fleetgate_b.as_ref().filter(|p| !p.exists()) {
+            return Err(setup(format!("fleetgate-b not found at {}", path.display())));
+        }
         if !which(&args.nats_server_bin) {
             return Err(setup("nats-server not found (apt-get install nats-server)"));
         }
         let mut peers = Vec::new();
-        for p in &args.peers {
-            let sys = System::parse(p).ok_or_else(|| setup(format!("unknown peer {p:?}")))?;
+        for sys in parse_peers(&args.peers)? {
             let bin = match sys {
                 System::Mosquitto => &args.mosquitto_bin,
                 System::Rumqttd => &args.rumqttd_bin,
-                System::Fleetgate => continue,
+                System::Fleetgate | System::FleetgateB => continue,
             };
             if !which(bin) {
                 return Err(setup(format!(
@@ -427,7 +499,7 @@ impl Env {
         std::fs::create_dir_all(args.out.join("logs"))
             .map_err(|e| setup(format!("cannot create {}: {e}", args.out.display())))?;
         let launcher = Launcher { pin, out: args.out.clone() };
-        Ok(Env { args, launcher, fleetgate, loadgen, peers, run_no: 0 })
+        Ok(Env { args, launcher, fleetgate, fleetgate_b, loadgen, peers, run_no: 0 })
     }
 
     fn next_name(&mut self, label: &str) -> String {
@@ -450,8 +522,19 @@ impl Env {
         Ok((p, format!("nats://127.0.0.1:{port}")))
     }
 
-    /// fleetgate: nats-server plus `replicas` × `fleetgate up` sharing one MQTT port.
-    fn start_fleetgate(&self, name: &str, replicas: usize) -> Result<Sut, CompareError> {
+    /// fleetgate (`system` says which build): nats-server plus `replicas` × `fleetgate up`
+    /// sharing one MQTT port.
+    fn start_fleetgate(
+        &self,
+        system: System,
+        name: &str,
+        replicas: usize,
+    ) -> Result<Sut, CompareError> {
+        let bin = match system {
+            System::FleetgateB => self.fleetgate_b.as_ref(),
+            _ => Some(&self.fleetgate),
+        }
+        .ok_or_else(|| setup("fleetgate-b runs only with --fleetgate-b-bin"))?;
         let (nats, url) = self.start_nats(name)?;
         let port = free_port()?;
         let mqtt = SocketAddr::from(([127, 0, 0, 1], port));
@@ -463,7 +546,7 @@ impl Env {
         };
         for r in 0..replicas {
             let admin = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-            let mut cmd = self.launcher.command(&self.args.sut_core, &self.fleetgate);
+            let mut cmd = self.launcher.command(&self.args.sut_core, bin);
             cmd.arg("up")
                 .env_remove("FLEETGATE_CONFIG")
                 .env("FLEETGATE_NATS_URL", &url)
@@ -476,7 +559,7 @@ impl Env {
                 .env("FLEETGATE_AUTH_AUTO_REGISTER", "true")
                 .env("FLEETGATE_PROCESS_DRAIN_TIMEOUT_MS", "500")
                 .env("RUST_LOG", "warn");
-            let mut p = self.launcher.spawn(&format!("{name}-fleetgate-{r}"), cmd)?;
+            let mut p = self.launcher.spawn(&format!("{name}-{}-{r}", system.name()), cmd)?;
             wait_until(&mut p, Duration::from_secs(20), || http_ready(admin))?;
             sut.servers.push(p);
         }
@@ -545,7 +628,7 @@ next_connection_delay_ms = 0
 
     fn start(&self, system: System, name: &str, processes: usize) -> Result<Sut, CompareError> {
         match system {
-            System::Fleetgate => self.start_fleetgate(name, processes),
+            System::Fleetgate | System::FleetgateB => self.start_fleetgate(system, name, processes),
             System::Mosquitto => self.start_mosquitto(name, processes),
             System::Rumqttd => self.start_rumqttd(name),
         }
@@ -631,7 +714,7 @@ pub struct RateRun {
     /// CPU-seconds per million delivered messages of the system under test, at the MSR step
     /// (or the first step when none held).
     pub sut_cpu_s_per_m: Option<f64>,
-    /// The same for nats-server (fleetgate only).
+    /// The same for nats-server (fleetgate and fleetgate-b only).
     pub nats_cpu_s_per_m: Option<f64>,
     /// Resident memory of the system under test at the end of that step, KiB.
     pub sut_rss_kib: Option<u64>,
@@ -668,6 +751,49 @@ pub struct IdleRun {
     pub per_process: Vec<(u64, Option<f64>)>,
 }
 
+/// What a fleetgate / fleetgate-b ratio compares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AbMetric {
+    /// Maximum sustainable rate (M1, M2).
+    Msr,
+    /// CPU-seconds per million messages of the fleetgate process alone.
+    SutCpuSPerM,
+    /// The same with each side's nats-server added.
+    SutNatsCpuSPerM,
+    /// p99 latency (M5).
+    P99Ms,
+    /// RSS per idle connection (M4).
+    BytesPerConn,
+}
+
+impl AbMetric {
+    /// The ratio `r` as a summary line reads it.
+    fn describe(self, r: &str) -> String {
+        match self {
+            AbMetric::Msr => format!("MSR {r}"),
+            AbMetric::SutCpuSPerM => format!("cpu-s/M {r} (sut)"),
+            AbMetric::SutNatsCpuSPerM => format!("{r} (sut + nats)"),
+            AbMetric::P99Ms => format!("p99 {r} (lower is better)"),
+            AbMetric::BytesPerConn => format!("bytes per connection {r} (lower is better)"),
+        }
+    }
+}
+
+/// One fleetgate / fleetgate-b ratio of an A/B run.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AbRatio {
+    /// The scenario: m1, m2, m4 or m5.
+    pub scenario: String,
+    /// M4: the idle connection count.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connections: Option<usize>,
+    /// What is compared.
+    pub metric: AbMetric,
+    /// fleetgate / fleetgate-b over the pairs; `None` when no pair had both figures.
+    pub ratio: Option<RatioSpread>,
+}
+
 /// Everything the runner measured.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Summary {
@@ -677,6 +803,10 @@ pub struct Summary {
     pub idle_runs: BTreeMap<usize, Vec<IdleRun>>,
     /// Whether the processes were pinned.
     pub pinned: bool,
+    /// fleetgate / fleetgate-b ratios of an A/B run (`--fleetgate-b-bin`), scenario by
+    /// scenario; absent otherwise.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ab_ratios: Vec<AbRatio>,
     /// The result lines as printed.
     pub lines: Vec<String>,
 }
@@ -697,7 +827,7 @@ impl Env {
         let sut_pid = sut.servers.first().map_or(0, Proc::pid);
         let mut args: Vec<String> = vec![
             "--target".into(),
-            if system == System::Fleetgate { "fleetgate" } else { "broker" }.into(),
+            if system.is_fleetgate() { "fleetgate" } else { "broker" }.into(),
             "--mqtt".into(),
             sut.mqtt[0].to_string(),
             "--qos".into(),
@@ -872,6 +1002,25 @@ fn fmt_opt(v: Option<f64>, digits: usize) -> String {
     v.map_or_else(|| "-".into(), |v| format!("{v:.digits$}"))
 }
 
+/// The width of a system-name column: `min`, or the longest name if that is longer.
+fn name_width(systems: &[System], min: usize) -> usize {
+    systems.iter().map(|s| s.name().len()).fold(min, usize::max)
+}
+
+/// The order in which the systems run in pair `pair`: as listed, except that fleetgate and
+/// fleetgate-b swap places on odd pairs so that neither build always goes first (the peers
+/// keep theirs).
+fn pair_order(systems: &[System], pair: usize) -> Vec<System> {
+    let mut order = systems.to_vec();
+    if pair % 2 == 1 {
+        let at = |s: System| order.iter().position(|o| *o == s);
+        if let (Some(a), Some(b)) = (at(System::Fleetgate), at(System::FleetgateB)) {
+            order.swap(a, b);
+        }
+    }
+    order
+}
+
 /// Runs the chosen scenarios and prints the comparison; returns what it measured.
 pub fn run(args: CompareArgs) -> Result<Summary, CompareError> {
     let mut env = Env::new(args)?;
@@ -879,8 +1028,12 @@ pub fn run(args: CompareArgs) -> Result<Summary, CompareError> {
     let pairs = env.args.pairs.max(1);
     let scenarios: Vec<String> =
         env.args.scenarios.iter().map(|s| s.trim().to_lowercase()).collect();
-    let mut systems = vec![System::Fleetgate];
+    // fleetgate-b stands right after fleetgate in every scenario.
+    let mut fleetgates = vec![System::Fleetgate];
+    fleetgates.extend(env.fleetgate_b.is_some().then_some(System::FleetgateB));
+    let mut systems = fleetgates.clone();
     systems.extend(env.peers.iter().copied());
+    let width = name_width(&systems, 9);
 
     for scenario in &scenarios {
         let (qos, rates, step_secs) = match scenario.as_str() {
@@ -893,10 +1046,10 @@ pub fn run(args: CompareArgs) -> Result<Summary, CompareError> {
         eprintln!("== {scenario}: QoS {qos}, rates {rates:?}, {pairs} pairs");
         let mut runs = Vec::new();
         for pair in 0..pairs {
-            for &system in &systems {
+            for system in pair_order(&systems, pair) {
                 let run = env.rate_run(scenario, system, pair, qos, &rates, step_secs)?;
                 eprintln!(
-                    "   {scenario} pair {pair} {:<9} MSR {:>7} msg/s  sut {} cpu-s/M  nats {} cpu-s/M  p99 {:.2} ms",
+                    "   {scenario} pair {pair} {:<width$} MSR {:>7} msg/s  sut {} cpu-s/M  nats {} cpu-s/M  p99 {:.2} ms",
                     system.name(),
                     run.msr,
                     fmt_opt(run.sut_cpu_s_per_m, 2),
@@ -911,12 +1064,14 @@ pub fn run(args: CompareArgs) -> Result<Summary, CompareError> {
             println!("{l}");
         }
         summary.lines.extend(lines);
+        summary.ab_ratios.extend(ab_rate_ratios(scenario, &runs));
         write_rate_plot(&env.args.out, scenario, &systems, &runs);
         summary.rate_runs.insert(scenario.clone(), runs);
     }
 
     if scenarios.iter().any(|s| s == "m4") {
-        let systems = [System::Fleetgate, System::Mosquitto];
+        let mut systems = fleetgates;
+        systems.push(System::Mosquitto);
         if !env.peers.contains(&System::Mosquitto) && !which(&env.args.mosquitto_bin) {
             return Err(setup("M4 compares with Mosquitto, which is not installed"));
         }
@@ -924,10 +1079,10 @@ pub fn run(args: CompareArgs) -> Result<Summary, CompareError> {
             eprintln!("== m4: {count} idle connections, {pairs} pairs");
             let mut runs = Vec::new();
             for pair in 0..pairs {
-                for system in systems {
+                for system in pair_order(&systems, pair) {
                     let run = env.idle_run(system, pair, count)?;
                     eprintln!(
-                        "   m4 {count} pair {pair} {:<9} held {}/{}  {} B/conn ({} processes)",
+                        "   m4 {count} pair {pair} {:<width$} held {}/{}  {} B/conn ({} processes)",
                         system.name(),
                         run.held,
                         run.requested,
@@ -937,11 +1092,12 @@ pub fn run(args: CompareArgs) -> Result<Summary, CompareError> {
                     runs.push(run);
                 }
             }
-            let lines = idle_lines(count, &runs);
+            let lines = idle_lines(count, &systems, &runs);
             for l in &lines {
                 println!("{l}");
             }
             summary.lines.extend(lines);
+            summary.ab_ratios.extend(ab_idle_ratios(count, &runs));
             summary.idle_runs.insert(count, runs);
         }
     }
@@ -965,15 +1121,16 @@ fn series<T>(
 pub fn rate_lines(scenario: &str, systems: &[System], runs: &[RateRun]) -> Vec<String> {
     let mut out = Vec::new();
     let latency_only = scenario == "m5";
+    let w = name_width(systems, 10);
     out.push(format!(
-        "{scenario}: {:<10} {:>10} {:>12} {:>12} {:>9} {:>9} {:>10}",
+        "{scenario}: {:<w$} {:>10} {:>12} {:>12} {:>9} {:>9} {:>10}",
         "system", "MSR msg/s", "sut cpu-s/M", "nats cpu-s/M", "p50 ms", "p99 ms", "RSS MiB"
     ));
     let sys = |r: &RateRun| r.system;
     for &s in systems {
         let med = |f: &dyn Fn(&RateRun) -> Option<f64>| median(&series(runs, s, sys, f));
         out.push(format!(
-            "{scenario}: {:<10} {:>10} {:>12} {:>12} {:>9} {:>9} {:>10}{}",
+            "{scenario}: {:<w$} {:>10} {:>12} {:>12} {:>9} {:>9} {:>10}{}",
             s.name(),
             fmt_opt(med(&|r| Some(r.msr as f64)), 0),
             fmt_opt(med(&|r| r.sut_cpu_s_per_m), 2),
@@ -991,7 +1148,7 @@ pub fn rate_lines(scenario: &str, systems: &[System], runs: &[RateRun]) -> Vec<S
         ));
     }
     let fg = |f: &dyn Fn(&RateRun) -> Option<f64>| series(runs, System::Fleetgate, sys, f);
-    for &peer in systems.iter().filter(|s| **s != System::Fleetgate) {
+    for &peer in systems.iter().filter(|s| !s.is_fleetgate()) {
         let pe = |f: &dyn Fn(&RateRun) -> Option<f64>| series(runs, peer, sys, f);
         let msr = |r: &RateRun| Some(r.msr as f64);
         let cpu = |r: &RateRun| r.sut_cpu_s_per_m;
@@ -1015,19 +1172,24 @@ pub fn rate_lines(scenario: &str, systems: &[System], runs: &[RateRun]) -> Vec<S
             ));
         }
     }
+    let ab = ab_rate_ratios(scenario, runs);
+    if !ab.is_empty() {
+        out.push(ab_line(scenario, &ab));
+    }
     out
 }
 
 /// The printed result of an idle-connection count.
-pub fn idle_lines(count: usize, runs: &[IdleRun]) -> Vec<String> {
+pub fn idle_lines(count: usize, systems: &[System], runs: &[IdleRun]) -> Vec<String> {
     let sys = |r: &IdleRun| r.system;
     let mut out = Vec::new();
-    for s in [System::Fleetgate, System::Mosquitto] {
+    let w = name_width(systems, 10);
+    for &s in systems {
         let held = median(&series(runs, s, sys, |r| Some(r.held as f64)));
         let bpc = median(&series(runs, s, sys, |r| r.bytes_per_conn));
         let procs = runs.iter().find(|r| r.system == s).map_or(0, |r| r.processes);
         out.push(format!(
-            "m4 {count}: {:<10} held {} of {count}, {} B RSS per connection, {procs} server process(es)",
+            "m4 {count}: {:<w$} held {} of {count}, {} B RSS per connection, {procs} server process(es)",
             s.name(),
             fmt_opt(held, 0),
             fmt_opt(bpc, 0)
@@ -1039,7 +1201,75 @@ pub fn idle_lines(count: usize, runs: &[IdleRun]) -> Vec<String> {
         "m4 {count}: fleetgate/mosquitto bytes per connection {}× (lower is better)",
         fmt_opt(median_ratio(&f, &m), 2)
     ));
+    let ab = ab_idle_ratios(count, runs);
+    if !ab.is_empty() {
+        out.push(ab_line(&format!("m4 {count}"), &ab));
+    }
     out
+}
+
+/// The fleetgate / fleetgate-b ratios of a throughput or latency scenario; none when
+/// fleetgate-b did not run.
+fn ab_rate_ratios(scenario: &str, runs: &[RateRun]) -> Vec<AbRatio> {
+    if !runs.iter().any(|r| r.system == System::FleetgateB) {
+        return Vec::new();
+    }
+    let sys = |r: &RateRun| r.system;
+    let ratio = |metric: AbMetric, f: &dyn Fn(&RateRun) -> Option<f64>| AbRatio {
+        scenario: scenario.to_owned(),
+        connections: None,
+        metric,
+        ratio: RatioSpread::of(
+            &series(runs, System::Fleetgate, sys, f),
+            &series(runs, System::FleetgateB, sys, f),
+        ),
+    };
+    // M5 runs one fixed rate: its figure is latency, as in the fleetgate/peer line.
+    let headline = if scenario == "m5" {
+        ratio(AbMetric::P99Ms, &|r| Some(r.p99_ms))
+    } else {
+        ratio(AbMetric::Msr, &|r| Some(r.msr as f64))
+    };
+    vec![
+        headline,
+        ratio(AbMetric::SutCpuSPerM, &|r| r.sut_cpu_s_per_m),
+        // Unlike a broker peer, each side has a nats-server of its own to be charged with.
+        ratio(AbMetric::SutNatsCpuSPerM, &|r| Some(r.sut_cpu_s_per_m? + r.nats_cpu_s_per_m?)),
+    ]
+}
+
+/// The fleetgate / fleetgate-b ratio of an idle-connection count; none when fleetgate-b did
+/// not run.
+fn ab_idle_ratios(count: usize, runs: &[IdleRun]) -> Vec<AbRatio> {
+    if !runs.iter().any(|r| r.system == System::FleetgateB) {
+        return Vec::new();
+    }
+    let sys = |r: &IdleRun| r.system;
+    let bpc = |r: &IdleRun| r.bytes_per_conn;
+    vec![AbRatio {
+        scenario: "m4".into(),
+        connections: Some(count),
+        metric: AbMetric::BytesPerConn,
+        ratio: RatioSpread::of(
+            &series(runs, System::Fleetgate, sys, bpc),
+            &series(runs, System::FleetgateB, sys, bpc),
+        ),
+    }]
+}
+
+/// The summary line of fleetgate / fleetgate-b ratios, each with the spread of its pairs.
+fn ab_line(prefix: &str, ratios: &[AbRatio]) -> String {
+    let parts: Vec<String> = ratios
+        .iter()
+        .map(|r| {
+            let text = r.ratio.map_or_else(
+                || "-".into(),
+                |r| format!("{:.2}× [{:.2}–{:.2}]", r.median, r.min, r.max),
+            );
+            r.metric.describe(&text)
+        })
+        .collect();
+    format!("{prefix}: fleetgate/fleetgate-b: {} (median of pairs [min–max])", parts.join(", "))
 }
 
 fn write_rate_plot(out: &Path, scenario: &str, systems: &[System], runs: &[RateRun]) {
@@ -1121,7 +1351,7 @@ mod tests {
             msr_lower_bound: false,
             generator_limited_above: false,
             sut_cpu_s_per_m: Some(cpu),
-            nats_cpu_s_per_m: (system == System::Fleetgate).then_some(1.0),
+            nats_cpu_s_per_m: system.is_fleetgate().then_some(1.0),
             sut_rss_kib: Some(10_240),
             p50_ms: 0.5,
             p99_ms: 2.0,
@@ -1158,10 +1388,167 @@ mod tests {
             bytes_per_conn: Some(bpc),
             per_process: vec![],
         };
-        let text =
-            idle_lines(10_000, &[idle(System::Fleetgate, 1500.0), idle(System::Mosquitto, 3000.0)])
-                .join("\n");
+        let text = idle_lines(
+            10_000,
+            &[System::Fleetgate, System::Mosquitto],
+            &[idle(System::Fleetgate, 1500.0), idle(System::Mosquitto, 3000.0)],
+        )
+        .join("\n");
         assert!(text.contains("1500 B RSS per connection"), "{text}");
         assert!(text.contains("bytes per connection 0.50×"), "{text}");
+        assert!(!text.contains("fleetgate-b"), "{text}");
+    }
+
+    #[test]
+    fn ratio_spread_is_median_min_max_of_pairs() {
+        // Per pair: 1.2, 0.5, 2 (the pair with a 0 divisor is left out).
+        let r = RatioSpread::of(&[12.0, 5.0, 20.0, 7.0], &[10.0, 10.0, 10.0, 0.0]);
+        assert_eq!(r, Some(RatioSpread { median: 1.2, min: 0.5, max: 2.0, pairs: 3 }));
+        assert_eq!(RatioSpread::of(&[f64::NAN], &[1.0]), None);
+    }
+
+    #[test]
+    fn fleetgate_and_fleetgate_b_swap_on_odd_pairs() {
+        use System::{Fleetgate, FleetgateB, Mosquitto, Rumqttd};
+        let ab = [Fleetgate, FleetgateB, Mosquitto, Rumqttd];
+        assert_eq!(pair_order(&ab, 0), ab);
+        assert_eq!(pair_order(&ab, 1), [FleetgateB, Fleetgate, Mosquitto, Rumqttd]);
+        assert_eq!(pair_order(&ab, 2), ab);
+        // Without fleetgate-b the order is as it always was.
+        assert_eq!(pair_order(&[Fleetgate, Mosquitto], 1), [Fleetgate, Mosquitto]);
+    }
+
+    #[test]
+    fn empty_or_broker_only_peers_and_fleetgate_b_bin_parse() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            args: CompareArgs,
+        }
+        let parse = |argv: &[&str]| {
+            let args = <Cli as clap::Parser>::try_parse_from(argv).map(|c| c.args);
+            args.map_err(|e| e.to_string()).and_then(|a| {
+                let peers = parse_peers(&a.peers).map_err(|e| e.to_string())?;
+                Ok((peers, a.fleetgate_b_bin))
+            })
+        };
+        // clap hands `--peers ''` over as one empty name, which `parse_peers` drops.
+        let raw = <Cli as clap::Parser>::try_parse_from(["c", "--peers", ""]).map(|c| c.args.peers);
+        assert_eq!(raw.map_err(|e| e.to_string()), Ok(vec![String::new()]));
+        let (peers, b) = parse(&["c", "--peers", "", "--fleetgate-b-bin", "old/fleetgate"])
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(peers.is_empty());
+        assert_eq!(b, Some(PathBuf::from("old/fleetgate")));
+        let (peers, b) = parse(&["c", "--peers", "mosquitto"]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!((peers, b), (vec![System::Mosquitto], None));
+        let (peers, _) = parse(&["c"]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(peers, [System::Mosquitto, System::Rumqttd]);
+        assert!(parse(&["c", "--peers", "fleetgate-b"]).is_err());
+    }
+
+    #[test]
+    fn rate_lines_print_fleetgate_b_and_its_ratios_with_spread() {
+        use System::{Fleetgate, FleetgateB, Mosquitto};
+        // In run order: fleetgate-b first on the odd pair.
+        let runs = vec![
+            run(Fleetgate, 0, 120_000, 4.0),
+            run(FleetgateB, 0, 100_000, 5.0),
+            run(Mosquitto, 0, 40_000, 8.0),
+            run(FleetgateB, 1, 100_000, 4.0),
+            run(Fleetgate, 1, 110_000, 4.0),
+            run(Mosquitto, 1, 40_000, 8.0),
+            run(Fleetgate, 2, 90_000, 3.0),
+            run(FleetgateB, 2, 100_000, 2.0),
+            run(Mosquitto, 2, 40_000, 8.0),
+        ];
+        let lines = rate_lines("m1", &[Fleetgate, FleetgateB, Mosquitto], &runs);
+        let text = lines.join("\n");
+        assert!(lines[2].starts_with("m1: fleetgate-b  "), "{text}");
+        assert!(lines[2].contains(" 100000 "), "{text}");
+        // The peer's ratio is still fleetgate's: MSR per pair 3, 2.75, 2.25.
+        assert!(text.contains("m1: fleetgate/mosquitto: MSR 2.75×"), "{text}");
+        // MSR per pair 1.2, 1.1, 0.9; sut cpu 0.8, 1, 1.5; sut + nats 5/6, 5/5, 4/3.
+        assert_eq!(
+            lines.last().map(String::as_str),
+            Some(
+                "m1: fleetgate/fleetgate-b: MSR 1.10× [0.90–1.20], cpu-s/M 1.00× [0.80–1.50] (sut), 1.00× [0.83–1.33] (sut + nats) (median of pairs [min–max])"
+            ),
+            "{text}"
+        );
+        assert_eq!(text.matches("fleetgate/fleetgate-b").count(), 1, "{text}");
+
+        // The same figures for the summary JSON.
+        let ab = ab_rate_ratios("m1", &runs);
+        let msr = ab[0].ratio.unwrap_or_else(|| panic!("no MSR ratio"));
+        assert_eq!((ab[0].metric, msr.min, msr.max, msr.pairs), (AbMetric::Msr, 0.9, 1.2, 3));
+        let json = serde_json::to_value(&ab).unwrap_or_default();
+        assert_eq!(json[2]["metric"], "sut_nats_cpu_s_per_m", "{json}");
+        assert_eq!(json[2]["ratio"]["pairs"], 3, "{json}");
+        assert!(json[2].get("connections").is_none(), "{json}");
+        assert!(ab_rate_ratios("m1", &runs[2..3]).is_empty());
+    }
+
+    #[test]
+    fn m5_ab_without_peers_compares_p99() {
+        use System::{Fleetgate, FleetgateB};
+        let p99 = |system, pair, p99_ms| RateRun { p99_ms, ..run(system, pair, 10_000, 4.0) };
+        let runs = vec![
+            p99(Fleetgate, 0, 2.0),
+            p99(FleetgateB, 0, 4.0),
+            p99(FleetgateB, 1, 3.0),
+            p99(Fleetgate, 1, 3.0),
+            p99(Fleetgate, 2, 4.0),
+            p99(FleetgateB, 2, 2.0),
+        ];
+        let lines = rate_lines("m5", &[Fleetgate, FleetgateB], &runs);
+        let text = lines.join("\n");
+        // Header, two systems, the A/B line: no fleetgate/peer line without peers.
+        assert_eq!(lines.len(), 4, "{text}");
+        assert_eq!(
+            lines[3],
+            "m5: fleetgate/fleetgate-b: p99 1.00× [0.50–2.00] (lower is better), cpu-s/M 1.00× [1.00–1.00] (sut), 1.00× [1.00–1.00] (sut + nats) (median of pairs [min–max])",
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn idle_lines_print_fleetgate_b_and_its_ratio_with_spread() {
+        use System::{Fleetgate, FleetgateB, Mosquitto};
+        let idle = |system, pair, bpc| IdleRun {
+            system,
+            pair,
+            requested: 10_000,
+            held: 10_000,
+            processes: 1,
+            rss_growth_kib: 0,
+            fd_growth: 10_000,
+            bytes_per_conn: Some(bpc),
+            per_process: vec![],
+        };
+        let runs = [
+            idle(Fleetgate, 0, 1500.0),
+            idle(FleetgateB, 0, 1500.0),
+            idle(Mosquitto, 0, 750.0),
+            idle(FleetgateB, 1, 2000.0),
+            idle(Fleetgate, 1, 1600.0),
+            idle(Mosquitto, 1, 750.0),
+            idle(Fleetgate, 2, 1700.0),
+            idle(FleetgateB, 2, 1000.0),
+            idle(Mosquitto, 2, 750.0),
+        ];
+        let lines = idle_lines(10_000, &[Fleetgate, FleetgateB, Mosquitto], &runs);
+        let text = lines.join("\n");
+        assert!(text.contains("m4 10000: fleetgate-b held 10000 of 10000, 1500 B RSS"), "{text}");
+        assert!(text.contains("fleetgate/mosquitto bytes per connection 2.13×"), "{text}");
+        // Per pair 1, 0.8, 1.7.
+        assert_eq!(
+            lines.last().map(String::as_str),
+            Some(
+                "m4 10000: fleetgate/fleetgate-b: bytes per connection 1.00× [0.80–1.70] (lower is better) (median of pairs [min–max])"
+            ),
+            "{text}"
+        );
+        let ab = ab_idle_ratios(10_000, &runs);
+        assert_eq!((ab[0].scenario.as_str(), ab[0].connections), ("m4", Some(10_000)));
     }
 }
