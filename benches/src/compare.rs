@@ -546,8 +546,13 @@ impl Env {
         };
         for r in 0..replicas {
             let admin = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+            // A working directory of its own: replicas keep their spools (the default
+            // `fleetgate-data/` there) apart, whatever settings the build knows.
+            let dir = self.args.out.join("logs").join(format!("{name}-{}-{r}-data", system.name()));
+            std::fs::create_dir_all(&dir).map_err(|e| setup(e.to_string()))?;
             let mut cmd = self.launcher.command(&self.args.sut_core, bin);
             cmd.arg("up")
+                .current_dir(&dir)
                 .env_remove("FLEETGATE_CONFIG")
                 .env("FLEETGATE_NATS_URL", &url)
                 .env("FLEETGATE_TRANSPORTS_MQTT_LISTEN", mqtt.to_string())

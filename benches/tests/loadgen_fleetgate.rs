@@ -41,6 +41,7 @@ struct Gateway {
     http: SocketAddr,
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<Result<(), fleetgate::run::StartError>>,
+    _spool: tempfile::TempDir,
 }
 
 impl Gateway {
@@ -56,6 +57,8 @@ impl Gateway {
         config.transports.http.listen = http;
         config.admin.listen = admin;
         config.auth.auto_register = true;
+        let spool = tempfile::tempdir().expect("a spool directory");
+        config.gateway.spool.path = spool.path().to_path_buf();
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(run_until(Role::Up, config, async {
             let _ = stop_rx.await;
@@ -66,7 +69,7 @@ impl Gateway {
             assert!(tokio::time::Instant::now() < deadline, "fleetgate not ready");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Gateway { nats, mqtt, coap, http, stop, task }
+        Gateway { nats, mqtt, coap, http, stop, task, _spool: spool }
     }
 
     async fn stop(self) {

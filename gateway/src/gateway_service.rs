@@ -79,6 +79,10 @@ impl Service for GatewayService {
 struct GatewayStatus<B: Bus>(Arc<Gateway<B>>);
 
 impl ServiceStatus for GatewayStatus<AnyBus> {
+    fn readiness(&self) -> Result<(), String> {
+        self.0.readiness()
+    }
+
     fn in_flight(&self) -> usize {
         self.0.pending_requests()
     }

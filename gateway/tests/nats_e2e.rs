@@ -280,7 +280,15 @@ async fn a_stalled_nats_slows_devices_down_and_acknowledges_nothing_it_cannot_de
     use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
     const N: usize = 4000;
     let nats = NatsServer::start();
-    let env = with_nats(&nats, &[("FLEETGATE_NATS_PUBLISH_CAPACITY", "16".into())]);
+    // Without a spool: what the bus cannot take is not acknowledged (with one, it would be
+    // acknowledged as stored; tests/chaos.rs).
+    let env = with_nats(
+        &nats,
+        &[
+            ("FLEETGATE_NATS_PUBLISH_CAPACITY", "16".into()),
+            ("FLEETGATE_GATEWAY_SPOOL_ENABLED", "false".into()),
+        ],
+    );
     let fg = Fleetgate::start("up", &env);
     // Validate the token and connect while NATS still answers: only publishing is tested here.
     rumqttc_request(fg.mqtt, None, TOPIC, BATCH).await;

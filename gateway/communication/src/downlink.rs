@@ -21,6 +21,7 @@ use tokio::time::Instant;
 
 use crate::Gateway;
 use crate::correlation::request_number;
+use crate::pending::State;
 use crate::sessions::Delivery;
 
 /// Routes every `ExtensionData` of `answers` until shutdown.
@@ -41,8 +42,8 @@ pub(crate) async fn route_answers<B: Bus>(
     }
 }
 
-/// Answers 504 for requests whose extension did not answer in time, and samples the number
-/// of pending requests for `/metrics`.
+/// Settles requests whose extension did not answer in time (spooled, or 504 without a spool;
+/// replays go back to the spool), and samples the gauges for `/metrics`.
 pub(crate) async fn expire_requests<B: Bus>(
     gateway: Weak<Gateway<B>>,
     mut shutdown: watch::Receiver<bool>,
@@ -57,23 +58,46 @@ pub(crate) async fn expire_requests<B: Bus>(
         let Some(gateway) = gateway.upgrade() else {
             break;
         };
-        let reason =
-            format!("the extension did not answer within {} ms", gateway.config.request_timeout_ms);
         let now = Instant::now();
-        for pending in gateway.pending.expire(now) {
-            gateway.metrics.timeouts.inc();
-            pending.latency.observe(now.duration_since(pending.sent));
-            let response = KpResponse {
-                base: pending.base,
-                request_id: pending.request_id,
-                tag: pending.tag,
-                outcome: KpOutcome::Error(KpError::timeout(reason.clone())),
-            };
-            gateway.copy_to_subscribers(&response, &[pending.session]);
-            gateway.deliver_answer(pending.session, response);
+        let mut late = Vec::new();
+        for (n, pending) in gateway.pending.expire(now) {
+            match pending.state {
+                State::Direct { .. } if gateway.delivery.spool.is_some() => {
+                    gateway.metrics.spool_delivery_timeouts.inc();
+                    late.push((n, pending));
+                }
+                State::Direct { .. } => {
+                    gateway.metrics.timeouts.inc();
+                    pending.latency.observe(now.duration_since(pending.sent));
+                    let Some(route) = pending.route else { continue };
+                    let reason = format!(
+                        "the extension did not answer within {} ms",
+                        gateway.config.request_timeout_ms
+                    );
+                    let response = KpResponse {
+                        base: route.base,
+                        request_id: route.request_id,
+                        tag: route.tag,
+                        outcome: KpOutcome::Error(KpError::timeout(reason)),
+                    };
+                    gateway.copy_to_subscribers(&response, &[route.session]);
+                    gateway.deliver_answer(route.session, response);
+                }
+                // The spool replays it; the original's answer did not come.
+                State::Spooled { .. } => {}
+                State::Replay { seq } => gateway.replay_failed(seq),
+            }
         }
-        let pending = i64::try_from(gateway.pending.len()).unwrap_or(i64::MAX);
-        gateway.metrics.requests_pending.set(pending);
+        if !late.is_empty() {
+            // Spooling waits for the disk: not in this loop.
+            let g = gateway.clone();
+            tokio::spawn(async move {
+                for (n, pending) in late {
+                    g.spool_late(n, pending).await;
+                }
+            });
+        }
+        gateway.sample_gauges();
     }
 }
 
@@ -99,15 +123,24 @@ impl<B: Bus> Gateway<B> {
             .and_then(|n| self.pending.take(n))
         {
             pending.latency.observe(pending.sent.elapsed());
-            let response = KpResponse {
-                base: pending.base,
-                request_id: pending.request_id,
-                tag: pending.tag,
-                outcome,
-            };
-            self.metrics.responses.inc();
-            self.copy_to_subscribers(&response, &[pending.session]);
-            self.deliver_answer(pending.session, response);
+            match pending.state {
+                State::Direct { .. } => {
+                    let Some(route) = pending.route else { return };
+                    let response = KpResponse {
+                        base: route.base,
+                        request_id: route.request_id,
+                        tag: route.tag,
+                        outcome,
+                    };
+                    self.metrics.responses.inc();
+                    self.copy_to_subscribers(&response, &[route.session]);
+                    self.deliver_answer(route.session, response);
+                }
+                State::Spooled { seq } | State::Replay { seq } => {
+                    self.metrics.responses.inc();
+                    self.settle_record(seq, outcome);
+                }
+            }
             return;
         }
         let (Some(endpoint_id), Some(extension)) =
@@ -167,8 +200,17 @@ impl<B: Bus> Gateway<B> {
         }
     }
 
+    /// Queues the late answer to a spooled request, if the session still reads; unlike a push
+    /// it never closes the session (the device did not ask for it to come this late).
+    pub(crate) fn deliver_late(&self, session: SessionId, response: KpResponse) {
+        self.copy_to_subscribers(&response, &[session]);
+        if !matches!(self.sessions.deliver(session, response), Delivery::Queued) {
+            self.metrics.undeliverable.inc();
+        }
+    }
+
     /// Queues the answer to one of the session's requests in the room reserved for it.
-    fn deliver_answer(&self, session: SessionId, response: KpResponse) {
+    pub(crate) fn deliver_answer(&self, session: SessionId, response: KpResponse) {
         if let Delivery::NoSession = self.sessions.deliver_reserved(session, response) {
             self.metrics.undeliverable.inc();
         }

@@ -14,6 +14,7 @@
 //! transport, socket or wire format. The binary wires it to the transports of its registry.
 
 mod correlation;
+mod delivery;
 pub mod downlink;
 pub mod events;
 mod metrics;
@@ -37,9 +38,11 @@ use fleetgate_transport_core::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+pub use delivery::SpoolConfig;
 pub use metrics::GatewayMetrics;
 
 use correlation::CorrelationId;
+use delivery::Delivery;
 use pending::PendingTable;
 use sessions::Sessions;
 use tokens::TokenCache;
@@ -68,6 +71,8 @@ pub struct GatewayConfig {
     pub token_cache_ttl_ms: u64,
     /// How long an unknown token stays unknown without asking again.
     pub token_negative_cache_ttl_ms: u64,
+    /// Store and forward when the bus cannot deliver in time.
+    pub spool: SpoolConfig,
 }
 
 impl Default for GatewayConfig {
@@ -82,6 +87,7 @@ impl Default for GatewayConfig {
             auth_timeout_ms: 5_000,
             token_cache_ttl_ms: 60_000,
             token_negative_cache_ttl_ms: 5_000,
+            spool: SpoolConfig::default(),
         }
     }
 }
@@ -100,6 +106,9 @@ pub enum GatewayError {
     /// The bus refused a subscription.
     #[error("gateway: cannot subscribe")]
     Bus(#[from] BusError),
+    /// The spool cannot be opened.
+    #[error(transparent)]
+    Spool(#[from] spool::SpoolError),
 }
 
 /// An extension instance devices may address.
@@ -129,6 +138,7 @@ pub struct Gateway<B: Bus> {
     tokens: TokenCache<B>,
     next_session: AtomicU64,
     next_request: AtomicU64,
+    delivery: Delivery,
     metrics: GatewayMetrics,
 }
 
@@ -160,6 +170,7 @@ impl<B: Bus> Gateway<B> {
             }
             None => fleetgate_bus::new_replica_id(&config.instance),
         };
+        let delivery = Delivery::open(&config.spool)?;
         let correlation = fleetgate_messages::correlation_id;
         let tokens = TokenCache::new(
             Requester::start(
@@ -203,6 +214,7 @@ impl<B: Bus> Gateway<B> {
             pending: PendingTable::default(),
             next_session: AtomicU64::new(1),
             next_request: AtomicU64::new(1),
+            delivery,
             metrics,
             reply_subject,
             tokens,
@@ -214,6 +226,7 @@ impl<B: Bus> Gateway<B> {
         tokio::spawn(downlink::route_answers(weak(), replies, shutdown.clone()));
         tokio::spawn(downlink::route_answers(weak(), pushes, shutdown.clone()));
         tokio::spawn(downlink::expire_requests(weak(), shutdown.clone()));
+        tokio::spawn(delivery::forward(weak(), shutdown.clone()));
         tokio::spawn(events::end_revoked(weak(), revocations, shutdown));
         tracing::info!(replica = %gateway.replica_id, "communication service started");
         Ok(gateway)
@@ -227,6 +240,28 @@ impl<B: Bus> Gateway<B> {
     /// Requests sent to extensions that have not been answered yet.
     pub fn pending_requests(&self) -> usize {
         self.pending.len()
+    }
+
+    /// Why the service cannot take traffic now, if it cannot (the spool is full).
+    pub fn readiness(&self) -> Result<(), String> {
+        self.delivery.readiness()
+    }
+
+    /// Records spooled and not yet delivered.
+    pub fn spooled(&self) -> u64 {
+        self.delivery.spool.as_ref().map_or(0, |s| s.len())
+    }
+
+    /// Samples the gauges of `/metrics`: requests pending, the spool's depth, bytes and age.
+    fn sample_gauges(&self) {
+        let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        self.metrics.requests_pending.set(gauge(self.pending.len() as u64));
+        if let Some(spool) = &self.delivery.spool {
+            self.metrics.spool_messages.set(gauge(spool.len()));
+            self.metrics.spool_bytes.set(gauge(spool.bytes()));
+            let age = spool.oldest_ms().map_or(0, |t| fleetgate_bus::now_ms().saturating_sub(t));
+            self.metrics.spool_oldest_age_ms.set(age);
+        }
     }
 
     /// A new request number and its correlation id.

@@ -26,6 +26,14 @@ pub struct GatewayMetrics {
     pub(crate) token_cache_misses: Counter,
     pub(crate) sessions_open: Gauge,
     pub(crate) requests_pending: Gauge,
+    pub(crate) spooled: Counter,
+    pub(crate) spool_forwarded: Counter,
+    pub(crate) spool_full: Counter,
+    pub(crate) spool_delivery_timeouts: Counter,
+    pub(crate) spool_replay_timeouts: Counter,
+    pub(crate) spool_messages: Gauge,
+    pub(crate) spool_bytes: Gauge,
+    pub(crate) spool_oldest_age_ms: Gauge,
     /// From a request's `ClientData` on the bus to its `ExtensionData` (or the timeout).
     pub(crate) request_duration: Family<ExtensionLabel, Latency>,
 }
@@ -55,6 +63,43 @@ impl GatewayMetrics {
             "requests_pending",
             "Requests awaiting an extension (sampled every 50 ms)",
             self.requests_pending.clone(),
+        );
+        let spool_counters = [
+            (
+                "spooled",
+                "Requests written to the spool (and acknowledged as stored)",
+                &self.spooled,
+            ),
+            (
+                "spool_forwarded",
+                "Spooled requests delivered (their extension answered)",
+                &self.spool_forwarded,
+            ),
+            (
+                "spool_full",
+                "Times a request found the spool full and had to wait (not acknowledged)",
+                &self.spool_full,
+            ),
+            (
+                "spool_delivery_timeouts",
+                "Requests not answered within the delivery timeout, then spooled",
+                &self.spool_delivery_timeouts,
+            ),
+            (
+                "spool_replay_timeouts",
+                "Replays of spooled requests not answered in time (replayed again)",
+                &self.spool_replay_timeouts,
+            ),
+        ];
+        for (name, help, counter) in spool_counters {
+            r.register(name, help, counter.clone());
+        }
+        r.register("spool_messages", "Requests in the spool", self.spool_messages.clone());
+        r.register("spool_bytes", "Bytes the spool holds", self.spool_bytes.clone());
+        r.register(
+            "spool_oldest_age_ms",
+            "Age of the oldest spooled request, milliseconds (0: empty)",
+            self.spool_oldest_age_ms.clone(),
         );
         r.register_with_unit(
             "request_duration",

@@ -1,40 +1,61 @@
 //! Requests sent to extensions and not yet answered, by request number, with their deadlines.
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::sync::Mutex;
 
 use bytes::Bytes;
+use fleetgate_bus::Subject;
 use fleetgate_transport_core::SessionId;
 use fleetgate_transport_core::metrics::Latency;
 use tokio::time::Instant;
 
 const SHARDS: u64 = 32;
 
-/// A request waiting for its `ExtensionData`.
-pub(crate) struct Pending {
+/// Where the answer to a request goes.
+#[derive(Debug, Clone)]
+pub(crate) struct Route {
     pub(crate) session: SessionId,
-    /// The request's path without request id: where the answer goes.
+    /// The request's path without request id.
     pub(crate) base: Bytes,
     /// The request id from the path; `None` when the transport asked for an answer to a
     /// request without one.
     pub(crate) request_id: Option<u32>,
     pub(crate) tag: u64,
+}
+
+/// What a pending request is, for what to do when its answer or its deadline comes.
+#[derive(Debug)]
+pub(crate) enum State {
+    /// On the bus, not yet durable: kept whole, to be spooled if no answer comes in time.
+    Direct { subject: Subject, client_data: Bytes },
+    /// Spooled after its deadline (the device heard it is stored); its answer may still come.
+    Spooled { seq: u64 },
+    /// A replay of spool record `seq`.
+    Replay { seq: u64 },
+}
+
+/// A request waiting for its `ExtensionData`.
+#[derive(Debug)]
+pub(crate) struct Pending {
+    /// Who waits for the answer; `None` for replays and requests nobody waits for.
+    pub(crate) route: Option<Route>,
     /// When the request went to the bus.
     pub(crate) sent: Instant,
-    /// The extension's request latency, observed when the answer (or the timeout) comes.
+    /// The extension's request latency, observed when the answer (or the deadline) comes.
     pub(crate) latency: Latency,
+    pub(crate) state: State,
 }
 
 #[derive(Default)]
 struct Shard {
     requests: HashMap<u64, Pending>,
-    /// Request numbers in deadline order (every request has the same timeout, so insertion
-    /// order is deadline order); entries already answered are skipped when they come up.
-    deadlines: VecDeque<(Instant, u64)>,
+    /// Request numbers by deadline; entries already answered are skipped when they come up.
+    deadlines: BinaryHeap<Reverse<(Instant, u64)>>,
 }
 
 /// Pending requests in shards keyed by request number, so concurrent sessions rarely share a
-/// lock and expiry costs O(expired) rather than a scan.
+/// lock and expiry costs O(expired · log n) rather than a scan.
 pub(crate) struct PendingTable {
     shards: Box<[Mutex<Shard>]>,
 }
@@ -54,7 +75,7 @@ impl PendingTable {
     /// Registers request `n`, to expire at `deadline` unless taken before.
     pub(crate) fn insert(&self, n: u64, pending: Pending, deadline: Instant) {
         let mut shard = self.shard(n);
-        shard.deadlines.push_back((deadline, n));
+        shard.deadlines.push(Reverse((deadline, n)));
         shard.requests.insert(n, pending);
     }
 
@@ -63,21 +84,30 @@ impl PendingTable {
         self.shard(n).requests.remove(&n)
     }
 
-    /// Removes and returns every request whose deadline is before `now`.
-    pub(crate) fn expire(&self, now: Instant) -> Vec<Pending> {
+    /// Removes and returns every request whose deadline is before `now`, with its number.
+    pub(crate) fn expire(&self, now: Instant) -> Vec<(u64, Pending)> {
         let mut expired = Vec::new();
         for shard in self.shards.iter() {
             let mut shard = shard.lock().unwrap_or_else(|p| p.into_inner());
-            while let Some(&(deadline, n)) = shard.deadlines.front() {
+            while let Some(&Reverse((deadline, n))) = shard.deadlines.peek() {
                 if deadline > now {
                     break;
                 }
-                shard.deadlines.pop_front();
+                shard.deadlines.pop();
                 if let Some(p) = shard.requests.remove(&n) {
-                    expired.push(p);
+                    expired.push((n, p));
                 }
             }
+            // Answered requests leave their deadline behind; a heap far larger than what is
+            // pending is rebuilt rather than kept.
+            let Shard { requests, deadlines } = &mut *shard;
+            if deadlines.len() > 1024 && deadlines.len() > 4 * requests.len() {
+                let kept: BinaryHeap<_> =
+                    deadlines.drain().filter(|Reverse((_, n))| requests.contains_key(n)).collect();
+                *deadlines = kept;
+            }
         }
+        expired.sort_unstable_by_key(|(n, _)| *n);
         expired
     }
 
@@ -93,15 +123,7 @@ mod tests {
     use super::*;
 
     fn pending(sent: Instant) -> Pending {
-        let latency = Latency::default();
-        Pending {
-            session: SessionId(1),
-            base: Bytes::new(),
-            request_id: Some(1),
-            tag: 0,
-            sent,
-            latency,
-        }
+        Pending { route: None, sent, latency: Latency::default(), state: State::Replay { seq: 0 } }
     }
 
     #[test]
@@ -115,8 +137,19 @@ mod tests {
         assert!(t.take(5).is_none());
         let expired = t.expire(now + Duration::from_millis(49));
         assert_eq!(expired.len(), 49, "0..=49 minus the answered one");
+        assert!(expired.windows(2).all(|w| w[0].0 < w[1].0), "in request order");
         assert_eq!(t.len(), 50);
         assert_eq!(t.expire(now + Duration::from_secs(1)).len(), 50);
         assert_eq!(t.len(), 0);
+    }
+
+    #[test]
+    fn deadlines_of_different_lengths_expire_in_deadline_order() {
+        let t = PendingTable::default();
+        let now = Instant::now();
+        t.insert(1, pending(now), now + Duration::from_secs(10));
+        t.insert(33, pending(now), now + Duration::from_secs(1)); // same shard as 1
+        let expired = t.expire(now + Duration::from_secs(2));
+        assert_eq!(expired.iter().map(|(n, _)| *n).collect::<Vec<_>>(), [33]);
     }
 }

@@ -209,7 +209,11 @@ impl Spool {
     }
 
     /// Up to `max` records after sequence number `after` (`None`: from the oldest), in order.
-    pub fn read_after(&self, after: Option<u64>, max: usize) -> Result<Vec<(u64, Record)>, SpoolError> {
+    pub fn read_after(
+        &self,
+        after: Option<u64>,
+        max: usize,
+    ) -> Result<Vec<(u64, Record)>, SpoolError> {
         let start = after.map_or(0, |a| a.saturating_add(1));
         let mut out = Vec::new();
         for item in self.items.range(start.to_be_bytes()..).take(max) {
@@ -251,6 +255,11 @@ impl Spool {
     pub fn is_full(&self, size: u64) -> bool {
         let tail = self.tail();
         tail.count > 0 && tail.bytes + size > self.max_bytes
+    }
+
+    /// The sequence number of the newest record.
+    pub fn newest(&self) -> Option<u64> {
+        self.sizes_lock().last_key_value().map(|(seq, _)| *seq)
     }
 
     /// When the oldest record was spooled, ms since the epoch.

@@ -22,10 +22,10 @@ use fleetgate_transport_core::{
 };
 use tokio::time::Instant;
 
+use crate::Gateway;
 use crate::correlation::CorrelationId;
-use crate::pending::Pending;
+use crate::pending::{Pending, Route, State};
 use crate::sessions::Reserve;
-use crate::{Extension, Gateway};
 
 impl<B: Bus> Gateway<B> {
     /// Checks a connecting client's credentials through 16/ECAP and opens its session.
@@ -143,25 +143,21 @@ impl<B: Bus> Gateway<B> {
         Ok(id)
     }
 
-    /// The request's `ClientData`, encoded, and its request number; registers the request as
-    /// pending when an answer is expected. Synchronous, so that none of this is held in the
-    /// request's future while the bus takes it.
+    /// The request's `ClientData`, encoded, and its request number (the correlation id).
+    /// Synchronous, so that none of this is held in the request's future while the bus takes
+    /// it.
     fn client_data(
         &self,
-        session: SessionId,
         request: &KpRequest,
-        extension: &Extension,
         endpoint_id: &str,
         resource_path: &str,
     ) -> (u64, Bytes) {
         let topic = &request.topic;
-        let app_version = topic.app_version();
         let n = self.next_request.fetch_add(1, Ordering::Relaxed);
         let correlation_id = CorrelationId::new(&self.correlation_prefix, n);
         // Without a request id the extension answers only errors, unless the transport needs
         // an answer: then the extension sees this replica's own (positive, 31-bit) id.
-        let path_id = topic.request_id();
-        let esp_request_id = match path_id {
+        let esp_request_id = match topic.request_id() {
             Some(id) => i32::try_from(id).ok(),
             None if request.wants_answer => Some(i32::try_from(n % 0x7fff_ffff + 1).unwrap_or(1)),
             None => None,
@@ -170,26 +166,13 @@ impl<B: Bus> Gateway<B> {
             correlation_id: correlation_id.as_str(),
             timestamp_ms: now_ms(),
             timeout_ms: i64::try_from(self.config.request_timeout_ms).unwrap_or(0),
-            app_version_name: app_version,
+            app_version_name: topic.app_version(),
             endpoint_id: Some(endpoint_id),
             resource_path,
             request_id: esp_request_id,
             payload: &request.payload,
             config_name: None,
         };
-        if esp_request_id.is_some() {
-            let now = Instant::now();
-            let deadline = now + Duration::from_millis(self.config.request_timeout_ms);
-            let pending = Pending {
-                session,
-                base: topic.base(),
-                request_id: path_id,
-                tag: request.tag,
-                sent: now,
-                latency: extension.latency.clone(),
-            };
-            self.pending.insert(n, pending, deadline);
-        }
         (n, encode_pooled(&data))
     }
 
@@ -220,40 +203,104 @@ impl<B: Bus> Gateway<B> {
             };
         // An answer expected is an answer promised room in the session's outbox, so that a
         // burst of answers (after a backend stall) cannot overflow it.
-        let answered = topic.request_id().is_some() || request.wants_answer;
-        if answered {
-            match self.sessions.reserve(session) {
-                Reserve::Reserved => {}
-                Reserve::NoSession => return Err(KpError::unavailable("the session has ended")),
-                Reserve::Full => {
-                    return Err(KpError::new(
-                        429,
-                        "too many requests in flight on this session; wait for answers",
-                    ));
+        let route = match topic.request_id().is_some() || request.wants_answer {
+            true => {
+                match self.sessions.reserve(session) {
+                    Reserve::Reserved => {}
+                    Reserve::NoSession => {
+                        return Err(KpError::unavailable("the session has ended"));
+                    }
+                    Reserve::Full => {
+                        return Err(KpError::new(
+                            429,
+                            "too many requests in flight on this session; wait for answers",
+                        ));
+                    }
                 }
+                Some(Route {
+                    session,
+                    base: topic.base(),
+                    request_id: topic.request_id(),
+                    tag: request.tag,
+                })
             }
-        }
-        let (n, payload) =
-            self.client_data(session, request, extension, &endpoint_id, resource_path);
+            false => None,
+        };
+        let (n, client_data) = self.client_data(request, &endpoint_id, resource_path);
         drop(endpoint_id);
-        let published = self
-            .bus
-            .publish(extension.subject.clone(), Some(self.reply_subject.clone()), payload)
-            .await;
-        published.map_err(|e| {
-            if self.pending.take(n).is_some() {
+        let release = |route: &Option<Route>| {
+            if route.is_some() {
                 self.sessions.release(session);
             }
-            match e {
-                BusError::NoResponders(_) => KpError::unavailable(format!(
-                    "no replica of extension `{extension_name}` is running"
-                )),
-                // The device's payload plus the 4/ESP envelope is over the bus's limit.
-                BusError::TooLarge { max, .. } => KpError::too_large(format!(
-                    "the payload with its 4/ESP envelope is over the bus's limit of {max} bytes"
-                )),
-                e => KpError::unavailable(format!("the bus did not take the request: {e}")),
+        };
+        // Behind older spooled requests, or while the bus refuses: to the spool first.
+        if self.delivery.spooling() {
+            let spooled = self.spool_request(route.clone(), &extension.subject, client_data).await;
+            if spooled.is_err() {
+                release(&route);
             }
-        })
+            return spooled;
+        }
+        if let Some(route) = &route {
+            // Registered before the publish: the answer may come before it returns.
+            let pending = Pending {
+                route: Some(route.clone()),
+                sent: Instant::now(),
+                latency: extension.latency.clone(),
+                state: State::Direct {
+                    subject: extension.subject.clone(),
+                    client_data: client_data.clone(),
+                },
+            };
+            let timeout = match self.delivery.spool {
+                Some(_) => self.delivery.delivery_timeout,
+                None => Duration::from_millis(self.config.request_timeout_ms),
+            };
+            self.pending.insert(n, pending, Instant::now() + timeout);
+        }
+        let subject = extension.subject.clone();
+        let publish =
+            self.bus.publish(subject, Some(self.reply_subject.clone()), client_data.clone());
+        let published = match self.delivery.spool {
+            // A bus that does not even queue the message in time is down: the spool takes it.
+            Some(_) => tokio::time::timeout(self.delivery.delivery_timeout, publish)
+                .await
+                .unwrap_or_else(|_| Err(BusError::Timeout("the bus's publish queue".into()))),
+            None => publish.await,
+        };
+        let Err(e) = published else { return Ok(()) };
+        // Not on the bus: settled here, unless its answer already came.
+        if route.is_some() && self.pending.take(n).is_none() {
+            return Ok(());
+        }
+        match e {
+            BusError::NoResponders(_) => {
+                release(&route);
+                Err(KpError::unavailable(format!(
+                    "no replica of extension `{extension_name}` is running"
+                )))
+            }
+            // The device's payload plus the 4/ESP envelope is over the bus's limit.
+            BusError::TooLarge { max, .. } => {
+                release(&route);
+                Err(KpError::too_large(format!(
+                    "the payload with its 4/ESP envelope is over the bus's limit of {max} bytes"
+                )))
+            }
+            // The bus is down: stored and forwarded later, if there is a spool.
+            e if self.delivery.spool.is_some() => {
+                tracing::debug!(error = %e, "the bus refused a request: spooling");
+                let spooled =
+                    self.spool_request(route.clone(), &extension.subject, client_data).await;
+                if spooled.is_err() {
+                    release(&route);
+                }
+                spooled
+            }
+            e => {
+                release(&route);
+                Err(KpError::unavailable(format!("the bus did not take the request: {e}")))
+            }
+        }
     }
 }

@@ -21,6 +21,8 @@ pub(crate) struct Fleetgate {
     pub coap: SocketAddr,
     pub http: SocketAddr,
     log: PathBuf,
+    /// The working directory: its own spool (`fleetgate-data/`), removed with the process.
+    dir: tempfile::TempDir,
 }
 
 impl Fleetgate {
@@ -43,8 +45,10 @@ impl Fleetgate {
             std::process::id(),
             admin.port()
         ));
+        let dir = tempfile::tempdir().expect("a working directory");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_fleetgate"));
         cmd.arg(command)
+            .current_dir(dir.path())
             .env_remove("FLEETGATE_CONFIG")
             .env("FLEETGATE_TRANSPORTS_MQTT_LISTEN", mqtt.to_string())
             .env("FLEETGATE_ADMIN_LISTEN", admin.to_string())
@@ -57,7 +61,7 @@ impl Fleetgate {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("spawn fleetgate");
-        Self { child: Some(child), mqtt, admin, coap, http, log }
+        Self { child: Some(child), mqtt, admin, coap, http, log, dir }
     }
 
     pub(crate) fn wait_ready(&mut self) {

