@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::Bytes;
-use fleetgate_bus::AnyBus;
+use fleetgate_bus::{AnyBus, Bus};
 use fleetgate_service::ServiceStatus;
 use fleetgate_transport_core::metrics::{Registry, encode};
 use http_body_util::Full;
@@ -39,8 +39,8 @@ impl AdminState {
         if !self.ready.load(Ordering::Relaxed) {
             return Err("starting or draining".into());
         }
-        if !self.bus.is_connected() {
-            return Err("bus disconnected".into());
+        if !self.bus.is_healthy() {
+            return Err("the bus is unreachable or stalled".into());
         }
         self.services.iter().try_for_each(|s| s.readiness())
     }

@@ -7,7 +7,7 @@ use fleetgate_bus::{AnyBus, Bus};
 use fleetgate_communication::{Gateway, GatewayConfig, GatewayMetrics};
 use fleetgate_service::{BoxFuture, Running, Service, ServiceError, ServiceStatus, StartContext};
 use fleetgate_transport_core::metrics::{Registry, TransportMetrics};
-use fleetgate_transport_core::{KpHandler, Transport};
+use fleetgate_transport_core::{KpHandler, Shutdown, Transport};
 
 use crate::config::Config;
 use crate::registry::TRANSPORTS;
@@ -57,14 +57,17 @@ impl Service for GatewayService {
                 .await
                 .map_err(|e| ServiceError::new("gateway", e))?;
             let handler: Arc<dyn KpHandler> = gateway.clone();
+            // The transports drain when the service does, and stop with the process.
+            let (drain, drain_rx) = tokio::sync::watch::channel(false);
+            let signals = Shutdown { drain: drain_rx, stop: shutdown };
             let mut serving = Vec::new();
             for transport in self.transports {
                 for addr in transport.local_addrs() {
                     tracing::info!(listen = %addr, "{} transport listening", transport.name());
                 }
-                serving.push(tokio::spawn(transport.serve(handler.clone(), shutdown.clone())));
+                serving.push(tokio::spawn(transport.serve(handler.clone(), signals.clone())));
             }
-            let status = Arc::new(GatewayStatus(gateway));
+            let status = Arc::new(GatewayStatus { gateway, drain });
             let stopped = Box::pin(async move {
                 for task in serving {
                     let _ = task.await;
@@ -75,15 +78,23 @@ impl Service for GatewayService {
     }
 }
 
-/// The gateway's requests in flight, for the graceful stop.
-struct GatewayStatus<B: Bus>(Arc<Gateway<B>>);
+/// The gateway's readiness, drain and requests in flight, for `/readyz` and the graceful stop.
+struct GatewayStatus<B: Bus> {
+    gateway: Arc<Gateway<B>>,
+    drain: tokio::sync::watch::Sender<bool>,
+}
 
 impl ServiceStatus for GatewayStatus<AnyBus> {
     fn readiness(&self) -> Result<(), String> {
-        self.0.readiness()
+        self.gateway.readiness()
+    }
+
+    fn drain(&self) {
+        self.gateway.drain();
+        let _ = self.drain.send(true);
     }
 
     fn in_flight(&self) -> usize {
-        self.0.pending_requests()
+        self.gateway.in_flight()
     }
 }

@@ -139,8 +139,11 @@ pub async fn run_until(
     tracing::info!(role = role.name(), bus = bus.kind(), "fleetgate ready");
 
     until.await;
-    tracing::info!("stopping: draining requests in flight");
+    tracing::info!("stopping: taking no new requests, finishing those in flight");
     state.ready.store(false, Ordering::Relaxed);
+    for service in &state.services {
+        service.drain();
+    }
     let deadline =
         tokio::time::Instant::now() + Duration::from_millis(config.process.drain_timeout_ms);
     while state.services.iter().any(|s| s.in_flight() > 0) && tokio::time::Instant::now() < deadline
@@ -167,6 +170,8 @@ async fn connect_bus(role: Role, config: &Config) -> Result<AnyBus, StartError> 
             options.connect_timeout = Duration::from_millis(config.nats.connect_timeout_ms);
             options.publish_linger = Duration::from_millis(config.nats.publish_linger_ms);
             options.publish_batch = config.nats.publish_batch;
+            options.health_interval = Duration::from_millis(config.nats.health_probe_interval_ms);
+            options.health_timeout = Duration::from_millis(config.nats.health_probe_timeout_ms);
             let bus = NatsBus::connect(&options).await.map_err(StartError::Nats)?;
             tracing::info!(url, "connected to NATS");
             Ok(AnyBus::Nats(bus))

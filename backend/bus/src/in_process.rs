@@ -180,6 +180,10 @@ impl Bus for InProcessBus {
     fn max_payload(&self) -> usize {
         usize::MAX
     }
+
+    fn is_healthy(&self) -> bool {
+        true
+    }
 }
 
 /// The receiving end of an in-process subscription.

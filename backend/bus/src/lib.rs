@@ -146,6 +146,10 @@ pub trait Bus: Clone + Send + Sync + 'static {
     /// The largest payload one message may carry (NATS: the server's `max_payload`, learned
     /// at connect); a larger one is refused with [`BusError::TooLarge`].
     fn max_payload(&self) -> usize;
+
+    /// Whether the bus carries messages now (NATS: connected, and a round trip through the
+    /// server came back in time at the last probe). Cheap: a flag a probe keeps up to date.
+    fn is_healthy(&self) -> bool;
 }
 
 /// The bus chosen by configuration: in-process unless a NATS URL is set.
@@ -194,6 +198,13 @@ impl Bus for AnyBus {
             AnyBus::Nats(b) => b.max_payload(),
         }
     }
+
+    fn is_healthy(&self) -> bool {
+        match self {
+            AnyBus::InProcess(b) => b.is_healthy(),
+            AnyBus::Nats(b) => b.is_healthy(),
+        }
+    }
 }
 
 impl AnyBus {
@@ -202,14 +213,6 @@ impl AnyBus {
         match self {
             AnyBus::InProcess(_) => "in-process",
             AnyBus::Nats(_) => "nats",
-        }
-    }
-
-    /// Whether the bus can carry messages right now (NATS: connected).
-    pub fn is_connected(&self) -> bool {
-        match self {
-            AnyBus::InProcess(_) => true,
-            AnyBus::Nats(b) => b.is_connected(),
         }
     }
 }

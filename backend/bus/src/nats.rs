@@ -11,6 +11,7 @@
 //! as well as ours; the price is up to that much latency under load, so it is off by default.
 //! A flush does not linger.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -40,6 +41,11 @@ pub struct NatsOptions {
     pub publish_linger: Duration,
     /// A batch this large goes at once, without waiting out the linger.
     pub publish_batch: usize,
+    /// How often the health probe sends a round trip through the server.
+    pub health_interval: Duration,
+    /// A round trip that takes longer makes the bus unhealthy (stalled) until one comes back
+    /// in time.
+    pub health_timeout: Duration,
 }
 
 impl NatsOptions {
@@ -53,6 +59,8 @@ impl NatsOptions {
             connect_timeout: Duration::from_secs(5),
             publish_linger: Duration::ZERO,
             publish_batch: 256,
+            health_interval: Duration::from_secs(1),
+            health_timeout: Duration::from_secs(2),
         }
     }
 }
@@ -62,6 +70,8 @@ impl NatsOptions {
 pub struct NatsBus {
     client: async_nats::Client,
     publisher: Arc<Publisher>,
+    /// Kept up to date by the health probe.
+    healthy: Arc<AtomicBool>,
 }
 
 /// One entry of the publish queue.
@@ -252,12 +262,48 @@ impl NatsBus {
             batch: options.publish_batch.max(1),
         });
         tokio::spawn(write_batches(client.clone(), queue.clone(), options.publish_linger));
-        Ok(Self { client, publisher: Arc::new(Publisher { queue }) })
+        let healthy = Arc::new(AtomicBool::new(true));
+        let bus = Self { client, publisher: Arc::new(Publisher { queue }), healthy };
+        tokio::spawn(probe_health(
+            Arc::downgrade(&bus.publisher),
+            bus.client.clone(),
+            bus.healthy.clone(),
+            options.health_interval,
+            options.health_timeout,
+        ));
+        Ok(bus)
     }
 
     /// Whether the connection is up.
     pub fn is_connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
+    }
+}
+
+/// Keeps `healthy` up to date: connected, and a round trip through the server (behind
+/// everything queued for publishing) back within `timeout`. A stopped server (SIGSTOP) keeps
+/// the TCP connection up while it answers nothing; only a round trip tells.
+async fn probe_health(
+    publisher: std::sync::Weak<Publisher>,
+    client: async_nats::Client,
+    healthy: Arc<AtomicBool>,
+    interval: Duration,
+    timeout: Duration,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(publisher) = publisher.upgrade() else { return };
+        let bus = NatsBus { client: client.clone(), publisher, healthy: healthy.clone() };
+        let ok = bus.is_connected()
+            && tokio::time::timeout(timeout, bus.flush()).await.is_ok_and(|r| r.is_ok());
+        if healthy.swap(ok, Ordering::Relaxed) != ok {
+            match ok {
+                true => tracing::info!("NATS answers again"),
+                false => tracing::warn!("NATS is unreachable or stalled"),
+            }
+        }
     }
 }
 
@@ -303,6 +349,10 @@ impl Bus for NatsBus {
     /// The server's `max_payload` (1 MiB unless configured otherwise), as of the last connect.
     fn max_payload(&self) -> usize {
         self.client.max_payload()
+    }
+
+    fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed) && self.is_connected()
     }
 
     /// Waits for a round trip through the server, so that every subscription and message

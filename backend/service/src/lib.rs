@@ -83,6 +83,11 @@ pub trait ServiceStatus: Send + Sync {
         Ok(())
     }
 
+    /// Stop taking new work (SIGTERM): what was taken is finished, nothing new is accepted.
+    /// The shutdown signal follows once [`ServiceStatus::in_flight`] is 0 or the drain
+    /// timeout has passed.
+    fn drain(&self) {}
+
     /// Work accepted and not finished yet: a graceful stop waits (bounded) until it is 0
     /// before the shutdown signal goes out.
     fn in_flight(&self) -> usize {

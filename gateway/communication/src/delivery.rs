@@ -71,6 +71,8 @@ pub(crate) struct Delivery {
     /// Records replayed and not yet answered.
     replaying: Mutex<HashSet<u64>>,
     in_flight: AtomicUsize,
+    /// Requests on their way into the spool (not durable yet).
+    appending: AtomicUsize,
     /// Wakes the forwarder: a record was spooled, or a replay ended.
     wake: Notify,
     /// Wakes appenders waiting for room in a full spool.
@@ -99,11 +101,17 @@ impl Delivery {
             routes: Mutex::default(),
             replaying: Mutex::default(),
             in_flight: AtomicUsize::new(0),
+            appending: AtomicUsize::new(0),
             wake: Notify::new(),
             room: Notify::new(),
             delivery_timeout: Duration::from_millis(config.delivery_timeout_ms.max(1)),
             window: config.forward_window.max(1),
         })
+    }
+
+    /// Requests on their way into the spool.
+    pub(crate) fn appending(&self) -> usize {
+        self.appending.load(Ordering::Relaxed)
     }
 
     /// Whether new requests go to the spool first.
@@ -144,6 +152,7 @@ impl<B: Bus> Gateway<B> {
             return Err(KpError::unavailable("the bus is unavailable"));
         };
         self.delivery.spooling.store(true, Ordering::Relaxed);
+        let _appending = Appending::new(&self.delivery.appending);
         let record = Record { spooled_ms: now_ms(), subject: subject.to_string(), client_data };
         let deadline = Instant::now() + Duration::from_millis(self.config.request_timeout_ms);
         let seq = loop {
@@ -182,6 +191,7 @@ impl<B: Bus> Gateway<B> {
         let State::Direct { subject, client_data } = pending.state else { return };
         let Some(spool) = &self.delivery.spool else { return };
         self.delivery.spooling.store(true, Ordering::Relaxed);
+        let _appending = Appending::new(&self.delivery.appending);
         let record = Record { spooled_ms: now_ms(), subject: subject.to_string(), client_data };
         match spool.append(&record).await {
             Ok(seq) => {
@@ -306,6 +316,22 @@ impl<B: Bus> Gateway<B> {
     }
 }
 
+/// Counts a request on its way into the spool for as long as it lives.
+struct Appending<'a>(&'a AtomicUsize);
+
+impl<'a> Appending<'a> {
+    fn new(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Self(count)
+    }
+}
+
+impl Drop for Appending<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// The `Stored` answer to a routed request.
 fn stored(route: &Route) -> KpResponse {
     KpResponse {
@@ -350,6 +376,9 @@ pub(crate) async fn forward<B: Bus>(
         {
             // Everything was sent once and nothing waits: what is left timed out; start over.
             cursor = None;
+        } else if !g.bus.is_healthy() {
+            // Nothing would come back: wait for the bus.
+            cursor = None;
         } else {
             match g.replay_batch(&spool, cursor).await {
                 Ok(last) => {
@@ -367,7 +396,13 @@ pub(crate) async fn forward<B: Bus>(
         tokio::select! {
             () = &mut wake => {}
             () = tokio::time::sleep(pause) => {}
-            () = fleetgate_bus::stopped(&mut shutdown) => return,
+            () = fleetgate_bus::stopped(&mut shutdown) => {
+                // What was spooled and removed is on disk before the process goes.
+                if let Err(e) = spool.close() {
+                    tracing::error!(error = %e, "cannot sync the spool at shutdown");
+                }
+                return;
+            }
         }
     }
 }

@@ -89,3 +89,21 @@ pub(crate) async fn end_revoked<B: Bus>(
         }
     }
 }
+
+/// Keeps the gateway's view of the authentication provider up to date for `/readyz`: when no
+/// device asked it anything for a while, or it did not answer last time, a probe asks.
+pub(crate) async fn probe_auth<B: Bus>(
+    gateway: Weak<Gateway<B>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(2));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = fleetgate_bus::stopped(&mut shutdown) => return,
+        }
+        let Some(gateway) = gateway.upgrade() else { return };
+        gateway.tokens.probe(std::time::Duration::from_secs(5)).await;
+    }
+}

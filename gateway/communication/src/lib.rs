@@ -27,7 +27,7 @@ pub mod uplink;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use fleetgate_bus::{Bus, BusError, Requester, Subject};
 use fleetgate_messages::subjects;
@@ -138,6 +138,8 @@ pub struct Gateway<B: Bus> {
     tokens: TokenCache<B>,
     next_session: AtomicU64,
     next_request: AtomicU64,
+    /// Set on SIGTERM: no new requests are taken (nothing new is acknowledged).
+    draining: AtomicBool,
     delivery: Delivery,
     metrics: GatewayMetrics,
 }
@@ -214,6 +216,7 @@ impl<B: Bus> Gateway<B> {
             pending: PendingTable::default(),
             next_session: AtomicU64::new(1),
             next_request: AtomicU64::new(1),
+            draining: AtomicBool::new(false),
             delivery,
             metrics,
             reply_subject,
@@ -227,6 +230,7 @@ impl<B: Bus> Gateway<B> {
         tokio::spawn(downlink::route_answers(weak(), pushes, shutdown.clone()));
         tokio::spawn(downlink::expire_requests(weak(), shutdown.clone()));
         tokio::spawn(delivery::forward(weak(), shutdown.clone()));
+        tokio::spawn(events::probe_auth(weak(), shutdown.clone()));
         tokio::spawn(events::end_revoked(weak(), revocations, shutdown));
         tracing::info!(replica = %gateway.replica_id, "communication service started");
         Ok(gateway)
@@ -242,8 +246,24 @@ impl<B: Bus> Gateway<B> {
         self.pending.len()
     }
 
-    /// Why the service cannot take traffic now, if it cannot (the spool is full).
+    /// Takes no new requests from now on (they are refused with 503, which acknowledges
+    /// nothing); those in flight are answered, or spooled after the delivery timeout.
+    pub fn drain(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Requests taken and not yet durable: on the bus without an answer, or on their way into
+    /// the spool. A graceful stop waits for them.
+    pub fn in_flight(&self) -> usize {
+        self.pending.count_direct() + self.delivery.appending()
+    }
+
+    /// Why the service cannot take traffic now, if it cannot: the authentication provider
+    /// does not answer, or the spool is full.
     pub fn readiness(&self) -> Result<(), String> {
+        if !self.tokens.provider_answers() {
+            return Err("the authentication provider does not answer".into());
+        }
         self.delivery.readiness()
     }
 

@@ -111,6 +111,18 @@ impl PendingTable {
         expired
     }
 
+    /// Requests on the bus that are not durable yet ([`State::Direct`]); walks every shard.
+    pub(crate) fn count_direct(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| {
+                s.lock().map_or(0, |s| {
+                    s.requests.values().filter(|p| matches!(p.state, State::Direct { .. })).count()
+                })
+            })
+            .sum()
+    }
+
     pub(crate) fn len(&self) -> usize {
         self.shards.iter().map(|s| s.lock().map_or(0, |s| s.requests.len())).sum()
     }

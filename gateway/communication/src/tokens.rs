@@ -1,7 +1,7 @@
 //! Endpoint token → endpoint id, through 16/ECAP with a cache.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
 
 use fleetgate_bus::{Bus, BusError, Requester, Subject, now_ms};
@@ -35,6 +35,10 @@ pub(crate) struct TokenCache<B: Bus> {
     ttl: Duration,
     negative_ttl: Duration,
     next_request: AtomicU64,
+    /// Whether the 16/ECAP provider answered the last request (a validation or a probe).
+    answering: AtomicBool,
+    /// When it last answered, ms since the epoch.
+    last_answer_ms: AtomicI64,
 }
 
 impl<B: Bus> TokenCache<B> {
@@ -47,6 +51,8 @@ impl<B: Bus> TokenCache<B> {
             ttl: Duration::from_millis(config.token_cache_ttl_ms),
             negative_ttl: Duration::from_millis(config.token_negative_cache_ttl_ms),
             next_request: AtomicU64::new(1),
+            answering: AtomicBool::new(true),
+            last_answer_ms: AtomicI64::new(now_ms()),
         }
     }
 
@@ -83,13 +89,14 @@ impl<B: Bus> TokenCache<B> {
         let reply = self
             .requester
             .request(self.subject.clone(), &correlation_id, request.to_bytes(), self.timeout)
-            .await
-            .map_err(|e| match e {
-                BusError::NoResponders(_) => {
-                    KpError::unavailable("no authentication service is running")
-                }
-                _ => KpError::unavailable("the authentication service did not answer"),
-            })?;
+            .await;
+        self.heard(reply.is_ok());
+        let reply = reply.map_err(|e| match e {
+            BusError::NoResponders(_) => {
+                KpError::unavailable("no authentication service is running")
+            }
+            _ => KpError::unavailable("the authentication service did not answer"),
+        })?;
         let answer = EndpointTokenValidationResponse::decode(&reply.payload).map_err(|e| {
             tracing::warn!(error = %e, "undecodable ep-token-response");
             KpError::unavailable("the authentication service gave an unreadable answer")
@@ -113,6 +120,49 @@ impl<B: Bus> TokenCache<B> {
         entries.retain(|c| &*c.app_version != app_version);
         entries.push(entry);
         endpoint.map(|endpoint_id| Resolved { endpoint_id, expires })
+    }
+
+    /// Whether the provider answers: it answered the last request, or the last probe.
+    pub(crate) fn provider_answers(&self) -> bool {
+        self.answering.load(Ordering::Relaxed)
+    }
+
+    fn heard(&self, answered: bool) {
+        self.answering.store(answered, Ordering::Relaxed);
+        if answered {
+            self.last_answer_ms.store(now_ms(), Ordering::Relaxed);
+        }
+    }
+
+    /// Asks the provider about a token no device uses, unless it answered a real request in the
+    /// last `quiet`: any answer (401 included) shows that it is there.
+    pub(crate) async fn probe(&self, quiet: Duration) {
+        let quiet_ms = i64::try_from(quiet.as_millis()).unwrap_or(i64::MAX);
+        if self.provider_answers()
+            && now_ms().saturating_sub(self.last_answer_ms.load(Ordering::Relaxed)) < quiet_ms
+        {
+            return;
+        }
+        let correlation_id = format!("probe-{}", self.next_request.fetch_add(1, Ordering::Relaxed));
+        let request = EndpointTokenValidationRequest {
+            correlation_id: &correlation_id,
+            timestamp_ms: now_ms(),
+            timeout_ms: i64::try_from(self.timeout.as_millis()).unwrap_or(0),
+            app_name: "fleetgate-readiness-probe",
+            token: "-",
+        };
+        let reply = self
+            .requester
+            .request(self.subject.clone(), &correlation_id, request.to_bytes(), self.timeout)
+            .await;
+        let answered = reply.is_ok();
+        if answered != self.provider_answers() {
+            match answered {
+                true => tracing::info!("the authentication provider answers again"),
+                false => tracing::warn!("the authentication provider does not answer"),
+            }
+        }
+        self.heard(answered);
     }
 
     /// Forgets every cached token of `endpoint_id` in `app_version` (16/ECAP revocation).

@@ -80,6 +80,10 @@ impl<B: Bus> Gateway<B> {
         request: KpRequest,
     ) -> Result<(), KpError> {
         self.metrics.requests.inc();
+        if self.draining.load(Ordering::Relaxed) {
+            self.metrics.rejected.inc();
+            return Err(KpError::unavailable("the gateway is shutting down; try another replica"));
+        }
         let result = self.forward(session, &request).await;
         if let Err(e) = &result {
             self.metrics.rejected.inc();
@@ -233,8 +237,8 @@ impl<B: Bus> Gateway<B> {
                 self.sessions.release(session);
             }
         };
-        // Behind older spooled requests, or while the bus refuses: to the spool first.
-        if self.delivery.spooling() {
+        // Behind older spooled requests, or while the bus is down or stalled: to the spool.
+        if self.delivery.spooling() || (self.delivery.spool.is_some() && !self.bus.is_healthy()) {
             let spooled = self.spool_request(route.clone(), &extension.subject, client_data).await;
             if spooled.is_err() {
                 release(&route);

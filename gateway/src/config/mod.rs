@@ -54,6 +54,11 @@ pub struct NatsConfig {
     pub publish_linger_ms: u64,
     /// A batch of this many messages is written at once, without waiting out the linger.
     pub publish_batch: usize,
+    /// How often a round trip through the server checks that NATS answers.
+    pub health_probe_interval_ms: u64,
+    /// A round trip slower than this makes the bus unhealthy: `/readyz` fails and the gateway
+    /// spools instead of publishing, until one comes back in time.
+    pub health_probe_timeout_ms: u64,
 }
 
 impl Default for NatsConfig {
@@ -65,6 +70,8 @@ impl Default for NatsConfig {
             connect_timeout_ms: 5000,
             publish_linger_ms: 0,
             publish_batch: 256,
+            health_probe_interval_ms: 1000,
+            health_probe_timeout_ms: 2000,
         }
     }
 }

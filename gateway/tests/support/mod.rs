@@ -23,6 +23,8 @@ pub(crate) struct Fleetgate {
     log: PathBuf,
     /// The working directory: its own spool (`fleetgate-data/`), removed with the process.
     dir: tempfile::TempDir,
+    command: String,
+    env: Vec<(String, String)>,
 }
 
 impl Fleetgate {
@@ -46,22 +48,53 @@ impl Fleetgate {
             admin.port()
         ));
         let dir = tempfile::tempdir().expect("a working directory");
+        let env = env.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect();
+        let mut fg = Self {
+            child: None,
+            mqtt,
+            admin,
+            coap,
+            http,
+            log,
+            dir,
+            command: command.to_owned(),
+            env,
+        };
+        fg.launch();
+        fg
+    }
+
+    /// Starts the process (again): same ports, working directory (and so spool) and settings;
+    /// its log goes on in the same file.
+    fn launch(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_fleetgate"));
-        cmd.arg(command)
-            .current_dir(dir.path())
+        cmd.arg(&self.command)
+            .current_dir(self.dir.path())
             .env_remove("FLEETGATE_CONFIG")
-            .env("FLEETGATE_TRANSPORTS_MQTT_LISTEN", mqtt.to_string())
-            .env("FLEETGATE_ADMIN_LISTEN", admin.to_string())
-            .env("FLEETGATE_TRANSPORTS_COAP_LISTEN", coap.to_string())
-            .env("FLEETGATE_TRANSPORTS_HTTP_LISTEN", http.to_string())
+            .env("FLEETGATE_TRANSPORTS_MQTT_LISTEN", self.mqtt.to_string())
+            .env("FLEETGATE_ADMIN_LISTEN", self.admin.to_string())
+            .env("FLEETGATE_TRANSPORTS_COAP_LISTEN", self.coap.to_string())
+            .env("FLEETGATE_TRANSPORTS_HTTP_LISTEN", self.http.to_string())
             .env("RUST_LOG", "info,fleetgate=debug")
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"));
-        for (k, v) in env {
+            .stderr(log);
+        for (k, v) in &self.env {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().expect("spawn fleetgate");
-        Self { child: Some(child), mqtt, admin, coap, http, log, dir }
+        self.child = Some(cmd.spawn().expect("spawn fleetgate"));
+    }
+
+    /// SIGKILLs the process if it runs, starts it again with what it left on disk, and waits
+    /// until it is ready.
+    pub(crate) fn restart(&mut self) {
+        self.kill();
+        self.launch();
+        self.wait_ready();
     }
 
     pub(crate) fn wait_ready(&mut self) {

@@ -20,7 +20,7 @@ async fn main() -> std::io::Result<()> {
     transport.bind().map_err(std::io::Error::other)?;
     println!("listening on {:?}", transport.local_addrs());
     let gateway = Arc::new(ScriptedGateway::default());
-    let (_stop, shutdown) = tokio::sync::watch::channel(false);
+    let (_stop, shutdown) = fleetgate_transport_core::Shutdown::channel();
     let pusher = gateway.clone();
     tokio::spawn(async move {
         // Push a configuration every second, for observers of kp1/demo-v1/echo/tok-1/config/json.

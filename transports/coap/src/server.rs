@@ -49,7 +49,7 @@ use fleetgate_transport_core::metrics::{
     Counter, Gauge, Latency, Registry, TransportMetrics, transport_registry,
 };
 use fleetgate_transport_core::net::{self, PeerQueues, ReceiveBatch, Routed};
-use fleetgate_transport_core::{BindError, BoxFuture, KpHandler, Transport};
+use fleetgate_transport_core::{BindError, BoxFuture, KpHandler, Shutdown, Transport};
 use serde::{Deserialize, Serialize};
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
@@ -347,8 +347,11 @@ impl Transport for CoapTransport {
     fn serve(
         self: Box<Self>,
         handler: Arc<dyn KpHandler>,
-        shutdown: watch::Receiver<bool>,
+        shutdown: Shutdown,
     ) -> BoxFuture<'static, ()> {
+        // No new requests while draining: the gateway refuses them (5.03), so nothing new is
+        // acknowledged; peers close at the stop.
+        let shutdown = shutdown.stop;
         Box::pin(async move {
             let mut readers = JoinSet::new();
             for (i, socket) in self.sockets.into_iter().enumerate() {

@@ -25,7 +25,7 @@ fn path(extension: &str, rest: &str) -> String {
 
 async fn setup(
     config: CoapConfig,
-) -> (Arc<ScriptedGateway>, CoapClient, common::Served, tokio::sync::watch::Sender<bool>) {
+) -> (Arc<ScriptedGateway>, CoapClient, common::Served, fleetgate_transport_core::ShutdownHandle) {
     let gateway = Arc::new(ScriptedGateway::default());
     let (addr, metrics, stop) = serve(gateway.clone(), config).await;
     let client = CoapClient::new(addr).await;
@@ -628,7 +628,7 @@ async fn credentials_travel_as_uri_query_until_dtls() {
 async fn shutdown_closes_sessions_and_metrics_render() {
     let (gateway, mut client, metrics, stop) = setup(CoapConfig::default()).await;
     client.exchange(Req::post(&path("echo", "/json"), b"[]"), WAIT).await.expect("answer");
-    let _ = stop.send(true);
+    stop.stop();
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(gateway.closed_sessions(), 1);
     let out = metrics.text();

@@ -65,7 +65,7 @@ async fn run(program: &str, args: &[&str]) -> Output {
     }
 }
 
-async fn server() -> (Arc<ScriptedGateway>, u16, tokio::sync::watch::Sender<bool>) {
+async fn server() -> (Arc<ScriptedGateway>, u16, fleetgate_transport_core::ShutdownHandle) {
     let gateway = Arc::new(ScriptedGateway::default());
     let (addr, _metrics, stop) = common::serve(gateway.clone(), CoapConfig::default()).await;
     (gateway, addr.port(), stop)

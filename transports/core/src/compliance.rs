@@ -311,19 +311,19 @@ where
     assert!(gateway.requests() >= 7, "{} requests reached the gateway", gateway.requests());
 }
 
-/// Binds `transport` and serves it with `handler` in a task until the returned sender is
-/// dropped or sends `true`. Returns its first local address.
+/// Binds `transport` and serves it with `handler` in a task until the returned handle is
+/// dropped or stops it. Returns its first local address.
 pub fn start(
     mut transport: Box<dyn crate::Transport>,
     handler: std::sync::Arc<dyn KpHandler>,
-) -> (std::net::SocketAddr, tokio::sync::watch::Sender<bool>) {
+) -> (std::net::SocketAddr, crate::ShutdownHandle) {
     if let Err(e) = transport.bind() {
         panic!("the transport under test cannot bind: {e}");
     }
     let Some(addr) = transport.local_addrs().first().copied() else {
         panic!("the transport under test has no local address after bind");
     };
-    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let (stop, shutdown) = crate::Shutdown::channel();
     tokio::spawn(transport.serve(handler, shutdown));
     (addr, stop)
 }

@@ -7,11 +7,9 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use crate::{Outbox, Shutdown};
 use fleetgate_kp::{ClientCredentials, ClientIdentity, KpError, KpRequest, SessionId};
 use prometheus_client::registry::Registry;
-use tokio::sync::watch;
-
-use crate::Outbox;
 
 /// A boxed, sendable future: what the object-safe traits here return.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -93,10 +91,12 @@ pub trait Transport: Send + 'static {
     /// [`crate::metrics::TransportMetrics`], which the transport got when it was made).
     fn register_metrics(&self, registry: &mut Registry);
 
-    /// Serves devices until `shutdown` turns true, then closes its sessions.
+    /// Serves devices until `shutdown.stop`, then closes its sessions. From `shutdown.drain`
+    /// on it takes no new connections and hands the handler no new requests (nothing new is
+    /// acknowledged), and finishes what it took.
     fn serve(
         self: Box<Self>,
         handler: Arc<dyn KpHandler>,
-        shutdown: watch::Receiver<bool>,
+        shutdown: Shutdown,
     ) -> BoxFuture<'static, ()>;
 }

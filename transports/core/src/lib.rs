@@ -30,3 +30,49 @@ pub use outbox::{Outbox, OutboxReceiver, TryRecvError, TrySendError, outbox};
 pub async fn stopped(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
+
+/// How a transport's service ends, in two steps: `drain` turns true first (take no new
+/// connections and hand the gateway no new requests, so that nothing new is acknowledged, but
+/// finish what was taken), then `stop` (close every connection). A stop without a drain before
+/// it implies one.
+#[derive(Debug, Clone)]
+pub struct Shutdown {
+    /// Stop taking work.
+    pub drain: tokio::sync::watch::Receiver<bool>,
+    /// Close.
+    pub stop: tokio::sync::watch::Receiver<bool>,
+}
+
+/// The senders of a [`Shutdown`].
+#[derive(Debug)]
+pub struct ShutdownHandle {
+    drain: tokio::sync::watch::Sender<bool>,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl Shutdown {
+    /// A fresh pair of signals and their senders.
+    pub fn channel() -> (ShutdownHandle, Shutdown) {
+        let (drain, drain_rx) = tokio::sync::watch::channel(false);
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        (ShutdownHandle { drain, stop }, Shutdown { drain: drain_rx, stop: stop_rx })
+    }
+
+    /// Signals that `stop` drives alone (draining when it stops).
+    pub fn on(stop: tokio::sync::watch::Receiver<bool>) -> Self {
+        Self { drain: stop.clone(), stop }
+    }
+}
+
+impl ShutdownHandle {
+    /// Stop taking work.
+    pub fn drain(&self) {
+        let _ = self.drain.send(true);
+    }
+
+    /// Close (drains first).
+    pub fn stop(&self) {
+        self.drain();
+        let _ = self.stop.send(true);
+    }
+}

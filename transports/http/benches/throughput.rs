@@ -233,7 +233,7 @@ fn main() {
         let mut transport = HttpTransport::new(config, &TransportMetrics::default());
         transport.bind().expect("bind the transport");
         let transport_addr = transport.local_addrs()[0];
-        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let (stop, shutdown) = fleetgate_transport_core::Shutdown::channel();
         // Served until the process ends.
         std::mem::forget(stop);
         tokio::spawn(Box::new(transport).serve(Arc::new(InstantGateway::default()), shutdown));

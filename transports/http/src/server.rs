@@ -45,7 +45,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fleetgate_transport_core::metrics::{Registry, TransportMetrics};
-use fleetgate_transport_core::{BindError, BoxFuture, KpHandler, Transport, net};
+use fleetgate_transport_core::{BindError, BoxFuture, KpHandler, Shutdown, Transport, net};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
@@ -105,18 +105,15 @@ impl Transport for HttpTransport {
     fn serve(
         self: Box<Self>,
         handler: Arc<dyn KpHandler>,
-        shutdown: watch::Receiver<bool>,
+        shutdown: Shutdown,
     ) -> BoxFuture<'static, ()> {
         Box::pin(self.accept_loop(handler, shutdown))
     }
 }
 
 impl HttpTransport {
-    async fn accept_loop(
-        self: Box<Self>,
-        handler: Arc<dyn KpHandler>,
-        mut shutdown: watch::Receiver<bool>,
-    ) {
+    async fn accept_loop(self: Box<Self>, handler: Arc<dyn KpHandler>, shutdown: Shutdown) {
+        let Shutdown { drain: mut draining, mut stop } = shutdown;
         let Some(listener) = &self.listener else {
             tracing::error!("bug: the HTTP transport was served before it was bound");
             return;
@@ -133,7 +130,7 @@ impl HttpTransport {
                             self.shared.clone(),
                             stream,
                             peer,
-                            shutdown.clone(),
+                            draining.clone(),
                             permit,
                         );
                         connections.spawn(conn.instrument(tracing::info_span!("http", %peer)));
@@ -144,13 +141,17 @@ impl HttpTransport {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 },
-                () = stopped(&mut shutdown) => break,
+                () = stopped(&mut draining) => break,
             }
             while connections.try_join_next().is_some() {}
         }
-        // Connections see the same shutdown signal: they finish the requests in flight, end
-        // their long polls, and close.
-        while connections.join_next().await.is_some() {}
+        // Connections see the same drain signal: they take no new requests, finish those in
+        // flight, end their long polls, and close. What is still open at the stop is cut.
+        let all_closed = async { while connections.join_next().await.is_some() {} };
+        tokio::select! {
+            () = all_closed => {}
+            () = stopped(&mut stop) => {}
+        }
     }
 }
 

@@ -346,7 +346,7 @@ async fn shutdown_ends_long_polls_and_connections() {
     while served.metrics.long_polls_waiting.get() == 0 {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let _ = served.stop.send(true);
+    served.stop.stop();
     let reply = tokio::time::timeout(Duration::from_secs(2), poll).await.expect("in time");
     assert_eq!(reply.expect("task").expect("answer").error_code(), 503);
     tokio::time::timeout(Duration::from_secs(2), served.task)

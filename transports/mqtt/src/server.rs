@@ -21,6 +21,7 @@
 use std::future::poll_fn;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
 use std::time::Duration;
 
@@ -30,7 +31,7 @@ use fleetgate_transport_core::metrics::{
 };
 use fleetgate_transport_core::{
     BindError, BoxFuture, ClientCredentials, KpHandler, KpResponse, OutboxReceiver, SessionId,
-    Transport, TryRecvError, net, stopped,
+    Shutdown, Transport, TryRecvError, net, stopped,
 };
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
@@ -157,25 +158,30 @@ const READ_RESERVE: usize = 2048;
 
 /// The MQTT transport over TCP.
 pub struct MqttTransport {
-    config: Arc<MqttConfig>,
     listener: Option<TcpListener>,
-    metrics: Arc<MqttMetrics>,
+    shared: Arc<Shared>,
+}
+
+/// What every connection of the transport shares (one pointer in each connection's state).
+struct Shared {
+    config: MqttConfig,
+    metrics: MqttMetrics,
+    /// Set when the transport drains: connections hand the gateway no new requests.
+    draining: AtomicBool,
 }
 
 impl MqttTransport {
     /// The transport for `config`, reporting into `metrics`; [`Transport::bind`] opens its
     /// listener.
     pub fn new(config: MqttConfig, metrics: &TransportMetrics) -> Self {
-        Self {
-            config: Arc::new(config),
-            listener: None,
-            metrics: Arc::new(MqttMetrics::new(metrics)),
-        }
+        let metrics = MqttMetrics::new(metrics);
+        let shared = Arc::new(Shared { config, metrics, draining: AtomicBool::new(false) });
+        Self { listener: None, shared }
     }
 
     /// The transport's metrics.
-    pub fn metrics(&self) -> Arc<MqttMetrics> {
-        self.metrics.clone()
+    pub fn metrics(&self) -> MqttMetrics {
+        self.shared.metrics.clone()
     }
 }
 
@@ -189,8 +195,8 @@ impl Transport for MqttTransport {
     }
 
     fn bind(&mut self) -> Result<(), BindError> {
-        let listen = self.config.listen;
-        let listener = net::bind_tcp(listen, self.config.reuse_port)
+        let listen = self.shared.config.listen;
+        let listener = net::bind_tcp(listen, self.shared.config.reuse_port)
             .map_err(|e| BindError::listen(self.config_section(), listen, e))?;
         self.listener = Some(listener);
         Ok(())
@@ -201,24 +207,20 @@ impl Transport for MqttTransport {
     }
 
     fn register_metrics(&self, registry: &mut Registry) {
-        self.metrics.register(registry);
+        self.shared.metrics.register(registry);
     }
 
     fn serve(
         self: Box<Self>,
         handler: Arc<dyn KpHandler>,
-        shutdown: watch::Receiver<bool>,
+        shutdown: Shutdown,
     ) -> BoxFuture<'static, ()> {
         Box::pin(self.accept_loop(handler, shutdown))
     }
 }
 
 impl MqttTransport {
-    async fn accept_loop(
-        self: Box<Self>,
-        handler: Arc<dyn KpHandler>,
-        mut shutdown: watch::Receiver<bool>,
-    ) {
+    async fn accept_loop(self: Box<Self>, handler: Arc<dyn KpHandler>, shutdown: Shutdown) {
         let Some(listener) = self.listener else {
             tracing::error!("bug: the MQTT transport was served before it was bound");
             return;
@@ -226,12 +228,13 @@ impl MqttTransport {
         // Each connection task holds a sender; `recv` returns None once all have ended. (A
         // JoinSet would keep an entry per connection, idle ones included.)
         let (live, mut all_ended) = mpsc::channel::<()>(1);
+        let mut drain = shutdown.drain.clone();
         loop {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
-                        self.metrics.connections_accepted.inc();
-                        let conn = Connection::new(handler.clone(), self.config.clone(), self.metrics.clone(), peer, shutdown.clone(), live.clone());
+                        self.shared.metrics.connections_accepted.inc();
+                        let conn = Connection::new(handler.clone(), self.shared.clone(), peer, shutdown.stop.clone(), live.clone());
                         // No tracing span per connection (it would be part of every idle
                         // connection's state): events carry the peer address instead.
                         let _ = stream.set_nodelay(true);
@@ -244,10 +247,13 @@ impl MqttTransport {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 },
-                _ = stopped(&mut shutdown) => break,
+                _ = stopped(&mut drain) => break,
             }
         }
-        // Connections see the same shutdown signal and close themselves.
+        // No new connections; the open ones take no new requests, finish what they took, and
+        // close at the stop signal, which they see themselves.
+        self.shared.draining.store(true, Ordering::Relaxed);
+        drop(listener);
         drop(live);
         let _ = all_ended.recv().await;
     }
@@ -272,8 +278,7 @@ const FAR_FUTURE: Duration = Duration::from_secs(86_400 * 365);
 /// is part of every idle connection's memory (M4), so there are few, and no tracing span.
 struct Connection {
     handler: Arc<dyn KpHandler>,
-    config: Arc<MqttConfig>,
-    metrics: Arc<MqttMetrics>,
+    shared: Arc<Shared>,
     peer: SocketAddr,
     shutdown: watch::Receiver<bool>,
     session: Session,
@@ -284,14 +289,13 @@ struct Connection {
 impl Connection {
     fn new(
         handler: Arc<dyn KpHandler>,
-        config: Arc<MqttConfig>,
-        metrics: Arc<MqttMetrics>,
+        shared: Arc<Shared>,
         peer: SocketAddr,
         shutdown: watch::Receiver<bool>,
         live: mpsc::Sender<()>,
     ) -> Self {
-        let session = Session::new(&session_config(&config), Instant::now().into_std());
-        Self { handler, config, metrics, peer, shutdown, session, _live: live }
+        let session = Session::new(&session_config(&shared.config), Instant::now().into_std());
+        Self { handler, shared, peer, shutdown, session, _live: live }
     }
 
     // Not an `async fn`: that would keep a second copy of `self` (its argument) in the
@@ -302,7 +306,7 @@ impl Connection {
         (mut rd, mut wr): (OwnedReadHalf, OwnedWriteHalf),
     ) -> impl Future<Output = ()> + Send {
         async move {
-            self.metrics.connections_open.inc();
+            self.shared.metrics.connections_open.inc();
             self.serve(&mut rd, &mut wr).await;
             // The session's last words: a DISCONNECT, a refusing CONNACK.
             if !self.session.transmit().is_empty() {
@@ -313,7 +317,7 @@ impl Connection {
                 self.handler.close_session(session);
             }
             self.report_stats();
-            self.metrics.connections_open.dec();
+            self.shared.metrics.connections_open.dec();
         }
     }
 
@@ -331,6 +335,7 @@ impl Connection {
         let mut shutdown = self.shutdown.clone();
         let stop = stopped(&mut shutdown);
         tokio::pin!(stop);
+        let mut output_gone = false;
         loop {
             // What the session decoded, in order, one gateway call at a time. The event is
             // taken apart in a scope that ends before the request's await: only the handler's
@@ -338,6 +343,11 @@ impl Connection {
             // from the read that brought it) are held across it, not the event.
             let turn = Instant::now();
             loop {
+                // Draining: nothing more goes to the gateway, so nothing new is acknowledged
+                // (the device sends it again elsewhere).
+                if self.shared.draining.load(Ordering::Relaxed) && self.session.next_is_request() {
+                    break;
+                }
                 let (id, request) = {
                     let Some(event) = self.session.poll_event() else { break };
                     match event {
@@ -351,7 +361,7 @@ impl Connection {
                     }
                 };
                 let result = self.handler.handle(self.session_id(), request).await;
-                self.metrics.request_accept.observe(turn.elapsed());
+                self.shared.metrics.request_accept.observe(turn.elapsed());
                 self.session.request_done(id, result);
             }
             // Then whatever responses are ready, within the client's receive window.
@@ -373,8 +383,10 @@ impl Connection {
             }
             let pending = self.session.transmit().len();
             if pending > 0 {
-                if wr.write_all(self.session.transmit()).await.is_err() {
-                    return;
+                // A client that is gone reads nothing; what it sent is still handled.
+                if !output_gone && wr.write_all(self.session.transmit()).await.is_err() {
+                    output_gone = true;
+                    self.session.end_input(Instant::now().into_std());
                 }
                 self.session.advance_transmit(pending);
             }
@@ -384,13 +396,15 @@ impl Connection {
             {
                 timer.as_mut().reset(next);
             }
-            let wants_input = self.session.wants_input();
+            let wants_input =
+                self.session.wants_input() && !self.shared.draining.load(Ordering::Relaxed);
             let window_open = outbox.is_some() && self.session.wants_responses();
             tokio::select! {
                 read = read_more(&mut self.session, rd), if wants_input => match read {
                     Ok(()) => self.session.handle_input(Instant::now().into_std()),
-                    // The client closed the connection, or the socket failed.
-                    Err(()) => return,
+                    // The client closed the connection, or the socket failed: what it sent
+                    // before still goes to the gateway.
+                    Err(()) => self.session.end_input(Instant::now().into_std()),
                 },
                 response = poll_fn(|cx| match &mut outbox {
                     Some(rx) => rx.poll_recv(cx),
@@ -403,7 +417,15 @@ impl Connection {
                     self.session.handle_timeout(Instant::now().into_std());
                     timer.as_mut().reset(self.next_deadline());
                 }
-                () = &mut stop => self.session.close(ReasonCode::ServerShuttingDown),
+                () = &mut stop => {
+                    // Answers already queued (acknowledgements among them) go out first.
+                    if let Some(rx) = &mut outbox {
+                        while let Ok(response) = rx.try_recv() {
+                            let _ = self.session.send_response(response);
+                        }
+                    }
+                    self.session.close(ReasonCode::ServerShuttingDown);
+                }
             }
         }
     }
@@ -438,8 +460,8 @@ impl Connection {
             Event::Connect(request) => {
                 // Room for the pushes, and for the answer to every request the session takes
                 // in at once (it decodes at most `receive_maximum + 1` ahead).
-                let capacity = self.config.response_queue_capacity
-                    + usize::from(self.config.receive_maximum)
+                let capacity = self.shared.config.response_queue_capacity
+                    + usize::from(self.shared.config.receive_maximum)
                     + 1;
                 let (tx, rx) = fleetgate_transport_core::outbox(capacity);
                 let credentials = ClientCredentials {
@@ -514,15 +536,15 @@ impl Connection {
         let peer = self.peer;
         match close {
             Close::Refused(reason) => {
-                self.metrics.connections_refused.inc();
+                self.shared.metrics.connections_refused.inc();
                 tracing::debug!(%peer, ?reason, "CONNECT refused");
             }
             Close::Violation(violation) => {
-                self.metrics.protocol_errors.inc();
+                self.shared.metrics.protocol_errors.inc();
                 tracing::debug!(%peer, error = %violation, "closing on a protocol violation");
             }
             Close::KeepAliveTimeout => {
-                self.metrics.keep_alive_timeouts.inc();
+                self.shared.metrics.keep_alive_timeouts.inc();
                 tracing::debug!(%peer, "keep-alive timeout");
             }
             close => tracing::debug!(%peer, %close, "connection closed"),
@@ -535,7 +557,7 @@ impl Connection {
         if stats == Stats::default() {
             return;
         }
-        let m = &self.metrics;
+        let m = &self.shared.metrics;
         m.messages_received.inc_by(u64::from(stats.messages_received));
         m.messages_sent.inc_by(u64::from(stats.messages_sent));
         m.messages_too_large.inc_by(u64::from(stats.messages_too_large));
@@ -607,10 +629,11 @@ mod tests {
         let (stream, peer) = listener.accept().await.unwrap();
         let (_stop, shutdown) = watch::channel(false);
         let (live, _all_ended) = mpsc::channel(1);
-        let metrics = Arc::new(MqttMetrics::new(&TransportMetrics::default()));
+        let metrics = MqttMetrics::new(&TransportMetrics::default());
         let handler = Arc::new(ScriptedGateway::default());
-        let config = Arc::new(MqttConfig::default());
-        let conn = Connection::new(handler, config, metrics, peer, shutdown, live);
+        let config = MqttConfig::default();
+        let shared = Arc::new(Shared { config, metrics, draining: AtomicBool::new(false) });
+        let conn = Connection::new(handler, shared, peer, shutdown, live);
         let run = conn.run(stream.into_split());
         let size = std::mem::size_of_val(&run);
         eprintln!("connection future: {size} bytes");
@@ -688,7 +711,7 @@ mod tests {
 
         // Shutdown: DISCONNECT 0x8B, and the gateway's session is closed.
         let mut open = connect_v5(addr, 0).await;
-        stop.send(true).unwrap();
+        stop.stop();
         assert_eq!(disconnect_reason(next(&mut open).await), ReasonCode::ServerShuttingDown);
         assert!(next(&mut open).await.is_none());
         for _ in 0..100 {

@@ -16,13 +16,12 @@ use fleetgate_transport_core::Transport;
 use fleetgate_transport_core::compliance::{Answer, KpClient, ScriptedGateway, start};
 use fleetgate_transport_core::metrics::{Registry, TransportMetrics, encode};
 use tokio::net::UdpSocket;
-use tokio::sync::watch;
 
 /// Serves `gateway` on a CoAP transport on a free loopback port.
 pub(crate) async fn serve(
     gateway: Arc<ScriptedGateway>,
     config: CoapConfig,
-) -> (SocketAddr, Served, watch::Sender<bool>) {
+) -> (SocketAddr, Served, fleetgate_transport_core::ShutdownHandle) {
     let config = CoapConfig { listen: "127.0.0.1:0".parse().expect("addr"), ..config };
     let mut registry = Registry::with_prefix("fleetgate");
     let shared = TransportMetrics::register(&mut registry);

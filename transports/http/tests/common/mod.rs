@@ -21,14 +21,13 @@ use hyper::header::HeaderMap;
 use hyper::{Method, Request};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 
 /// A transport serving `handler` on a free local port.
 pub(crate) struct Served {
     pub addr: SocketAddr,
     pub metrics: Arc<HttpMetrics>,
     pub registry: Registry,
-    pub stop: watch::Sender<bool>,
+    pub stop: fleetgate_transport_core::ShutdownHandle,
     pub task: tokio::task::JoinHandle<()>,
 }
 
@@ -44,7 +43,7 @@ pub(crate) fn serve<H: KpHandler>(handler: Arc<H>, config: HttpConfig) -> Served
     transport.register_metrics(&mut registry);
     let addr = transport.local_addrs()[0];
     let metrics = transport.metrics();
-    let (stop, shutdown) = watch::channel(false);
+    let (stop, shutdown) = fleetgate_transport_core::Shutdown::channel();
     let task = tokio::spawn(Box::new(transport).serve(handler, shutdown));
     Served { addr, metrics, registry, stop, task }
 }

@@ -309,6 +309,9 @@ pub struct Session {
     /// Give the buffers back once the CONNACK has been written: most devices idle after it.
     release_after_write: bool,
     close_reported: bool,
+    /// The client closed its side (or the socket failed): what it sent before is still
+    /// decoded and handed to the gateway, then the session ends.
+    input_ended: bool,
 }
 
 /// What the session keeps of its [`SessionConfig`] after `new`.
@@ -450,6 +453,7 @@ impl Session {
             stats: Stats::default(),
             release_after_write: false,
             close_reported: false,
+            input_ended: false,
         }
     }
 
@@ -486,6 +490,9 @@ impl Session {
     /// acknowledgement (a slow gateway slows the reading instead of growing memory), and once
     /// closed.
     pub fn wants_input(&self) -> bool {
+        if self.input_ended {
+            return false;
+        }
         match self.state {
             State::Connecting { .. } => true,
             State::Connected { .. } => self.has_room(),
@@ -522,6 +529,15 @@ impl Session {
     /// The counts since the last call, reset to zero.
     pub fn take_stats(&mut self) -> Stats {
         std::mem::take(&mut self.stats)
+    }
+
+    /// Whether the next event [`Session::poll_event`] gives is a request (a draining glue holds
+    /// requests back: nothing new may be acknowledged).
+    pub fn next_is_request(&self) -> bool {
+        matches!(
+            self.pending.get(self.next_event as usize),
+            Some(Entry { step: Step::Request(_), .. })
+        )
     }
 
     /// The next event, if any. Events come in the order of the packets that caused them;
@@ -880,6 +896,25 @@ impl Session {
                 break;
             }
         }
+        // Input over, everything it brought decoded and handed out: nothing more will come.
+        if self.input_ended
+            && !self.is_closed()
+            && self.next_event as usize == self.pending.len()
+            && !matches!(self.state, State::Authenticating { .. })
+            && (!matches!(self.state, State::Connected { .. }) || self.has_room())
+        {
+            self.close_with(Close::ClientDisconnected);
+        }
+    }
+
+    /// The client closed its side of the connection, or the socket failed, at `now`. What it
+    /// sent before is still decoded and handed out as events (a device that publishes and
+    /// hangs up loses nothing it sent); then the session ends with
+    /// [`Close::ClientDisconnected`]. A partial packet at the end is dropped.
+    pub fn end_input(&mut self, now: Instant) {
+        let _ = now;
+        self.input_ended = true;
+        self.drive();
     }
 
     /// Decodes and handles one packet; false when there is none (or no room, or the session is
