@@ -472,3 +472,37 @@ async fn chaos_auth_provider_down() {
         account("auth provider down, then back", load, &delivered, Duration::from_secs(20)).await;
     assert!(counts.acked > 300, "devices connect and are acknowledged: {}", counts.acked);
 }
+
+/// A closed-loop QoS 0 flood from `mosquitto_pub` (every line a message, then DISCONNECT):
+/// with a bus that keeps up, every message reaches DCX, including those still buffered when the
+/// client hangs up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qos0_flood_loses_nothing_when_the_bus_keeps_up() {
+    const N: u64 = 20_000;
+    let nats = NatsServer::start();
+    let fg = Fleetgate::start("up", &env(&nats));
+    let delivered = Delivered::watch(&nats.url()).await;
+    let lines: String = (1..=N).map(|n| format!("[{{\"n\":{n}}}]\n")).collect();
+    let port = fg.mqtt.port().to_string();
+    let mut publisher = std::process::Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &port, "-q", "0", "-t", TOPIC, "-l"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("mosquitto_pub (scripts/test installs mosquitto-clients)");
+    {
+        use std::io::Write;
+        let mut stdin = publisher.stdin.take().expect("stdin");
+        stdin.write_all(lines.as_bytes()).expect("lines");
+    }
+    let status = publisher.wait().expect("mosquitto_pub ends");
+    assert!(status.success());
+    let ledger = Ledger { sent: N, acked: (1..=N).collect() };
+    let missing = delivered.missing(&ledger, Duration::from_secs(30)).await;
+    eprintln!("QoS 0 flood: sent {N}, delivered {}, lost {}", delivered.count(), missing.len());
+    assert!(
+        missing.is_empty(),
+        "{} of {N} lost, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+}

@@ -31,6 +31,18 @@ use crate::correlation::CorrelationId;
 use crate::pending::{Pending, Route, State};
 use crate::spool::{Record, Spool, SpoolError};
 
+/// When requests go through the spool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SpoolMode {
+    /// Only what the bus cannot deliver in time (and what comes after it, until the spool is
+    /// empty): the acknowledgement waits for the extension's answer otherwise.
+    Fallback,
+    /// Every request: acknowledged once it is on disk, forwarded from there. For sites that
+    /// want the shortest acknowledgement whatever the backend does.
+    Always,
+}
+
 /// `gateway.spool.*`: the store-and-forward spool.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -38,6 +50,8 @@ pub struct SpoolConfig {
     /// Whether requests the bus cannot deliver in time are spooled (and acknowledged) rather
     /// than refused.
     pub enabled: bool,
+    /// `fallback` (the default) or `always`.
+    pub mode: SpoolMode,
     /// The spool's directory; one gateway process at a time may use it.
     pub path: PathBuf,
     /// The most the spool holds on disk; when it is full, devices are not acknowledged and
@@ -53,6 +67,7 @@ impl Default for SpoolConfig {
     fn default() -> Self {
         Self {
             enabled: true,
+            mode: SpoolMode::Fallback,
             path: PathBuf::from("fleetgate-data/spool"),
             max_bytes: 1024 * 1024 * 1024,
             delivery_timeout_ms: 2_000,
@@ -66,6 +81,8 @@ pub(crate) struct Delivery {
     pub(crate) spool: Option<Arc<Spool>>,
     /// Requests go to the spool first (it holds records, or the bus refused a message).
     spooling: AtomicBool,
+    /// Every request goes to the spool ([`SpoolMode::Always`]).
+    always: bool,
     /// Who waits for the late answer of a spooled request, by record.
     routes: Mutex<HashMap<u64, Route>>,
     /// Records replayed and not yet answered.
@@ -98,6 +115,7 @@ impl Delivery {
         Ok(Self {
             spool,
             spooling: AtomicBool::new(spooling),
+            always: config.mode == SpoolMode::Always,
             routes: Mutex::default(),
             replaying: Mutex::default(),
             in_flight: AtomicUsize::new(0),
@@ -116,7 +134,7 @@ impl Delivery {
 
     /// Whether new requests go to the spool first.
     pub(crate) fn spooling(&self) -> bool {
-        self.spool.is_some() && self.spooling.load(Ordering::Relaxed)
+        self.spool.is_some() && (self.always || self.spooling.load(Ordering::Relaxed))
     }
 
     fn routes(&self) -> MutexGuard<'_, HashMap<u64, Route>> {
@@ -155,9 +173,19 @@ impl<B: Bus> Gateway<B> {
         let _appending = Appending::new(&self.delivery.appending);
         let record = Record { spooled_ms: now_ms(), subject: subject.to_string(), client_data };
         let deadline = Instant::now() + Duration::from_millis(self.config.request_timeout_ms);
+        // Registered before the record can be replayed, so that its answer finds its device.
+        let register = |seq: u64, written: bool| match (&route, written) {
+            (Some(route), true) => {
+                self.delivery.routes().insert(seq, route.clone());
+            }
+            (Some(_), false) => {
+                self.delivery.routes().remove(&seq);
+            }
+            (None, _) => {}
+        };
         let seq = loop {
             let room = self.delivery.room.notified();
-            match spool.append(&record).await {
+            match spool.append(&record, register).await {
                 Ok(seq) => break seq,
                 Err(SpoolError::Full { .. }) => {
                     self.metrics.spool_full.inc();
@@ -178,9 +206,9 @@ impl<B: Bus> Gateway<B> {
         };
         self.metrics.spooled.inc();
         self.delivery.wake.notify_one();
+        let _ = seq;
         if let Some(route) = route {
             self.deliver_answer(route.session, stored(&route));
-            self.delivery.routes().insert(seq, route);
         }
         Ok(())
     }
@@ -193,13 +221,22 @@ impl<B: Bus> Gateway<B> {
         self.delivery.spooling.store(true, Ordering::Relaxed);
         let _appending = Appending::new(&self.delivery.appending);
         let record = Record { spooled_ms: now_ms(), subject: subject.to_string(), client_data };
-        match spool.append(&record).await {
+        // Registered before the record can be replayed, so that its answer finds its device.
+        let register = |seq: u64, written: bool| match (&pending.route, written) {
+            (Some(route), true) => {
+                self.delivery.routes().insert(seq, route.clone());
+            }
+            (Some(_), false) => {
+                self.delivery.routes().remove(&seq);
+            }
+            (None, _) => {}
+        };
+        match spool.append(&record, register).await {
             Ok(seq) => {
                 self.metrics.spooled.inc();
                 self.delivery.wake.notify_one();
                 if let Some(route) = &pending.route {
                     self.deliver_answer(route.session, stored(route));
-                    self.delivery.routes().insert(seq, route.clone());
                 }
                 // The original's answer may still come: it settles the record as well.
                 let keep = Pending { route: None, state: State::Spooled { seq }, ..pending };

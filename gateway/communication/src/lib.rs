@@ -38,7 +38,7 @@ use fleetgate_transport_core::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-pub use delivery::SpoolConfig;
+pub use delivery::{SpoolConfig, SpoolMode};
 pub use metrics::GatewayMetrics;
 
 use correlation::CorrelationId;

@@ -175,8 +175,14 @@ impl Spool {
     }
 
     /// Appends `record` and resolves with its sequence number once it is on disk. Refused with
-    /// [`SpoolError::Full`] when it would take the spool over its limit.
-    pub async fn append(&self, record: &Record) -> Result<u64, SpoolError> {
+    /// [`SpoolError::Full`] when it would take the spool over its limit. `numbered` gets the
+    /// sequence number before the record can be read back (so that whoever settles the record
+    /// finds what it needs), and again with `None` if the write then fails.
+    pub async fn append(
+        &self,
+        record: &Record,
+        mut numbered: impl FnMut(u64, bool),
+    ) -> Result<u64, SpoolError> {
         let value = record.encode();
         let size = value.len() as u64;
         let seq = {
@@ -190,7 +196,11 @@ impl Spool {
                 return Err(SpoolError::Full { bytes: tail.bytes, max: self.max_bytes });
             }
             let seq = tail.next_seq;
-            self.items.insert(seq.to_be_bytes(), value)?;
+            numbered(seq, true);
+            if let Err(e) = self.items.insert(seq.to_be_bytes(), value) {
+                numbered(seq, false);
+                return Err(e.into());
+            }
             tail.next_seq += 1;
             tail.count += 1;
             tail.bytes += size;
@@ -348,7 +358,7 @@ mod tests {
         {
             let spool = Spool::open(dir.path(), 1 << 20).unwrap();
             for n in 0..5 {
-                assert_eq!(spool.append(&record(n)).await.unwrap(), u64::from(n));
+                assert_eq!(spool.append(&record(n), |_, _| {}).await.unwrap(), u64::from(n));
             }
             spool.remove(1).unwrap();
             assert_eq!(spool.len(), 4);
@@ -367,7 +377,7 @@ mod tests {
         assert_eq!(all.iter().map(|(s, _)| *s).collect::<Vec<_>>(), [0, 2, 3, 4]);
         assert_eq!(all[3].1, record(4));
         // New records go after the old ones.
-        assert_eq!(spool.append(&record(9)).await.unwrap(), 5);
+        assert_eq!(spool.append(&record(9), |_, _| {}).await.unwrap(), 5);
     }
 
     fn reopen(path: &Path) -> Arc<Spool> {
@@ -386,13 +396,13 @@ mod tests {
         let size = record(0).encode().len() as u64;
         let spool = Spool::open(dir.path(), 3 * size).unwrap();
         for n in 0..3 {
-            spool.append(&record(n)).await.unwrap();
+            spool.append(&record(n), |_, _| {}).await.unwrap();
         }
         assert!(spool.is_full(size));
-        assert!(matches!(spool.append(&record(3)).await, Err(SpoolError::Full { .. })));
+        assert!(matches!(spool.append(&record(3), |_, _| {}).await, Err(SpoolError::Full { .. })));
         spool.remove(0).unwrap();
         assert!(!spool.is_full(size));
-        assert_eq!(spool.append(&record(3)).await.unwrap(), 3);
+        assert_eq!(spool.append(&record(3), |_, _| {}).await.unwrap(), 3);
         assert_eq!(spool.bytes(), 3 * size);
     }
 
@@ -403,7 +413,7 @@ mod tests {
         let tasks: Vec<_> = (0..200u8)
             .map(|n| {
                 let spool = spool.clone();
-                tokio::spawn(async move { spool.append(&record(n)).await.unwrap() })
+                tokio::spawn(async move { spool.append(&record(n), |_, _| {}).await.unwrap() })
             })
             .collect();
         let mut seqs = Vec::new();

@@ -57,6 +57,9 @@ use crate::metrics::NAME;
 use crate::wire::{Preface, preface};
 use crate::{HttpConfig, HttpMetrics};
 
+/// After the stop signal, how long connections still have to write what was due.
+const STOP_GRACE: Duration = Duration::from_millis(500);
+
 /// The HTTP transport over TCP.
 pub struct HttpTransport {
     listener: Option<TcpListener>,
@@ -146,11 +149,16 @@ impl HttpTransport {
             while connections.try_join_next().is_some() {}
         }
         // Connections see the same drain signal: they take no new requests, finish those in
-        // flight, end their long polls, and close. What is still open at the stop is cut.
+        // flight, end their long polls, and close. What is still open a moment after the stop
+        // (time to write the answers that were due) is cut.
         let all_closed = async { while connections.join_next().await.is_some() {} };
+        let cut = async {
+            stopped(&mut stop).await;
+            tokio::time::sleep(STOP_GRACE).await;
+        };
         tokio::select! {
             () = all_closed => {}
-            () = stopped(&mut stop) => {}
+            () = cut => {}
         }
     }
 }
