@@ -4,8 +4,8 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use fleetgate_bus::{AnyBus, Bus};
@@ -21,28 +21,50 @@ use tokio::sync::watch;
 /// The OpenMetrics content type `/metrics` answers with.
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// What the admin endpoints report on.
+/// What the admin endpoints report on. Served from before the bus is reached: until
+/// [`AdminState::started`], `/readyz` says the process is starting and `/metrics` is empty.
+#[derive(Default)]
 pub struct AdminState {
-    /// True once every service has started, false again while draining.
-    pub ready: AtomicBool,
-    /// The bus, ready while connected.
-    pub bus: AnyBus,
-    /// Every running service's status.
-    pub services: Vec<Arc<dyn ServiceStatus>>,
-    /// Every metric of the process.
-    pub registry: Registry,
+    started: OnceLock<Started>,
+    /// Set on SIGTERM: not ready again.
+    draining: AtomicBool,
+}
+
+/// What a started process reports on.
+struct Started {
+    bus: AnyBus,
+    services: Vec<Arc<dyn ServiceStatus>>,
+    registry: Registry,
 }
 
 impl AdminState {
+    /// Every service runs on `bus`: readiness follows the bus and `services`, `/metrics`
+    /// serves `registry`.
+    pub fn started(&self, bus: AnyBus, services: Vec<Arc<dyn ServiceStatus>>, registry: Registry) {
+        let _ = self.started.set(Started { bus, services, registry });
+    }
+
+    /// Not ready from now on (the process drains).
+    pub fn draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
     /// `Ok` when the process takes traffic, else why not.
     fn readiness(&self) -> Result<(), String> {
-        if !self.ready.load(Ordering::Relaxed) {
-            return Err("starting or draining".into());
+        let Some(started) = self.started.get() else {
+            return Err("starting (reaching the bus, starting services)".into());
+        };
+        if self.draining.load(Ordering::Relaxed) {
+            return Err("draining".into());
         }
-        if !self.bus.is_healthy() {
+        if !started.bus.is_healthy() {
             return Err("the bus is unreachable or stalled".into());
         }
-        self.services.iter().try_for_each(|s| s.readiness())
+        started.services.iter().try_for_each(|s| s.readiness())
+    }
+
+    fn metrics(&self) -> String {
+        self.started.get().map(|s| encode(&s.registry)).unwrap_or_default()
     }
 }
 
@@ -97,7 +119,7 @@ fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>>
             Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
         },
         "/metrics" => {
-            let mut r = text(StatusCode::OK, encode(&state.registry));
+            let mut r = text(StatusCode::OK, state.metrics());
             r.headers_mut().insert(
                 hyper::header::CONTENT_TYPE,
                 hyper::header::HeaderValue::from_static(OPENMETRICS),

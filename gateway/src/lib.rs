@@ -3,7 +3,7 @@
 //! This crate is the `fleetgate` binary: the command line, [`config`] (the YAML configuration
 //! with its environment overrides), [`registry`] (every transport and service it can run),
 //! [`run`] (`fleetgate up` runs every service on one bus, `fleetgate <service>` one on NATS),
-//! [`admin`] (health, readiness, metrics) and [`gateway_service`], the one place where the
+//! [`admin`] (health, readiness, metrics), [`logging`] and [`gateway_service`], the one place where the
 //! device transports meet the communication service and so the bus.
 //!
 //! It holds no protocol logic: codecs and sessions live in the transport crates, the
@@ -13,5 +13,6 @@
 pub mod admin;
 pub mod config;
 pub mod gateway_service;
+pub mod logging;
 pub mod registry;
 pub mod run;

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Arg, ArgAction, Command};
-use fleetgate::config::Config;
 use fleetgate::config::loader::{ConfigSource, load};
+use fleetgate::config::{Config, LogFormat};
 use fleetgate::registry::{SERVICES, service};
 use fleetgate::run::{Role, add_demo_endpoint, run};
 
@@ -72,7 +72,11 @@ fn main() -> ExitCode {
         },
         None => return ExitCode::from(2),
     };
-    init_logging(&config.process.log_filter);
+    let _log = fleetgate::logging::init(&config.log);
+    let json_logs = config.log.format == LogFormat::Json;
+    for name in fleetgate::config::loader::ignored_service_links(&env) {
+        tracing::debug!(variable = name, "ignored: a Kubernetes service link, not a setting");
+    }
     if source == ConfigSource::BuiltInDefaults && matches!(role.name(), "up" | "auth") {
         add_demo_endpoint(&mut config.auth);
     }
@@ -88,7 +92,10 @@ fn main() -> ExitCode {
         Err(e) => {
             let message = error_chain(&e);
             tracing::error!("{message}");
-            eprintln!("fleetgate: {message}");
+            // With JSON logs every line on stderr stays a JSON object for the log collector.
+            if !json_logs {
+                eprintln!("fleetgate: {message}");
+            }
             ExitCode::from(2)
         }
     }
@@ -120,12 +127,4 @@ fn print_config(config: &Config) -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn init_logging(filter: &str) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(filter))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }

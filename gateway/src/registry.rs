@@ -34,6 +34,8 @@ pub struct TransportEntry {
     pub name: &'static str,
     /// Makes it from the configuration, or `None` when its section disables it.
     pub make: fn(&TransportsConfig, &TransportMetrics) -> Option<Box<dyn Transport>>,
+    /// Its section's values out of range, as `(setting, what is wrong)`.
+    pub problems: fn(&TransportsConfig) -> Vec<(&'static str, String)>,
 }
 
 /// Every device transport, in the order they are bound.
@@ -41,14 +43,17 @@ pub const TRANSPORTS: &[TransportEntry] = &[
     TransportEntry {
         name: "mqtt",
         make: |c, m| c.mqtt.enabled.then(|| boxed(MqttTransport::new(c.mqtt.clone(), m))),
+        problems: |c| c.mqtt.problems(),
     },
     TransportEntry {
         name: "coap",
         make: |c, m| c.coap.enabled.then(|| boxed(CoapTransport::new(c.coap.clone(), m))),
+        problems: |c| c.coap.problems(),
     },
     TransportEntry {
         name: "http",
         make: |c, m| c.http.enabled.then(|| boxed(HttpTransport::new(c.http.clone(), m))),
+        problems: |c| c.http.problems(),
     },
 ];
 

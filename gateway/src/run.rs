@@ -3,7 +3,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use fleetgate_auth::{AuthConfig, EndpointEntry};
@@ -100,14 +99,22 @@ pub async fn run_until(
     until: impl std::future::Future<Output = ()>,
 ) -> Result<(), StartError> {
     let (stop_tx, stop) = watch::channel(false);
-    let bus = connect_bus(role, &config).await?;
 
-    // Make and bind everything first, so that a taken port fails start-up before any service
-    // runs.
+    // The admin listener first: a taken port fails start-up at once, and while NATS is still
+    // being reached `/healthz` answers and `/readyz` says why the process is not ready.
     let admin_listener = match config.admin.enabled {
         true => Some(bind_tcp("admin.listen", config.admin.listen).await?),
         false => None,
     };
+    let state = Arc::new(AdminState::default());
+    if let Some(listener) = admin_listener {
+        tracing::info!(listen = %admin::describe(&listener), "admin endpoints listening");
+        tokio::spawn(admin::serve(listener, state.clone(), stop.clone()));
+    }
+    let bus = connect_bus(role, &config).await?;
+
+    // Make and bind everything else before any service runs, so that a taken port fails
+    // start-up first.
     let mut registry = Registry::with_prefix("fleetgate");
     let transport_metrics = TransportMetrics::register(&mut registry);
     let mut services: Vec<Box<dyn Service>> =
@@ -125,29 +132,19 @@ pub async fn run_until(
         tracing::debug!(service = name, "service started");
     }
 
-    let state = Arc::new(AdminState {
-        ready: Default::default(),
-        bus: bus.clone(),
-        services: running.iter().map(|r| r.status.clone()).collect(),
-        registry,
-    });
-    if let Some(listener) = admin_listener {
-        tracing::info!(listen = %admin::describe(&listener), "admin endpoints listening");
-        tokio::spawn(admin::serve(listener, state.clone(), stop.clone()));
-    }
-    state.ready.store(true, Ordering::Relaxed);
+    let statuses: Vec<_> = running.iter().map(|r| r.status.clone()).collect();
+    state.started(bus.clone(), statuses.clone(), registry);
     tracing::info!(role = role.name(), bus = bus.kind(), "fleetgate ready");
 
     until.await;
     tracing::info!("stopping: taking no new requests, finishing those in flight");
-    state.ready.store(false, Ordering::Relaxed);
-    for service in &state.services {
+    state.draining();
+    for service in &statuses {
         service.drain();
     }
     let deadline =
         tokio::time::Instant::now() + Duration::from_millis(config.process.drain_timeout_ms);
-    while state.services.iter().any(|s| s.in_flight() > 0) && tokio::time::Instant::now() < deadline
-    {
+    while statuses.iter().any(|s| s.in_flight() > 0) && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let _ = stop_tx.send(true);
@@ -172,7 +169,7 @@ async fn connect_bus(role: Role, config: &Config) -> Result<AnyBus, StartError> 
             options.publish_batch = config.nats.publish_batch;
             options.health_interval = Duration::from_millis(config.nats.health_probe_interval_ms);
             options.health_timeout = Duration::from_millis(config.nats.health_probe_timeout_ms);
-            let bus = NatsBus::connect(&options).await.map_err(StartError::Nats)?;
+            let bus = connect_nats(&options).await.map_err(StartError::Nats)?;
             tracing::info!(url, "connected to NATS");
             Ok(AnyBus::Nats(bus))
         }
@@ -180,6 +177,30 @@ async fn connect_bus(role: Role, config: &Config) -> Result<AnyBus, StartError> 
             Role::One(service) => Err(StartError::NeedsNats(service.name)),
             Role::Up => Ok(AnyBus::InProcess(InProcessBus::new(config.bus.in_process_capacity))),
         },
+    }
+}
+
+/// Connects to NATS, trying again with backoff (100 ms doubling to 2 s) until
+/// `options.connect_timeout` has passed since the first try: in a cluster the bus may come up
+/// after the gateway. The last error is the one reported.
+async fn connect_nats(options: &NatsOptions) -> Result<NatsBus, fleetgate_bus::BusError> {
+    let deadline = tokio::time::Instant::now() + options.connect_timeout;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let attempt = NatsOptions {
+            connect_timeout: left.max(Duration::from_millis(100)),
+            ..options.clone()
+        };
+        match NatsBus::connect(&attempt).await {
+            Ok(bus) => return Ok(bus),
+            Err(e) if tokio::time::Instant::now() + backoff < deadline => {
+                tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "NATS is not reachable yet");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => return Err(e),
+        }
     }
 }
 

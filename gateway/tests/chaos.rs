@@ -506,3 +506,117 @@ async fn a_qos0_flood_loses_nothing_when_the_bus_keeps_up() {
         &missing[..missing.len().min(10)]
     );
 }
+
+/// SIGTERM while a device's requests are decoded but not yet handed over (every request waits
+/// for its own write to the spool, so the gateway is behind): the process still exits cleanly
+/// within the drain timeout. (A connection closed at the stop with requests it held back used
+/// to spin, and the process never exited.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_sigterm_with_requests_queued_in_a_connection() {
+    use support::RawClient;
+    let nats = NatsServer::start();
+    let mut env = env(&nats);
+    env.push(("FLEETGATE_PROCESS_DRAIN_TIMEOUT_MS", "500".into()));
+    env.push(("FLEETGATE_GATEWAY_SPOOL_MODE", "always".into()));
+    let mut fg = Fleetgate::start("up", &env);
+    let connect = RawClient::connect_packet(ProtocolVersion::V311, None, None);
+    let (mut client, _) = RawClient::connect(fg.mqtt, connect).await;
+    let mut burst = bytes::BytesMut::new();
+    let mut codec = Codec::new(1 << 20);
+    codec.set_version(ProtocolVersion::V311);
+    for id in 1..=1000u16 {
+        let publish = Publish {
+            dup: false,
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            topic: Bytes::from_static(TOPIC.as_bytes()),
+            packet_id: Some(id),
+            properties: PublishProperties::default(),
+            payload: Bytes::from(format!("[{{\"n\":{id}}}]")),
+        };
+        codec.encode(&Packet::Publish(publish), &mut burst).unwrap();
+    }
+    client.send_raw(&burst).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = std::time::Instant::now();
+    assert_eq!(fg.terminate(), Some(0), "a clean exit");
+    assert!(started.elapsed() < Duration::from_secs(10), "exited in {:?}", started.elapsed());
+}
+
+/// An extension slower than the delivery timeout: requests are spooled and acknowledged as
+/// stored after it, but their originals are still on the bus. The extension answers them
+/// within one more delivery timeout, so the forwarder must not send it a second copy (it used
+/// to replay every record at once: under load twice the work, more timeouts, more replays).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_extension_gets_each_request_once() {
+    use fleetgate_messages::{ClientData, ExtensionData, Record as _};
+    let nats = NatsServer::start();
+    let _auth = Fleetgate::start("auth", &env(&nats));
+    let mut gateway_env = env(&nats);
+    gateway_env.push(("FLEETGATE_GATEWAY_SPOOL_DELIVERY_TIMEOUT_MS", "1000".into()));
+    let gateway = Fleetgate::start("gateway", &gateway_env);
+
+    // A DCX stand-in that answers every request 1.5 s after it came: after the delivery
+    // timeout, within the second one.
+    let client = async_nats::connect(nats.url()).await.expect("extension connects");
+    let mut requests = client
+        .queue_subscribe("kaa.v1.service.dcx.esp.ClientData", "dcx".into())
+        .await
+        .expect("sub");
+    client.flush().await.expect("flush");
+    let copies = Arc::new(Mutex::new(std::collections::HashMap::<u64, u32>::new()));
+    let extension = {
+        let copies = copies.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = requests.next().await {
+                let request = ClientData::decode(&msg.payload).expect("ClientData");
+                for n in numbers_in(request.payload) {
+                    *copies.lock().unwrap().entry(n).or_default() += 1;
+                }
+                let answer = ExtensionData {
+                    correlation_id: request.correlation_id,
+                    timestamp_ms: request.timestamp_ms,
+                    timeout_ms: 0,
+                    app_version_name: Some(request.app_version_name),
+                    extension_instance_name: Some("dcx"),
+                    endpoint_id: request.endpoint_id,
+                    resource_path: request.resource_path,
+                    request_id: request.request_id,
+                    payload: None,
+                    status_code: 200,
+                    reason_phrase: None,
+                }
+                .to_bytes();
+                let (client, reply) = (client.clone(), msg.reply.expect("reply subject"));
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                    client.publish(reply, answer).await.expect("answer");
+                });
+            }
+        })
+    };
+
+    let load = Load::start(gateway.mqtt, 50);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let ledger = load.finish().await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    extension.abort();
+    let ledger = ledger.lock().unwrap();
+    let copies = copies.lock().unwrap();
+    let acked_but_unseen = ledger.acked.iter().filter(|n| !copies.contains_key(n)).count();
+    let twice = copies.values().filter(|&&c| c > 1).count();
+    eprintln!(
+        "slow extension: sent {}, acknowledged {}, received {}, received more than once {twice}",
+        ledger.sent,
+        ledger.acked.len(),
+        copies.len()
+    );
+    assert!(ledger.acked.len() > 150, "acknowledged as stored: {}", ledger.acked.len());
+    assert_eq!(acked_but_unseen, 0, "every acknowledged request reached the extension");
+    assert_eq!(twice, 0, "no request was sent to the extension twice");
+    assert_eq!(
+        gateway.metric("fleetgate_gateway_spool_messages"),
+        Some(0.0),
+        "the originals' answers emptied the spool"
+    );
+}

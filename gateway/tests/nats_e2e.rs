@@ -107,6 +107,41 @@ async fn gateway_dcx_and_auth_as_separate_processes() {
     every_client_gets_status(&gateway, &mut observer).await;
 }
 
+/// README's "Running on NATS" on one host: auth, DCX and two gateway replicas, each with its own
+/// admin port, the gateways sharing the device ports (`reuse_port`). The kernel spreads
+/// connections over both, and every device is answered.
+#[tokio::test]
+async fn two_gateway_replicas_share_the_device_ports_on_one_host() {
+    let nats = NatsServer::start();
+    let reuse = [
+        ("FLEETGATE_TRANSPORTS_MQTT_REUSE_PORT", "true".to_owned()),
+        ("FLEETGATE_TRANSPORTS_COAP_REUSE_PORT", "true".to_owned()),
+        ("FLEETGATE_TRANSPORTS_HTTP_REUSE_PORT", "true".to_owned()),
+    ];
+    let _auth = Fleetgate::start("auth", &with_nats(&nats, &[]));
+    let _dcx = Fleetgate::start("dcx", &with_nats(&nats, &[]));
+    let first = Fleetgate::start("gateway", &with_nats(&nats, &reuse));
+    let mut shared = reuse.to_vec();
+    shared.extend([
+        ("FLEETGATE_TRANSPORTS_MQTT_LISTEN", first.mqtt.to_string()),
+        ("FLEETGATE_TRANSPORTS_COAP_LISTEN", first.coap.to_string()),
+        ("FLEETGATE_TRANSPORTS_HTTP_LISTEN", first.http.to_string()),
+    ]);
+    let second = Fleetgate::start("gateway", &with_nats(&nats, &shared));
+    const DEVICES: usize = 24;
+    for _ in 0..DEVICES {
+        let p = rumqttc_request(first.mqtt, None, TOPIC, BATCH).await;
+        assert_eq!(p.topic, format!("{TOPIC}/status"));
+    }
+    let accepted = |fg: &Fleetgate| {
+        fg.metric("fleetgate_transport_connections_accepted_total{transport=\"mqtt\"}")
+            .unwrap_or(0.0)
+    };
+    let (a, b) = (accepted(&first), accepted(&second));
+    assert_eq!(a + b, DEVICES as f64, "every connection reached one of the two");
+    assert!(a > 0.0 && b > 0.0, "both replicas took connections: {a} and {b}");
+}
+
 #[tokio::test]
 async fn connectivity_events_on_nats() {
     let nats = NatsServer::start();
@@ -383,4 +418,56 @@ async fn http_request_on_nats() {
         .expect("curl runs");
     assert_eq!(String::from_utf8_lossy(&out.stdout), "204");
     expect_on_nats(&mut observer).await;
+}
+
+/// After a stall, the burst of answers that had waited (each a `/status` at QoS 1, which a
+/// 3.1.1 client takes `max_inflight_v311` at a time) does not cut the device off as slow: the
+/// answers had room reserved, and the device gets every one of them.
+#[tokio::test]
+async fn the_burst_of_answers_after_a_stall_reaches_a_well_behaved_device() {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+    const N: u32 = 1500;
+    let nats = NatsServer::start();
+    // No spool: every answer waits for NATS and comes in one burst when it resumes.
+    let env = with_nats(&nats, &[("FLEETGATE_GATEWAY_SPOOL_ENABLED", "false".into())]);
+    let fg = Fleetgate::start("up", &env);
+    rumqttc_request(fg.mqtt, None, TOPIC, BATCH).await;
+    let mut options = MqttOptions::new("burst", "127.0.0.1", fg.mqtt.port());
+    options.set_inflight(1000);
+    let (client, mut events) = AsyncClient::new(options, 100);
+    loop {
+        if let Event::Incoming(Packet::ConnAck(_)) = events.poll().await.expect("connects") {
+            break;
+        }
+    }
+    nats.freeze(true);
+    let publisher = tokio::spawn(async move {
+        for id in 1..=N {
+            let topic = format!("kp1/demo-v1/dcx/tok-1/json/{id}");
+            client.publish(topic, QoS::AtLeastOnce, false, "[1]").await.expect("queue");
+        }
+        client
+    });
+    // Let the requests pile up behind the stall, then release them all at once.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    nats.freeze(false);
+    let mut answered = HashSet::new();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while answered.len() < N as usize {
+            match events.poll().await.expect("the device stays connected") {
+                Event::Incoming(Packet::Publish(p)) if p.topic.ends_with("/status") => {
+                    let id: u32 =
+                        p.topic.rsplit('/').nth(1).and_then(|s| s.parse().ok()).expect("id");
+                    answered.insert(id);
+                }
+                Event::Incoming(Packet::Disconnect) => panic!("disconnected by the gateway"),
+                _ => {}
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{} of {N} answers arrived", answered.len()));
+    let _client = publisher.await.expect("publisher");
+    let closed = fg.metric("fleetgate_gateway_slow_sessions_closed_total").unwrap_or(0.0);
+    assert_eq!(closed, 0.0, "no session cut off as slow");
 }

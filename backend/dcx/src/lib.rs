@@ -63,6 +63,20 @@ impl Default for DcxConfig {
     }
 }
 
+impl DcxConfig {
+    /// Values out of range, as `(setting, what is wrong)`.
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut problems = Vec::new();
+        if self.receiver_timeout_ms == 0 {
+            problems.push(("receiver_timeout_ms", "0 is too small: the minimum is 1".to_owned()));
+        }
+        if self.max_in_flight == 0 {
+            problems.push(("max_in_flight", "0 is too small: the minimum is 1".to_owned()));
+        }
+        problems
+    }
+}
+
 /// Why DCX could not start. A configuration or backend fault.
 #[derive(Debug, thiserror::Error)]
 pub enum DcxError {

@@ -14,7 +14,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -71,7 +71,7 @@ impl Default for SpoolConfig {
             path: PathBuf::from("fleetgate-data/spool"),
             max_bytes: 1024 * 1024 * 1024,
             delivery_timeout_ms: 2_000,
-            forward_window: 256,
+            forward_window: 1024,
         }
     }
 }
@@ -85,8 +85,11 @@ pub(crate) struct Delivery {
     always: bool,
     /// Who waits for the late answer of a spooled request, by record.
     routes: Mutex<HashMap<u64, Route>>,
-    /// Records replayed and not yet answered.
+    /// Records replayed (or spooled while their original is on the bus) and not yet answered.
     replaying: Mutex<HashSet<u64>>,
+    /// The oldest record whose replay was not answered in time since the forwarder last
+    /// looked (`u64::MAX`: none): its cursor goes back there.
+    rewind: AtomicU64,
     in_flight: AtomicUsize,
     /// Requests on their way into the spool (not durable yet).
     appending: AtomicUsize,
@@ -118,6 +121,7 @@ impl Delivery {
             always: config.mode == SpoolMode::Always,
             routes: Mutex::default(),
             replaying: Mutex::default(),
+            rewind: AtomicU64::new(u64::MAX),
             in_flight: AtomicUsize::new(0),
             appending: AtomicUsize::new(0),
             wake: Notify::new(),
@@ -130,6 +134,15 @@ impl Delivery {
     /// Requests on their way into the spool.
     pub(crate) fn appending(&self) -> usize {
         self.appending.load(Ordering::Relaxed)
+    }
+
+    /// Wakes the forwarder for a new record if it has nothing in flight; otherwise the answers
+    /// to what it replayed wake it (a wake-up per record would make it read the spool per
+    /// record).
+    fn wake_idle_forwarder(&self) {
+        if self.in_flight.load(Ordering::Relaxed) == 0 {
+            self.wake.notify_one();
+        }
     }
 
     /// Whether new requests go to the spool first.
@@ -183,10 +196,10 @@ impl<B: Bus> Gateway<B> {
             }
             (None, _) => {}
         };
-        let seq = loop {
+        loop {
             let room = self.delivery.room.notified();
             match spool.append(&record, register).await {
-                Ok(seq) => break seq,
+                Ok(_) => break,
                 Err(SpoolError::Full { .. }) => {
                     self.metrics.spool_full.inc();
                     // Slowed, never acknowledged and dropped: the device waits for room.
@@ -203,10 +216,9 @@ impl<B: Bus> Gateway<B> {
                     ));
                 }
             }
-        };
+        }
         self.metrics.spooled.inc();
-        self.delivery.wake.notify_one();
-        let _ = seq;
+        self.delivery.wake_idle_forwarder();
         if let Some(route) = route {
             self.deliver_answer(route.session, stored(&route));
         }
@@ -214,39 +226,53 @@ impl<B: Bus> Gateway<B> {
     }
 
     /// A direct request got no answer in time: spooled, so that its device hears it is
-    /// stored; the original stays pending in case its answer still comes.
+    /// stored. The original is still on the bus and stands for the record's first replay:
+    /// replaying it at once would send the extension a second copy of a request it is
+    /// probably still working through (under load: twice the work, more timeouts). Like a
+    /// replay, it has the request timeout to be answered; its answer settles the record.
     pub(crate) async fn spool_late(&self, n: u64, pending: Pending) {
-        let State::Direct { subject, client_data } = pending.state else { return };
+        let Pending { route, sent, latency, state } = pending;
+        let State::Direct { subject, client_data } = state else { return };
         let Some(spool) = &self.delivery.spool else { return };
         self.delivery.spooling.store(true, Ordering::Relaxed);
         let _appending = Appending::new(&self.delivery.appending);
         let record = Record { spooled_ms: now_ms(), subject: subject.to_string(), client_data };
-        // Registered before the record can be replayed, so that its answer finds its device.
-        let register = |seq: u64, written: bool| match (&pending.route, written) {
-            (Some(route), true) => {
-                self.delivery.routes().insert(seq, route.clone());
-            }
-            (Some(_), false) => {
+        // Done before the record can be replayed (and before the original's answer can miss
+        // it): its answer finds its device, and the forwarder skips it while the original is
+        // in flight.
+        let register = |seq: u64, written: bool| {
+            if written {
+                if let Some(route) = &route {
+                    self.delivery.routes().insert(seq, route.clone());
+                }
+                self.delivery.replaying().insert(seq);
+                self.delivery.in_flight.fetch_add(1, Ordering::Relaxed);
+                let original = Pending {
+                    route: None,
+                    sent,
+                    latency: latency.clone(),
+                    state: State::Replay { seq },
+                };
+                self.pending.insert(n, original, sent + self.request_timeout());
+            } else {
                 self.delivery.routes().remove(&seq);
+                if self.delivery.replaying().remove(&seq) {
+                    self.delivery.in_flight.fetch_sub(1, Ordering::Relaxed);
+                }
+                self.pending.take(n);
             }
-            (None, _) => {}
         };
         match spool.append(&record, register).await {
-            Ok(seq) => {
+            Ok(_) => {
                 self.metrics.spooled.inc();
-                self.delivery.wake.notify_one();
-                if let Some(route) = &pending.route {
+                if let Some(route) = &route {
                     self.deliver_answer(route.session, stored(route));
                 }
-                // The original's answer may still come: it settles the record as well.
-                let keep = Pending { route: None, state: State::Spooled { seq }, ..pending };
-                let until = Instant::now() + Duration::from_millis(self.config.request_timeout_ms);
-                self.pending.insert(n, keep, until);
             }
             Err(e) => {
                 // Not durable, not acknowledged: the device hears the timeout.
                 tracing::warn!(error = %e, "cannot spool a request that timed out");
-                if let Some(route) = pending.route {
+                if let Some(route) = route {
                     let reason = format!("the extension did not answer and the spool refused: {e}");
                     self.deliver_answer(route.session, error(&route, KpError::timeout(reason)));
                 }
@@ -263,8 +289,11 @@ impl<B: Bus> Gateway<B> {
         }
         self.delivery.room.notify_waiters();
         if self.delivery.replaying().remove(&seq) {
-            self.delivery.in_flight.fetch_sub(1, Ordering::Relaxed);
-            self.delivery.wake.notify_one();
+            let before = self.delivery.in_flight.fetch_sub(1, Ordering::Relaxed);
+            // The forwarder refills once half the window is free.
+            if before == self.delivery.window / 2 + 1 || before == 1 {
+                self.delivery.wake.notify_one();
+            }
         }
         self.metrics.spool_forwarded.inc();
         if let Some(route) = self.delivery.routes().remove(&seq) {
@@ -279,11 +308,13 @@ impl<B: Bus> Gateway<B> {
         }
     }
 
-    /// A replay of record `seq` was not answered in time: it is replayed again later.
+    /// A replay of record `seq` (or its original) was not answered in time: the forwarder goes
+    /// back to it.
     pub(crate) fn replay_failed(&self, seq: u64) {
         if self.delivery.replaying().remove(&seq) {
             self.delivery.in_flight.fetch_sub(1, Ordering::Relaxed);
         }
+        self.delivery.rewind.fetch_min(seq, Ordering::Relaxed);
         self.metrics.spool_replay_timeouts.inc();
         self.delivery.wake.notify_one();
     }
@@ -293,7 +324,9 @@ impl<B: Bus> Gateway<B> {
     async fn replay_batch(&self, spool: &Spool, after: Option<u64>) -> Result<Option<u64>, ()> {
         let room =
             self.delivery.window.saturating_sub(self.delivery.in_flight.load(Ordering::Relaxed));
-        if room == 0 {
+        // Refilled in halves, not one record per answer: a read of the spool per record would
+        // cost more than the replay itself.
+        if room < self.delivery.window.div_ceil(2) {
             return Ok(after);
         }
         let records = match spool.read_after(after, room) {
@@ -323,7 +356,9 @@ impl<B: Bus> Gateway<B> {
                 latency: fleetgate_transport_core::metrics::Latency::default(),
                 state: State::Replay { seq },
             };
-            self.pending.insert(n, pending, Instant::now() + self.delivery.delivery_timeout);
+            // No device waits for a replay: it has as long as any request to be answered
+            // (after the delivery timeout a slow extension would get a copy of each).
+            self.pending.insert(n, pending, Instant::now() + self.request_timeout());
             let subject = Subject::from(record.subject);
             let sent = self.bus.publish(subject, Some(self.reply_subject.clone()), payload).await;
             if let Err(e) = sent {
@@ -335,6 +370,11 @@ impl<B: Bus> Gateway<B> {
             }
         }
         Ok(last)
+    }
+
+    /// How long an extension has to answer a request (`gateway.request_timeout_ms`).
+    fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.request_timeout_ms)
     }
 
     /// The spooled `ClientData` with a correlation id of this replica's (a record may come
@@ -403,6 +443,11 @@ pub(crate) async fn forward<B: Bus>(
         tokio::pin!(wake);
         wake.as_mut().enable();
         let mut pause = Duration::from_millis(500);
+        let rewind = g.delivery.rewind.swap(u64::MAX, Ordering::Relaxed);
+        if rewind != u64::MAX && cursor.is_some_and(|c| c >= rewind) {
+            // Records still in flight are skipped on the way (they are in `replaying`).
+            cursor = rewind.checked_sub(1);
+        }
         if spool.is_empty() {
             cursor = None;
             if g.delivery.spooling.swap(false, Ordering::Relaxed) {

@@ -32,6 +32,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use fleetgate_bus::{Bus, BusError, Requester, Subject};
 use fleetgate_messages::subjects;
 use fleetgate_transport_core::metrics::Latency;
+use fleetgate_transport_core::settings::below_minimum;
 use fleetgate_transport_core::{
     BoxFuture, ClientCredentials, ClientIdentity, KpError, KpHandler, KpRequest, Outbox, SessionId,
 };
@@ -63,7 +64,8 @@ pub struct GatewayConfig {
     pub extensions: Vec<String>,
     /// The 16/ECAP provider's service instance.
     pub auth_instance: String,
-    /// How long an extension has to answer a request before the device gets 504.
+    /// How long an extension has to answer a request before the device gets 504 (without a
+    /// spool), or before a spooled request is sent to it again.
     pub request_timeout_ms: u64,
     /// How long the 16/ECAP provider has to answer before a device gets 503.
     pub auth_timeout_ms: u64,
@@ -89,6 +91,21 @@ impl Default for GatewayConfig {
             token_negative_cache_ttl_ms: 5_000,
             spool: SpoolConfig::default(),
         }
+    }
+}
+
+impl GatewayConfig {
+    /// Values out of range, as `(setting, what is wrong)`.
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let spool = &self.spool;
+        below_minimum(&[
+            ("request_timeout_ms", self.request_timeout_ms, 1),
+            ("auth_timeout_ms", self.auth_timeout_ms, 1),
+            // Less than a MiB holds a few requests at most: the spool would be full at once.
+            ("spool.max_bytes", spool.max_bytes, 1024 * 1024),
+            ("spool.delivery_timeout_ms", spool.delivery_timeout_ms, 1),
+            ("spool.forward_window", spool.forward_window as u64, 1),
+        ])
     }
 }
 

@@ -4,6 +4,12 @@ use fleetgate_transport_core::metrics::{Counter, Family, Gauge, Latency, Registr
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::registry::Unit;
 
+/// The `status` label of refused requests: why they were refused (DESIGN decision 3).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct StatusLabel {
+    pub(crate) status: u16,
+}
+
 /// The `extension` label of the request latency.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct ExtensionLabel {
@@ -14,7 +20,7 @@ pub(crate) struct ExtensionLabel {
 #[derive(Debug, Clone, Default)]
 pub struct GatewayMetrics {
     pub(crate) requests: Counter,
-    pub(crate) rejected: Counter,
+    pub(crate) rejected: Family<StatusLabel, Counter>,
     pub(crate) responses: Counter,
     pub(crate) pushes: Counter,
     pub(crate) copies: Counter,
@@ -44,7 +50,6 @@ impl GatewayMetrics {
         let r = registry.sub_registry_with_prefix("gateway");
         let counters = [
             ("requests", "1/KP requests received", &self.requests),
-            ("requests_rejected", "Requests refused before reaching an extension", &self.rejected),
             ("responses", "Extension answers routed to the requesting session", &self.responses),
             ("pushes", "Extension pushes routed to sessions", &self.pushes),
             ("subscriber_copies", "Responses and pushes copied to subscribers", &self.copies),
@@ -58,6 +63,11 @@ impl GatewayMetrics {
         for (name, help, counter) in counters {
             r.register(name, help, counter.clone());
         }
+        r.register(
+            "requests_rejected",
+            "Requests refused before reaching an extension, by status (none of them acknowledged)",
+            self.rejected.clone(),
+        );
         r.register("sessions_open", "Sessions open", self.sessions_open.clone());
         r.register(
             "requests_pending",
@@ -107,6 +117,11 @@ impl GatewayMetrics {
             Unit::Seconds,
             self.request_duration.clone(),
         );
+    }
+
+    /// Counts a request refused with `status`.
+    pub(crate) fn rejected(&self, status: u16) {
+        self.rejected.get_or_create(&StatusLabel { status }).inc();
     }
 
     /// The request latency of `extension`.

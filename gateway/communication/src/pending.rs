@@ -29,9 +29,8 @@ pub(crate) struct Route {
 pub(crate) enum State {
     /// On the bus, not yet durable: kept whole, to be spooled if no answer comes in time.
     Direct { subject: Subject, client_data: Bytes },
-    /// Spooled after its deadline (the device heard it is stored); its answer may still come.
-    Spooled { seq: u64 },
-    /// A replay of spool record `seq`.
+    /// A replay of spool record `seq`, or the original of a request spooled after its
+    /// deadline (the device heard it is stored) whose answer may still come.
     Replay { seq: u64 },
 }
 

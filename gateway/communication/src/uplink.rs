@@ -81,12 +81,12 @@ impl<B: Bus> Gateway<B> {
     ) -> Result<(), KpError> {
         self.metrics.requests.inc();
         if self.draining.load(Ordering::Relaxed) {
-            self.metrics.rejected.inc();
+            self.metrics.rejected(503);
             return Err(KpError::unavailable("the gateway is shutting down; try another replica"));
         }
         let result = self.forward(session, &request).await;
         if let Err(e) = &result {
-            self.metrics.rejected.inc();
+            self.metrics.rejected(e.status);
             let response = KpResponse {
                 base: request.topic.base(),
                 request_id: request.topic.request_id(),

@@ -18,7 +18,6 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use serde_path_to_error::Segment;
 use serde_yaml::{Mapping, Value};
 
 /// Prefix of every environment variable that overrides a setting.
@@ -138,7 +137,7 @@ fn origin(file: Option<&Path>, var: Option<&str>) -> String {
 /// See the module documentation for what `T` must look like.
 pub fn load<T>(source: &ConfigSource, env: &HashMap<String, String>) -> Result<T, ConfigError>
 where
-    T: DeserializeOwned + Serialize + Default,
+    T: DeserializeOwned + Serialize + Default + Checked,
 {
     let defaults = serde_yaml::to_value(T::default()).map_err(ConfigError::Defaults)?;
     let (file, mut root) = match source {
@@ -146,26 +145,50 @@ where
         ConfigSource::BuiltInDefaults => (None, Mapping::new()),
     };
     let overrides = apply_env(&mut root, &defaults, env)?;
-    serde_path_to_error::deserialize(Value::Mapping(root)).map_err(|err| {
-        let segments: Vec<&Segment> = err.path().iter().collect();
-        // The override whose key path is the longest prefix of the error's path is at fault.
+    // The override whose key path is the longest prefix of the faulty key is at fault.
+    let invalid = |key: String, message: String| {
         let var = overrides
             .iter()
             .filter(|(path, _)| {
-                path.len() <= segments.len()
-                    && path.iter().zip(&segments).all(
-                        |(key, segment)| matches!(segment, Segment::Map { key: k } if k == key),
-                    )
+                let mut segments = key.split(['.', '[']);
+                path.iter().all(|p| segments.next() == Some(p.as_str()))
             })
             .max_by_key(|(path, _)| path.len())
             .map(|(_, var)| var.clone());
-        ConfigError::Invalid {
-            file: file.map(Path::to_path_buf),
-            var,
-            key: err.path().to_string(),
-            message: err.inner().to_string(),
-        }
-    })
+        ConfigError::Invalid { file: file.map(Path::to_path_buf), var, key, message }
+    };
+    let config: T = serde_path_to_error::deserialize(Value::Mapping(root))
+        .map_err(|err| invalid(err.path().to_string(), err.inner().to_string()))?;
+    match config.problems().into_iter().next() {
+        Some(problem) => Err(invalid(problem.key, problem.message)),
+        None => Ok(config),
+    }
+}
+
+/// Settings whose values have limits their types do not express (a packet size of 0, a block
+/// size that is not a power of two): [`load`] refuses the first problem found, naming its key.
+pub trait Checked {
+    /// Every value out of its range, as dotted key path and what is wrong.
+    fn problems(&self) -> Vec<Problem>;
+}
+
+/// A value out of its range.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted key path, e.g. `transports.mqtt.max_packet_size_bytes`.
+    pub key: String,
+    /// What is wrong with the value, e.g. `0 is below the minimum, 64`.
+    pub message: String,
+}
+
+impl Problem {
+    /// `(key, message)` pairs a section reports about itself, with their keys under `section`.
+    pub fn within(section: &str, problems: Vec<(&'static str, String)>) -> Vec<Problem> {
+        problems
+            .into_iter()
+            .map(|(key, message)| Problem { key: format!("{section}.{key}"), message })
+            .collect()
+    }
 }
 
 fn read_file(path: &Path) -> Result<Mapping, ConfigError> {
@@ -199,6 +222,9 @@ fn apply_env(
         let mut found = Vec::new();
         find_leaves(tree, &var[ENV_PREFIX.len()..], &mut Vec::new(), &mut found);
         let (path, default) = match found.len() {
+            // Kubernetes injects variables for every Service (`<SERVICE>_PORT=tcp://...`); a
+            // Service named `fleetgate-...` would otherwise stop every pod.
+            0 if is_kubernetes_service_link(var, raw) => continue,
             0 => return Err(ConfigError::UnknownVariable { var: var.clone() }),
             1 => found.swap_remove(0),
             _ => {
@@ -219,6 +245,66 @@ fn apply_env(
         applied.push((path, var.clone()));
     }
     Ok(applied)
+}
+
+/// The `FLEETGATE_*` variables of `env` that are not settings but Kubernetes service links
+/// (`load` ignores them), for a debug line once logging is up.
+pub fn ignored_service_links(env: &HashMap<String, String>) -> Vec<&str> {
+    let defaults = match serde_yaml::to_value(crate::config::Config::default()) {
+        Ok(Value::Mapping(m)) => m,
+        _ => return Vec::new(),
+    };
+    let mut ignored: Vec<&str> = env
+        .iter()
+        .filter(|(name, value)| {
+            name.starts_with(ENV_PREFIX)
+                && name.as_str() != CONFIG_VAR
+                && is_kubernetes_service_link(name, value)
+                && {
+                    let mut found = Vec::new();
+                    find_leaves(&defaults, &name[ENV_PREFIX.len()..], &mut Vec::new(), &mut found);
+                    found.is_empty()
+                }
+        })
+        .map(|(name, _)| name.as_str())
+        .collect();
+    ignored.sort_unstable();
+    ignored
+}
+
+/// Whether `name=value` is one of the variables the kubelet sets for a Service in the pod's
+/// namespace: `<SVC>_SERVICE_HOST=<ip>`, `<SVC>_SERVICE_PORT[_<NAME>]=<port>`,
+/// `<SVC>_PORT=<proto>://<ip>:<port>`, `<SVC>_PORT_<port>_<PROTO>=<proto>://<ip>:<port>` and its
+/// `_PROTO`, `_PORT` and `_ADDR` companions. Both the name and the value must have that shape.
+fn is_kubernetes_service_link(name: &str, value: &str) -> bool {
+    let url = ["tcp://", "udp://", "sctp://"].iter().any(|p| value.starts_with(p));
+    let number = !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit());
+    let ip = value.parse::<std::net::IpAddr>().is_ok();
+    if name.ends_with("_SERVICE_HOST") {
+        return ip;
+    }
+    if let Some(i) = name.find("_SERVICE_PORT")
+        && (name.len() == i + "_SERVICE_PORT".len() || name[i..].starts_with("_SERVICE_PORT_"))
+    {
+        return number;
+    }
+    if name.ends_with("_PORT") && url {
+        return true;
+    }
+    // <SVC>_PORT_<port>_<PROTO>[_PROTO|_PORT|_ADDR]
+    let parts: Vec<&str> = name.rsplitn(4, '_').collect();
+    let proto = |p: &str| matches!(p, "TCP" | "UDP" | "SCTP");
+    let port = |p: &str| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit());
+    match parts.as_slice() {
+        [p, n, "PORT", _] if proto(p) && port(n) => url,
+        [suffix, p, n, rest] if proto(p) && port(n) && rest.ends_with("_PORT") => match *suffix {
+            "PROTO" => matches!(value, "tcp" | "udp" | "sctp"),
+            "PORT" => number,
+            "ADDR" => ip,
+            _ => false,
+        },
+        _ => false,
+    }
 }
 
 /// Collects every leaf of `node` whose upper-snake key path (joined by `_`) is exactly `rest`.
@@ -273,6 +359,28 @@ fn set_path(root: &mut Mapping, path: &[String], value: Value) {
 }
 
 #[cfg(test)]
+mod service_link_tests {
+    use super::is_kubernetes_service_link as link;
+
+    #[test]
+    fn kubernetes_service_links_are_recognised_by_name_and_value() {
+        assert!(link("FLEETGATE_MQTT_SERVICE_HOST", "10.0.0.11"));
+        assert!(link("FLEETGATE_MQTT_SERVICE_PORT", "1883"));
+        assert!(link("FLEETGATE_MQTT_SERVICE_PORT_MQTT", "1883"));
+        assert!(link("FLEETGATE_MQTT_PORT", "tcp://10.0.0.11:1883"));
+        assert!(link("FLEETGATE_MQTT_PORT_1883_TCP", "tcp://10.0.0.11:1883"));
+        assert!(link("FLEETGATE_COAP_PORT_5683_UDP_PROTO", "udp"));
+        assert!(link("FLEETGATE_MQTT_PORT_1883_TCP_PORT", "1883"));
+        assert!(link("FLEETGATE_MQTT_PORT_1883_TCP_ADDR", "10.0.0.11"));
+        // A typo of a real setting is not excused: its value has another shape.
+        assert!(!link("FLEETGATE_NATS_ULR", "nats://127.0.0.1:4222"));
+        assert!(!link("FLEETGATE_MQTT_PORT", "1883"));
+        assert!(!link("FLEETGATE_MQTT_SERVICE_HOST", "mqtt.example"));
+        assert!(!link("FLEETGATE_X_PORT_1883_TCP_ADDR", "nowhere"));
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use serde::Deserialize;
@@ -285,6 +393,16 @@ mod tests {
         transports: Transports,
         auth: Auth,
         dcx: Dcx,
+    }
+    impl Checked for Root {
+        fn problems(&self) -> Vec<Problem> {
+            let mqtt = &self.transports.mqtt;
+            let mut problems = Vec::new();
+            if mqtt.max_packet_size_bytes < 64 {
+                problems.push(("max_packet_size_bytes", "must be at least 64".to_owned()));
+            }
+            Problem::within("transports.mqtt", problems)
+        }
     }
     #[derive(Debug, Default, PartialEq, Serialize, Deserialize)]
     #[serde(default, deny_unknown_fields)]
@@ -441,6 +559,24 @@ mod tests {
     }
 
     #[test]
+    fn value_out_of_range_names_key_and_origin() {
+        let msg = error(from_env(&[("FLEETGATE_TRANSPORTS_MQTT_MAX_PACKET_SIZE_BYTES", "0")]));
+        assert_eq!(
+            msg,
+            "FLEETGATE_TRANSPORTS_MQTT_MAX_PACKET_SIZE_BYTES: \
+             transports.mqtt.max_packet_size_bytes: must be at least 64"
+        );
+        let path = temp_file("range", "transports:\n  mqtt:\n    max_packet_size_bytes: 10\n");
+        let msg = error(load(&ConfigSource::File(path.clone()), &env(&[])));
+        assert!(msg.starts_with("configuration file "), "{msg}");
+        assert!(
+            msg.ends_with("transports.mqtt.max_packet_size_bytes: must be at least 64"),
+            "{msg}"
+        );
+        let _ = fs::remove_file(path);
+    }
+
+    #[test]
     fn ambiguous_variable() {
         #[derive(Default, Serialize, Deserialize)]
         #[serde(default, deny_unknown_fields)]
@@ -452,6 +588,11 @@ mod tests {
         #[serde(default, deny_unknown_fields)]
         struct Inner {
             b: u8,
+        }
+        impl Checked for Amb {
+            fn problems(&self) -> Vec<Problem> {
+                Vec::new()
+            }
         }
         let result = load::<Amb>(&ConfigSource::BuiltInDefaults, &env(&[("FLEETGATE_A_B", "1")]));
         let msg = result.err().map(|e| e.to_string()).unwrap_or_default();

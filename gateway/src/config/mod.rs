@@ -1,6 +1,7 @@
 //! fleetgate's configuration tree (DESIGN "Conventions": YAML, `FLEETGATE_*` overrides,
 //! unknown keys are errors, units in key names). Each service and transport owns its section's
-//! type; the transports' sections are gathered in [`crate::registry::TransportsConfig`].
+//! type and says which of its values are out of range; the transports' sections are gathered
+//! in [`crate::registry::TransportsConfig`].
 
 pub mod loader;
 
@@ -9,9 +10,11 @@ use std::net::SocketAddr;
 use fleetgate_auth::AuthConfig;
 use fleetgate_communication::GatewayConfig;
 use fleetgate_dcx::DcxConfig;
+use fleetgate_transport_core::settings::below_minimum;
 use serde::{Deserialize, Serialize};
 
-use crate::registry::TransportsConfig;
+use crate::registry::{TRANSPORTS, TransportsConfig};
+use loader::{Checked, Problem};
 
 /// The whole configuration of a fleetgate process.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -31,8 +34,42 @@ pub struct Config {
     pub dcx: DcxConfig,
     /// The 16/ECAP provider.
     pub auth: AuthConfig,
-    /// Logging and shutdown.
+    /// Log lines: filter and format.
+    pub log: LogConfig,
+    /// Shutdown.
     pub process: ProcessConfig,
+}
+
+impl Checked for Config {
+    fn problems(&self) -> Vec<Problem> {
+        let nats = &self.nats;
+        let mut problems = Problem::within(
+            "nats",
+            below_minimum(&[
+                ("publish_capacity", nats.publish_capacity as u64, 1),
+                ("subscription_capacity", nats.subscription_capacity as u64, 1),
+                ("connect_timeout_ms", nats.connect_timeout_ms, 1),
+                ("publish_batch", nats.publish_batch as u64, 1),
+                ("health_probe_interval_ms", nats.health_probe_interval_ms, 1),
+                ("health_probe_timeout_ms", nats.health_probe_timeout_ms, 1),
+            ]),
+        );
+        problems.extend(Problem::within(
+            "bus",
+            below_minimum(&[("in_process_capacity", self.bus.in_process_capacity as u64, 1)]),
+        ));
+        for transport in TRANSPORTS {
+            let section = format!("transports.{}", transport.name);
+            problems.extend(Problem::within(&section, (transport.problems)(&self.transports)));
+        }
+        problems.extend(Problem::within("gateway", self.gateway.problems()));
+        problems.extend(Problem::within("dcx", self.dcx.problems()));
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {
+            let message = format!("not a log filter: {e}");
+            problems.push(Problem { key: "log.filter".into(), message });
+        }
+        problems
+    }
 }
 
 /// `nats.*`.
@@ -45,7 +82,8 @@ pub struct NatsConfig {
     pub publish_capacity: usize,
     /// Incoming messages buffered per subscription.
     pub subscription_capacity: usize,
-    /// Time allowed for the first connection.
+    /// Time allowed for the first connection, tried again with backoff meanwhile (in a
+    /// cluster NATS may come up after the gateway); start-up fails after it.
     pub connect_timeout_ms: u64,
     /// The shortest time between two batches written to NATS: under load a batch waits out
     /// the rest of it for more messages; after a quiet spell a message goes at once (0: no
@@ -67,7 +105,7 @@ impl Default for NatsConfig {
             url: None,
             publish_capacity: 8192,
             subscription_capacity: 65_536,
-            connect_timeout_ms: 5000,
+            connect_timeout_ms: 30_000,
             publish_linger_ms: 0,
             publish_batch: 256,
             health_probe_interval_ms: 1000,
@@ -106,12 +144,37 @@ impl Default for AdminConfig {
     }
 }
 
+/// `log.*`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `tracing` filter, e.g. `info` or `fleetgate=debug,info`; `RUST_LOG` wins when set.
+    pub filter: String,
+    /// `text` (one line per event, coloured on a terminal unless `NO_COLOR` is set) or `json`
+    /// (one JSON object per line, for log collectors).
+    pub format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `target`, `fields`.
+    Json,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self { filter: "info".into(), format: LogFormat::Text }
+    }
+}
+
 /// `process.*`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ProcessConfig {
-    /// `tracing` filter, e.g. `info` or `fleetgate=debug,info`; `RUST_LOG` wins when set.
-    pub log_filter: String,
     /// On SIGTERM, how long to keep serving requests already in flight (readiness is already
     /// failing) before closing connections.
     pub drain_timeout_ms: u64,
@@ -119,7 +182,7 @@ pub struct ProcessConfig {
 
 impl Default for ProcessConfig {
     fn default() -> Self {
-        Self { log_filter: "info".into(), drain_timeout_ms: 5000 }
+        Self { drain_timeout_ms: 5000 }
     }
 }
 

@@ -324,6 +324,12 @@ impl RawClient {
         }
     }
 
+    /// Writes bytes as they are (several packets at once, say).
+    pub(crate) async fn send_raw(&mut self, bytes: &[u8]) {
+        use tokio::io::AsyncWriteExt;
+        self.stream.write_all(bytes).await.expect("write");
+    }
+
     pub(crate) async fn send(&mut self, packet: &fleetgate_transport_mqtt::codec::Packet) {
         use tokio::io::AsyncWriteExt;
         let mut out = bytes::BytesMut::new();

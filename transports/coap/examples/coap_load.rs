@@ -584,7 +584,7 @@ fn start(args: &CompareArgs, side: Side) -> (Server, SocketAddr) {
                 ("FLEETGATE_TRANSPORTS_MQTT_LISTEN".into(), local(port + 2)),
                 ("FLEETGATE_TRANSPORTS_HTTP_LISTEN".into(), local(port + 3)),
                 ("FLEETGATE_ADMIN_LISTEN".into(), local(port + 4)),
-                ("FLEETGATE_PROCESS_LOG_FILTER".into(), "warn".into()),
+                ("FLEETGATE_LOG_FILTER".into(), "warn".into()),
             ],
         ),
         Side::Libcoap => (

@@ -36,20 +36,19 @@
 //! - Unknown critical options get 4.02, methods other than GET, POST and PUT 4.05, Proxy-Uri
 //!   5.05, a ping (Empty CON) and a malformed confirmable message RST.
 
-use fleetgate_transport_core::stopped;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
-
-use std::os::fd::AsRawFd;
 
 use bytes::{Bytes, BytesMut};
 use fleetgate_transport_core::metrics::{
     Counter, Gauge, Latency, Registry, TransportMetrics, transport_registry,
 };
 use fleetgate_transport_core::net::{self, PeerQueues, ReceiveBatch, Routed};
-use fleetgate_transport_core::{BindError, BoxFuture, KpHandler, Shutdown, Transport};
+use fleetgate_transport_core::settings::below_minimum;
+use fleetgate_transport_core::{BindError, BoxFuture, KpHandler, Shutdown, Transport, stopped};
 use serde::{Deserialize, Serialize};
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
@@ -138,6 +137,37 @@ impl Default for CoapConfig {
             peer_queue_capacity: 64,
             response_queue_capacity: 256,
         }
+    }
+}
+
+impl CoapConfig {
+    /// Values out of range, as `(setting, what is wrong)`.
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut problems = below_minimum(&[
+            ("ack_timeout_ms", self.ack_timeout_ms, 1),
+            ("exchange_lifetime_ms", self.exchange_lifetime_ms, 1),
+            ("max_exchanges", self.max_exchanges as u64, 1),
+            ("max_payload_bytes", self.max_payload_bytes as u64, 1),
+            ("max_block_transfers", self.max_block_transfers as u64, 1),
+            ("block_transfer_timeout_ms", self.block_transfer_timeout_ms, 1),
+            ("session_idle_timeout_ms", self.session_idle_timeout_ms, 1),
+            ("max_sessions", self.max_sessions as u64, 1),
+            ("observe_max_age_secs", self.observe_max_age_secs.into(), 1),
+            ("peer_queue_capacity", self.peer_queue_capacity as u64, 1),
+            ("response_queue_capacity", self.response_queue_capacity as u64, 1),
+        ]);
+        // RFC 7959 §2.2: SZX 0 to 6, blocks of 16 to 1024 bytes.
+        if !(16..=1024).contains(&self.block_size_bytes) || !self.block_size_bytes.is_power_of_two()
+        {
+            problems.push((
+                "block_size_bytes",
+                format!(
+                    "{} is not a block size: 16, 32, 64, 128, 256, 512 or 1024",
+                    self.block_size_bytes
+                ),
+            ));
+        }
+        problems
     }
 }
 

@@ -5,7 +5,8 @@
 //! pushes come back through the session's [`Outbox`]. The binary sees each transport as a
 //! [`Transport`]: made from its configuration section, bound, served. This crate also holds
 //! what every transport needs besides: the socket layer ([`net`]: SO_REUSEPORT listeners,
-//! batched UDP reads, per-peer queues), the shared metric families ([`metrics`]) and, behind
+//! batched UDP reads, per-peer queues), the shared metric families ([`metrics`]), range checks
+//! of configuration values ([`settings`]) and, behind
 //! the `compliance` feature, the compliance kit every transport's tests run.
 //!
 //! It knows nothing of the bus or of any extension's payloads, and no protocol's wire format.
@@ -16,6 +17,7 @@ mod handler;
 pub mod metrics;
 pub mod net;
 mod outbox;
+pub mod settings;
 
 pub use fleetgate_kp::{
     ClientCredentials, ClientIdentity, KpError, KpOutcome, KpRequest, KpResponse, KpTopic,

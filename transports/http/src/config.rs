@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 
+use fleetgate_transport_core::settings::below_minimum;
 use serde::{Deserialize, Serialize};
 
 /// HTTP listener settings (`transports.http.*`).
@@ -59,6 +60,20 @@ impl Default for HttpConfig {
             response_queue_capacity: 1024,
             http2: true,
         }
+    }
+}
+
+impl HttpConfig {
+    /// Values out of range, as `(setting, what is wrong)`.
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        below_minimum(&[
+            ("max_body_bytes", self.max_body_bytes, 1),
+            ("header_read_timeout_ms", self.header_read_timeout_ms, 1),
+            ("request_timeout_ms", self.request_timeout_ms, 1),
+            ("max_connections", self.max_connections as u64, 1),
+            ("max_in_flight_per_connection", self.max_in_flight_per_connection.into(), 1),
+            ("response_queue_capacity", self.response_queue_capacity as u64, 1),
+        ])
     }
 }
 

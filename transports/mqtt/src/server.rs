@@ -29,6 +29,7 @@ use bytes::BytesMut;
 use fleetgate_transport_core::metrics::{
     Counter, Gauge, Latency, Registry, TransportMetrics, transport_registry,
 };
+use fleetgate_transport_core::settings::{above_maximum, below_minimum};
 use fleetgate_transport_core::{
     BindError, BoxFuture, ClientCredentials, KpHandler, KpResponse, OutboxReceiver, SessionId,
     Shutdown, Transport, TryRecvError, net, stopped,
@@ -89,6 +90,29 @@ impl Default for MqttConfig {
             max_inflight_v311: 64,
             response_queue_capacity: 1024,
         }
+    }
+}
+
+impl MqttConfig {
+    /// Values out of range, as `(setting, what is wrong)`.
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut problems = below_minimum(&[
+            // A CONNECT with a short client id and no will or credentials is about 20 bytes; 64
+            // leaves room for a useful PUBLISH. Smaller limits close every connection.
+            ("max_packet_size_bytes", self.max_packet_size_bytes.into(), 64),
+            ("connect_timeout_ms", self.connect_timeout_ms, 1),
+            // MQTT 5 §3.2.2.3.3: a Receive Maximum of 0 is a protocol error.
+            ("receive_maximum", self.receive_maximum.into(), 1),
+            ("max_inflight_v311", self.max_inflight_v311.into(), 1),
+            ("response_queue_capacity", self.response_queue_capacity as u64, 1),
+        ]);
+        // The largest packet the Remaining Length can describe, with its fixed header.
+        problems.extend(above_maximum(
+            "max_packet_size_bytes",
+            self.max_packet_size_bytes.into(),
+            268_435_460,
+        ));
+        problems
     }
 }
 
@@ -346,7 +370,13 @@ impl Connection {
                 // Draining: nothing more goes to the gateway, so nothing new is acknowledged
                 // (the device sends it again elsewhere).
                 if self.shared.draining.load(Ordering::Relaxed) && self.session.next_is_request() {
-                    break;
+                    if !self.session.is_closed() {
+                        break;
+                    }
+                    // Closed while draining: what it had not handed over is dropped,
+                    // unacknowledged; its Closed event follows.
+                    let _ = self.session.poll_event();
+                    continue;
                 }
                 let (id, request) = {
                     let Some(event) = self.session.poll_event() else { break };
