@@ -43,6 +43,12 @@ impl<T> Live<T> {
         self.value.load_full()
     }
 
+    /// The current value for a moment (a few field reads, no await): cheaper than
+    /// [`get`](Self::get) on a per-message path, as it takes no reference count.
+    pub fn read(&self) -> impl std::ops::Deref<Target = Arc<T>> + '_ {
+        self.value.load()
+    }
+
     /// Replaces the value; readers see it from their next `get`, waiters on
     /// [`changed`](Self::changed) wake.
     pub fn set(&self, value: T) {
@@ -81,6 +87,7 @@ mod tests {
     async fn readers_see_the_new_value_and_waiters_wake() {
         let live = Live::new(1);
         let held = live.get();
+        assert_eq!(**live.read(), 1);
         let mut changed = live.changed();
         assert!(!live.set_if_changed(1));
         assert!(!changed.has_changed().unwrap());

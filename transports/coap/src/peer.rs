@@ -212,7 +212,7 @@ impl Peer {
                     let (outbox, responses) =
                         // Room for the pushes, and for the answer to every exchange in flight.
                         new_outbox(
-                            self.shared.config.get().response_queue_capacity
+                            self.shared.config.read().response_queue_capacity
                                 + self.session.settings().max_exchanges,
                         );
                     let credentials = ClientCredentials {

@@ -328,7 +328,7 @@ pub(crate) struct Shared {
 impl Shared {
     /// What a new peer's session is made with.
     pub(crate) fn session_settings(&self) -> Arc<Settings> {
-        Arc::new(Settings::from(&*self.config.get()))
+        Arc::new(Settings::from(&**self.config.read()))
     }
 }
 
@@ -504,7 +504,7 @@ impl Reader {
             }
             return;
         }
-        let max = self.shared.config.get().max_sessions;
+        let max = self.shared.config.read().max_sessions;
         if self.shared.peers.fetch_add(1, Ordering::Relaxed) >= max {
             self.shared.peers.fetch_sub(1, Ordering::Relaxed);
             self.refuse_busy(addr, &datagram.bytes).await;

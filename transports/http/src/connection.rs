@@ -106,8 +106,8 @@ impl Connection {
     ) -> Arc<Self> {
         // Room for the pushes, and for the answer to every request in flight.
         let (outbox, responses) = outbox(
-            shared.settings.get().response_queue_capacity
-                + shared.settings.get().max_in_flight_per_connection as usize,
+            shared.settings.read().response_queue_capacity
+                + shared.settings.read().max_in_flight_per_connection as usize,
         );
         let conn = Self {
             handler,
@@ -161,7 +161,7 @@ impl Connection {
         req: Request<Incoming>,
     ) -> Result<HttpResponse, KpError> {
         let (parts, body) = req.into_parts();
-        let limit = self.shared.settings.get().max_body_bytes;
+        let limit = self.shared.settings.read().max_body_bytes;
         let http1 = parts.version < hyper::Version::HTTP_2;
         // The size hint is the Content-Length when there is one.
         if body.size_hint().lower() > limit {
@@ -188,7 +188,7 @@ impl Connection {
             self.take_ready_responses();
             answer.await.map_err(|_| KpError::from(HttpError::Gone))
         };
-        let ms = self.shared.settings.get().request_timeout_ms;
+        let ms = self.shared.settings.read().request_timeout_ms;
         let outcome = match tokio::time::timeout(Duration::from_millis(ms), exchange).await {
             Ok(result) => result?,
             Err(_) => {
@@ -249,7 +249,7 @@ impl Connection {
     /// Reads the whole body, within the size limit and the request timeout. A body that comes
     /// in one frame (the usual case) is not copied.
     async fn read_body(&self, mut body: Incoming) -> Result<Bytes, HttpError> {
-        let limit = self.shared.settings.get().max_body_bytes;
+        let limit = self.shared.settings.read().max_body_bytes;
         let read = async {
             let mut first = Bytes::new();
             let mut joined = BytesMut::new();
@@ -274,7 +274,7 @@ impl Connection {
             }
             Ok(if joined.is_empty() { first } else { joined.freeze() })
         };
-        let ms = self.shared.settings.get().request_timeout_ms;
+        let ms = self.shared.settings.read().request_timeout_ms;
         match tokio::time::timeout(Duration::from_millis(ms), read).await {
             Ok(read) => read,
             Err(_) => {
@@ -297,13 +297,13 @@ impl Connection {
                 }
             }
         };
-        let ms = self.shared.settings.get().request_timeout_ms;
+        let ms = self.shared.settings.read().request_timeout_ms;
         let _ = tokio::time::timeout(Duration::from_millis(ms), drain).await;
     }
 
     fn register(&self, waiter: impl FnOnce(&mut Waiters)) -> Result<(), HttpError> {
         let mut waiters = lock(&self.waiters);
-        let max = self.shared.settings.get().max_in_flight_per_connection as usize;
+        let max = self.shared.settings.read().max_in_flight_per_connection as usize;
         if waiters.requests.len() + waiters.polls.len() >= max {
             return Err(HttpError::TooManyInFlight);
         }
@@ -327,7 +327,7 @@ impl Connection {
         headers: &HeaderMap,
         timeout_ms: Option<u64>,
     ) -> Result<HttpResponse, KpError> {
-        let max = self.shared.settings.get().long_poll_max_ms;
+        let max = self.shared.settings.read().long_poll_max_ms;
         let wait = Duration::from_millis(timeout_ms.unwrap_or(max).min(max));
         let session = self.session(headers).await?;
         // Subscription tags are even and never 0 (see the module doc).

@@ -328,7 +328,7 @@ impl Connection {
         shutdown: watch::Receiver<bool>,
         live: mpsc::Sender<()>,
     ) -> Self {
-        let config = session_config(&shared.settings.get());
+        let config = session_config(&shared.settings.read());
         let session = Session::new(&config, Instant::now().into_std());
         Self { handler, shared, peer, shutdown, session, _live: live }
     }
@@ -501,7 +501,7 @@ impl Connection {
             Event::Connect(request) => {
                 // Room for the pushes, and for the answer to every request the session takes
                 // in at once (it decodes at most `receive_maximum + 1` ahead).
-                let capacity = self.shared.settings.get().response_queue_capacity
+                let capacity = self.shared.settings.read().response_queue_capacity
                     + usize::from(self.session.receive_maximum())
                     + 1;
                 let (tx, rx) = fleetgate_transport_core::outbox(capacity);
