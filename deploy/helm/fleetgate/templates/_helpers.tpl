@@ -19,6 +19,16 @@ app.kubernetes.io/part-of: fleetgate
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end -}}
 
+{{/* Labels of the embedded NATS server's objects: not app.kubernetes.io/name fleetgate, so that
+     no fleetgate selector picks them up. */}}
+{{- define "fleetgate.natsLabels" -}}
+app.kubernetes.io/name: nats
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: fleetgate
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{- end -}}
+
 {{/* The labels that select every fleetgate pod of this release. */}}
 {{- define "fleetgate.selector" -}}
 app.kubernetes.io/name: fleetgate
