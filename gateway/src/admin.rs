@@ -1,6 +1,6 @@
-//! The admin HTTP server: `/livez` or `/healthz` (the process runs), `/readyz` (it takes traffic: started,
-//! bus connected, every service ready, not draining) and `/metrics` (OpenMetrics text of the
-//! process's one registry).
+//! The admin HTTP server: `/livez` or `/healthz` (the process runs), `/readyz` (it takes
+//! traffic: started, bus connected, every service ready, not draining) and `/metrics`
+//! (OpenMetrics text of the process's one registry).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
