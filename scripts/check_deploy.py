@@ -81,6 +81,13 @@ def _render_chart(helm_python, chart: Path, out: Path) -> dict[str, Path]:
         path.write_text("\n---\n".join(m for _, m in sorted(manifests.items()) if m.strip()))
         rendered[f"helm chart, {name} values"] = path
         print(f"rendered the chart with {name} values: {len(docs_of(path))} objects")
+    # values.schema.json is in force: a misspelt value is refused, not silently ignored.
+    try:
+        loaded.render({"services": {"gateway": {"replica": 3}}}, name="fg", namespace="iot")
+        problem("the chart rendered with a misspelt value (services.gateway.replica)")
+    except Exception as e:  # noqa: BLE001 - the refusal is what we want
+        if "replica" not in str(e):
+            problem(f"the chart refused a misspelt value without naming it: {e}")
     return rendered
 
 
