@@ -220,7 +220,7 @@ def validate_strict(label: str, path: Path, out: Path) -> None:
     k8s_file = out / f"{path.stem}-k8s.yaml"
     k8s_file.write_text(yaml.safe_dump_all(plain))
     for version in KUBE_VERSIONS:
-        cmd = ["kubernetes-validate", "--strict", "--quiet"]
+        cmd = [sys.executable, "-m", "kubernetes_validate", "--strict", "--quiet"]
         if version:
             cmd += ["-k", version]
         run = subprocess.run([*cmd, str(k8s_file)], capture_output=True, text=True)
