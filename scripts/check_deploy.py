@@ -78,7 +78,8 @@ def _render_chart(helm_python, chart: Path, out: Path) -> dict[str, Path]:
             problem(f"helm render ({name} values): {e}")
             continue
         path = out / f"helm-{name}.yaml"
-        path.write_text("\n---\n".join(m for _, m in sorted(manifests.items()) if m.strip()))
+        objects = [m for k, m in sorted(manifests.items()) if m.strip() and k.endswith(".yaml")]
+        path.write_text("\n---\n".join(objects))
         rendered[f"helm chart, {name} values"] = path
         print(f"rendered the chart with {name} values: {len(docs_of(path))} objects")
     # values.schema.json is in force: a misspelt value is refused, not silently ignored.
