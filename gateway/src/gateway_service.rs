@@ -5,26 +5,37 @@ use std::sync::Arc;
 
 use fleetgate_bus::{AnyBus, Bus};
 use fleetgate_communication::{Gateway, GatewayConfig, GatewayMetrics};
+use fleetgate_live::Live;
 use fleetgate_service::{BoxFuture, Running, Service, ServiceError, ServiceStatus, StartContext};
 use fleetgate_transport_core::metrics::{Registry, TransportMetrics};
 use fleetgate_transport_core::{KpHandler, Shutdown, Transport};
 
 use crate::config::Config;
 use crate::registry::TRANSPORTS;
+use crate::reload::{Keys, Reloads};
 
 /// The communication service with its transports, made from `gateway.*` and `transports.*`.
 pub struct GatewayService {
-    config: GatewayConfig,
+    settings: Live<GatewayConfig>,
     transports: Vec<Box<dyn Transport>>,
     metrics: GatewayMetrics,
 }
 
 impl GatewayService {
-    /// Makes every enabled transport of the registry (unbound).
-    pub fn new(config: &Config, metrics: &TransportMetrics) -> Self {
-        let transports =
-            TRANSPORTS.iter().filter_map(|t| (t.make)(&config.transports, metrics)).collect();
-        Self { config: config.gateway.clone(), transports, metrics: GatewayMetrics::default() }
+    /// Makes every enabled transport of the registry (unbound). New extensions and app
+    /// versions apply while running, and a change of the authentication provider's settings
+    /// empties the token cache.
+    pub fn new(config: &Config, metrics: &TransportMetrics, reloads: &mut Reloads) -> Self {
+        let transports = TRANSPORTS
+            .iter()
+            .filter_map(|t| (t.make)(&config.transports, metrics, reloads))
+            .collect();
+        let settings = Live::new(config.gateway.clone());
+        let keys = Keys::Only(&["extensions", "app_versions"]);
+        reloads.follow("gateway", keys, settings.clone(), |c| &c.gateway);
+        let tokens = settings.clone();
+        reloads.on("auth", Keys::AllBut(&["instance"]), move |_| tokens.touch());
+        Self { settings, transports, metrics: GatewayMetrics::default() }
     }
 }
 
@@ -53,7 +64,7 @@ impl Service for GatewayService {
     ) -> BoxFuture<'static, Result<Running, ServiceError>> {
         Box::pin(async move {
             let StartContext { bus, shutdown } = context;
-            let gateway = Gateway::start(bus, self.config, self.metrics, shutdown.clone())
+            let gateway = Gateway::start(bus, self.settings, self.metrics, shutdown.clone())
                 .await
                 .map_err(|e| ServiceError::new("gateway", e))?;
             let handler: Arc<dyn KpHandler> = gateway.clone();

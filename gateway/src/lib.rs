@@ -15,4 +15,5 @@ pub mod config;
 pub mod gateway_service;
 pub mod logging;
 pub mod registry;
+pub mod reload;
 pub mod run;

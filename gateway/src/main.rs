@@ -8,6 +8,7 @@ use clap::{Arg, ArgAction, Command};
 use fleetgate::config::loader::{ConfigSource, load};
 use fleetgate::config::{Config, LogFormat};
 use fleetgate::registry::{SERVICES, service};
+use fleetgate::reload::Origin;
 use fleetgate::run::{Role, add_demo_endpoint, run};
 
 /// mimalloc rather than the system allocator: cheaper small allocations on the per-message
@@ -72,14 +73,17 @@ fn main() -> ExitCode {
         },
         None => return ExitCode::from(2),
     };
-    let _log = fleetgate::logging::init(&config.log);
+    let log = std::sync::Arc::new(fleetgate::logging::init(&config.log));
     let json_logs = config.log.format == LogFormat::Json;
     for name in fleetgate::config::loader::ignored_service_links(&env) {
         tracing::debug!(variable = name, "ignored: a Kubernetes service link, not a setting");
     }
-    if source == ConfigSource::BuiltInDefaults && matches!(role.name(), "up" | "auth") {
-        add_demo_endpoint(&mut config.auth);
-    }
+    let amend: fn(&mut Config) =
+        match source == ConfigSource::BuiltInDefaults && matches!(role.name(), "up" | "auth") {
+            true => |c| add_demo_endpoint(&mut c.auth),
+            false => |_| {},
+        };
+    amend(&mut config);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -87,7 +91,8 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(role, config)) {
+    let origin = Origin { source, env, amend, log: Some(log) };
+    match runtime.block_on(run(role, config, origin)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let message = error_chain(&e);

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
 use crate::gateway_service::GatewayService;
+use crate::reload::{Keys, Reloads};
 
 /// `transports.*`: one section per registered transport.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,8 +33,9 @@ pub struct TransportsConfig {
 pub struct TransportEntry {
     /// Its name (the metrics label, its section under `transports`).
     pub name: &'static str,
-    /// Makes it from the configuration, or `None` when its section disables it.
-    pub make: fn(&TransportsConfig, &TransportMetrics) -> Option<Box<dyn Transport>>,
+    /// Makes it from the configuration, or `None` when its section disables it; what it can
+    /// change while running it adds to the reloads.
+    pub make: fn(&TransportsConfig, &TransportMetrics, &mut Reloads) -> Option<Box<dyn Transport>>,
     /// Its section's values out of range, as `(setting, what is wrong)`.
     pub problems: fn(&TransportsConfig) -> Vec<(&'static str, String)>,
 }
@@ -42,17 +44,40 @@ pub struct TransportEntry {
 pub const TRANSPORTS: &[TransportEntry] = &[
     TransportEntry {
         name: "mqtt",
-        make: |c, m| c.mqtt.enabled.then(|| boxed(MqttTransport::new(c.mqtt.clone(), m))),
+        make: |c, m, r| {
+            if !c.mqtt.enabled {
+                return None;
+            }
+            let t = MqttTransport::new(c.mqtt.clone(), m);
+            r.follow("transports.mqtt", STARTED_WITH, t.settings(), |c| &c.transports.mqtt);
+            Some(boxed(t))
+        },
         problems: |c| c.mqtt.problems(),
     },
     TransportEntry {
         name: "coap",
-        make: |c, m| c.coap.enabled.then(|| boxed(CoapTransport::new(c.coap.clone(), m))),
+        make: |c, m, r| {
+            if !c.coap.enabled {
+                return None;
+            }
+            let t = CoapTransport::new(c.coap.clone(), m);
+            let keys = Keys::AllBut(&["enabled", "listen", "reuse_port", "peer_queue_capacity"]);
+            r.follow("transports.coap", keys, t.settings(), |c| &c.transports.coap);
+            Some(boxed(t))
+        },
         problems: |c| c.coap.problems(),
     },
     TransportEntry {
         name: "http",
-        make: |c, m| c.http.enabled.then(|| boxed(HttpTransport::new(c.http.clone(), m))),
+        make: |c, m, r| {
+            if !c.http.enabled {
+                return None;
+            }
+            let t = HttpTransport::new(c.http.clone(), m);
+            let keys = Keys::AllBut(&["enabled", "listen", "reuse_port", "max_connections"]);
+            r.follow("transports.http", keys, t.settings(), |c| &c.transports.http);
+            Some(boxed(t))
+        },
         problems: |c| c.http.problems(),
     },
 ];
@@ -61,6 +86,9 @@ fn boxed(transport: impl Transport) -> Box<dyn Transport> {
     Box::new(transport)
 }
 
+/// The settings of a transport that stay as it started: its listener.
+const STARTED_WITH: Keys = Keys::AllBut(&["enabled", "listen", "reuse_port"]);
+
 /// A service the binary can run: `fleetgate <name>` runs it alone (on NATS), `fleetgate up`
 /// runs every one.
 pub struct ServiceEntry {
@@ -68,8 +96,9 @@ pub struct ServiceEntry {
     pub name: &'static str,
     /// One line for `--help`.
     pub about: &'static str,
-    /// Makes it from the configuration.
-    pub make: fn(&Config, &TransportMetrics) -> Box<dyn Service>,
+    /// Makes it from the configuration; what it can change while running it adds to the
+    /// reloads.
+    pub make: fn(&Config, &TransportMetrics, &mut Reloads) -> Box<dyn Service>,
 }
 
 /// Every service, in the order `fleetgate up` starts them: providers first, so that the
@@ -78,17 +107,21 @@ pub const SERVICES: &[ServiceEntry] = &[
     ServiceEntry {
         name: "auth",
         about: "Run the 16/ECAP authentication provider (needs nats.url)",
-        make: |c, _| Box::new(AuthService::new(c.auth.clone())),
+        make: |c, _, r| {
+            let auth = AuthService::new(c.auth.clone());
+            r.follow("auth", Keys::AllBut(&["instance"]), auth.settings(), |c| &c.auth);
+            Box::new(auth)
+        },
     },
     ServiceEntry {
         name: "dcx",
         about: "Run the data collection extension (needs nats.url)",
-        make: |c, _| Box::new(DcxService::new(c.dcx.clone())),
+        make: |c, _, _| Box::new(DcxService::new(c.dcx.clone())),
     },
     ServiceEntry {
         name: "gateway",
         about: "Run the communication service and its device transports (needs nats.url)",
-        make: |c, m| Box::new(GatewayService::new(c, m)),
+        make: |c, m, r| Box::new(GatewayService::new(c, m, r)),
     },
 ];
 
@@ -123,7 +156,7 @@ mod tests {
         let mut registry = Registry::with_prefix("fleetgate");
         let shared = TransportMetrics::register(&mut registry);
         for entry in SERVICES {
-            (entry.make)(&config, &shared).register_metrics(&mut registry);
+            (entry.make)(&config, &shared, &mut Reloads::default()).register_metrics(&mut registry);
         }
         // Touch the shared families for every transport, so that each shows its samples.
         for t in TRANSPORTS {

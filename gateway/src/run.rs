@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use crate::admin::{self, AdminState};
 use crate::config::Config;
 use crate::registry::{SERVICES, ServiceEntry};
+use crate::reload::{Origin, Reloads, watch_and_reload};
 
 /// Which services a process runs.
 #[derive(Clone, Copy)]
@@ -86,17 +87,28 @@ pub fn add_demo_endpoint(auth: &mut AuthConfig) {
     }
 }
 
-/// Runs `role` with `config` until SIGINT or SIGTERM, then drains and stops.
-pub async fn run(role: Role, config: Config) -> Result<(), StartError> {
-    run_until(role, config, wait_for_signal()).await
+/// Runs `role` with `config` until SIGINT or SIGTERM, then drains and stops. On SIGHUP, and
+/// when the file changes, the configuration is loaded again from `origin` and what can change
+/// live is applied ([`crate::reload`]).
+pub async fn run(role: Role, config: Config, origin: Origin) -> Result<(), StartError> {
+    run_with(role, config, wait_for_signal(), Some(origin)).await
 }
 
 /// Runs `role` with `config` until `until` resolves, then drains and stops: `run` for tests and
-/// tools that host fleetgate in their own process.
+/// tools that host fleetgate in their own process (without reloads).
 pub async fn run_until(
     role: Role,
     config: Config,
     until: impl std::future::Future<Output = ()>,
+) -> Result<(), StartError> {
+    run_with(role, config, until, None).await
+}
+
+async fn run_with(
+    role: Role,
+    config: Config,
+    until: impl std::future::Future<Output = ()>,
+    origin: Option<Origin>,
 ) -> Result<(), StartError> {
     let (stop_tx, stop) = watch::channel(false);
 
@@ -117,8 +129,12 @@ pub async fn run_until(
     // start-up first.
     let mut registry = Registry::with_prefix("fleetgate");
     let transport_metrics = TransportMetrics::register(&mut registry);
-    let mut services: Vec<Box<dyn Service>> =
-        role.services().iter().map(|s| (s.make)(&config, &transport_metrics)).collect();
+    let mut reloads = Reloads::default();
+    let mut services: Vec<Box<dyn Service>> = role
+        .services()
+        .iter()
+        .map(|s| (s.make)(&config, &transport_metrics, &mut reloads))
+        .collect();
     for service in &mut services {
         service.bind()?;
         service.register_metrics(&mut registry);
@@ -132,6 +148,11 @@ pub async fn run_until(
         tracing::debug!(service = name, "service started");
     }
 
+    if let Some(origin) = origin {
+        let watching =
+            watch_and_reload(origin, config.clone(), reloads, &mut registry, stop.clone());
+        tokio::spawn(watching);
+    }
     let statuses: Vec<_> = running.iter().map(|r| r.status.clone()).collect();
     state.started(bus.clone(), statuses.clone(), registry);
     tracing::info!(role = role.name(), bus = bus.kind(), "fleetgate ready");

@@ -167,8 +167,12 @@ struct Delivered {
 
 impl Delivered {
     async fn watch(nats_url: &str) -> Self {
+        // The observer must be subscribed again before the gateway forwards its spool after a
+        // NATS restart (a core NATS subscriber misses what is published while it is away), so
+        // it tries every 20 ms where the gateway backs off (async-nats' default, up to seconds).
         let client = async_nats::ConnectOptions::new()
             .max_reconnects(None)
+            .reconnect_delay_callback(|_| Duration::from_millis(20))
             .connect(nats_url)
             .await
             .expect("observer connects");
@@ -611,7 +615,12 @@ async fn a_slow_extension_gets_each_request_once() {
         ledger.acked.len(),
         copies.len()
     );
-    assert!(ledger.acked.len() > 150, "acknowledged as stored: {}", ledger.acked.len());
+    // Most are acknowledged (as stored) within the run; how many depends on the machine's load.
+    assert!(
+        ledger.acked.len() as u64 * 2 > ledger.sent,
+        "acknowledged as stored: {}",
+        ledger.acked.len()
+    );
     assert_eq!(acked_but_unseen, 0, "every acknowledged request reached the extension");
     assert_eq!(twice, 0, "no request was sent to the extension twice");
     assert_eq!(

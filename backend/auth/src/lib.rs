@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use fleetgate_bus::{Bus, BusError, Message, Subject, now_ms};
+use fleetgate_live::Live;
 use fleetgate_messages::{
     ClientUsernamePasswordValidationRequest, ClientUsernamePasswordValidationResponse,
     EndpointTokenValidationRequest, EndpointTokenValidationResponse, Record, subjects,
@@ -110,15 +111,44 @@ pub enum AuthError {
     Bus(#[from] BusError),
 }
 
+impl AuthConfig {
+    /// Entries the provider could not serve: two endpoints with one app version and token.
+    /// A reload that brings one is refused like a start-up would be.
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut problems = Vec::new();
+        if !subjects::is_valid_token(&self.instance) {
+            problems
+                .push(("instance", format!("`{}` is not a valid subject token", self.instance)));
+        }
+        let mut seen = std::collections::HashSet::new();
+        for e in &self.endpoints {
+            if !seen.insert((&e.app_version, &e.token)) {
+                let message = format!(
+                    "token `{}` of app version `{}` is listed twice",
+                    e.token, e.app_version
+                );
+                problems.push(("endpoints", message));
+            }
+        }
+        problems
+    }
+}
+
 /// The provider as a service of the process: made from `auth.*`, started on the bus.
 pub struct AuthService {
-    config: AuthConfig,
+    settings: Live<AuthConfig>,
 }
 
 impl AuthService {
     /// The service for `config`.
     pub fn new(config: AuthConfig) -> Self {
-        Self { config }
+        Self { settings: Live::new(config) }
+    }
+
+    /// Its settings: a reload that replaces them changes endpoints, clients, bearer tokens,
+    /// `auto_register` and `allow_anonymous` for the next request (the instance stays).
+    pub fn settings(&self) -> Live<AuthConfig> {
+        self.settings.clone()
     }
 }
 
@@ -132,7 +162,7 @@ impl fleetgate_service::Service for AuthService {
         context: StartContext,
     ) -> BoxFuture<'static, Result<Running, ServiceError>> {
         Box::pin(async move {
-            let provider = AuthProvider::start(context.bus, self.config, context.shutdown)
+            let provider = AuthProvider::start(context.bus, self.settings, context.shutdown)
                 .await
                 .map_err(|e| ServiceError::new("auth", e))?;
             Ok(Running::task(provider.task))
@@ -154,35 +184,16 @@ struct Directory {
 }
 
 impl AuthProvider {
-    /// Subscribes (and waits until the bus has the subscriptions) and serves until `shutdown`.
+    /// Subscribes (and waits until the bus has the subscriptions) and serves until `shutdown`,
+    /// answering from the settings current at each request.
     pub async fn start<B: Bus>(
         bus: B,
-        config: AuthConfig,
+        settings: Live<AuthConfig>,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<Self, AuthError> {
-        if !subjects::is_valid_token(&config.instance) {
-            return Err(AuthError::InvalidInstance(config.instance));
-        }
-        let mut endpoints = HashMap::new();
-        for e in &config.endpoints {
-            let key = (e.app_version.clone(), e.token.clone());
-            if endpoints.insert(key, e.endpoint_id.clone()).is_some() {
-                return Err(AuthError::DuplicateToken {
-                    app_version: e.app_version.clone(),
-                    token: e.token.clone(),
-                });
-            }
-        }
-        if config.auto_register {
-            tracing::warn!("auth.auto_register is on: every token is accepted as an endpoint");
-        }
-        let directory = Arc::new(Directory {
-            auto_register: config.auto_register,
-            allow_anonymous: config.allow_anonymous,
-            bearer_tokens: config.bearer_tokens.clone(),
-            endpoints,
-            clients: config.clients.iter().map(|c| (c.username.clone(), c.clone())).collect(),
-        });
+        let mut changed = settings.changed();
+        let config = settings.get();
+        let mut directory = Arc::new(Directory::new(&config)?);
         let group = Some(config.instance.as_str());
         let mut tokens =
             bus.subscribe(&subjects::ecap_token_request(&config.instance), group).await?;
@@ -195,6 +206,13 @@ impl AuthProvider {
                 tokio::select! {
                     Some(m) = tokens.next() => answer(&bus, m, |p| directory.validate_token(p)).await,
                     Some(m) = passwords.next() => answer(&bus, m, |p| directory.validate_client(p)).await,
+                    Ok(()) = changed.changed() => match Directory::new(&settings.get()) {
+                        Ok(new) => {
+                            tracing::info!(endpoints = new.endpoints.len(), clients = new.clients.len(), "auth: new settings applied");
+                            directory = Arc::new(new);
+                        }
+                        Err(e) => tracing::error!(error = %e, "auth: new settings refused; the old ones stay"),
+                    },
                     _ = fleetgate_bus::stopped(&mut shutdown) => break,
                     else => break,
                 }
@@ -234,6 +252,32 @@ async fn answer<B: Bus>(
 }
 
 impl Directory {
+    fn new(config: &AuthConfig) -> Result<Self, AuthError> {
+        if !subjects::is_valid_token(&config.instance) {
+            return Err(AuthError::InvalidInstance(config.instance.clone()));
+        }
+        let mut endpoints = HashMap::new();
+        for e in &config.endpoints {
+            let key = (e.app_version.clone(), e.token.clone());
+            if endpoints.insert(key, e.endpoint_id.clone()).is_some() {
+                return Err(AuthError::DuplicateToken {
+                    app_version: e.app_version.clone(),
+                    token: e.token.clone(),
+                });
+            }
+        }
+        if config.auto_register {
+            tracing::warn!("auth.auto_register is on: every token is accepted as an endpoint");
+        }
+        Ok(Directory {
+            auto_register: config.auto_register,
+            allow_anonymous: config.allow_anonymous,
+            bearer_tokens: config.bearer_tokens.clone(),
+            endpoints,
+            clients: config.clients.iter().map(|c| (c.username.clone(), c.clone())).collect(),
+        })
+    }
+
     fn validate_token(&self, payload: &[u8]) -> Option<bytes::Bytes> {
         let request = EndpointTokenValidationRequest::decode(payload)
             .inspect_err(|e| tracing::warn!(error = %e, "undecodable ep-token-request dropped"))
@@ -337,7 +381,7 @@ mod tests {
     async fn provider(config: AuthConfig) -> (InProcessBus, watch::Sender<bool>) {
         let bus = InProcessBus::new(64);
         let (stop, rx) = watch::channel(false);
-        AuthProvider::start(bus.clone(), config, rx).await.expect("start");
+        AuthProvider::start(bus.clone(), Live::new(config), rx).await.expect("start");
         (bus, stop)
     }
 
@@ -399,8 +443,34 @@ mod tests {
             ..Default::default()
         };
         let (_stop, rx) = watch::channel(false);
-        let err = AuthProvider::start(InProcessBus::new(4), config, rx).await.err().expect("error");
+        assert_eq!(config.problems().len(), 1, "the loader refuses it before the provider");
+        let err = AuthProvider::start(InProcessBus::new(4), Live::new(config), rx)
+            .await
+            .err()
+            .expect("error");
         assert!(err.to_string().contains("listed twice"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn new_settings_apply_to_the_next_request() {
+        let config =
+            AuthConfig { endpoints: vec![endpoint("demo-v1", "t1", "ep-1")], ..Default::default() };
+        let settings = Live::new(config.clone());
+        let bus = InProcessBus::new(64);
+        let (_stop, rx) = watch::channel(false);
+        AuthProvider::start(bus.clone(), settings.clone(), rx).await.expect("start");
+        assert_eq!(validate(&bus, "demo-v1", "t2").await, (401, None));
+        settings.set(AuthConfig { endpoints: vec![endpoint("demo-v1", "t2", "ep-2")], ..config });
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        while validate(&bus, "demo-v1", "t2").await.0 != 200 {
+            assert!(std::time::Instant::now() < deadline, "the new endpoint is never accepted");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(
+            validate(&bus, "demo-v1", "t1").await,
+            (401, None),
+            "the removed one is refused"
+        );
     }
 
     #[test]

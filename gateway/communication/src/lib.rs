@@ -30,6 +30,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use fleetgate_bus::{Bus, BusError, Requester, Subject};
+use fleetgate_live::Live;
 use fleetgate_messages::subjects;
 use fleetgate_transport_core::metrics::Latency;
 use fleetgate_transport_core::settings::below_minimum;
@@ -144,8 +145,9 @@ pub struct Gateway<B: Bus> {
     /// `<replica id>-`: every correlation id this replica makes starts with it.
     correlation_prefix: String,
     reply_subject: Subject,
-    extensions: HashMap<String, Extension>,
-    app_versions: HashSet<String>,
+    /// Where requests may go; replaced when `gateway.extensions` or `gateway.app_versions`
+    /// change.
+    routes: Live<Routes>,
     connected_subject: Subject,
     disconnected_subject: Subject,
     client_requests: Subject,
@@ -161,30 +163,85 @@ pub struct Gateway<B: Bus> {
     metrics: GatewayMetrics,
 }
 
+/// The extensions requests may name and the app versions they may come from (none listed: any).
+struct Routes {
+    extensions: HashMap<String, Extension>,
+    app_versions: HashSet<String>,
+}
+
+impl Routes {
+    fn new(config: &GatewayConfig, metrics: &GatewayMetrics) -> Result<Self, GatewayError> {
+        for e in &config.extensions {
+            check_name("extensions", e)?;
+        }
+        let extensions = config
+            .extensions
+            .iter()
+            .map(|e| {
+                let subject = Subject::from(subjects::esp_client_data(e));
+                (e.clone(), Extension { subject, latency: metrics.request_duration_of(e) })
+            })
+            .collect();
+        Ok(Self { extensions, app_versions: config.app_versions.iter().cloned().collect() })
+    }
+}
+
+fn check_name(key: &'static str, value: &str) -> Result<(), GatewayError> {
+    match subjects::is_valid_token(value) {
+        true => Ok(()),
+        false => Err(GatewayError::InvalidName { key, value: value.to_owned() }),
+    }
+}
+
+/// Applies replaced settings until `shutdown`: new routes, and a token cache emptied so that
+/// the next use of each token asks the provider again.
+async fn follow_settings<B: Bus>(
+    gateway: std::sync::Weak<Gateway<B>>,
+    settings: Live<GatewayConfig>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut changed = settings.changed();
+    loop {
+        tokio::select! {
+            Ok(()) = changed.changed() => {}
+            _ = fleetgate_bus::stopped(&mut shutdown) => return,
+            else => return,
+        }
+        let Some(gateway) = gateway.upgrade() else { return };
+        match Routes::new(&settings.get(), &gateway.metrics) {
+            Ok(routes) => {
+                gateway.routes.set(routes);
+                gateway.tokens.forget_all();
+                tracing::info!(
+                    "gateway: new settings applied (extensions, app versions, token cache)"
+                );
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "gateway: new settings refused; the old ones stay")
+            }
+        }
+    }
+}
+
 impl<B: Bus> Gateway<B> {
     /// Validates the configuration, subscribes to this replica's reply subjects (and waits until
     /// the bus has them), and starts routing extension answers until `shutdown`.
+    ///
+    /// `settings` may be replaced while the gateway runs: new extensions and app versions apply
+    /// to the next request, and any replacement drops the token cache (the provider's settings
+    /// may have changed with them). The rest applies at the next start.
     pub async fn start(
         bus: B,
-        config: GatewayConfig,
+        settings: Live<GatewayConfig>,
         metrics: GatewayMetrics,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Arc<Self>, GatewayError> {
-        let check = |key: &'static str, value: &str| {
-            if subjects::is_valid_token(value) {
-                Ok(())
-            } else {
-                Err(GatewayError::InvalidName { key, value: value.to_owned() })
-            }
-        };
-        check("instance", &config.instance)?;
-        check("auth_instance", &config.auth_instance)?;
-        for e in &config.extensions {
-            check("extensions", e)?;
-        }
+        let config = GatewayConfig::clone(&settings.get());
+        check_name("instance", &config.instance)?;
+        check_name("auth_instance", &config.auth_instance)?;
         let replica_id = match &config.replica_id {
             Some(id) => {
-                check("replica_id", id)?;
+                check_name("replica_id", id)?;
                 id.clone()
             }
             None => fleetgate_bus::new_replica_id(&config.instance),
@@ -213,18 +270,10 @@ impl<B: Bus> Gateway<B> {
         let pushes = bus.subscribe(&subjects::esp_extension_data(&config.instance), None).await?;
         let revocations = bus.subscribe(subjects::TOKEN_REVOKED_ANY, None).await?;
         bus.flush().await?;
-        let extensions = config
-            .extensions
-            .iter()
-            .map(|e| {
-                let subject = Subject::from(subjects::esp_client_data(e));
-                (e.clone(), Extension { subject, latency: metrics.request_duration_of(e) })
-            })
-            .collect();
+        let routes = Live::new(Routes::new(&config, &metrics)?);
         let gateway = Arc::new(Self {
             correlation_prefix: format!("{replica_id}-"),
-            extensions,
-            app_versions: config.app_versions.iter().cloned().collect(),
+            routes,
             connected_subject: subjects::elce_connected(&config.instance).into(),
             disconnected_subject: subjects::elce_disconnected(&config.instance).into(),
             client_requests: subjects::ecap_username_password_request(&config.auth_instance).into(),
@@ -248,7 +297,8 @@ impl<B: Bus> Gateway<B> {
         tokio::spawn(downlink::expire_requests(weak(), shutdown.clone()));
         tokio::spawn(delivery::forward(weak(), shutdown.clone()));
         tokio::spawn(events::probe_auth(weak(), shutdown.clone()));
-        tokio::spawn(events::end_revoked(weak(), revocations, shutdown));
+        tokio::spawn(events::end_revoked(weak(), revocations, shutdown.clone()));
+        tokio::spawn(follow_settings(weak(), settings, shutdown));
         tracing::info!(replica = %gateway.replica_id, "communication service started");
         Ok(gateway)
     }

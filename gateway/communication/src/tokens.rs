@@ -1,5 +1,6 @@
 //! Endpoint token → endpoint id, through 16/ECAP with a cache.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
@@ -54,6 +55,11 @@ impl<B: Bus> TokenCache<B> {
             answering: AtomicBool::new(true),
             last_answer_ms: AtomicI64::new(now_ms()),
         }
+    }
+
+    /// Forgets every validation: the next use of each token asks the provider.
+    pub(crate) fn forget_all(&self) {
+        self.cache.for_each_shard(HashMap::clear);
     }
 
     fn cached(&self, app_version: &str, token: &str) -> Option<Result<Resolved, KpError>> {

@@ -114,10 +114,11 @@ impl<B: Bus> Gateway<B> {
             ));
         }
         let (app_version, extension, token) = (levels[1], levels[2], levels[3]);
-        if !self.extensions.contains_key(extension) {
+        let routes = self.routes.get();
+        if !routes.extensions.contains_key(extension) {
             return Err(KpError::not_found(format!("unknown extension instance `{extension}`")));
         }
-        if !self.app_versions.is_empty() && !self.app_versions.contains(app_version) {
+        if !routes.app_versions.is_empty() && !routes.app_versions.contains(app_version) {
             return Err(KpError::not_found(format!("unknown app version `{app_version}`")));
         }
         self.tokens.resolve(app_version, token, &self.metrics.token_cache_misses).await?;
@@ -183,11 +184,12 @@ impl<B: Bus> Gateway<B> {
     async fn forward(&self, session: SessionId, request: &KpRequest) -> Result<(), KpError> {
         let topic = &request.topic;
         let extension_name = topic.extension();
-        let extension = self.extensions.get(extension_name).ok_or_else(|| {
+        let routes = self.routes.get();
+        let extension = routes.extensions.get(extension_name).ok_or_else(|| {
             KpError::not_found(format!("unknown extension instance `{extension_name}`"))
         })?;
         let app_version = topic.app_version();
-        if !self.app_versions.is_empty() && !self.app_versions.contains(app_version) {
+        if !routes.app_versions.is_empty() && !routes.app_versions.contains(app_version) {
             return Err(KpError::not_found(format!("unknown app version `{app_version}`")));
         }
         let token =

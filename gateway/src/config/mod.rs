@@ -64,6 +64,7 @@ impl Checked for Config {
         }
         problems.extend(Problem::within("gateway", self.gateway.problems()));
         problems.extend(Problem::within("dcx", self.dcx.problems()));
+        problems.extend(Problem::within("auth", self.auth.problems()));
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {
             let message = format!("not a log filter: {e}");
             problems.push(Problem { key: "log.filter".into(), message });
@@ -178,11 +179,14 @@ pub struct ProcessConfig {
     /// On SIGTERM, how long to keep serving requests already in flight (readiness is already
     /// failing) before closing connections.
     pub drain_timeout_ms: u64,
+    /// How often the configuration file is checked for changes, which are then applied like
+    /// on SIGHUP; 0: only on SIGHUP.
+    pub config_check_interval_ms: u64,
 }
 
 impl Default for ProcessConfig {
     fn default() -> Self {
-        Self { drain_timeout_ms: 5000 }
+        Self { drain_timeout_ms: 5000, config_check_interval_ms: 2000 }
     }
 }
 

@@ -136,6 +136,32 @@ impl Fleetgate {
         }
     }
 
+    /// Sends a signal (`HUP`, `TERM`, ...) to the process.
+    pub(crate) fn signal(&self, name: &str) {
+        if let Some(child) = &self.child {
+            let _ =
+                Command::new("kill").args([&format!("-{name}"), &child.id().to_string()]).status();
+        }
+    }
+
+    /// Whether the process still runs.
+    pub(crate) fn running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().ok().flatten().is_none())
+    }
+
+    /// Waits up to `timeout` until the log contains `text`.
+    pub(crate) fn wait_log(&self, text: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = self.log();
+            if log.contains(text) {
+                return log;
+            }
+            assert!(Instant::now() < deadline, "`{text}` never logged:\n{log}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// SIGTERM, then waits for a clean exit.
     pub(crate) fn terminate(&mut self) -> Option<i32> {
         let child = self.child.as_ref()?;

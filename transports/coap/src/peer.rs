@@ -68,7 +68,7 @@ impl Peer {
     ) -> Self {
         shared.metrics.sessions_open.inc();
         let now = Instant::now();
-        let session = PeerSession::new(shared.settings.clone(), seed(addr), now);
+        let session = PeerSession::new(shared.session_settings(), seed(addr), now);
         Self {
             handler,
             socket,
@@ -212,8 +212,8 @@ impl Peer {
                     let (outbox, responses) =
                         // Room for the pushes, and for the answer to every exchange in flight.
                         new_outbox(
-                            self.shared.config.response_queue_capacity
-                                + self.shared.config.max_exchanges,
+                            self.shared.config.get().response_queue_capacity
+                                + self.session.settings().max_exchanges,
                         );
                     let credentials = ClientCredentials {
                         transport: "coap",

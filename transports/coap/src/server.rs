@@ -43,6 +43,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use fleetgate_live::Live;
 use fleetgate_transport_core::metrics::{
     Counter, Gauge, Latency, Registry, TransportMetrics, transport_registry,
 };
@@ -316,12 +317,19 @@ impl From<&CoapConfig> for Settings {
 
 /// Settings and counters shared by the readers and peer tasks of one transport.
 pub(crate) struct Shared {
-    pub config: CoapConfig,
+    /// Replaced by configuration reloads: a new peer's session is made with the settings
+    /// current when it first sends (sockets and queues stay as started).
+    pub config: Live<CoapConfig>,
     pub metrics: Arc<CoapMetrics>,
     /// Peers with a task now, for `max_sessions`.
     pub peers: AtomicUsize,
-    /// What each peer's session is made with.
-    pub settings: Arc<Settings>,
+}
+
+impl Shared {
+    /// What a new peer's session is made with.
+    pub(crate) fn session_settings(&self) -> Arc<Settings> {
+        Arc::new(Settings::from(&*self.config.get()))
+    }
 }
 
 /// The CoAP transport over UDP.
@@ -335,12 +343,16 @@ impl CoapTransport {
     /// sockets (one per core with `reuse_port`).
     pub fn new(config: CoapConfig, metrics: &TransportMetrics) -> Self {
         let shared = Shared {
-            settings: Arc::new(Settings::from(&config)),
             metrics: Arc::new(CoapMetrics::new(metrics)),
             peers: AtomicUsize::new(0),
-            config,
+            config: Live::new(config),
         };
         Self { sockets: Vec::new(), shared: Arc::new(shared) }
+    }
+
+    /// Its settings, for configuration reloads: new peers get the new limits and timers.
+    pub fn settings(&self) -> Live<CoapConfig> {
+        self.shared.config.clone()
     }
 
     /// The transport's metrics.
@@ -359,7 +371,7 @@ impl Transport for CoapTransport {
     }
 
     fn bind(&mut self) -> Result<(), BindError> {
-        let config = &self.shared.config;
+        let config = self.shared.config.get();
         let sockets = net::bind_udp_per_core(config.listen, config.reuse_port)
             .map_err(|e| BindError::listen(self.config_section(), config.listen, e))?;
         self.sockets = sockets.into_iter().map(Arc::new).collect();
@@ -386,7 +398,7 @@ impl Transport for CoapTransport {
             let mut readers = JoinSet::new();
             for (i, socket) in self.sockets.into_iter().enumerate() {
                 let reader = Reader {
-                    peers: PeerQueues::new(self.shared.config.peer_queue_capacity),
+                    peers: PeerQueues::new(self.shared.config.get().peer_queue_capacity),
                     socket,
                     shared: self.shared.clone(),
                     handler: handler.clone(),
@@ -492,7 +504,7 @@ impl Reader {
             }
             return;
         }
-        let max = self.shared.config.max_sessions;
+        let max = self.shared.config.get().max_sessions;
         if self.shared.peers.fetch_add(1, Ordering::Relaxed) >= max {
             self.shared.peers.fetch_sub(1, Ordering::Relaxed);
             self.refuse_busy(addr, &datagram.bytes).await;

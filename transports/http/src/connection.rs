@@ -11,6 +11,7 @@
 //! whose answer is already queued when the gateway accepts it (an answer or refusal decided at
 //! once) takes it from the outbox itself, without waking the driver.
 
+use fleetgate_live::Live;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,7 +46,9 @@ pub(crate) type HttpResponse = Response<Full<Bytes>>;
 
 /// What every connection of a transport shares.
 pub(crate) struct Shared {
-    pub config: HttpConfig,
+    /// Replaced by configuration reloads: each request reads the limits current when it
+    /// arrives (the listener's address and connection limit stay as started).
+    pub settings: Live<HttpConfig>,
     pub metrics: Arc<HttpMetrics>,
 }
 
@@ -103,8 +106,8 @@ impl Connection {
     ) -> Arc<Self> {
         // Room for the pushes, and for the answer to every request in flight.
         let (outbox, responses) = outbox(
-            shared.config.response_queue_capacity
-                + shared.config.max_in_flight_per_connection as usize,
+            shared.settings.get().response_queue_capacity
+                + shared.settings.get().max_in_flight_per_connection as usize,
         );
         let conn = Self {
             handler,
@@ -158,7 +161,7 @@ impl Connection {
         req: Request<Incoming>,
     ) -> Result<HttpResponse, KpError> {
         let (parts, body) = req.into_parts();
-        let limit = self.shared.config.max_body_bytes;
+        let limit = self.shared.settings.get().max_body_bytes;
         let http1 = parts.version < hyper::Version::HTTP_2;
         // The size hint is the Content-Length when there is one.
         if body.size_hint().lower() > limit {
@@ -185,7 +188,7 @@ impl Connection {
             self.take_ready_responses();
             answer.await.map_err(|_| KpError::from(HttpError::Gone))
         };
-        let ms = self.shared.config.request_timeout_ms;
+        let ms = self.shared.settings.get().request_timeout_ms;
         let outcome = match tokio::time::timeout(Duration::from_millis(ms), exchange).await {
             Ok(result) => result?,
             Err(_) => {
@@ -246,7 +249,7 @@ impl Connection {
     /// Reads the whole body, within the size limit and the request timeout. A body that comes
     /// in one frame (the usual case) is not copied.
     async fn read_body(&self, mut body: Incoming) -> Result<Bytes, HttpError> {
-        let limit = self.shared.config.max_body_bytes;
+        let limit = self.shared.settings.get().max_body_bytes;
         let read = async {
             let mut first = Bytes::new();
             let mut joined = BytesMut::new();
@@ -271,7 +274,7 @@ impl Connection {
             }
             Ok(if joined.is_empty() { first } else { joined.freeze() })
         };
-        let ms = self.shared.config.request_timeout_ms;
+        let ms = self.shared.settings.get().request_timeout_ms;
         match tokio::time::timeout(Duration::from_millis(ms), read).await {
             Ok(read) => read,
             Err(_) => {
@@ -294,13 +297,13 @@ impl Connection {
                 }
             }
         };
-        let ms = self.shared.config.request_timeout_ms;
+        let ms = self.shared.settings.get().request_timeout_ms;
         let _ = tokio::time::timeout(Duration::from_millis(ms), drain).await;
     }
 
     fn register(&self, waiter: impl FnOnce(&mut Waiters)) -> Result<(), HttpError> {
         let mut waiters = lock(&self.waiters);
-        let max = self.shared.config.max_in_flight_per_connection as usize;
+        let max = self.shared.settings.get().max_in_flight_per_connection as usize;
         if waiters.requests.len() + waiters.polls.len() >= max {
             return Err(HttpError::TooManyInFlight);
         }
@@ -324,7 +327,7 @@ impl Connection {
         headers: &HeaderMap,
         timeout_ms: Option<u64>,
     ) -> Result<HttpResponse, KpError> {
-        let max = self.shared.config.long_poll_max_ms;
+        let max = self.shared.settings.get().long_poll_max_ms;
         let wait = Duration::from_millis(timeout_ms.unwrap_or(max).min(max));
         let session = self.session(headers).await?;
         // Subscription tags are even and never 0 (see the module doc).

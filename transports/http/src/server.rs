@@ -36,6 +36,7 @@
 //! headers, within `header_read_timeout_ms` is disconnected (slowloris); so is an idle
 //! keep-alive HTTP/1.1 connection after that time.
 
+use fleetgate_live::Live;
 use fleetgate_transport_core::stopped;
 use std::convert::Infallible;
 use std::future::Future;
@@ -71,7 +72,14 @@ impl HttpTransport {
     /// listener.
     pub fn new(config: HttpConfig, metrics: &TransportMetrics) -> Self {
         let metrics = Arc::new(HttpMetrics::new(metrics));
-        Self { listener: None, shared: Arc::new(Shared { config, metrics }) }
+        let settings = Live::new(config);
+        Self { listener: None, shared: Arc::new(Shared { settings, metrics }) }
+    }
+
+    /// Its settings, for configuration reloads: body size, timeouts and per-connection limits
+    /// apply to the next request.
+    pub fn settings(&self) -> Live<HttpConfig> {
+        self.shared.settings.clone()
     }
 
     /// The transport's metrics.
@@ -90,7 +98,7 @@ impl Transport for HttpTransport {
     }
 
     fn bind(&mut self) -> Result<(), BindError> {
-        let config = &self.shared.config;
+        let config = self.shared.settings.get();
         let listener = net::bind_tcp(config.listen, config.reuse_port)
             .map_err(|e| BindError::listen(self.config_section(), config.listen, e))?;
         self.listener = Some(listener);
@@ -121,7 +129,7 @@ impl HttpTransport {
             tracing::error!("bug: the HTTP transport was served before it was bound");
             return;
         };
-        let limit = Arc::new(Semaphore::new(self.shared.config.max_connections.max(1)));
+        let limit = Arc::new(Semaphore::new(self.shared.settings.get().max_connections.max(1)));
         let mut connections = JoinSet::new();
         loop {
             tokio::select! {
@@ -204,7 +212,7 @@ async fn serve_connection(
     let metrics = shared.metrics.clone();
     metrics.connections_open.inc();
     let _ = stream.set_nodelay(true);
-    let config = &shared.config;
+    let config = shared.settings.get();
     let header_timeout = Duration::from_millis(config.header_read_timeout_ms);
     let protocol = match tokio::time::timeout(header_timeout, sniff(&stream)).await {
         Ok(Ok(Some(protocol))) => Some(protocol),

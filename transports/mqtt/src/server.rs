@@ -26,6 +26,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use fleetgate_live::Live;
 use fleetgate_transport_core::metrics::{
     Counter, Gauge, Latency, Registry, TransportMetrics, transport_registry,
 };
@@ -188,7 +189,9 @@ pub struct MqttTransport {
 
 /// What every connection of the transport shares (one pointer in each connection's state).
 struct Shared {
-    config: MqttConfig,
+    /// Replaced by configuration reloads: each connection takes the limits current when it
+    /// opens (the listener's address stays as bound).
+    settings: Live<MqttConfig>,
     metrics: MqttMetrics,
     /// Set when the transport drains: connections hand the gateway no new requests.
     draining: AtomicBool,
@@ -199,8 +202,14 @@ impl MqttTransport {
     /// listener.
     pub fn new(config: MqttConfig, metrics: &TransportMetrics) -> Self {
         let metrics = MqttMetrics::new(metrics);
-        let shared = Arc::new(Shared { config, metrics, draining: AtomicBool::new(false) });
+        let settings = Live::new(config);
+        let shared = Arc::new(Shared { settings, metrics, draining: AtomicBool::new(false) });
         Self { listener: None, shared }
+    }
+
+    /// Its settings, for configuration reloads: new connections get the new limits.
+    pub fn settings(&self) -> Live<MqttConfig> {
+        self.shared.settings.clone()
     }
 
     /// The transport's metrics.
@@ -219,8 +228,9 @@ impl Transport for MqttTransport {
     }
 
     fn bind(&mut self) -> Result<(), BindError> {
-        let listen = self.shared.config.listen;
-        let listener = net::bind_tcp(listen, self.shared.config.reuse_port)
+        let config = self.shared.settings.get();
+        let listen = config.listen;
+        let listener = net::bind_tcp(listen, config.reuse_port)
             .map_err(|e| BindError::listen(self.config_section(), listen, e))?;
         self.listener = Some(listener);
         Ok(())
@@ -318,7 +328,8 @@ impl Connection {
         shutdown: watch::Receiver<bool>,
         live: mpsc::Sender<()>,
     ) -> Self {
-        let session = Session::new(&session_config(&shared.config), Instant::now().into_std());
+        let config = session_config(&shared.settings.get());
+        let session = Session::new(&config, Instant::now().into_std());
         Self { handler, shared, peer, shutdown, session, _live: live }
     }
 
@@ -490,8 +501,8 @@ impl Connection {
             Event::Connect(request) => {
                 // Room for the pushes, and for the answer to every request the session takes
                 // in at once (it decodes at most `receive_maximum + 1` ahead).
-                let capacity = self.shared.config.response_queue_capacity
-                    + usize::from(self.shared.config.receive_maximum)
+                let capacity = self.shared.settings.get().response_queue_capacity
+                    + usize::from(self.session.receive_maximum())
                     + 1;
                 let (tx, rx) = fleetgate_transport_core::outbox(capacity);
                 let credentials = ClientCredentials {
@@ -662,7 +673,11 @@ mod tests {
         let metrics = MqttMetrics::new(&TransportMetrics::default());
         let handler = Arc::new(ScriptedGateway::default());
         let config = MqttConfig::default();
-        let shared = Arc::new(Shared { config, metrics, draining: AtomicBool::new(false) });
+        let shared = Arc::new(Shared {
+            settings: Live::new(config),
+            metrics,
+            draining: AtomicBool::new(false),
+        });
         let conn = Connection::new(handler, shared, peer, shutdown, live);
         let run = conn.run(stream.into_split());
         let size = std::mem::size_of_val(&run);

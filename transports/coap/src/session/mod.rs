@@ -385,6 +385,11 @@ fn after(t: Instant, d: Duration) -> Instant {
 }
 
 impl PeerSession {
+    /// The settings the session was made with.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
     /// A peer with no state yet, first heard at `now`; `settings` are shared by every peer of
     /// a transport. `seed` drives every random choice (message ids, retransmission jitter, hash
     /// keys): the same seed and inputs give the same outputs.

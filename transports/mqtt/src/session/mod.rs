@@ -425,6 +425,12 @@ fn puback_reason(status: u16) -> ReasonCode {
 }
 
 impl Session {
+    /// How many requests the session decodes ahead of the gateway's answers (its
+    /// `receive_maximum`, at least 1).
+    pub fn receive_maximum(&self) -> u16 {
+        self.limits.receive_maximum
+    }
+
     /// A session for a connection accepted at `now`. It waits for CONNECT until
     /// `now + config.connect_timeout` and holds no buffer memory yet.
     pub fn new(config: &SessionConfig, now: Instant) -> Self {
