@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -416,19 +417,30 @@ def served_metric_names(fleetgate: str) -> set[str]:
         )
         try:
             text = None
+            reloaded = None
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and proc.poll() is None:
                 try:
                     url = f"http://127.0.0.1:{admin}"
                     with urllib.request.urlopen(f"{url}/readyz", timeout=2) as r:
-                        if r.status == 200:
-                            with urllib.request.urlopen(f"{url}/livez", timeout=2) as live:
-                                assert live.status == 200
-                            with urllib.request.urlopen(f"{url}/metrics", timeout=2) as m:
-                                text = m.read().decode()
-                            break
+                        ready = r.status == 200
+                    with urllib.request.urlopen(f"{url}/livez", timeout=2) as live:
+                        assert live.status == 200
                 except OSError:
+                    ready = False
+                if not ready:
                     time.sleep(0.2)
+                    continue
+                # Some families show only once they have a value: a reload makes
+                # fleetgate_config_reloads_total{result} appear.
+                if reloaded is None:
+                    proc.send_signal(signal.SIGHUP)
+                    reloaded = time.monotonic()
+                with urllib.request.urlopen(f"{url}/metrics", timeout=2) as m:
+                    text = m.read().decode()
+                if "fleetgate_config_reloads" in text or time.monotonic() - reloaded > 10:
+                    break
+                time.sleep(0.2)
             if text is None:
                 proc.kill()
                 raise SystemExit(f"fleetgate up did not become ready: {proc.communicate()[1][-2000:]}")
