@@ -1,6 +1,6 @@
-//! The admin HTTP server: `/healthz` (the process runs), `/readyz` (it takes traffic: started,
-//! bus connected, every service ready, not draining) and `/metrics` (OpenMetrics text of the
-//! process's one registry).
+//! The admin HTTP server: `/livez` or `/healthz` (the process runs), `/readyz` (it takes
+//! traffic: started, bus connected, every service ready, not draining) and `/metrics`
+//! (OpenMetrics text of the process's one registry).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -113,7 +113,8 @@ fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>>
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into());
     }
     match req.uri().path() {
-        "/healthz" => text(StatusCode::OK, "ok\n".into()),
+        // /livez is the Kubernetes name for the same check (the process answers).
+        "/livez" | "/healthz" => text(StatusCode::OK, "ok\n".into()),
         "/readyz" => match state.readiness() {
             Ok(()) => text(StatusCode::OK, "ready\n".into()),
             Err(why) => text(StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n")),
@@ -126,7 +127,7 @@ fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>>
             );
             r
         }
-        _ => text(StatusCode::NOT_FOUND, "not found: try /healthz, /readyz or /metrics\n".into()),
+        _ => text(StatusCode::NOT_FOUND, "not found: try /livez, /readyz or /metrics\n".into()),
     }
 }
 

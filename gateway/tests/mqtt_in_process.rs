@@ -271,6 +271,7 @@ fn truncated_and_garbage_frames_disconnect() {
     }
     // Still alive and serving.
     assert_eq!(support::http_get(fg.admin, "/healthz").map(|r| r.0), Some(200));
+    assert_eq!(support::http_get(fg.admin, "/livez").map(|r| r.0), Some(200));
 }
 
 #[test]
