@@ -191,6 +191,10 @@ pub fn watch_and_reload(
         "Configuration reloads (SIGHUP or file change), by result: applied, unchanged, refused",
         outcomes.clone(),
     );
+    // Every result shows from the start (at 0), so that rates and alerts have a series.
+    for result in ["applied", "unchanged", "refused"] {
+        outcomes.get_or_create(&ResultLabel { result });
+    }
     if let Some(log) = origin.log.clone() {
         reloads.on("log", Keys::Only(&["filter"]), move |c| {
             if let Err(e) = log.set_filter(&c.log.filter) {
