@@ -1047,8 +1047,10 @@ async fn load(
     let wants_responses = args.request_ids && args.target == Target::Fleetgate;
     loop {
         let t = counters.totals();
+        // A failure (an `/error`, an error status) is the last word on its message too.
+        let failed: u64 = counters.steps.iter().map(|s| s.failures.total()).sum();
         let delivered = live.delivered.load(Ordering::Relaxed);
-        let done = delivered >= t.sent
+        let done = delivered + failed >= t.sent
             // HTTP answers every request, so its acknowledgements are awaited at QoS 0 too.
             && ((plan.qos == QoS::AtMostOnce && args.transport != Transport::Http)
                 || t.acked >= t.sent)
