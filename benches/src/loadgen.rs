@@ -594,6 +594,13 @@ async fn run_checked(
         );
     }
 
+    for w in plan.watch.iter().filter(|w| w.pids.len() > 1) {
+        progress(
+            args,
+            format_args!("--watch {}: {} processes {:?}, summed", w.name, w.pids.len(), w.pids),
+        );
+    }
+
     // The delivery counter first, so that nothing sent is missed.
     let mut sink: Option<SinkThread> = None;
     let mut live = Arc::new(LiveDelivery::default());

@@ -242,6 +242,16 @@ async fn without_auto_register_the_reason_for_the_loss_is_shown() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigint_writes_a_partial_result() {
+    signal_writes_a_partial_result("INT", 130).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_writes_a_partial_result() {
+    signal_writes_a_partial_result("TERM", 143).await;
+}
+
+async fn signal_writes_a_partial_result(signal: &str, exit: i32) {
+    let name = format!("SIG{signal}");
     let gw = Gateway::start(true).await;
     let dir = tempfile::tempdir().expect("temp dir");
     let out = dir.path().join("run.json");
@@ -274,7 +284,7 @@ async fn sigint_writes_a_partial_result() {
     let first = first.expect("a line").expect("text");
     assert!(first.contains("\"event\":\"connected\""), "{first}");
     tokio::time::sleep(Duration::from_millis(2500)).await;
-    let kill = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+    let kill = Command::new("kill").args([&format!("-{signal}"), &child.id().to_string()]).status();
     assert!(kill.expect("kill runs").success());
     let status = tokio::task::spawn_blocking(move || {
         let done = lines.next().and_then(Result::ok).unwrap_or_default();
@@ -282,11 +292,11 @@ async fn sigint_writes_a_partial_result() {
     });
     let (status, done) =
         tokio::time::timeout(Duration::from_secs(30), status).await.expect("exits").expect("waits");
-    assert_eq!(status.expect("exit status").code(), Some(130), "{done}");
-    assert!(done.contains("\"interrupted\":\"SIGINT\""), "{done}");
+    assert_eq!(status.expect("exit status").code(), Some(exit), "{done}");
+    assert!(done.contains(&format!("\"interrupted\":\"{name}\"")), "{done}");
 
     let r = read_report(&out);
-    assert_eq!(r.interrupted.as_deref(), Some("SIGINT"));
+    assert_eq!(r.interrupted.as_deref(), Some(name.as_str()));
     assert_eq!(r.steps.len(), 1, "only the step that ran");
     let s = &r.steps[0];
     assert!(s.seconds > 1.5 && s.seconds < 10.0, "{}", s.seconds);
@@ -295,7 +305,7 @@ async fn sigint_writes_a_partial_result() {
     assert_eq!(r.totals.sent, s.sent);
     assert!(!r.timeline.is_empty());
     let html = std::fs::read_to_string(out.with_extension("html")).expect("html written");
-    assert!(html.contains("Partial result") && html.contains("SIGINT"));
+    assert!(html.contains("Partial result") && html.contains(&name));
     assert!(out.with_extension("csv").exists() && out.with_extension("svg").exists());
     gw.stop().await;
 }
