@@ -186,7 +186,8 @@ pub struct LoadgenArgs {
     /// Stop sending after this many messages in all.
     #[arg(long)]
     pub max_messages: Option<u64>,
-    /// Give up when the whole run (ramp-up included) takes longer than this, seconds.
+    /// Stop when the whole run (ramp-up included) takes longer than this, seconds: the partial
+    /// result is written, and the exit status is 2.
     #[arg(long, default_value_t = 3600.0)]
     pub max_secs: f64,
     /// Sending tasks (default: one per runtime thread).

@@ -10,9 +10,9 @@
 //! fleetgate-loadgen merge gen0.json gen1.json --out all.json
 //! ```
 //!
-//! Exit status: 0 done, 1 a `--fail-if` threshold was crossed, 2 the run could not be done,
-//! 130 / 143 stopped by SIGINT / SIGTERM (the partial result is written all the same; a second
-//! signal exits at once).
+//! Exit status: 0 done, 1 a `--fail-if` threshold was crossed, 2 the run could not be done (or
+//! was cut short by `--max-secs`), 130 / 143 stopped by SIGINT / SIGTERM (the partial result is
+//! written all the same; a second signal exits at once).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -110,7 +110,9 @@ fn finish(report: &Report, quiet: bool) -> ExitCode {
     match report.interrupted.as_deref() {
         Some("SIGINT") => ExitCode::from(130),
         Some("SIGTERM") => ExitCode::from(143),
-        _ if thresholds_failed > 0 => ExitCode::from(1),
+        // Cut short by --max-secs: not the run asked for (its partial result is written).
+        Some(_) => ExitCode::from(2),
+        None if thresholds_failed > 0 => ExitCode::from(1),
         _ => ExitCode::SUCCESS,
     }
 }
