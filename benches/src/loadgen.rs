@@ -940,6 +940,8 @@ async fn load(
     let mut last_delivered = live.delivered.load(Ordering::Relaxed);
     let mut last_time = origin;
     while step < plan.steps.len() {
+        // The step that ran up to now: what the progress line and the sample are about.
+        let ran = step;
         let boundary = origin + plan.steps.bounds(step).1;
         let wake = next_tick.min(boundary);
         tokio::select! {
@@ -979,7 +981,7 @@ async fn load(
             let delivered = live.delivered.load(Ordering::Relaxed);
             let failures_now: u64 = counters.steps.iter().map(|s| s.failures.total()).sum();
             let cpu = cpu_now();
-            let s = (step.min(plan.steps.len() - 1), plan.steps.len());
+            let s = (ran, plan.steps.len());
             let sample = Sample {
                 t: now.duration_since(origin).as_secs_f64(),
                 step: s.0,

@@ -217,6 +217,23 @@ async fn without_auto_register_the_reason_for_the_loss_is_shown() {
     let table = fleetgate_benches::loadgen::summary_table(&r);
     assert!(table.contains("failure: mqtt /error 401 ×50"), "{table}");
 
+    // Live: the binary's once-a-second progress line names the failures as they happen.
+    let args: Vec<String> = gw
+        .mqtt_args(&["--rates", "50,50", "--step-secs", "1"])
+        .into_iter()
+        .filter(|a| a != "--quiet")
+        .collect();
+    let output = tokio::task::block_in_place(|| {
+        loadgen_bin().args(&args).stdout(Stdio::null()).output().expect("the generator runs")
+    });
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let live = stderr.lines().find(|l| l.starts_with('[') && l.contains("step 1/2"));
+    let live = live.unwrap_or_else(|| panic!("no progress line in {stderr}"));
+    assert!(live.contains("failures") && live.contains("mqtt /error 401 ×"), "{live}");
+    assert!(
+        stderr.contains("unknown endpoint token") || stderr.contains("failure: mqtt /error 401")
+    );
+
     // HTTP: the status of every response.
     let http_addr = gw.http.to_string();
     let http = parse(&gw.mqtt_args(&[
