@@ -127,6 +127,10 @@ pub struct Device {
     topic: Bytes,
     out: Mutex<Outbox>,
     inflight: AtomicU32,
+    /// `/error` answers not yet followed by an error PUBACK: fleetgate refuses an MQTT 5 QoS 1
+    /// request with both, and the refusal is one failure, counted by its `/error`.
+    errors_before_puback: AtomicU32,
+    v5: bool,
     window: u32,
     max_buffer: usize,
     keep_alive_secs: u16,
@@ -254,6 +258,8 @@ pub async fn connect(
             unacked: VecDeque::new(),
         }),
         inflight: AtomicU32::new(0),
+        errors_before_puback: AtomicU32::new(0),
+        v5: opts.version == ProtocolVersion::V5,
         window: window.max(1),
         max_buffer: opts.max_buffer_bytes,
         keep_alive_secs: opts.keep_alive_secs,
@@ -491,7 +497,13 @@ impl Device {
                 step.acked.fetch_add(1, Ordering::Relaxed);
                 if ack.reason_code.is_error() {
                     step.ack_errors.fetch_add(1, Ordering::Relaxed);
-                    counters.fail(Failure::PubAck(ack.reason_code.to_v5()), || None);
+                    let after_error = self
+                        .errors_before_puback
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                        .is_ok();
+                    if !after_error {
+                        counters.fail(Failure::PubAck(ack.reason_code.to_v5()), || None);
+                    }
                 }
                 false
             }
@@ -504,6 +516,9 @@ impl Device {
                     step.errors.fetch_add(1, Ordering::Relaxed);
                     let (code, reason) = parse_error_body(&p.payload);
                     counters.fail(Failure::ErrorTopic(code), || reason);
+                    if self.v5 {
+                        self.errors_before_puback.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
                 match p.packet_id {
                     Some(id) if p.qos == QoS::AtLeastOnce => {

@@ -234,6 +234,27 @@ async fn without_auto_register_the_reason_for_the_loss_is_shown() {
         stderr.contains("unknown endpoint token") || stderr.contains("failure: mqtt /error 401")
     );
 
+    // MQTT 5 at QoS 1: fleetgate refuses with `/error` and a PUBACK with the reason code; the
+    // refusal counts once, by its `/error`.
+    let v5 = parse(&gw.mqtt_args(&[
+        "--rates",
+        "50",
+        "--step-secs",
+        "1",
+        "--qos",
+        "1",
+        "--mqtt-version",
+        "5",
+    ]));
+    let r = tokio::time::timeout(Duration::from_secs(30), run(&v5))
+        .await
+        .expect("the run ends")
+        .expect("the run is done");
+    let t = &r.totals;
+    assert_eq!((t.sent, t.acked, t.ack_errors, t.delivered), (50, 50, 50, 0), "{t:?}");
+    assert_eq!(t.failures.get("mqtt /error 401"), Some(&50), "{:?}", t.failures);
+    assert_eq!(t.failure_count(), 50, "{:?}", t.failures);
+
     // HTTP: the status of every response.
     let http_addr = gw.http.to_string();
     let http = parse(&gw.mqtt_args(&[
