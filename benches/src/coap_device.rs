@@ -9,7 +9,9 @@
 //! The reader task ([`CoapDevice::read_loop`]) counts each response whose token matches an
 //! outstanding request as acknowledged (an error when its class is 4 or 5), whether it came
 //! piggybacked on the ACK, as a separate response (answered with an empty ACK) or as a NON
-//! response. An empty ACK alone (answer to follow) counts nothing yet.
+//! response, and times it from the request's send (the device's round trip); error responses
+//! and Resets are counted as failures by code. An empty ACK alone (answer to follow) counts
+//! nothing yet.
 //!
 //! What it does not do: retransmit (a lost request or response shows up as a missing delivery
 //! or acknowledgement, and a CON whose answer never comes holds its window slot until the
@@ -32,7 +34,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::watch;
 
 use crate::device::{ConnectError, Liveness, SendOutcome};
-use crate::stats::RunCounters;
+use crate::stats::{Failure, RunCounters, mono_nanos};
 
 /// Content-Format application/json (RFC 7252 §12.3).
 pub const CONTENT_FORMAT_JSON: u32 = 50;
@@ -94,8 +96,9 @@ pub fn encode_request<'p>(
 struct State {
     next_message_id: u16,
     next_token: u32,
-    /// Outstanding requests by token: their message id and whether they were CON.
-    outstanding: HashMap<u32, (u16, bool)>,
+    /// Outstanding requests by token: their message id, whether they were CON, and their send
+    /// time ([`mono_nanos`]).
+    outstanding: HashMap<u32, (u16, bool, u64)>,
     tracked_non: usize,
     scratch: BytesMut,
 }
@@ -239,10 +242,10 @@ impl CoapDevice {
             }
         }
         if con {
-            st.outstanding.insert(token, (mid, true));
+            st.outstanding.insert(token, (mid, true, mono_nanos()));
             self.inflight.fetch_add(1, Ordering::Relaxed);
         } else if st.tracked_non < MAX_TRACKED_NON {
-            st.outstanding.insert(token, (mid, false));
+            st.outstanding.insert(token, (mid, false, mono_nanos()));
             st.tracked_non += 1;
         }
         SendOutcome::Sent { pending: false }
@@ -257,30 +260,29 @@ impl CoapDevice {
         self.live.mark_closed();
     }
 
-    /// Forgets the request `token` answers; whether it was outstanding.
+    /// Forgets the request `token` answers; whether it was outstanding (then its round trip is
+    /// recorded).
     fn settle(&self, token: Option<u32>, reset_mid: Option<u16>) -> bool {
         let Ok(mut st) = self.state.lock() else { return false };
         let found = match (token, reset_mid) {
             (Some(t), _) => st.outstanding.remove(&t),
             (None, Some(mid)) => {
-                let t = st.outstanding.iter().find(|(_, (m, _))| *m == mid).map(|(t, _)| *t);
+                let t = st.outstanding.iter().find(|(_, (m, _, _))| *m == mid).map(|(t, _)| *t);
                 t.and_then(|t| st.outstanding.remove(&t))
             }
             (None, None) => None,
         };
-        match found {
-            Some((_, true)) => {
-                let _ = self.inflight.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
-                    Some(n.saturating_sub(1))
-                });
-                true
-            }
-            Some((_, false)) => {
-                st.tracked_non = st.tracked_non.saturating_sub(1);
-                true
-            }
-            None => false,
+        let Some((_, con, sent)) = found else { return false };
+        if con {
+            let _ = self
+                .inflight
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(1)));
+        } else {
+            st.tracked_non = st.tracked_non.saturating_sub(1);
         }
+        drop(st);
+        self.live.counters().round_trip(sent);
+        true
     }
 
     /// Handles one datagram from the gateway.
@@ -294,12 +296,14 @@ impl CoapDevice {
             write_empty(&mut ack, MessageType::Acknowledgement, msg.message_id());
             let _ = self.socket.try_send(&ack);
         }
-        let step = self.live.counters().current();
+        let counters = self.live.counters();
+        let step = counters.current();
         if msg.mtype() == MessageType::Reset {
             // The gateway rejected a request outright.
             if self.settle(None, Some(msg.message_id())) {
                 step.acked.fetch_add(1, Ordering::Relaxed);
                 step.ack_errors.fetch_add(1, Ordering::Relaxed);
+                counters.fail(Failure::CoapReset, || None);
             }
             return;
         }
@@ -312,6 +316,10 @@ impl CoapDevice {
             step.acked.fetch_add(1, Ordering::Relaxed);
             if matches!(code.class(), 4 | 5) {
                 step.ack_errors.fetch_add(1, Ordering::Relaxed);
+                counters.fail(Failure::Coap(code.0), || {
+                    let body = msg.payload();
+                    (!body.is_empty()).then(|| crate::device::parse_error_body(body).1)?
+                });
             }
         }
     }

@@ -5,8 +5,11 @@
 //! what the socket takes right now; what it does not take stays in the outbox (bounded) for
 //! the next attempt. A reader task per connection ([`Device::read_loop`]) takes PUBACKs,
 //! `/status` and `/error` responses, acknowledges QoS 1 responses, and keeps the session alive
-//! with PINGREQ.
+//! with PINGREQ. It times each QoS 1 message from its send to its PUBACK (the device's round
+//! trip) and counts failures by reason: an `/error` response by its `statusCode`, an MQTT 5
+//! PUBACK by its reason code, a connection the server closes.
 
+use std::collections::VecDeque;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -22,7 +25,7 @@ use tokio::net::{TcpSocket, TcpStream};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::stats::RunCounters;
+use crate::stats::{Failure, RunCounters, mono_nanos};
 
 /// Largest packet accepted from the server.
 const MAX_INBOUND: u32 = 1 << 20;
@@ -76,6 +79,22 @@ pub enum ConnectError {
     Protocol(String),
 }
 
+impl ConnectError {
+    /// The kind of failure, as connect failures are counted: `tcp connect: ConnectionRefused`,
+    /// `CONNACK refused: NotAuthorized`, `timeout`, ...
+    pub fn kind(&self) -> String {
+        match self {
+            ConnectError::Bind(_, e) => format!("bind: {:?}", e.kind()),
+            ConnectError::Tcp(e) => format!("tcp connect: {:?}", e.kind()),
+            ConnectError::Socket(e) => format!("socket: {:?}", e.kind()),
+            ConnectError::Unanswered(what) => format!("no {what}"),
+            ConnectError::Timeout => "no CONNACK in time".into(),
+            ConnectError::Refused(rc) => format!("CONNACK refused: {rc:?}"),
+            ConnectError::Protocol(_) => "protocol error".into(),
+        }
+    }
+}
+
 /// What became of one message handed to [`Device::publish`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SendOutcome {
@@ -96,6 +115,9 @@ struct Outbox {
     buf: BytesMut,
     next_packet_id: u16,
     next_request_id: u32,
+    /// QoS 1 messages awaiting their PUBACK: packet id and send time ([`mono_nanos`]), in
+    /// send order (servers acknowledge in order, so the match is nearly always the first).
+    unacked: VecDeque<(u16, u64)>,
 }
 
 /// A connected device.
@@ -105,6 +127,10 @@ pub struct Device {
     topic: Bytes,
     out: Mutex<Outbox>,
     inflight: AtomicU32,
+    /// `/error` answers not yet followed by an error PUBACK: fleetgate refuses an MQTT 5 QoS 1
+    /// request with both, and the refusal is one failure, counted by its `/error`.
+    errors_before_puback: AtomicU32,
+    v5: bool,
     window: u32,
     max_buffer: usize,
     keep_alive_secs: u16,
@@ -225,8 +251,15 @@ pub async fn connect(
         stream,
         codec: codec.clone(),
         topic: Bytes::from(data_topic(&opts.app_version, token)),
-        out: Mutex::new(Outbox { buf: BytesMut::new(), next_packet_id: 1, next_request_id: 1 }),
+        out: Mutex::new(Outbox {
+            buf: BytesMut::new(),
+            next_packet_id: 1,
+            next_request_id: 1,
+            unacked: VecDeque::new(),
+        }),
         inflight: AtomicU32::new(0),
+        errors_before_puback: AtomicU32::new(0),
+        v5: opts.version == ProtocolVersion::V5,
         window: window.max(1),
         max_buffer: opts.max_buffer_bytes,
         keep_alive_secs: opts.keep_alive_secs,
@@ -243,6 +276,21 @@ fn packet_name(p: &Packet) -> &'static str {
         Packet::PubAck(_) => "PUBACK",
         Packet::Disconnect(_) => "DISCONNECT",
         _ => "another packet",
+    }
+}
+
+/// The `statusCode` and `reasonPhrase` of an `/error` response body
+/// (`{"statusCode":401,"reasonPhrase":"..."}`); status 0 when the body has none.
+pub fn parse_error_body(body: &[u8]) -> (u16, Option<String>) {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct ErrorBody {
+        status_code: Option<u16>,
+        reason_phrase: Option<String>,
+    }
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(b) => (b.status_code.unwrap_or(0), b.reason_phrase),
+        Err(_) => (0, Some(String::from_utf8_lossy(body).into_owned())),
     }
 }
 
@@ -288,12 +336,13 @@ impl Liveness {
         &self.counters
     }
 
-    /// Closed (once): a lost connection unless [`Liveness::stop`] came first.
+    /// Closed (once): a lost connection (and a failure) unless [`Liveness::stop`] came first.
     pub(crate) fn mark_closed(&self) {
         if self.open.swap(false, Ordering::Relaxed) {
             self.counters.connections_open.fetch_sub(1, Ordering::Relaxed);
             if !self.stopping.load(Ordering::Relaxed) {
                 self.counters.connections_lost.fetch_add(1, Ordering::Relaxed);
+                self.counters.fail(Failure::ConnectionLost, || None);
             }
         }
     }
@@ -386,8 +435,9 @@ impl Device {
             // Only a payload over the server's Maximum Packet Size gets here.
             return SendOutcome::BufferFull;
         }
-        if qos1 {
+        if let Some(id) = packet_id {
             self.inflight.fetch_add(1, Ordering::Relaxed);
+            out.unacked.push_back((id, mono_nanos()));
         }
         let pending = self.write_out(&mut out.buf);
         SendOutcome::Sent { pending }
@@ -435,19 +485,40 @@ impl Device {
                 let _ = self.inflight.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
                     Some(n.saturating_sub(1))
                 });
-                let step = self.live.counters().current();
+                let sent = self.out.lock().ok().and_then(|mut out| {
+                    let at = out.unacked.iter().position(|(id, _)| *id == ack.packet_id)?;
+                    out.unacked.remove(at).map(|(_, t)| t)
+                });
+                let counters = self.live.counters();
+                if let Some(t) = sent {
+                    counters.round_trip(t);
+                }
+                let step = counters.current();
                 step.acked.fetch_add(1, Ordering::Relaxed);
                 if ack.reason_code.is_error() {
                     step.ack_errors.fetch_add(1, Ordering::Relaxed);
+                    let after_error = self
+                        .errors_before_puback
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                        .is_ok();
+                    if !after_error {
+                        counters.fail(Failure::PubAck(ack.reason_code.to_v5()), || None);
+                    }
                 }
                 false
             }
             Packet::Publish(p) => {
-                let step = self.live.counters().current();
+                let counters = self.live.counters();
+                let step = counters.current();
                 if p.topic.ends_with(b"/status") {
                     step.responded.fetch_add(1, Ordering::Relaxed);
                 } else if p.topic.ends_with(b"/error") {
                     step.errors.fetch_add(1, Ordering::Relaxed);
+                    let (code, reason) = parse_error_body(&p.payload);
+                    counters.fail(Failure::ErrorTopic(code), || reason);
+                    if self.v5 {
+                        self.errors_before_puback.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
                 match p.packet_id {
                     Some(id) if p.qos == QoS::AtLeastOnce => {
@@ -576,6 +647,17 @@ mod tests {
         assert_eq!(&b[..n], b"/2147483647");
         let n = request_id_suffix(&mut b, u32::MAX);
         assert_eq!(&b[..n], b"/4294967295");
+    }
+
+    #[test]
+    fn error_bodies() {
+        assert_eq!(
+            parse_error_body(br#"{"statusCode":401,"reasonPhrase":"unknown token"}"#),
+            (401, Some("unknown token".into()))
+        );
+        assert_eq!(parse_error_body(br#"{"statusCode":503}"#), (503, None));
+        assert_eq!(parse_error_body(b"oops"), (0, Some("oops".into())));
+        assert_eq!(parse_error_body(br#"{"statusCode":70000}"#).0, 0);
     }
 
     #[test]

@@ -7,12 +7,14 @@
 //! (bounded) for the next attempt, as the MQTT device does. At most `window` requests await
 //! their response. The reader task ([`HttpDevice::read_loop`]) parses the responses
 //! ([`parse_response`]: `Content-Length` or chunked bodies) and counts each as acknowledged,
-//! as an error when its status is 400 or more. The gateway answers every request, whatever the
-//! QoS asked for.
+//! as an error (a failure by status, with the body's `reasonPhrase`) when its status is 400 or
+//! more, and times it from its request's send (responses come in request order). The gateway
+//! answers every request, whatever the QoS asked for.
 //!
 //! What it does not do: HTTP/2, TLS, authentication headers, request ids in the path, or
 //! reconnect (a connection the server closes stays closed and is counted lost).
 
+use std::collections::VecDeque;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,7 +27,7 @@ use tokio::sync::watch;
 use crate::device::{
     ConnectError, Liveness, SendOutcome, Written, read_now, tcp_connect, write_now,
 };
-use crate::stats::RunCounters;
+use crate::stats::{Failure, RunCounters, mono_nanos};
 
 /// Read buffer growth step.
 const READ_CHUNK: usize = 1024;
@@ -73,12 +75,14 @@ pub enum ResponseError {
 }
 
 /// One complete response taken off the stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ParsedResponse {
     /// The status code.
     pub status: u16,
     /// The server said `Connection: close`: nothing more will come.
     pub close: bool,
+    /// The body of an error response (status 400 or more) with a `Content-Length`.
+    pub error_body: Option<Bytes>,
 }
 
 /// Length of a complete chunked body at the start of `b` (chunks, last chunk, trailers, final
@@ -173,11 +177,13 @@ pub fn parse_response(buf: &mut BytesMut) -> Result<Option<ParsedResponse>, Resp
         if buf.len() < head_len + body_len {
             return Ok(None);
         }
-        buf.advance(head_len + body_len);
+        buf.advance(head_len);
+        let body = buf.split_to(body_len);
         if (100..200).contains(&status) {
             continue;
         }
-        return Ok(Some(ParsedResponse { status, close }));
+        let error_body = (status >= 400 && !chunked).then(|| body.freeze());
+        return Ok(Some(ParsedResponse { status, close, error_body }));
     }
 }
 
@@ -187,6 +193,8 @@ pub struct HttpDevice {
     /// The request up to the `Content-Length` value.
     head: Bytes,
     out: Mutex<BytesMut>,
+    /// Send times ([`mono_nanos`]) of the requests awaiting their response, in order.
+    sent_at: Mutex<VecDeque<u64>>,
     inflight: AtomicU32,
     window: u32,
     max_buffer: usize,
@@ -221,6 +229,7 @@ pub async fn connect(
         stream,
         head: Bytes::from(head),
         out: Mutex::new(BytesMut::new()),
+        sent_at: Mutex::new(VecDeque::new()),
         inflight: AtomicU32::new(0),
         window: opts.window.max(1),
         max_buffer: opts.max_buffer_bytes,
@@ -253,6 +262,9 @@ impl HttpDevice {
         let _ = write!(buf, "{}\r\n\r\n", payload.len());
         buf.extend_from_slice(payload);
         self.inflight.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut q) = self.sent_at.lock() {
+            q.push_back(mono_nanos());
+        }
         let pending = self.write_out(&mut buf);
         SendOutcome::Sent { pending }
     }
@@ -284,10 +296,17 @@ impl HttpDevice {
         let _ = self
             .inflight
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| Some(n.saturating_sub(1)));
-        let step = self.live.counters().current();
+        let counters = self.live.counters();
+        if let Some(t) = self.sent_at.lock().ok().and_then(|mut q| q.pop_front()) {
+            counters.round_trip(t);
+        }
+        let step = counters.current();
         step.acked.fetch_add(1, Ordering::Relaxed);
         if r.status >= 400 {
             step.ack_errors.fetch_add(1, Ordering::Relaxed);
+            counters.fail(Failure::Http(r.status), || {
+                r.error_body.as_deref().and_then(|b| crate::device::parse_error_body(b).1)
+            });
         }
         if r.close {
             self.mark_closed();
@@ -360,7 +379,7 @@ mod tests {
         }
         assert_eq!(
             parse_response(&mut buf),
-            Ok(Some(ParsedResponse { status: 200, close: false }))
+            Ok(Some(ParsedResponse { status: 200, close: false, error_body: None }))
         );
         assert!(buf.is_empty());
     }
@@ -378,9 +397,15 @@ mod tests {
         assert_eq!(
             got,
             vec![
-                ParsedResponse { status: 200, close: false },
-                ParsedResponse { status: 204, close: false },
-                ParsedResponse { status: 400, close: true },
+                ParsedResponse { status: 200, close: false, error_body: None },
+                ParsedResponse { status: 204, close: false, error_body: None },
+                ParsedResponse {
+                    status: 400,
+                    close: true,
+                    error_body: Some(Bytes::from_static(
+                        br#"{"statusCode":400,"reasonPhrase":"bad json"}"#
+                    )),
+                },
             ]
         );
         assert_eq!(&buf[..], b"HTTP/1.1 200 OK\r\nContent-Len", "the partial one is kept");
@@ -399,11 +424,11 @@ mod tests {
         );
         assert_eq!(
             parse_response(&mut buf),
-            Ok(Some(ParsedResponse { status: 503, close: false }))
+            Ok(Some(ParsedResponse { status: 503, close: false, error_body: None }))
         );
         assert_eq!(
             parse_response(&mut buf),
-            Ok(Some(ParsedResponse { status: 200, close: false }))
+            Ok(Some(ParsedResponse { status: 200, close: false, error_body: None }))
         );
         assert!(buf.is_empty());
     }

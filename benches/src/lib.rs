@@ -5,7 +5,9 @@
 //!   or pipelined HTTP/1.1 connection ([`http_device`]), publishing 1/KP data samples at
 //!   open-loop stepped rates from many loopback source addresses; delivery counted on NATS
 //!   (fleetgate) or by an MQTT subscriber (any broker); per-step counts and HDR latency; JSON
-//!   and SVG results. The `fleetgate-loadgen` binary is its command line.
+//!   and SVG results, a CSV ([`output`]), a self-contained HTML report, `--fail-if`
+//!   thresholds ([`threshold`]) and the merge of several processes' results ([`merge`]). The
+//!   `fleetgate-loadgen` binary is its command line.
 //! - [`compare`]: the `fleetgate-compare` runner: starts fleetgate and its peers (Mosquitto,
 //!   rumqttd) pinned to their own core, alternates them (A B A B), runs the generator against
 //!   each and prints maximum sustainable rates, CPU per message, latency and memory per
@@ -20,6 +22,8 @@ pub mod compare;
 pub mod device;
 pub mod http_device;
 pub mod loadgen;
+pub mod merge;
+pub mod output;
 pub mod payload;
 pub mod procfs;
 pub mod report;
@@ -27,3 +31,4 @@ pub mod schedule;
 pub mod sink;
 pub mod stats;
 pub mod svg;
+pub mod threshold;

@@ -4,10 +4,19 @@
 //! broker). Also an idle mode (MQTT only) that only holds connections, for
 //! memory-per-connection measurements.
 //!
+//! Every message carries the run's id, and the delivery counter counts only its own run's
+//! messages, so that runs sharing a NATS server do not count each other. Failures (`/error`
+//! status codes, error statuses and reason codes, lost connections) are counted by reason,
+//! shown live and in the result; device round trips (PUBACK, HTTP response, CoAP response) are
+//! measured beside device → delivery latency. A run stopped early (a signal, `--max-secs`)
+//! still writes its result, marked partial. Results go to JSON, CSV, SVG and a self-contained
+//! HTML report; `--fail-if` thresholds decide the exit status.
+//!
 //! What it does not do: retransmit (a QoS 1 message whose window is full is dropped and
 //! counted as backpressure, never queued), QoS 2, TLS, or send anywhere but the loopback range
 //! unless told to.
 
+use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -26,12 +35,13 @@ use crate::http_device::{self, HttpOptions};
 use crate::payload;
 use crate::procfs;
 use crate::report::{
-    ConnectSummary, IdleReport, LatencySummary, MsrCriteria, ProcessUsage, Report, Settings,
-    StepReport, msr,
+    ConnectSummary, IdleReport, LatencySummary, MsrCriteria, ProcessUsage, Report, Sample,
+    Settings, StepReport, msr, sum_processes, sum_steps,
 };
 use crate::schedule::{StepPlan, split_even};
 use crate::sink::{SinkTarget, SinkThread};
-use crate::stats::{DeliveryRecorder, LiveDelivery, RunCounters, StepCounts, latency_histogram};
+use crate::stats::{DeliveryRecorder, LiveDelivery, RunCounters, StepCounts, histogram_pairs};
+use crate::threshold::Threshold;
 
 /// What the devices talk to, and so where delivery is counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -176,7 +186,8 @@ pub struct LoadgenArgs {
     /// Stop sending after this many messages in all.
     #[arg(long)]
     pub max_messages: Option<u64>,
-    /// Give up when the whole run (ramp-up included) takes longer than this, seconds.
+    /// Stop when the whole run (ramp-up included) takes longer than this, seconds: the partial
+    /// result is written, and the exit status is 2.
     #[arg(long, default_value_t = 3600.0)]
     pub max_secs: f64,
     /// Sending tasks (default: one per runtime thread).
@@ -189,15 +200,36 @@ pub struct LoadgenArgs {
     /// Idle mode: how long to hold after the ramp-up, seconds.
     #[arg(long, default_value_t = 10.0)]
     pub hold_secs: f64,
-    /// Watch a process's CPU and memory per step: `NAME=PID` (repeatable), e.g. `sut=1234`.
-    #[arg(long = "watch", value_name = "NAME=PID")]
+    /// Watch processes' CPU and memory, per step and per second (repeatable): `PID`, `NAME`
+    /// (every process of that name or program file name, summed), `LABEL=PID` or
+    /// `LABEL=NAME`, e.g. `sut=1234`, `nats-server`, `gw=fleetgate`. Resolved at start.
+    #[arg(long = "watch", value_name = "[LABEL=]PID|NAME")]
     pub watch: Vec<String>,
-    /// Write the JSON result here.
+    /// The run id every message carries (1 to 8 letters, digits, `-`, `_`; default: random).
+    /// Only messages with this run's id count as delivered.
+    #[arg(long)]
+    pub run_id: Option<String>,
+    /// Write the JSON result here (and beside it, unless given otherwise, the CSV, SVG and
+    /// HTML report with the same name).
     #[arg(long)]
     pub out: Option<PathBuf>,
     /// Write the SVG plot here (default: the JSON path with `.svg`).
     #[arg(long)]
     pub svg: Option<PathBuf>,
+    /// Write the per-step CSV here (default: the JSON path with `.csv`).
+    #[arg(long)]
+    pub csv: Option<PathBuf>,
+    /// Write the self-contained HTML report here (default: the JSON path with `.html`).
+    #[arg(long)]
+    pub html: Option<PathBuf>,
+    /// Fail the run (exit status 1) when `METRIC OP VALUE` holds for the whole run, e.g.
+    /// `p99_ms>50`, `loss_pct>0.1`, `failures>0` (repeatable). Metrics: p50_ms p90_ms p99_ms
+    /// p999_ms max_ms mean_ms rtt_p50_ms rtt_p99_ms rtt_max_ms loss_ratio loss_pct lost sent
+    /// delivered attempted acked sent_rate delivered_rate failures ack_errors errors
+    /// backpressure skipped connect_failed connections_lost msr generator_limited other_runs;
+    /// operators > >= < <= == !=.
+    #[arg(long = "fail-if", value_name = "METRIC OP VALUE")]
+    pub fail_if: Vec<String>,
     /// No progress lines on stderr.
     #[arg(long)]
     pub quiet: bool,
@@ -218,9 +250,9 @@ pub enum LoadgenError {
     /// Not one device connected.
     #[error("no device connected ({0})")]
     NoConnections(String),
-    /// The run exceeded `--max-secs`.
-    #[error("the run exceeded --max-secs")]
-    TimedOut,
+    /// The run did not stop in time after it was told to.
+    #[error("the run did not stop within {0} s of being stopped ({1})")]
+    TimedOut(u64, String),
     /// Writing the result failed.
     #[error("writing {0}: {1}")]
     Write(PathBuf, std::io::Error),
@@ -248,14 +280,63 @@ pub fn parse_source_ips(spec: &str) -> Result<Vec<IpAddr>, String> {
     Ok(out)
 }
 
-fn parse_watch(spec: &[String]) -> Result<Vec<(String, u32)>, String> {
-    spec.iter()
-        .map(|s| {
-            let (name, pid) = s.split_once('=').ok_or_else(|| format!("--watch {s}: NAME=PID"))?;
-            let pid = pid.parse().map_err(|_| format!("--watch {s}: bad pid"))?;
-            Ok((name.to_owned(), pid))
-        })
-        .collect()
+/// A watched process (or several of one name), resolved from a `--watch` at start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Watched {
+    /// The name it is reported under.
+    pub name: String,
+    /// Its pids.
+    pub pids: Vec<u32>,
+}
+
+impl Watched {
+    fn cpu_secs(&self) -> f64 {
+        self.pids.iter().filter_map(|p| procfs::cpu_secs(*p)).sum()
+    }
+
+    fn rss_kib(&self) -> Option<u64> {
+        self.pids.iter().map(|p| procfs::rss_kib(*p)).sum()
+    }
+
+    fn usage(&self, cpu_secs: f64) -> ProcessUsage {
+        ProcessUsage {
+            name: self.name.clone(),
+            pid: self.pids.first().copied().unwrap_or(0),
+            pids: self.pids.clone(),
+            cpu_secs,
+            rss_kib: self.rss_kib(),
+        }
+    }
+}
+
+/// Resolves `--watch` specs: `PID`, `NAME`, `LABEL=PID`, `LABEL=NAME`.
+pub fn parse_watch(spec: &[String]) -> Result<Vec<Watched>, String> {
+    let mut out: Vec<Watched> = Vec::new();
+    for s in spec {
+        let (label, target) = match s.split_once('=') {
+            Some((l, t)) if !l.is_empty() && !t.is_empty() => (Some(l), t),
+            Some(_) => return Err(format!("--watch {s}: expected [LABEL=]PID or [LABEL=]NAME")),
+            None => (None, s.as_str()),
+        };
+        let w = if let Ok(pid) = target.parse::<u32>() {
+            let comm = procfs::comm(pid).ok_or_else(|| format!("--watch {s}: no process {pid}"))?;
+            Watched {
+                name: label.map_or_else(|| format!("{comm}-{pid}"), str::to_owned),
+                pids: vec![pid],
+            }
+        } else {
+            let pids = procfs::pids_named(target);
+            if pids.is_empty() {
+                return Err(format!("--watch {s}: no process named {target:?}"));
+            }
+            Watched { name: label.unwrap_or(target).to_owned(), pids }
+        };
+        if out.iter().any(|o| o.name == w.name) {
+            return Err(format!("--watch {s}: {:?} is watched twice", w.name));
+        }
+        out.push(w);
+    }
+    Ok(out)
 }
 
 fn is_local(ip: IpAddr) -> bool {
@@ -276,7 +357,9 @@ fn nats_host_is_local(url: &str) -> bool {
 struct Plan {
     steps: StepPlan,
     sources: Vec<IpAddr>,
-    watch: Vec<(String, u32)>,
+    watch: Vec<Watched>,
+    thresholds: Vec<Threshold>,
+    run_id: String,
     qos: QoS,
     device_opts: DeviceOptions,
     coap_opts: CoapOptions,
@@ -320,10 +403,29 @@ fn check(args: &LoadgenArgs) -> Result<Plan, LoadgenError> {
     }
     if args.payload_bytes < payload::MIN_PAYLOAD_BYTES {
         return bad(format!(
-            "--payload-bytes must be at least {} (the send time and step must fit)",
+            "--payload-bytes must be at least {} (the send time, step and run id must fit)",
             payload::MIN_PAYLOAD_BYTES
         ));
     }
+    if args.rates.len() >= payload::MAX_STEPS {
+        return bad(format!("--rates: at most {} steps", payload::MAX_STEPS - 1));
+    }
+    let run_id = match &args.run_id {
+        Some(id) if !payload::valid_run_id(id) => {
+            return bad(format!(
+                "--run-id {id:?}: 1 to {} letters, digits, '-' or '_'",
+                payload::MAX_RUN_ID_LEN
+            ));
+        }
+        Some(id) => id.clone(),
+        None => payload::new_run_id(),
+    };
+    let thresholds = args
+        .fail_if
+        .iter()
+        .map(|t| t.parse::<Threshold>())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(LoadgenError::Settings)?;
     if !args.idle && (args.rates.is_empty() || args.step_secs.is_nan() || args.step_secs <= 0.0) {
         return bad("--rates needs at least one rate and --step-secs must be positive".into());
     }
@@ -340,6 +442,8 @@ fn check(args: &LoadgenArgs) -> Result<Plan, LoadgenError> {
         steps,
         sources,
         watch,
+        thresholds,
+        run_id,
         qos: if args.qos == 0 { QoS::AtMostOnce } else { QoS::AtLeastOnce },
         device_opts: DeviceOptions {
             target: args.mqtt,
@@ -383,38 +487,86 @@ fn open_files_limit() -> Option<u64> {
 }
 
 /// Runs the load generator: connect, run the steps (or hold, in idle mode), drain, report.
-/// Writes the JSON and SVG files when asked to.
+/// Writes the result files when asked to.
 pub async fn run(args: &LoadgenArgs) -> Result<Report, LoadgenError> {
+    run_until(args, std::future::pending()).await
+}
+
+/// [`run`], stopped early when `interrupt` resolves (to the reason, e.g. `SIGINT`) or when
+/// `--max-secs` is over: the senders stop, deliveries drain briefly, and the partial result
+/// (marked `interrupted`) is returned and written like a whole one.
+pub async fn run_until(
+    args: &LoadgenArgs,
+    interrupt: impl Future<Output = String>,
+) -> Result<Report, LoadgenError> {
     let plan = check(args)?;
-    let work = run_checked(args, plan);
-    let report = tokio::time::timeout(Duration::from_secs_f64(args.max_secs.max(1.0)), work)
-        .await
-        .map_err(|_| LoadgenError::TimedOut)??;
-    if let Some(path) = &args.out {
-        let json = serde_json::to_string_pretty(&report).unwrap_or_default();
-        std::fs::write(path, json).map_err(|e| LoadgenError::Write(path.clone(), e))?;
-        if !args.idle {
-            let svg_path = args.svg.clone().unwrap_or_else(|| path.with_extension("svg"));
-            let title = format!(
-                "fleetgate-loadgen: {} {} {} QoS {}, {} devices, {} B",
-                match args.target {
-                    Target::Fleetgate => "fleetgate",
-                    Target::Broker => "broker",
-                },
-                args.transport.name(),
-                target_addr(args).1,
-                args.qos,
-                args.devices,
-                args.payload_bytes
-            );
-            let svg = crate::svg::render(&title, &crate::svg::report_charts(&report));
-            std::fs::write(&svg_path, svg).map_err(|e| LoadgenError::Write(svg_path, e))?;
+    let thresholds = plan.thresholds.clone();
+    let (halt_tx, halt_rx) = watch::channel(None::<String>);
+    let work = run_checked(args, plan, halt_rx);
+    tokio::pin!(work);
+    tokio::pin!(interrupt);
+    let max = tokio::time::sleep(Duration::from_secs_f64(args.max_secs.max(1.0)));
+    tokio::pin!(max);
+    // Once stopped, the run gets its drain time and a margin to wind down.
+    let grace = args.drain_secs.clamp(0.0, 2.0) as u64 + 15;
+    let mut deadline: Option<Instant> = None;
+    let mut report = loop {
+        let halted = deadline.is_some();
+        tokio::select! {
+            r = &mut work => break r?,
+            why = &mut interrupt, if !halted => {
+                deadline = Some(Instant::now() + Duration::from_secs(grace));
+                let _ = halt_tx.send(Some(why));
+            }
+            _ = &mut max, if !halted => {
+                deadline = Some(Instant::now() + Duration::from_secs(grace));
+                let _ = halt_tx.send(Some("--max-secs".into()));
+            }
+            _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if halted => {
+                let why = halt_tx.borrow().clone().unwrap_or_default();
+                return Err(LoadgenError::TimedOut(grace, why));
+            }
         }
-    } else if let Some(svg_path) = &args.svg {
-        let svg = crate::svg::render("fleetgate-loadgen", &crate::svg::report_charts(&report));
-        std::fs::write(svg_path, svg).map_err(|e| LoadgenError::Write(svg_path.clone(), e))?;
-    }
+    };
+    crate::threshold::apply(&mut report, &thresholds);
+    write_outputs(args, &report)?;
     Ok(report)
+}
+
+/// Writes the JSON, and beside it the SVG, CSV and HTML report, where asked to.
+fn write_outputs(args: &LoadgenArgs, report: &Report) -> Result<(), LoadgenError> {
+    let write = |path: &PathBuf, text: String| {
+        std::fs::write(path, text).map_err(|e| LoadgenError::Write(path.clone(), e))
+    };
+    let beside = |given: &Option<PathBuf>, ext: &str| {
+        given.clone().or_else(|| args.out.as_ref().map(|p| p.with_extension(ext)))
+    };
+    if let Some(path) = &args.out {
+        write(path, serde_json::to_string_pretty(report).unwrap_or_default())?;
+    }
+    if args.idle {
+        return Ok(());
+    }
+    if let Some(path) = beside(&args.svg, "svg") {
+        let title = format!(
+            "fleetgate-loadgen: {} {} {} QoS {}, {} devices, {} B, run {}",
+            report.settings.target,
+            report.settings.transport,
+            report.settings.address,
+            args.qos,
+            args.devices,
+            args.payload_bytes,
+            report.run_id
+        );
+        write(&path, crate::svg::render(&title, &crate::svg::report_charts(report)))?;
+    }
+    if let Some(path) = beside(&args.csv, "csv") {
+        write(&path, crate::output::csv(report))?;
+    }
+    if let Some(path) = beside(&args.html, "html") {
+        write(&path, crate::output::html(report))?;
+    }
+    Ok(())
 }
 
 fn progress(args: &LoadgenArgs, line: std::fmt::Arguments<'_>) {
@@ -423,7 +575,11 @@ fn progress(args: &LoadgenArgs, line: std::fmt::Arguments<'_>) {
     }
 }
 
-async fn run_checked(args: &LoadgenArgs, plan: Plan) -> Result<Report, LoadgenError> {
+async fn run_checked(
+    args: &LoadgenArgs,
+    plan: Plan,
+    halt: watch::Receiver<Option<String>>,
+) -> Result<Report, LoadgenError> {
     let started_unix_ms = crate::stats::unix_nanos() / 1_000_000;
     let counters = RunCounters::new(plan.steps.len());
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -439,6 +595,13 @@ async fn run_checked(args: &LoadgenArgs, plan: Plan) -> Result<Report, LoadgenEr
         );
     }
 
+    for w in plan.watch.iter().filter(|w| w.pids.len() > 1) {
+        progress(
+            args,
+            format_args!("--watch {}: {} processes {:?}, summed", w.name, w.pids.len(), w.pids),
+        );
+    }
+
     // The delivery counter first, so that nothing sent is missed.
     let mut sink: Option<SinkThread> = None;
     let mut live = Arc::new(LiveDelivery::default());
@@ -447,40 +610,61 @@ async fn run_checked(args: &LoadgenArgs, plan: Plan) -> Result<Report, LoadgenEr
             Target::Fleetgate => SinkTarget::Nats(args.nats_url.clone().unwrap_or_default()),
             Target::Broker => SinkTarget::Mqtt(args.mqtt, "kp1/#".into()),
         };
-        let started = SinkThread::start(target, plan.steps.len(), stop_rx.clone()).await?;
+        let started =
+            SinkThread::start(target, plan.steps.len(), plan.run_id.clone(), stop_rx.clone())
+                .await?;
         live = started.live();
         sink = Some(started);
     }
 
-    let (devices, readers, connect) = connect_all(args, &plan, &counters, &stop_rx).await;
+    let (devices, readers, connect) =
+        connect_all(args, &plan, &counters, &stop_rx, halt.clone()).await;
     println!(
-        "{{\"event\":\"connected\",\"connected\":{},\"failed\":{},\"pid\":{}}}",
+        "{{\"event\":\"connected\",\"connected\":{},\"failed\":{},\"pid\":{},\"run_id\":\"{}\"}}",
         connect.connected,
         connect.failed,
-        std::process::id()
+        std::process::id(),
+        plan.run_id
     );
-    if devices.is_empty() {
+    let interrupted = || halt.borrow().clone();
+    if devices.is_empty() && interrupted().is_none() {
         let _ = stop_tx.send(true);
         return Err(LoadgenError::NoConnections(
             connect.first_error.unwrap_or_else(|| "no error recorded".into()),
         ));
     }
 
-    let mut report =
-        Report { settings: settings(args, &plan), started_unix_ms, connect, ..Default::default() };
+    let mut report = Report {
+        settings: settings(args, &plan),
+        run_id: plan.run_id.clone(),
+        command: format!(
+            "fleetgate-loadgen {} {}",
+            env!("CARGO_PKG_VERSION"),
+            std::env::args().skip(1).collect::<Vec<_>>().join(" ")
+        ),
+        started_unix_ms,
+        connect,
+        ..Default::default()
+    };
 
     if args.idle {
-        report.idle = Some(hold(args, &plan, &counters).await);
+        report.idle = Some(hold(args, &plan, &counters, halt.clone()).await);
     } else {
-        let usage = load(args, &plan, &devices, &counters, &live).await;
+        let outcome = if devices.is_empty() {
+            LoadOutcome::default()
+        } else {
+            load(args, &plan, &devices, &counters, &live, halt.clone()).await
+        };
         let _ = stop_tx.send(true);
         let recorder = match sink.take() {
             Some(s) => s.finish().await,
             None => None,
         }
-        .unwrap_or_else(|| DeliveryRecorder::new(plan.steps.len()));
-        fill_steps(&mut report, args, &plan, &counters, &recorder, usage);
+        .unwrap_or_else(|| DeliveryRecorder::new(plan.steps.len(), &plan.run_id));
+        report.load_started_unix_ms = outcome.started_unix_ms;
+        fill_steps(&mut report, args, &plan, &counters, &recorder, outcome);
     }
+    report.interrupted = interrupted();
     let _ = stop_tx.send(true);
     let shutdown = async {
         for r in readers {
@@ -489,6 +673,7 @@ async fn run_checked(args: &LoadgenArgs, plan: Plan) -> Result<Report, LoadgenEr
     };
     let _ = tokio::time::timeout(Duration::from_secs(5), shutdown).await;
     report.connections_lost = counters.connections_lost.load(Ordering::Relaxed);
+    report.finished_unix_ms = crate::stats::unix_nanos() / 1_000_000;
     Ok(report)
 }
 
@@ -535,6 +720,7 @@ async fn connect_all(
     plan: &Plan,
     counters: &Arc<RunCounters>,
     stop: &watch::Receiver<bool>,
+    mut halt: watch::Receiver<Option<String>>,
 ) -> (Vec<SimDevice>, Vec<JoinHandle<()>>, ConnectSummary) {
     let start = Instant::now();
     let interval = Duration::from_secs_f64(1.0 / args.connect_rate);
@@ -555,15 +741,23 @@ async fn connect_all(
         }
         Ok(Err(e)) => {
             summary.failed += 1;
+            *summary.failures.entry(e.kind()).or_insert(0) += 1;
             summary.first_error.get_or_insert_with(|| e.to_string());
         }
         Err(e) => {
             summary.failed += 1;
+            *summary.failures.entry("connect task failed".into()).or_insert(0) += 1;
             summary.first_error.get_or_insert_with(|| e.to_string());
         }
     };
     for i in 0..args.devices {
-        tokio::time::sleep_until(start + interval * i as u32).await;
+        tokio::select! {
+            _ = tokio::time::sleep_until(start + interval * i as u32) => {}
+            _ = halt.changed() => {}
+        }
+        if halt.borrow().is_some() {
+            break;
+        }
         while let Some(r) = tasks.try_join_next() {
             collect(r, &mut summary);
         }
@@ -607,6 +801,20 @@ async fn connect_all(
         collect(r, &mut summary);
     }
     summary.seconds = start.elapsed().as_secs_f64();
+    if summary.failed > 0 {
+        progress(
+            args,
+            format_args!(
+                "connect failures: {}",
+                summary
+                    .failures
+                    .iter()
+                    .map(|(k, v)| format!("{k} ×{v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        );
+    }
     progress(
         args,
         format_args!(
@@ -622,13 +830,21 @@ async fn connect_all(
 }
 
 /// Idle mode: hold the connections, report how many stayed up.
-async fn hold(args: &LoadgenArgs, plan: &Plan, counters: &RunCounters) -> IdleReport {
+async fn hold(
+    args: &LoadgenArgs,
+    plan: &Plan,
+    counters: &RunCounters,
+    mut halt: watch::Receiver<Option<String>>,
+) -> IdleReport {
     let start = Instant::now();
     let end = start + Duration::from_secs_f64(args.hold_secs.max(0.0));
     let mut tick = start;
-    while Instant::now() < end {
+    while Instant::now() < end && halt.borrow().is_none() {
         tick += Duration::from_secs(1);
-        tokio::time::sleep_until(tick.min(end)).await;
+        tokio::select! {
+            _ = tokio::time::sleep_until(tick.min(end)) => {}
+            _ = halt.changed() => {}
+        }
         progress(
             args,
             format_args!(
@@ -639,16 +855,7 @@ async fn hold(args: &LoadgenArgs, plan: &Plan, counters: &RunCounters) -> IdleRe
             ),
         );
     }
-    let processes = plan
-        .watch
-        .iter()
-        .map(|(name, pid)| ProcessUsage {
-            name: name.clone(),
-            pid: *pid,
-            cpu_secs: procfs::cpu_secs(*pid).unwrap_or(0.0),
-            rss_kib: procfs::rss_kib(*pid),
-        })
-        .collect();
+    let processes = plan.watch.iter().map(|w| w.usage(w.cpu_secs())).collect();
     IdleReport {
         hold_secs: start.elapsed().as_secs_f64(),
         held: counters.connections_open.load(Ordering::Relaxed),
@@ -657,17 +864,35 @@ async fn hold(args: &LoadgenArgs, plan: &Plan, counters: &RunCounters) -> IdleRe
     }
 }
 
-/// Per-step CPU and memory of the watched processes.
-type Usage = Vec<Vec<ProcessUsage>>;
+/// What the load phase measured beside the counters.
+#[derive(Debug, Default)]
+struct LoadOutcome {
+    /// Per step run: the watched processes' CPU and memory.
+    usage: Vec<Vec<ProcessUsage>>,
+    /// Per step run: how long it ran (the last may be cut short), seconds.
+    step_secs: Vec<f64>,
+    /// Once a second.
+    timeline: Vec<Sample>,
+    /// When the first step began, Unix milliseconds.
+    started_unix_ms: u64,
+}
 
-/// Runs the steps, prints progress, then drains. Returns the watched processes' usage per step.
+/// The largest failure counts, for the progress line.
+fn top_failures(failures: &std::collections::BTreeMap<String, u64>, n: usize) -> String {
+    let mut v: Vec<(&String, &u64)> = failures.iter().collect();
+    v.sort_by(|a, b| b.1.cmp(a.1));
+    v.iter().take(n).map(|(k, c)| format!("{k} ×{c}")).collect::<Vec<_>>().join(", ")
+}
+
+/// Runs the steps, prints progress, then drains; stops early when `halt` is set.
 async fn load(
     args: &LoadgenArgs,
     plan: &Plan,
     devices: &[SimDevice],
     counters: &Arc<RunCounters>,
     live: &Arc<LiveDelivery>,
-) -> Usage {
+    mut halt: watch::Receiver<Option<String>>,
+) -> LoadOutcome {
     let workers = worker_count(args).min(devices.len());
     let mut groups: Vec<Vec<SimDevice>> = vec![Vec::new(); workers];
     for (i, d) in devices.iter().enumerate() {
@@ -680,6 +905,10 @@ async fn load(
         None => vec![None; workers],
     };
     let origin = Instant::now() + Duration::from_millis(20);
+    let mut outcome = LoadOutcome {
+        started_unix_ms: crate::stats::unix_nanos() / 1_000_000 + 20,
+        ..Default::default()
+    };
     let total = devices.len() as f64;
     let mut tasks = Vec::with_capacity(workers);
     for (group, cap) in groups.into_iter().zip(caps) {
@@ -691,6 +920,7 @@ async fn load(
             qos: plan.qos,
             request_ids: args.request_ids,
             payload_bytes: args.payload_bytes,
+            run_id: plan.run_id.clone(),
             max_lag: Duration::from_millis(args.max_lag_ms),
             cap,
             counters: counters.clone(),
@@ -698,84 +928,139 @@ async fn load(
         tasks.push(tokio::spawn(w.run()));
     }
 
-    // Controller: step boundaries (CPU samples), progress once a second.
-    let cpu = |pid: u32| procfs::cpu_secs(pid).unwrap_or(0.0);
-    let mut usage: Usage = Vec::new();
-    let mut cpu_at_start: Vec<f64> = plan.watch.iter().map(|(_, pid)| cpu(*pid)).collect();
+    // Controller: step boundaries (CPU samples), progress and the timeline once a second.
+    let cpu_now = || plan.watch.iter().map(Watched::cpu_secs).collect::<Vec<f64>>();
+    let mut cpu_at_step: Vec<f64> = cpu_now();
+    let mut cpu_at_tick = cpu_at_step.clone();
     let mut step = 0usize;
+    let mut step_start = origin;
     let mut next_tick = origin + Duration::from_secs(1);
     let mut last = counters.totals();
+    let mut last_failures = 0u64;
     let mut last_delivered = live.delivered.load(Ordering::Relaxed);
     let mut last_time = origin;
     while step < plan.steps.len() {
+        // The step that ran up to now: what the progress line and the sample are about.
+        let ran = step;
         let boundary = origin + plan.steps.bounds(step).1;
         let wake = next_tick.min(boundary);
-        tokio::time::sleep_until(wake).await;
+        tokio::select! {
+            _ = tokio::time::sleep_until(wake) => {}
+            _ = halt.changed() => {}
+        }
+        let halted = halt.borrow().is_some();
+        if halted {
+            counters.halted.store(true, Ordering::Relaxed);
+        }
         let all_done = tasks.iter().all(|t| t.is_finished());
-        if Instant::now() >= boundary || all_done {
-            let now_cpu: Vec<f64> = plan.watch.iter().map(|(_, pid)| cpu(*pid)).collect();
-            usage.push(
+        let now = Instant::now();
+        if now >= boundary || all_done || halted {
+            let cpu = cpu_now();
+            outcome.usage.push(
                 plan.watch
                     .iter()
-                    .zip(now_cpu.iter().zip(&cpu_at_start))
-                    .map(|((name, pid), (now, before))| ProcessUsage {
-                        name: name.clone(),
-                        pid: *pid,
-                        cpu_secs: (now - before).max(0.0),
-                        rss_kib: procfs::rss_kib(*pid),
-                    })
+                    .zip(cpu.iter().zip(&cpu_at_step))
+                    .map(|(w, (now, before))| w.usage((now - before).max(0.0)))
                     .collect(),
             );
-            cpu_at_start = now_cpu;
-            step += 1;
-            counters.current_step.store(step.min(plan.steps.len() - 1), Ordering::Relaxed);
-            if all_done {
+            outcome.step_secs.push(
+                now.saturating_duration_since(step_start).min(plan.steps.step_len()).as_secs_f64(),
+            );
+            step_start = boundary;
+            cpu_at_step = cpu;
+            if all_done || halted {
                 break;
             }
+            step += 1;
+            counters.current_step.store(step.min(plan.steps.len() - 1), Ordering::Relaxed);
         }
-        if Instant::now() >= next_tick {
+        if now >= next_tick {
             next_tick += Duration::from_secs(1);
-            let now = Instant::now();
             let secs = now.duration_since(last_time).as_secs_f64().max(1e-3);
             let t = counters.totals();
             let delivered = live.delivered.load(Ordering::Relaxed);
-            let s = (step.min(plan.steps.len() - 1), plan.steps.len());
+            let failures_now: u64 = counters.steps.iter().map(|s| s.failures.total()).sum();
+            let cpu = cpu_now();
+            let s = (ran, plan.steps.len());
+            let sample = Sample {
+                t: now.duration_since(origin).as_secs_f64(),
+                step: s.0,
+                sent_rate: (t.sent - last.sent) as f64 / secs,
+                delivered_rate: delivered.saturating_sub(last_delivered) as f64 / secs,
+                acked_rate: (t.acked - last.acked) as f64 / secs,
+                failure_rate: failures_now.saturating_sub(last_failures) as f64 / secs,
+                p50_ms: live.p50_us.load(Ordering::Relaxed) as f64 / 1e3,
+                p99_ms: live.p99_us.load(Ordering::Relaxed) as f64 / 1e3,
+                connections: counters.connections_open.load(Ordering::Relaxed),
+                cpu_pct: plan
+                    .watch
+                    .iter()
+                    .zip(cpu.iter().zip(&cpu_at_tick))
+                    .map(|(w, (now, before))| {
+                        (w.name.clone(), (now - before).max(0.0) * 100.0 / secs)
+                    })
+                    .collect(),
+            };
+            let failures = if failures_now > 0 {
+                format!(
+                    " | failures {:.0}/s: {}",
+                    sample.failure_rate,
+                    top_failures(&counters.failure_totals(), 3)
+                )
+            } else {
+                String::new()
+            };
+            let cpu_line: String =
+                sample.cpu_pct.iter().map(|(k, v)| format!(" {k} {v:.0}%")).collect();
             progress(
                 args,
                 format_args!(
-                    "[{:5.1}s] step {}/{} @{}/s | sent {:.0}/s acked {:.0}/s resp {:.0}/s delivered {:.0}/s | p50 {:.2} ms p99 {:.2} ms | backpressure {} skipped {} late wake-ups {} | conns {}",
-                    now.duration_since(origin).as_secs_f64(),
+                    "[{:5.1}s] step {}/{} @{}/s | sent {:.0}/s acked {:.0}/s resp {:.0}/s delivered {:.0}/s | p50 {:.2} ms p99 {:.2} ms | backpressure {} skipped {} late wake-ups {} | conns {}{}{}",
+                    sample.t,
                     s.0 + 1,
                     s.1,
                     plan.steps.rates()[s.0],
-                    (t.sent - last.sent) as f64 / secs,
-                    (t.acked - last.acked) as f64 / secs,
+                    sample.sent_rate,
+                    sample.acked_rate,
                     (t.responded - last.responded) as f64 / secs,
-                    delivered.saturating_sub(last_delivered) as f64 / secs,
-                    live.p50_us.load(Ordering::Relaxed) as f64 / 1e3,
-                    live.p99_us.load(Ordering::Relaxed) as f64 / 1e3,
+                    sample.delivered_rate,
+                    sample.p50_ms,
+                    sample.p99_ms,
                     t.backpressure_window + t.backpressure_buffer,
                     t.skipped,
                     t.late_ticks - last.late_ticks,
-                    counters.connections_open.load(Ordering::Relaxed),
+                    sample.connections,
+                    if cpu_line.is_empty() { String::new() } else { format!(" | cpu{cpu_line}") },
+                    failures,
                 ),
             );
+            outcome.timeline.push(sample);
             last = t;
+            last_failures = failures_now;
             last_delivered = delivered;
             last_time = now;
+            cpu_at_tick = cpu;
         }
     }
     for t in tasks {
         let _ = t.await;
     }
 
-    // Drain: until everything offered arrived (and was answered), or the drain time is up.
-    let drain_end = Instant::now() + Duration::from_secs_f64(args.drain_secs.max(0.0));
+    // Drain: until everything offered arrived (and was answered), or the drain time is up
+    // (at most 2 s once stopped early).
+    let halted = halt.borrow().is_some();
+    let drain = if halted { args.drain_secs.clamp(0.0, 2.0) } else { args.drain_secs.max(0.0) };
+    if halted {
+        progress(args, format_args!("stopping early: draining for up to {drain:.1} s"));
+    }
+    let drain_end = Instant::now() + Duration::from_secs_f64(drain);
     let wants_responses = args.request_ids && args.target == Target::Fleetgate;
     loop {
         let t = counters.totals();
+        // A failure (an `/error`, an error status) is the last word on its message too.
+        let failed: u64 = counters.steps.iter().map(|s| s.failures.total()).sum();
         let delivered = live.delivered.load(Ordering::Relaxed);
-        let done = delivered >= t.sent
+        let done = delivered + failed >= t.sent
             // HTTP answers every request, so its acknowledgements are awaited at QoS 0 too.
             && ((plan.qos == QoS::AtMostOnce && args.transport != Transport::Http)
                 || t.acked >= t.sent)
@@ -789,7 +1074,7 @@ async fn load(
     for d in devices {
         d.flush();
     }
-    usage
+    outcome
 }
 
 /// One sending task: a share of the devices and of the offered rate.
@@ -801,6 +1086,7 @@ struct Worker {
     qos: QoS,
     request_ids: bool,
     payload_bytes: usize,
+    run_id: String,
     max_lag: Duration,
     cap: Option<u64>,
     counters: Arc<RunCounters>,
@@ -826,6 +1112,9 @@ impl Worker {
         let mut sent_total = 0u64;
         loop {
             let due_at = tick.tick().await;
+            if self.counters.halted.load(Ordering::Relaxed) {
+                return;
+            }
             let now = self.origin.elapsed();
             let lag_us = u64::try_from(due_at.elapsed().as_micros()).unwrap_or(u64::MAX);
             // Retry connections whose earlier bytes the socket did not take.
@@ -860,6 +1149,7 @@ impl Worker {
                         &mut payload,
                         crate::stats::unix_nanos(),
                         step as u32,
+                        self.run_id.as_bytes(),
                         self.payload_bytes,
                     );
                     sent_total += 1;
@@ -901,19 +1191,18 @@ fn fill_steps(
     plan: &Plan,
     counters: &RunCounters,
     recorder: &DeliveryRecorder,
-    usage: Usage,
+    outcome: LoadOutcome,
 ) {
-    let secs = plan.steps.step_len().as_secs_f64();
-    let mut all = latency_histogram();
-    for (i, rate) in plan.steps.rates().iter().enumerate() {
+    for (i, secs) in outcome.step_secs.iter().copied().enumerate() {
         let c = counters.steps[i].snapshot();
         let delivery = &recorder.steps()[i];
-        let _ = all.add(&delivery.latency);
         let attempted = c.attempted();
-        let lost = attempted.saturating_sub(delivery.delivered);
+        let lost = attempted as i64 - delivery.delivered as i64;
+        let rtt = counters.steps[i].rtt.to_histogram();
+        let secs_nz = secs.max(1e-9);
         report.steps.push(StepReport {
             index: i,
-            offered_rate: *rate,
+            offered_rate: plan.steps.rates()[i],
             seconds: secs,
             scheduled: c.scheduled,
             skipped: c.skipped,
@@ -929,9 +1218,11 @@ fn fill_steps(
             delivered: delivery.delivered,
             lost,
             loss_ratio: if attempted == 0 { 0.0 } else { lost as f64 / attempted as f64 },
-            sent_rate: c.sent as f64 / secs,
-            delivered_rate: delivery.delivered as f64 / secs,
+            sent_rate: c.sent as f64 / secs_nz,
+            delivered_rate: delivery.delivered as f64 / secs_nz,
             latency: recorder.summary(i),
+            rtt: LatencySummary::from_histogram(&rtt),
+            failures: counters.steps[i].failures.snapshot(),
             generator_limited: c.generator_limited(),
             generator_late_ratio: if c.ticks == 0 {
                 0.0
@@ -939,60 +1230,30 @@ fn fill_steps(
                 c.late_ticks as f64 / c.ticks as f64
             },
             generator_max_lag_ms: c.max_tick_lag_us as f64 / 1e3,
-            processes: usage.get(i).cloned().unwrap_or_default(),
+            processes: outcome.usage.get(i).cloned().unwrap_or_default(),
+            latency_histogram: histogram_pairs(&delivery.latency),
+            rtt_histogram: histogram_pairs(&rtt),
         });
     }
-    let t = counters.totals();
-    let delivered: u64 = report.steps.iter().map(|s| s.delivered).sum();
-    let attempted = t.attempted();
-    let lost = attempted.saturating_sub(delivered);
-    let total_secs = secs * plan.steps.len() as f64;
-    let mut processes: Vec<ProcessUsage> = Vec::new();
-    for step in &report.steps {
-        for p in &step.processes {
-            match processes.iter_mut().find(|q| q.name == p.name) {
-                Some(q) => {
-                    q.cpu_secs += p.cpu_secs;
-                    q.rss_kib = p.rss_kib;
-                }
-                None => processes.push(p.clone()),
-            }
-        }
-    }
-    report.totals = StepReport {
-        index: plan.steps.len(),
-        offered_rate: plan.steps.rates().iter().copied().max().unwrap_or(0),
-        seconds: total_secs,
-        scheduled: t.scheduled,
-        skipped: t.skipped,
-        attempted,
-        sent: t.sent,
-        backpressure_window: t.backpressure_window,
-        backpressure_buffer: t.backpressure_buffer,
-        dropped_closed: t.dropped_closed,
-        acked: t.acked,
-        ack_errors: t.ack_errors,
-        responded: t.responded,
-        errors: t.errors,
-        delivered,
-        lost,
-        loss_ratio: if attempted == 0 { 0.0 } else { lost as f64 / attempted as f64 },
-        sent_rate: t.sent as f64 / total_secs.max(1e-9),
-        delivered_rate: delivered as f64 / total_secs.max(1e-9),
-        latency: LatencySummary::from_histogram(&all),
-        generator_limited: report.steps.iter().any(|s| s.generator_limited),
-        generator_late_ratio: if t.ticks == 0 { 0.0 } else { t.late_ticks as f64 / t.ticks as f64 },
-        generator_max_lag_ms: t.max_tick_lag_us as f64 / 1e3,
-        processes,
-    };
+    let mut totals = sum_steps(&report.steps, false);
+    totals.index = report.steps.len();
+    totals.processes = sum_processes(&report.steps);
+    report.totals = totals;
+    report.timeline = outcome.timeline;
     report.foreign_deliveries = recorder.foreign;
+    report.other_run_deliveries = recorder.other_runs;
+    report.failure_examples =
+        counters.failure_examples.lock().map(|m| m.clone()).unwrap_or_default();
     report.msr = Some(msr(&report.steps, MsrCriteria::for_qos(args.qos)));
 }
 
-/// One line per step for the terminal.
+/// One line per step for the terminal, then failures, MSR and thresholds.
 pub fn summary_table(report: &Report) -> String {
     use std::fmt::Write as _;
     let mut s = String::new();
+    if let Some(why) = &report.interrupted {
+        let _ = writeln!(s, "partial result: stopped early ({why})");
+    }
     if let Some(idle) = &report.idle {
         let _ = writeln!(
             s,
@@ -1001,26 +1262,32 @@ pub fn summary_table(report: &Report) -> String {
         );
         return s;
     }
-    let _ = writeln!(
+    let names: Vec<&str> = report.totals.processes.iter().map(|p| p.name.as_str()).collect();
+    let _ = write!(
         s,
-        "{:>9} {:>10} {:>10} {:>10} {:>10} {:>9} {:>8} {:>9} {:>9} {:>9}  sut cpu-s/M",
+        "{:>9} {:>10} {:>10} {:>10} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",
         "offered/s",
         "sent",
         "acked",
-        "responded",
         "delivered",
+        "lost",
         "loss %",
+        "failures",
         "backpr.",
         "p50 ms",
         "p99 ms",
         "max ms",
+        "rtt p50",
+        "rtt p99",
     );
+    for n in &names {
+        let _ = write!(s, "  {n} cpu-s/M");
+    }
+    s.push('\n');
     for st in report.steps.iter().chain(std::iter::once(&report.totals)) {
-        let cpu =
-            st.cpu_secs_per_million("sut").map(|v| format!("{v:.2}")).unwrap_or_else(|| "-".into());
-        let _ = writeln!(
+        let _ = write!(
             s,
-            "{:>9} {:>10} {:>10} {:>10} {:>10} {:>9.3} {:>8} {:>9.2} {:>9.2} {:>9.2}  {}{}",
+            "{:>9} {:>10} {:>10} {:>10} {:>10} {:>8.3} {:>8} {:>8} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>8.2}",
             if st.index == report.steps.len() {
                 "total".to_owned()
             } else {
@@ -1028,15 +1295,32 @@ pub fn summary_table(report: &Report) -> String {
             },
             st.sent,
             st.acked,
-            st.responded,
             st.delivered,
+            st.lost,
             st.loss_ratio * 100.0,
+            st.failure_count(),
             st.backpressure_window + st.backpressure_buffer,
             st.latency.p50_us as f64 / 1e3,
             st.latency.p99_us as f64 / 1e3,
             st.latency.max_us as f64 / 1e3,
-            cpu,
-            if st.generator_limited { "  (generator-limited)" } else { "" }
+            st.rtt.p50_us as f64 / 1e3,
+            st.rtt.p99_us as f64 / 1e3,
+        );
+        for n in &names {
+            let v = st.cpu_secs_per_million(n).map_or_else(|| "-".into(), |v| format!("{v:.2}"));
+            let _ = write!(s, "  {v:>w$}", w = n.len() + 9);
+        }
+        let _ = writeln!(s, "{}", if st.generator_limited { "  (generator-limited)" } else { "" });
+    }
+    for (k, v) in report.totals.failures.iter().chain(report.connect.failures.iter()) {
+        let why = report.failure_examples.get(k).map(|e| format!(": {e}")).unwrap_or_default();
+        let _ = writeln!(s, "failure: {k} ×{v}{why}");
+    }
+    if report.other_run_deliveries > 0 {
+        let _ = writeln!(
+            s,
+            "(the delivery counter also saw {} messages of other runs; not counted)",
+            report.other_run_deliveries
         );
     }
     if let Some(m) = &report.msr {
@@ -1046,6 +1330,15 @@ pub fn summary_table(report: &Report) -> String {
             m.rate,
             if m.lower_bound { " (lower bound: the highest step held)" } else { "" },
             if m.generator_limited_above { " (a higher step was generator-limited)" } else { "" }
+        );
+    }
+    for t in &report.thresholds {
+        let _ = writeln!(
+            s,
+            "--fail-if {}: {} (value {})",
+            t.expr,
+            if t.failed { "FAILED" } else { "passed" },
+            t.value.map_or_else(|| "none".into(), |v| format!("{v}"))
         );
     }
     s
@@ -1098,12 +1391,21 @@ mod tests {
         assert!(check(&args(&["--target", "broker", "--payload-bytes", "20"])).is_err());
         assert!(check(&args(&["--target", "broker", "--devices", "0"])).is_err());
         assert!(check(&args(&["--target", "broker", "--step-secs", "0"])).is_err());
-        assert!(check(&args(&["--target", "broker", "--watch", "sut"])).is_err());
-        let a = args(&["--target", "broker", "--rates", "10,20", "--qos", "1", "--watch", "sut=1"]);
+        assert!(check(&args(&["--target", "broker", "--watch", "no-such-process-xyz"])).is_err());
+        assert!(check(&args(&["--target", "broker", "--watch", "sut="])).is_err());
+        assert!(check(&args(&["--target", "broker", "--run-id", "toolongid"])).is_err());
+        assert!(check(&args(&["--target", "broker", "--fail-if", "p99>5"])).is_err());
+        let me = std::process::id().to_string();
+        let sut = format!("sut={me}");
+        let a = args(&["--target", "broker", "--rates", "10,20", "--qos", "1", "--watch", &sut]);
         let p = check(&a).expect("valid");
         assert_eq!(p.steps.rates(), &[10, 20]);
         assert_eq!(p.qos, QoS::AtLeastOnce);
-        assert_eq!(p.watch, vec![("sut".to_owned(), 1)]);
+        assert_eq!(p.watch, vec![Watched { name: "sut".into(), pids: vec![std::process::id()] }]);
+        assert!(payload::valid_run_id(&p.run_id));
+        let a = args(&["--target", "broker", "--run-id", "r-1", "--fail-if", "p99_ms>50"]);
+        let p = check(&a).expect("valid");
+        assert_eq!((p.run_id.as_str(), p.thresholds.len()), ("r-1", 1));
         // Idle mode needs neither NATS nor rates.
         assert!(check(&args(&["--idle"])).is_ok());
     }
@@ -1138,5 +1440,24 @@ mod tests {
         assert!(check(&a).is_ok());
         let a = args(&["--target", "broker", "--coap", "10.0.0.1:5683"]);
         assert!(check(&a).is_ok());
+    }
+
+    #[test]
+    fn processes_are_watched_by_pid_or_name() {
+        let me = std::process::id();
+        let comm = procfs::comm(me).expect("this process has a name");
+        let w = parse_watch(&[me.to_string()]).expect("by pid");
+        assert_eq!(w, vec![Watched { name: format!("{comm}-{me}"), pids: vec![me] }]);
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().expect("sleep runs");
+        let w = parse_watch(&["sleep".into(), format!("self={me}")]);
+        let _ = child.kill();
+        let _ = child.wait();
+        let w = w.expect("by name");
+        assert_eq!(w[0].name, "sleep");
+        assert!(w[0].pids.contains(&child.id()), "{w:?}");
+        assert_eq!(w[1].name, "self");
+        assert!(w[1].cpu_secs() >= 0.0 && w[1].rss_kib().is_some_and(|k| k > 0));
+        assert!(parse_watch(&["a=1".into(), "a=1".into()]).is_err(), "a name twice");
+        assert!(parse_watch(&["4294967295".into()]).is_err(), "no such pid");
     }
 }

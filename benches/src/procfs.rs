@@ -47,6 +47,38 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
     parse_status_rss_kib(&std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
 }
 
+/// The name of a process (`/proc/<pid>/comm`, at most 15 bytes).
+pub fn comm(pid: u32) -> Option<String> {
+    let c = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+    Some(c.trim_end_matches('\n').to_owned())
+}
+
+/// Whether the process `pid` is called `name`: its `comm` (which the kernel cuts to 15 bytes)
+/// or the file name of its program (the first word of its command line).
+fn is_named(pid: u32, name: &str) -> bool {
+    let short: String = name.chars().take(15).collect();
+    if comm(pid).is_some_and(|c| c == name || (name.len() > 15 && c == short)) {
+        return true;
+    }
+    std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|cmd| {
+        let argv0 = cmd.split(|b| *b == 0).next().unwrap_or_default();
+        let file = argv0.rsplit(|b| *b == b'/').next().unwrap_or_default();
+        file == name.as_bytes()
+    })
+}
+
+/// Every process (but this one) called `name`, by pid.
+pub fn pids_named(name: &str) -> Vec<u32> {
+    let me = std::process::id();
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    let mut pids: Vec<u32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| *pid != me && is_named(*pid, name))
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
 /// Open file descriptors of a process (sockets included).
 pub fn open_fds(pid: u32) -> Option<usize> {
     Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count())
@@ -78,5 +110,9 @@ mod tests {
         assert!(rss_kib(me).is_some_and(|k| k > 0));
         assert!(open_fds(me).is_some_and(|n| n >= 3));
         assert!(clock_ticks_per_sec() > 0);
+        let name = comm(me).expect("a name");
+        assert!(is_named(me, &name));
+        assert!(!pids_named(&name).contains(&me), "this process is left out");
+        assert!(pids_named("no-such-process-xyz").is_empty());
     }
 }

@@ -1,6 +1,8 @@
 //! The load generator's result: what it was asked to do, what happened in each step, and the
-//! maximum sustainable rate (MSR) of the run. Written as JSON; read back by the comparison
-//! runner.
+//! maximum sustainable rate (MSR) of the run. Written as JSON (read back by the comparison
+//! runner and by `fleetgate-loadgen merge`), CSV and HTML.
+
+use std::collections::BTreeMap;
 
 use hdrhistogram::Histogram;
 use serde::{Deserialize, Serialize};
@@ -48,10 +50,13 @@ impl LatencySummary {
 /// CPU and memory of a watched process (the system under test, nats-server) during a step.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ProcessUsage {
-    /// The name it was watched under (`sut`, `nats`).
+    /// The name it was watched under (`sut`, `nats`, or the process name).
     pub name: String,
-    /// Its pid.
+    /// Its pid (the first, when a name matched several processes).
     pub pid: u32,
+    /// Every pid watched under this name (their CPU and memory are summed).
+    #[serde(default)]
+    pub pids: Vec<u32>,
     /// User plus system CPU seconds used during the step.
     pub cpu_secs: f64,
     /// Resident memory at the end of the step, KiB.
@@ -91,8 +96,9 @@ pub struct StepReport {
     pub errors: u64,
     /// Messages of this step that reached the delivery counter (after the drain).
     pub delivered: u64,
-    /// Offered minus delivered (0 when more arrived than were offered).
-    pub lost: u64,
+    /// Offered minus delivered; never floored: negative when more of this run's messages
+    /// arrived than were offered (duplicates, e.g. QoS 1 redelivery).
+    pub lost: i64,
     /// `lost / attempted`.
     pub loss_ratio: f64,
     /// Sent per second.
@@ -101,6 +107,13 @@ pub struct StepReport {
     pub delivered_rate: f64,
     /// Device → delivery counter latency of this step's messages.
     pub latency: LatencySummary,
+    /// Device round trips (MQTT PUBACK, HTTP response, CoAP response) that ended in this step.
+    #[serde(default)]
+    pub rtt: LatencySummary,
+    /// Failures the devices saw in this step, by kind (`mqtt /error 401`, `http 503`,
+    /// `coap 4.04`, `mqtt PUBACK 0x87`, `coap RST`, `connection lost`).
+    #[serde(default)]
+    pub failures: BTreeMap<String, u64>,
     /// The generator skipped more than 0.1 % of the schedule or woke up late more than 10 % of
     /// the time (it was short of CPU): the step does not show what the system under test can
     /// do, and cannot count as sustainable.
@@ -111,14 +124,96 @@ pub struct StepReport {
     pub generator_max_lag_ms: f64,
     /// Watched processes during the step.
     pub processes: Vec<ProcessUsage>,
+    /// The delivery latency histogram as `[µs, count]` pairs (for merging results).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub latency_histogram: Vec<[u64; 2]>,
+    /// The round-trip histogram as `[µs, count]` pairs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rtt_histogram: Vec<[u64; 2]>,
 }
 
 impl StepReport {
+    /// The sum of the failure counts.
+    pub fn failure_count(&self) -> u64 {
+        self.failures.values().sum()
+    }
+
     /// CPU seconds per million delivered messages of the watched process `name`.
     pub fn cpu_secs_per_million(&self, name: &str) -> Option<f64> {
         let p = self.processes.iter().find(|p| p.name == name)?;
         (self.delivered > 0).then(|| p.cpu_secs * 1e6 / self.delivered as f64)
     }
+}
+
+/// Sums steps (of one run, or the same step of several runs): counts and failures add up,
+/// latencies merge from their histograms, rates are over the longest `seconds`, the
+/// generator's lateness is the worst; `index` and `processes` are left to the caller.
+pub fn sum_steps<'a>(
+    steps: impl IntoIterator<Item = &'a StepReport>,
+    rates_add: bool,
+) -> StepReport {
+    let mut out = StepReport::default();
+    let mut latency = crate::stats::latency_histogram();
+    let mut rtt = crate::stats::latency_histogram();
+    let mut late_weighted = 0.0;
+    for s in steps {
+        out.offered_rate = if rates_add {
+            out.offered_rate + s.offered_rate
+        } else {
+            out.offered_rate.max(s.offered_rate)
+        };
+        out.seconds = if rates_add { out.seconds.max(s.seconds) } else { out.seconds + s.seconds };
+        out.scheduled += s.scheduled;
+        out.skipped += s.skipped;
+        out.attempted += s.attempted;
+        out.sent += s.sent;
+        out.backpressure_window += s.backpressure_window;
+        out.backpressure_buffer += s.backpressure_buffer;
+        out.dropped_closed += s.dropped_closed;
+        out.acked += s.acked;
+        out.ack_errors += s.ack_errors;
+        out.responded += s.responded;
+        out.errors += s.errors;
+        out.delivered += s.delivered;
+        out.lost += s.lost;
+        crate::stats::add_pairs(&mut latency, &s.latency_histogram);
+        crate::stats::add_pairs(&mut rtt, &s.rtt_histogram);
+        for (k, v) in &s.failures {
+            *out.failures.entry(k.clone()).or_insert(0) += v;
+        }
+        out.generator_limited |= s.generator_limited;
+        late_weighted += s.generator_late_ratio * s.seconds;
+        out.generator_late_ratio = out.generator_late_ratio.max(s.generator_late_ratio);
+        out.generator_max_lag_ms = out.generator_max_lag_ms.max(s.generator_max_lag_ms);
+    }
+    if !rates_add && out.seconds > 0.0 {
+        out.generator_late_ratio = late_weighted / out.seconds;
+    }
+    out.loss_ratio = if out.attempted == 0 { 0.0 } else { out.lost as f64 / out.attempted as f64 };
+    out.sent_rate = out.sent as f64 / out.seconds.max(1e-9);
+    out.delivered_rate = out.delivered as f64 / out.seconds.max(1e-9);
+    out.latency = LatencySummary::from_histogram(&latency);
+    out.rtt = LatencySummary::from_histogram(&rtt);
+    out.latency_histogram = crate::stats::histogram_pairs(&latency);
+    out.rtt_histogram = crate::stats::histogram_pairs(&rtt);
+    out
+}
+
+/// A step's CPU over all steps of a run: CPU adds up, memory is the last step's.
+pub fn sum_processes<'a>(steps: impl IntoIterator<Item = &'a StepReport>) -> Vec<ProcessUsage> {
+    let mut processes: Vec<ProcessUsage> = Vec::new();
+    for step in steps {
+        for p in &step.processes {
+            match processes.iter_mut().find(|q| q.name == p.name) {
+                Some(q) => {
+                    q.cpu_secs += p.cpu_secs;
+                    q.rss_kib = p.rss_kib;
+                }
+                None => processes.push(p.clone()),
+            }
+        }
+    }
+    processes
 }
 
 /// When a step counts as sustained (DESIGN.md, "How performance is measured").
@@ -140,7 +235,7 @@ impl MsrCriteria {
     /// Whether `step` was sustained.
     pub fn sustained(&self, step: &StepReport) -> bool {
         let loss_ok = if self.max_loss_ratio == 0.0 {
-            step.lost == 0
+            step.lost <= 0
         } else {
             step.loss_ratio <= self.max_loss_ratio
         };
@@ -197,6 +292,9 @@ pub struct ConnectSummary {
     pub seconds: f64,
     /// The first failure, as an example.
     pub first_error: Option<String>,
+    /// Failed connections by reason.
+    #[serde(default)]
+    pub failures: BTreeMap<String, u64>,
 }
 
 /// The idle-connection result.
@@ -254,13 +352,65 @@ pub struct Settings {
     pub idle: bool,
 }
 
+/// One second of a run, for the plots over time.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Sample {
+    /// Seconds since the first step began.
+    pub t: f64,
+    /// The step that ran.
+    pub step: usize,
+    /// Sent per second over the last interval.
+    pub sent_rate: f64,
+    /// Delivered per second over the last interval.
+    pub delivered_rate: f64,
+    /// Acknowledged (PUBACK, response) per second.
+    pub acked_rate: f64,
+    /// Failures per second.
+    pub failure_rate: f64,
+    /// Delivery latency median over the last second, ms.
+    pub p50_ms: f64,
+    /// Delivery latency 99th percentile over the last second, ms.
+    pub p99_ms: f64,
+    /// Connections open.
+    pub connections: u64,
+    /// CPU of each watched process over the interval, percent of one core, by name.
+    pub cpu_pct: BTreeMap<String, f64>,
+}
+
+/// A `--fail-if` threshold and how the run fared against it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ThresholdResult {
+    /// As given, e.g. `p99_ms>50`.
+    pub expr: String,
+    /// The metric's value in this run (`None`: it has none, e.g. no latency recorded).
+    pub value: Option<f64>,
+    /// Whether the threshold was crossed (the run fails).
+    pub failed: bool,
+}
+
 /// The whole result of one load-generator run.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     /// Settings of the run.
     pub settings: Settings,
+    /// The run id carried in every message (several after a merge, comma-separated).
+    #[serde(default)]
+    pub run_id: String,
+    /// The generator's version and command line.
+    #[serde(default)]
+    pub command: String,
     /// Start time, Unix milliseconds.
     pub started_unix_ms: u64,
+    /// When the first step began, Unix milliseconds (the origin of `timeline`).
+    #[serde(default)]
+    pub load_started_unix_ms: u64,
+    /// End time, Unix milliseconds.
+    #[serde(default)]
+    pub finished_unix_ms: u64,
+    /// Why the run stopped early (`SIGINT`, `SIGTERM`, `--max-secs`): the result is partial,
+    /// its last step may be cut short.
+    #[serde(default)]
+    pub interrupted: Option<String>,
     /// Connection ramp-up.
     pub connect: ConnectSummary,
     /// Per step (empty in idle mode).
@@ -269,12 +419,25 @@ pub struct Report {
     pub totals: StepReport,
     /// Payloads the delivery counter saw that were not the generator's.
     pub foreign_deliveries: u64,
+    /// The generator's payloads of other runs the delivery counter saw (not counted as
+    /// delivered).
+    #[serde(default)]
+    pub other_run_deliveries: u64,
+    /// The first reason the peer gave for each kind of failure.
+    #[serde(default)]
+    pub failure_examples: BTreeMap<String, String>,
     /// Connections lost while the run went on.
     pub connections_lost: u64,
     /// The MSR (load mode).
     pub msr: Option<Msr>,
     /// The idle-connection result (idle mode).
     pub idle: Option<IdleReport>,
+    /// Once a second: rates, latency, CPU.
+    #[serde(default)]
+    pub timeline: Vec<Sample>,
+    /// `--fail-if` thresholds.
+    #[serde(default)]
+    pub thresholds: Vec<ThresholdResult>,
 }
 
 impl Report {
@@ -296,7 +459,7 @@ mod tests {
             offered_rate: rate,
             attempted,
             delivered: attempted - lost,
-            lost,
+            lost: lost as i64,
             loss_ratio: lost as f64 / attempted as f64,
             latency: LatencySummary { count: attempted - lost, p99_us, ..Default::default() },
             ..Default::default()

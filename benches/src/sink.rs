@@ -5,7 +5,8 @@
 //!   4/ESP `ClientData` whose payload is the device's payload.
 //! - For an MQTT broker, an MQTT subscriber on `kp1/#` at QoS 0 built on fleetgate's codec.
 //!
-//! Each runs as one task that owns a [`DeliveryRecorder`] and hands it back when stopped.
+//! Each runs as one task that owns a [`DeliveryRecorder`] and hands it back when stopped. Only
+//! messages carrying the run's id count as delivered; other runs' are counted apart.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -62,6 +63,7 @@ impl SinkThread {
     pub async fn start(
         target: SinkTarget,
         steps: usize,
+        run_id: String,
         stop: watch::Receiver<bool>,
     ) -> Result<SinkThread, SinkError> {
         type Ready = Result<std::sync::Arc<crate::stats::LiveDelivery>, SinkError>;
@@ -88,7 +90,7 @@ impl SinkThread {
                             let _ = ready_tx.send(Err(e));
                         }
                         Ok(sink) => {
-                            let recorder = DeliveryRecorder::new(steps);
+                            let recorder = DeliveryRecorder::new(steps, &run_id);
                             let _ = ready_tx.send(Ok(recorder.live()));
                             let _ = done_tx.send(sink.run(recorder, stop).await);
                         }

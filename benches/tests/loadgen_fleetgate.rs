@@ -120,6 +120,8 @@ async fn short_run_delivers_and_acknowledges_everything(transport: &str, qos: &s
     let t = &report.totals;
     assert_eq!((t.sent, t.skipped, t.backpressure_window, t.backpressure_buffer), (300, 0, 0, 0));
     assert_eq!((t.acked, t.ack_errors), (300, 0), "{t:?}");
+    // Every acknowledgement (CoAP response, HTTP response) was timed.
+    assert_eq!(t.rtt.count, 300, "{:?}", t.rtt);
     assert_eq!((t.delivered, t.lost), (300, 0), "{t:?}");
     assert_eq!(report.foreign_deliveries, 0);
     assert_eq!(t.latency.count, 300);
@@ -192,6 +194,7 @@ async fn loadgen_counts_every_message_through_fleetgate_on_nats() {
     assert_eq!(t.scheduled, 300, "{t:?}");
     assert_eq!((t.sent, t.skipped, t.backpressure_window, t.backpressure_buffer), (300, 0, 0, 0));
     assert_eq!(t.acked, 300, "{t:?}");
+    assert_eq!(t.rtt.count, 300, "every PUBACK timed: {:?}", t.rtt);
     assert_eq!(t.responded, 300, "{t:?}");
     assert_eq!(t.errors, 0);
     assert_eq!(t.delivered, 300, "{t:?}");

@@ -193,7 +193,7 @@ pub fn watch_and_reload(
     );
     // Every result shows from the start (at 0), so that rates and alerts have a series.
     for result in ["applied", "unchanged", "refused"] {
-        outcomes.get_or_create(&ResultLabel { result });
+        let _ = outcomes.get_or_create(&ResultLabel { result });
     }
     if let Some(log) = origin.log.clone() {
         reloads.on("log", Keys::Only(&["filter"]), move |c| {
