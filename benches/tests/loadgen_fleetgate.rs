@@ -55,6 +55,7 @@ impl Gateway {
         config.transports.mqtt.listen = mqtt;
         config.transports.coap.listen = coap;
         config.transports.http.listen = http;
+        config.transports.udp.enabled = false;
         config.admin.listen = admin;
         config.auth.auto_register = true;
         let spool = tempfile::tempdir().expect("a spool directory");

@@ -123,51 +123,31 @@ impl UdpConfig {
     /// Values out of range, as `(setting, what is wrong)`.
     pub fn problems(&self) -> Vec<(&'static str, String)> {
         let mut p = below_minimum(&[
-            ("transports.udp.max_datagram_bytes", self.max_datagram_bytes as u64, 256),
-            ("transports.udp.session_idle_timeout_ms", self.session_idle_timeout_ms, 100),
-            ("transports.udp.session_lifetime_secs", self.session_lifetime_secs, 1),
-            ("transports.udp.max_sessions", self.max_sessions as u64, 1),
-            (
-                "transports.udp.max_handshakes_in_progress",
-                self.max_handshakes_in_progress as u64,
-                1,
-            ),
-            (
-                "transports.udp.handshakes_per_address_per_sec",
-                u64::from(self.handshakes_per_address_per_sec),
-                1,
-            ),
-            (
-                "transports.udp.handshakes_per_token_per_min",
-                u64::from(self.handshakes_per_token_per_min),
-                1,
-            ),
-            ("transports.udp.response_cache", self.response_cache as u64, 1),
-            ("transports.udp.max_in_flight", self.max_in_flight as u64, 1),
-            ("transports.udp.max_pending_pushes", self.max_pending_pushes as u64, 1),
-            ("transports.udp.push_retry_ms", self.push_retry_ms, 10),
-            ("transports.udp.peer_queue_capacity", self.peer_queue_capacity as u64, 1),
-            ("transports.udp.response_queue_capacity", self.response_queue_capacity as u64, 1),
+            ("max_datagram_bytes", self.max_datagram_bytes as u64, 256),
+            ("session_idle_timeout_ms", self.session_idle_timeout_ms, 100),
+            ("session_lifetime_secs", self.session_lifetime_secs, 1),
+            ("max_sessions", self.max_sessions as u64, 1),
+            ("max_handshakes_in_progress", self.max_handshakes_in_progress as u64, 1),
+            ("handshakes_per_address_per_sec", u64::from(self.handshakes_per_address_per_sec), 1),
+            ("handshakes_per_token_per_min", u64::from(self.handshakes_per_token_per_min), 1),
+            ("response_cache", self.response_cache as u64, 1),
+            ("max_in_flight", self.max_in_flight as u64, 1),
+            ("max_pending_pushes", self.max_pending_pushes as u64, 1),
+            ("push_retry_ms", self.push_retry_ms, 10),
+            ("peer_queue_capacity", self.peer_queue_capacity as u64, 1),
+            ("response_queue_capacity", self.response_queue_capacity as u64, 1),
         ]);
-        p.extend(above_maximum(
-            "transports.udp.max_datagram_bytes",
-            self.max_datagram_bytes as u64,
-            65_507,
-        ));
-        p.extend(above_maximum(
-            "transports.udp.extension_aliases",
-            self.extension_aliases.len() as u64,
-            8,
-        ));
+        p.extend(above_maximum("max_datagram_bytes", self.max_datagram_bytes as u64, 65_507));
+        p.extend(above_maximum("extension_aliases", self.extension_aliases.len() as u64, 8));
         let welcome = self.welcome(0).len();
         if wire::NOISE_MSG2_OVERHEAD + 9 + welcome > MIN_INIT {
             p.push((
-                "transports.udp.extension_aliases",
+                "extension_aliases",
                 format!("the names are too long: the handshake answer must fit {MIN_INIT} bytes"),
             ));
         }
         if self.extension_aliases.iter().any(|a| a.is_empty() || a.contains('/')) {
-            p.push(("transports.udp.extension_aliases", "a name is empty or has a `/`".into()));
+            p.push(("extension_aliases", "a name is empty or has a `/`".into()));
         }
         p
     }
@@ -358,7 +338,7 @@ impl UdpTransport {
             },
             None => match KeyPair::generate() {
                 Ok(k) => {
-                    tracing::warn!(public_key = %handshake::hex(&k.public), "transports.udp.private_key_path is not set: using a key generated for this run");
+                    tracing::warn!(public_key = %handshake::hex(&k.public), "private_key_path is not set: using a key generated for this run");
                     (k, None)
                 }
                 Err(e) => (KeyPair::from_private([1; 32]), Some(e.to_string())),
@@ -415,7 +395,7 @@ impl Transport for UdpTransport {
         let config = &self.shared.config;
         if let Some(e) = &self.key_error {
             return Err(BindError {
-                setting: "transports.udp.private_key_path".into(),
+                setting: "private_key_path".into(),
                 addr: config.listen,
                 source: std::io::Error::other(e.clone()),
             });

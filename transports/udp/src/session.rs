@@ -385,7 +385,9 @@ impl Session {
             Frame::Response { id: Some(id), target: None, status, payload }.put(&mut f);
             self.remember(id, f.clone());
             self.out.push_back(f);
-        } else if response.tag == REQUEST_TAG {
+        } else if response.tag == REQUEST_TAG || matches!(response.outcome, KpOutcome::Error(_)) {
+            // An answer to a request without id: only errors come (1/KP), whichever way the
+            // gateway routed them.
             Frame::Response { id: None, target: Some((self.ext_of(ext), path)), status, payload }
                 .put(&mut f);
             self.out.push_back(f);
