@@ -201,3 +201,39 @@ async fn a_device_that_changes_port_keeps_its_session_until_it_expires() {
         Device::connect(fg.udp, &keys.pair.public, &hello("tok-1"), WAIT).await.unwrap();
     assert_eq!(again.request("dcx", "/json", 4, BATCH, WAIT).await.map(|r| r.status), Some(200));
 }
+
+/// The independent device of `transports/udp/tests/python_device.py`, written from SPEC.md with
+/// the `noiseprotocol` package: its samples get 200, a malformed batch 400.
+#[tokio::test]
+async fn an_independent_python_device_sends_samples_and_hears_status() {
+    let found = std::process::Command::new("python3")
+        .args(["-c", "import noise"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        found,
+        "python3 with `noiseprotocol` is needed: `python3 -m pip install noiseprotocol`"
+    );
+    let keys = keys();
+    let fg = up(&keys, &[]);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../transports/udp/tests/python_device.py");
+    let out = tokio::process::Command::new("python3")
+        .arg(script)
+        .args([
+            fg.udp.ip().to_string(),
+            fg.udp.port().to_string(),
+            fleetgate_transport_udp::handshake::hex(&keys.pair.public),
+            "demo-v1".into(),
+            "tok-1".into(),
+        ])
+        .output()
+        .await
+        .expect("python3 runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "python device failed:\n{stdout}\n{stderr}");
+    let result: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
+    assert_eq!(result["status"], 200, "{result}");
+    assert_eq!(result["bad_status"], 400, "{result}");
+    assert_eq!(result["aliases"], serde_json::json!(["dcx", "cmx", "epts"]));
+}
