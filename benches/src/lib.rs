@@ -27,3 +27,4 @@ pub mod schedule;
 pub mod sink;
 pub mod stats;
 pub mod svg;
+pub mod udp_device;
