@@ -7,6 +7,7 @@ and waits for the RESPONSE; then sends a malformed batch with request id 2 and e
 Prints one JSON line with what happened and exits 0 when both answers were as expected.
 
     python_device.py HOST PORT GATEWAY_PUBLIC_KEY_HEX APP_VERSION TOKEN
+    python_device.py --vectors SPEC.md     checks this implementation against SPEC.md §8
 """
 
 import json
@@ -57,14 +58,16 @@ def read_bytes(b, i):
 
 
 class Device:
-    def __init__(self, addr, gateway_public, app_version, token):
+    def __init__(self, addr, gateway_public, app_version, token, own=None, ephemeral=None):
         self.addr = addr
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.settimeout(1.0)
-        self.own = int.from_bytes(os.urandom(4), "big") or 1
+        self.own = own or int.from_bytes(os.urandom(4), "big") or 1
         self.noise = NoiseConnection.from_name(b"Noise_NK_25519_ChaChaPoly_BLAKE2s")
         self.noise.set_as_initiator()
         self.noise.set_keypair_from_public_bytes(Keypair.REMOTE_STATIC, gateway_public)
+        if ephemeral:               # test vectors only
+            self.noise.set_keypair_from_private_bytes(Keypair.EPHEMERAL, ephemeral)
         self.noise.set_prologue(b"FGU/1")
         self.noise.start_handshake()
         # Hello (SPEC §4.2): version 1, flags (bit 0: token), app version, token, zero padding.
@@ -72,6 +75,7 @@ class Device:
         header_len = 1 + 4 + 1
         pad = MIN_INIT - header_len - 48 - len(hello)
         hello += bytes(max(pad, 0))
+        self.hello = hello
         self.msg1 = self.noise.write_message(hello)
         self.next_pn = 0
         self.rx_seen = set()
@@ -99,23 +103,26 @@ class Device:
                 continue
             if kind != RESP or struct.unpack(">I", data[1:5])[0] != self.own:
                 continue
-            self.gateway_sid = struct.unpack(">I", data[5:9])[0]
-            welcome = self.noise.read_message(data[9:])
-            status, i = read_varint(welcome, 0)
-            if status != 200:
-                reason, _ = read_bytes(welcome, i)
-                raise RuntimeError(f"refused: {status} {reason.decode()}")
-            self.lifetime, i = read_varint(welcome, i)
-            self.keepalive, i = read_varint(welcome, i)
-            self.max_datagram, i = read_varint(welcome, i)
-            self.server_time_ms, i = read_varint(welcome, i)
-            count, i = read_varint(welcome, i)
-            for _ in range(count):
-                name, i = read_bytes(welcome, i)
-                self.aliases.append(name.decode())
-            assert self.noise.handshake_finished
+            self.read_resp(data)
             return
         raise RuntimeError("no answer to the handshake")
+
+    def read_resp(self, data):
+        self.gateway_sid = struct.unpack(">I", data[5:9])[0]
+        welcome = self.noise.read_message(data[9:])
+        status, i = read_varint(welcome, 0)
+        if status != 200:
+            reason, _ = read_bytes(welcome, i)
+            raise RuntimeError(f"refused: {status} {reason.decode()}")
+        self.lifetime, i = read_varint(welcome, i)
+        self.keepalive, i = read_varint(welcome, i)
+        self.max_datagram, i = read_varint(welcome, i)
+        self.server_time_ms, i = read_varint(welcome, i)
+        count, i = read_varint(welcome, i)
+        for _ in range(count):
+            name, i = read_bytes(welcome, i)
+            self.aliases.append(name.decode())
+        assert self.noise.handshake_finished
 
     def seal(self, frames):
         # SPEC §5.1: nonce = the packet number; the Noise cipher state's nonce set explicitly.
@@ -206,7 +213,47 @@ class Device:
         return found
 
 
+def check_vectors(spec_path):
+    """Recomputes SPEC.md §8 with its fixed keys; exits non-zero on the first difference."""
+    text = open(spec_path).read()
+    block = text.split("<!-- VECTORS-BEGIN -->")[1].split("<!-- VECTORS-END -->")[0]
+    values, label = {}, None
+    for line in block.splitlines():
+        if line.startswith("    ") and label:
+            values[label] += bytes.fromhex(line.strip())
+        elif line.endswith("bytes):"):
+            label = line.split(" (")[0]
+            if label in values:     # the second "frames" / "DATA datagram" is the downlink
+                label += " down"
+            values[label] = b""
+        elif ": " in line:
+            key, value = line.split(": ", 1)
+            values[key] = value
+            label = None
+    device = Device(("127.0.0.1", 9), values["gateway static public key"], "demo-v1", "tok-1",
+                    own=int(values["device session id"], 16),
+                    ephemeral=values["device ephemeral private key"])
+    checks = [("hello payload", device.hello, values["hello payload, padded"]),
+              ("INIT", device.init_packet(), values["INIT datagram"])]
+    device.read_resp(values["RESP datagram"])
+    checks.append(("welcome aliases", device.aliases, ["dcx", "cmx", "epts"]))
+    checks.append(("gateway session id", device.gateway_sid, int(values["gateway session id"], 16)))
+    flag, ext = device.ext("dcx")
+    frame = varint(F_REQUEST) + bytes([flag | HAS_ID]) + ext + string("/json") + varint(1)
+    frame += string(b'[{"temperature":21}]')
+    checks.append(("uplink frames", frame, values["frames"]))
+    checks.append(("uplink DATA", device.seal(frame), values["DATA datagram, packet number 0"]))
+    down = device.open(values["DATA datagram, packet number 0 down"])
+    checks.append(("downlink frames", down, values["frames down"]))
+    checks.append(("downlink answer", device.handle(down, 1), (200, b"")))
+    failed = [name for name, got, want in checks if got != want]
+    print(json.dumps({"checked": [c[0] for c in checks], "failed": failed}))
+    return 1 if failed else 0
+
+
 def main():
+    if sys.argv[1:2] == ["--vectors"]:
+        return check_vectors(sys.argv[2])
     host, port, key_hex, app_version, token = sys.argv[1:6]
     device = Device((host, int(port)), bytes.fromhex(key_hex), app_version, token)
     device.handshake()

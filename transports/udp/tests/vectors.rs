@@ -156,3 +156,22 @@ fn the_spec_holds_the_vectors_both_sides_compute() {
     }
     assert_eq!(current, block, "SPEC.md §8 is stale: run with FGU_WRITE_VECTORS=1");
 }
+
+/// The independent Python device (`python_device.py`, `noiseprotocol`) recomputes the same
+/// vectors from SPEC.md: the spec is implementable by a second party byte for byte.
+#[test]
+fn the_python_device_reproduces_the_vectors() {
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let out = std::process::Command::new("python3")
+        .arg(format!("{dir}/tests/python_device.py"))
+        .args(["--vectors", &format!("{dir}/SPEC.md")])
+        .output()
+        .expect("python3 runs (with `python3 -m pip install noiseprotocol`)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "python device (needs `python3 -m pip install noiseprotocol`):\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("\"failed\": []"), "{stdout}");
+}
