@@ -49,6 +49,8 @@ pub struct Device {
     answers: HashMap<u32, Reply>,
     unsolicited: VecDeque<Reply>,
     pushes: VecDeque<Reply>,
+    /// Push ids handled lately: a retransmitted push is acknowledged again, not handed on twice.
+    seen_pushes: VecDeque<u64>,
     closed: Option<(u16, String)>,
     buf: Vec<u8>,
 }
@@ -101,6 +103,7 @@ impl Device {
                                 answers: HashMap::new(),
                                 unsolicited: VecDeque::new(),
                                 pushes: VecDeque::new(),
+                                seen_pushes: VecDeque::new(),
                                 closed: None,
                                 buf,
                             });
@@ -288,6 +291,13 @@ impl Device {
                 }
                 Frame::Push { id, ext, path, payload } => {
                     Frame::Ack(id).put(&mut acks);
+                    if self.seen_pushes.contains(&id) {
+                        continue;
+                    }
+                    if self.seen_pushes.len() >= 64 {
+                        self.seen_pushes.pop_front();
+                    }
+                    self.seen_pushes.push_back(id);
                     self.pushes.push_back(Reply {
                         status: 200,
                         ext: ext_name(&self.accepted.aliases, ext),

@@ -474,3 +474,188 @@ impl Session {
         self.pushes.len()
     }
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::client::{Connecting, Established};
+    use crate::handshake::{self, Hello, KeyPair, Welcome};
+    use crate::wire::{self, Packet};
+
+    fn pair(limits: Limits, now: Instant) -> (Established, Session) {
+        let keys = KeyPair::from_private([7; 32]);
+        let hello = Hello { app_version: "a", token: Some("t"), username: None, password: None };
+        let mut device = Connecting::new(&keys.public, 5, &hello, None).unwrap();
+        let init = device.init_packet(None).unwrap();
+        let Ok(Packet::Init { noise, .. }) = Packet::parse(&init) else { panic!("INIT") };
+        let mut hs = handshake::responder(&keys, None).unwrap();
+        let mut buf = vec![0; noise.len()];
+        handshake::read_init(&mut hs, noise, &mut buf).unwrap();
+        let mut header = Vec::new();
+        wire::put_resp_header(&mut header, 5, 6);
+        let welcome = Welcome::Accepted {
+            lifetime_secs: 60,
+            keepalive_secs: 25,
+            max_datagram: 1200,
+            server_time_ms: 0,
+            aliases: vec!["dcx"],
+        };
+        let (resp, server_keys) = handshake::write_resp(hs, header, &welcome).unwrap();
+        let (client, _) = device.finish(&resp).unwrap();
+        let session = Session::new(
+            NewSession {
+                id: 6,
+                device: 5,
+                peer: "127.0.0.1:1".parse().unwrap(),
+                app_version: "a".into(),
+                token: "t".into(),
+                keys: server_keys,
+                aliases: vec!["dcx".to_owned()].into(),
+                limits,
+            },
+            now,
+        );
+        (client, session)
+    }
+
+    fn deliver(session: &mut Session, packet: &[u8], now: Instant) -> Result<Received, Refusal> {
+        let Ok(Packet::Data { number, sealed, .. }) = Packet::parse(packet) else { panic!("DATA") };
+        session.receive(number, sealed, packet.len(), "127.0.0.1:1".parse().unwrap(), now)
+    }
+
+    fn frames(client: &mut Established, packet: &[u8]) -> Vec<String> {
+        let plain = client.open(packet).unwrap();
+        Frames::new(&plain).map(|f| format!("{:?}", f.unwrap())).collect()
+    }
+
+    fn request(id: Option<u32>, payload: &[u8]) -> Vec<u8> {
+        let mut f = Vec::new();
+        Frame::Request { ext: Ext::Alias(0), path: "/json", id, payload }.put(&mut f);
+        f
+    }
+
+    fn answer(session: &mut Session, id: u32, now: Instant) {
+        let response = KpResponse {
+            base: Bytes::from_static(b"kp1/a/dcx/t/json"),
+            request_id: Some(id),
+            tag: REQUEST_TAG,
+            outcome: KpOutcome::Success(Bytes::from_static(b"ok")),
+        };
+        session.respond(&response, now);
+    }
+
+    #[test]
+    fn a_retried_request_reaches_the_gateway_once_and_is_answered_from_the_cache() {
+        let now = Instant::now();
+        let (mut client, mut session) = pair(Limits::default(), now);
+        let got = deliver(&mut session, &client.seal(&request(Some(9), b"[1]")), now).unwrap();
+        assert_eq!(got.requests.len(), 1);
+        assert_eq!(got.requests[0].topic.as_str(), "kp1/a/dcx/t/json/9");
+        // Retried while in flight: ignored.
+        let got = deliver(&mut session, &client.seal(&request(Some(9), b"[1]")), now).unwrap();
+        assert_eq!((got.requests.len(), got.duplicates), (0, 1));
+        assert!(session.poll_transmit(now).is_none());
+        answer(&mut session, 9, now);
+        let first = session.poll_transmit(now).unwrap();
+        assert_eq!(
+            frames(&mut client, &first),
+            ["Response { id: Some(9), target: None, status: 200, payload: [111, 107] }"]
+        );
+        // Retried after the answer was lost: the cached answer again, no new request.
+        let got = deliver(&mut session, &client.seal(&request(Some(9), b"[1]")), now).unwrap();
+        assert_eq!((got.requests.len(), got.duplicates), (0, 1));
+        let again = session.poll_transmit(now).unwrap();
+        assert_ne!(again, first, "a new packet number");
+        assert_eq!(frames(&mut client, &again), frames_of_first());
+    }
+
+    fn frames_of_first() -> Vec<String> {
+        vec!["Response { id: Some(9), target: None, status: 200, payload: [111, 107] }".to_owned()]
+    }
+
+    #[test]
+    fn replays_and_forgeries_are_refused_without_touching_the_window() {
+        let now = Instant::now();
+        let (mut client, mut session) = pair(Limits::default(), now);
+        let packet = client.seal(&request(None, b"[1]"));
+        assert!(deliver(&mut session, &packet, now).is_ok());
+        assert_eq!(deliver(&mut session, &packet, now).err(), Some(Refusal::Replay));
+        // A forged packet with a far-ahead number must not move the window.
+        let mut forged = client.seal_with(1_000, &request(None, b"[1]"));
+        let last = forged.len() - 1;
+        forged[last] ^= 0x80;
+        assert_eq!(deliver(&mut session, &forged, now).err(), Some(Refusal::Forged));
+        let next = client.seal(&request(None, b"[2]"));
+        assert_eq!(deliver(&mut session, &next, now).unwrap().requests.len(), 1);
+    }
+
+    #[test]
+    fn oversized_datagrams_get_413_and_unknown_aliases_404() {
+        let now = Instant::now();
+        let limits = Limits { max_datagram: 256, ..Limits::default() };
+        let (mut client, mut session) = pair(limits, now);
+        let big = client.seal(&request(Some(1), &[b'x'; 400]));
+        assert!(deliver(&mut session, &big, now).unwrap().requests.is_empty());
+        let out = session.poll_transmit(now).unwrap();
+        assert!(frames(&mut client, &out)[0].contains("status: 413"));
+        let mut f = Vec::new();
+        Frame::Request { ext: Ext::Alias(3), path: "/json", id: Some(2), payload: b"[]" }
+            .put(&mut f);
+        assert!(deliver(&mut session, &client.seal(&f), now).unwrap().requests.is_empty());
+        let out = session.poll_transmit(now).unwrap();
+        assert!(frames(&mut client, &out)[0].contains("status: 404"));
+    }
+
+    #[test]
+    fn pushes_are_retransmitted_until_acknowledged_then_wait_for_the_device() {
+        let now = Instant::now();
+        let (mut client, mut session) = pair(Limits::default(), now);
+        let push = KpResponse {
+            base: Bytes::from_static(b"kp1/a/cmx/t/config/json"),
+            request_id: None,
+            tag: 0,
+            outcome: KpOutcome::Success(Bytes::from_static(b"{}")),
+        };
+        session.respond(&push, now);
+        let first = session.poll_transmit(now).unwrap();
+        let shown = frames(&mut client, &first);
+        assert_eq!(
+            shown,
+            [r#"Push { id: 1, ext: Name("cmx"), path: "/config/json", payload: [123, 125] }"#]
+        );
+        assert!(session.poll_transmit(now).is_none(), "not again before its timeout");
+        let mut t = now;
+        for _ in 0..4 {
+            t = session.poll_timeout();
+            assert!(session.poll_transmit(t).is_some(), "retransmitted at {:?}", t - now);
+        }
+        // After four retransmissions it waits for the device's next packet.
+        assert!(session.poll_timeout() > t + Duration::from_secs(60));
+        assert!(session.poll_transmit(t + Duration::from_secs(100)).is_none());
+        let mut ping = Vec::new();
+        Frame::Ping(*b"12345678").put(&mut ping);
+        deliver(&mut session, &client.seal(&ping), t).unwrap();
+        let out = session.poll_transmit(t).unwrap();
+        let shown = frames(&mut client, &out);
+        assert_eq!(shown.len(), 2, "the pong and the held push: {shown:?}");
+        let mut ack = Vec::new();
+        Frame::Ack(1).put(&mut ack);
+        assert_eq!(deliver(&mut session, &client.seal(&ack), t).unwrap().acked, 1);
+        assert_eq!(session.pending_pushes(), 0);
+        // An error for a request without id is an answer, not a push.
+        let error = KpResponse {
+            base: Bytes::from_static(b"kp1/a/dcx/t/json"),
+            request_id: None,
+            tag: 0,
+            outcome: KpOutcome::Error(KpError::bad_request("bad")),
+        };
+        session.respond(&error, t);
+        let out = session.poll_transmit(t).unwrap();
+        assert!(
+            frames(&mut client, &out)[0].starts_with(
+                "Response { id: None, target: Some((Alias(0), \"/json\")), status: 400"
+            )
+        );
+    }
+}
