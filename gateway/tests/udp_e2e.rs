@@ -237,3 +237,35 @@ async fn an_independent_python_device_sends_samples_and_hears_status() {
     assert_eq!(result["bad_status"], 400, "{result}");
     assert_eq!(result["aliases"], serde_json::json!(["dcx", "cmx", "epts"]));
 }
+
+/// Handshake limits: over the per-address rate an INIT gets a stateless cookie (RETRY) and
+/// proceeds once it echoes it; over the per-token rate the handshake is refused with 429.
+#[tokio::test]
+async fn handshakes_over_the_limits_get_a_cookie_or_429() {
+    let keys = keys();
+    let fg = up(
+        &keys,
+        &[
+            ("FLEETGATE_TRANSPORTS_UDP_HANDSHAKES_PER_ADDRESS_PER_SEC", "1".into()),
+            ("FLEETGATE_TRANSPORTS_UDP_HANDSHAKES_PER_TOKEN_PER_MIN", "2".into()),
+        ],
+    );
+    let mut first =
+        Device::connect(fg.udp, &keys.pair.public, &hello("tok-1"), WAIT).await.unwrap();
+    let mut second =
+        Device::connect(fg.udp, &keys.pair.public, &hello("tok-1"), WAIT).await.unwrap();
+    assert!(
+        metric(&fg, &["fleetgate_transport_udp_retries_total"]) >= 1.0,
+        "a cookie was asked for"
+    );
+    for device in [&mut first, &mut second] {
+        assert_eq!(
+            device.request("dcx", "/json", 1, BATCH, WAIT).await.map(|r| r.status),
+            Some(200)
+        );
+    }
+    match Device::connect(fg.udp, &keys.pair.public, &hello("tok-1"), WAIT).await {
+        Err(DeviceError::Protocol(ClientError::Refused { status, .. })) => assert_eq!(status, 429),
+        other => panic!("expected 429, got {:?}", other.err()),
+    }
+}
