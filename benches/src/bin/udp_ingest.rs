@@ -89,7 +89,8 @@ fn parse(args: &[String]) -> Opts {
     while let Some(flag) = it.next() {
         let v = it.next().cloned().unwrap_or_default();
         match flag.as_str() {
-            "--fleetgate" => o.fleetgate = v.into(),
+            // Absolute: the server runs in its own working directory.
+            "--fleetgate" => o.fleetgate = std::fs::canonicalize(&v).unwrap_or_else(|_| v.into()),
             "--pairs" => o.pairs = v.parse().unwrap_or(3),
             "--secs" => o.secs = v.parse().unwrap_or(2.0),
             "--rates" => o.rates = v.split(',').filter_map(|r| r.parse().ok()).collect(),
@@ -150,7 +151,7 @@ fn start(o: &Opts, side: Side) -> Server {
     let udp = SocketAddr::from(([127, 0, 0, 1], o.port));
     let admin = SocketAddr::from(([127, 0, 0, 1], o.port + 1));
     let mut cmd = Command::new("taskset");
-    cmd.arg("-c").arg(&o.sut_cpus).stdout(Stdio::null()).stderr(Stdio::null());
+    cmd.arg("-c").arg(&o.sut_cpus).stdout(Stdio::null()).stderr(Stdio::inherit());
     let key = match side {
         Side::Fleetgate => {
             let path = dir.join("udp.key");
