@@ -34,7 +34,7 @@ fn main() {
             eprintln!(
                 "usage: fleetgate-udp-ingest sink ADDR\n       fleetgate-udp-ingest compare \
                  [--fleetgate PATH] [--pairs 3] [--secs 2] [--rates 10000,20000,...] \
-                 [--sut-cpus 0] [--sessions 16] [--payload-bytes 64] [--port 26000]"
+                 [--sut-cpus 0] [--sessions 256] [--payload-bytes 64] [--port 26000]"
             );
             std::process::exit(2);
         }
@@ -81,7 +81,7 @@ fn parse(args: &[String]) -> Opts {
         secs: 2.0,
         rates: vec![10_000, 20_000, 30_000, 40_000, 50_000, 60_000, 80_000, 100_000],
         sut_cpus: "0".into(),
-        sessions: 16,
+        sessions: 256,
         payload_bytes: 64,
         port: 26_000,
     };
@@ -95,7 +95,7 @@ fn parse(args: &[String]) -> Opts {
             "--secs" => o.secs = v.parse().unwrap_or(2.0),
             "--rates" => o.rates = v.split(',').filter_map(|r| r.parse().ok()).collect(),
             "--sut-cpus" => o.sut_cpus = v,
-            "--sessions" => o.sessions = v.parse().unwrap_or(16),
+            "--sessions" => o.sessions = v.parse().unwrap_or(256),
             "--payload-bytes" => o.payload_bytes = v.parse().unwrap_or(64),
             "--port" => o.port = v.parse().unwrap_or(26_000),
             other => {
@@ -164,6 +164,8 @@ fn start(o: &Opts, side: Side) -> Server {
                 .env("FLEETGATE_TRANSPORTS_UDP_LISTEN", udp.to_string())
                 .env("FLEETGATE_TRANSPORTS_UDP_PRIVATE_KEY_PATH", &path)
                 .env("FLEETGATE_TRANSPORTS_UDP_HANDSHAKES_PER_TOKEN_PER_MIN", "100000")
+                // All the generator's sessions come from one address, at set-up speed.
+                .env("FLEETGATE_TRANSPORTS_UDP_HANDSHAKES_PER_ADDRESS_PER_SEC", "1000000")
                 .env("FLEETGATE_TRANSPORTS_MQTT_ENABLED", "false")
                 .env("FLEETGATE_TRANSPORTS_COAP_ENABLED", "false")
                 .env("FLEETGATE_TRANSPORTS_HTTP_ENABLED", "false")
@@ -191,6 +193,18 @@ impl Server {
     fn pid(&self) -> u32 {
         // taskset execs the server, so the child's pid is the server's.
         self.child.id()
+    }
+
+    /// The `/metrics` sample lines of fleetgate that contain `part`, joined.
+    fn metrics_matching(&self, part: &str) -> Option<String> {
+        let mut s = TcpStream::connect_timeout(&self.admin, Duration::from_millis(500)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+        write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+        let mut text = String::new();
+        s.read_to_string(&mut text).ok()?;
+        let lines: Vec<&str> =
+            text.lines().filter(|l| l.contains(part) && !l.starts_with('#')).collect();
+        Some(lines.join("; "))
     }
 
     fn delivered(&self) -> Option<u64> {
@@ -327,6 +341,11 @@ fn run_steps(o: &Opts, server: &Server) -> Vec<Step> {
             100.0 * (1.0 - delivered as f64 / sent.max(1) as f64),
             cpu * 1e6 / delivered.max(1) as f64
         );
+        if server.side == Side::Fleetgate
+            && let Some(refused) = server.metrics_matching("datagrams_refused_total")
+        {
+            eprintln!("            refused so far: {refused}");
+        }
         steps.push(Step { rate, sent, delivered, cpu, secs });
     }
     steps
