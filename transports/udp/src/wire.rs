@@ -660,3 +660,27 @@ mod tests {
         assert_eq!(Packet::parse(&[0x1f]), Err(WireError::PacketType(15)));
     }
 }
+
+#[cfg(test)]
+mod arbitrary_input {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::handshake::{Hello, Welcome};
+
+    proptest! {
+        /// What the fuzz targets check, in every test run: arbitrary bytes through every
+        /// parser of network input refuse or parse, never panic.
+        #[test]
+        fn parsers_never_panic(data in prop::collection::vec(any::<u8>(), 0..300)) {
+            let _ = Packet::parse(&data);
+            // An error ends the iteration (the frames after it cannot be delimited).
+            for f in Frames::new(&data).flatten() {
+                let mut out = Vec::new();
+                f.put(&mut out);
+            }
+            let _ = Hello::parse(&data);
+            let _ = Welcome::parse(&data);
+        }
+    }
+}
