@@ -58,6 +58,7 @@ def run(bindir, mode, rate, secs, devices, workdir):
         "FLEETGATE_TRANSPORTS_MQTT_LISTEN": f"127.0.0.1:{mqtt}",
         "FLEETGATE_TRANSPORTS_COAP_ENABLED": "false",
         "FLEETGATE_TRANSPORTS_HTTP_ENABLED": "false",
+        "FLEETGATE_TRANSPORTS_UDP_ENABLED": "false",
         "FLEETGATE_ADMIN_LISTEN": f"127.0.0.1:{admin}",
         "FLEETGATE_AUTH_AUTO_REGISTER": "true",
         "FLEETGATE_GATEWAY_SPOOL_MODE": mode,

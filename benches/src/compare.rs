@@ -560,6 +560,7 @@ impl Env {
                 // MQTT scenarios only; replicas would also clash on the CoAP and HTTP ports.
                 .env("FLEETGATE_TRANSPORTS_COAP_ENABLED", "false")
                 .env("FLEETGATE_TRANSPORTS_HTTP_ENABLED", "false")
+                .env("FLEETGATE_TRANSPORTS_UDP_ENABLED", "false")
                 .env("FLEETGATE_ADMIN_LISTEN", admin.to_string())
                 .env("FLEETGATE_AUTH_AUTO_REGISTER", "true")
                 .env("FLEETGATE_PROCESS_DRAIN_TIMEOUT_MS", "500")

@@ -602,6 +602,8 @@ pub enum SimDevice {
     Coap(Arc<crate::coap_device::CoapDevice>),
     /// An HTTP/1.1 connection.
     Http(Arc<crate::http_device::HttpDevice>),
+    /// An FGU/1 session.
+    Udp(Arc<crate::udp_device::UdpDevice>),
 }
 
 impl SimDevice {
@@ -612,6 +614,7 @@ impl SimDevice {
             SimDevice::Mqtt(d) => d.publish(qos, with_request_id, payload),
             SimDevice::Coap(d) => d.publish(qos, payload),
             SimDevice::Http(d) => d.publish(payload),
+            SimDevice::Udp(d) => d.publish(qos, payload),
         }
     }
 
@@ -621,6 +624,7 @@ impl SimDevice {
             SimDevice::Mqtt(d) => d.flush(),
             SimDevice::Coap(d) => d.flush(),
             SimDevice::Http(d) => d.flush(),
+            SimDevice::Udp(d) => d.flush(),
         }
     }
 
@@ -630,6 +634,7 @@ impl SimDevice {
             SimDevice::Mqtt(d) => d.is_open(),
             SimDevice::Coap(d) => d.is_open(),
             SimDevice::Http(d) => d.is_open(),
+            SimDevice::Udp(d) => d.is_open(),
         }
     }
 }

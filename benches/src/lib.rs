@@ -32,3 +32,4 @@ pub mod sink;
 pub mod stats;
 pub mod svg;
 pub mod threshold;
+pub mod udp_device;

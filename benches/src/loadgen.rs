@@ -42,6 +42,7 @@ use crate::schedule::{StepPlan, split_even};
 use crate::sink::{SinkTarget, SinkThread};
 use crate::stats::{DeliveryRecorder, LiveDelivery, RunCounters, StepCounts, histogram_pairs};
 use crate::threshold::Threshold;
+use crate::udp_device::{self, UdpOptions};
 
 /// What the devices talk to, and so where delivery is counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -61,6 +62,9 @@ pub enum Transport {
     Coap,
     /// HTTP/1.1 over TCP (`--http`), pipelined; every request is answered.
     Http,
+    /// FGU/1, fleetgate's custom UDP protocol (`--udp`, `--udp-public-key`): QoS 1 sends
+    /// requests with an id (answered), QoS 0 without.
+    Udp,
 }
 
 impl Transport {
@@ -69,6 +73,7 @@ impl Transport {
             Transport::Mqtt => "mqtt",
             Transport::Coap => "coap",
             Transport::Http => "http",
+            Transport::Udp => "udp",
         }
     }
 }
@@ -119,6 +124,13 @@ pub struct LoadgenArgs {
     /// HTTP address of the system under test (`--transport http`).
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub http: SocketAddr,
+    /// FGU/1 (UDP) address of the system under test (`--transport udp`).
+    #[arg(long, default_value = "127.0.0.1:5690")]
+    pub udp: SocketAddr,
+    /// The gateway's FGU/1 public key (64 hex digits, or a file holding them, such as the
+    /// `.pub` file of `fleetgate keygen`), for `--transport udp`.
+    #[arg(long)]
+    pub udp_public_key: Option<String>,
     /// NATS URL where fleetgate's ClientData is counted (`--target fleetgate`).
     #[arg(long)]
     pub nats_url: Option<String>,
@@ -364,6 +376,7 @@ struct Plan {
     device_opts: DeviceOptions,
     coap_opts: CoapOptions,
     http_opts: HttpOptions,
+    udp_opts: UdpOptions,
 }
 
 fn check(args: &LoadgenArgs) -> Result<Plan, LoadgenError> {
@@ -433,6 +446,13 @@ fn check(args: &LoadgenArgs) -> Result<Plan, LoadgenError> {
         return bad("--connect-rate must be positive".into());
     }
     let watch = parse_watch(&args.watch).map_err(LoadgenError::Settings)?;
+    let gateway_key = match (&args.udp_public_key, args.transport) {
+        (Some(key), _) => udp_public_key(key).map_err(LoadgenError::Settings)?,
+        (None, Transport::Udp) => {
+            return bad("--transport udp needs --udp-public-key (hex or a .pub file)".into());
+        }
+        (None, _) => [0; 32],
+    };
     let steps = if args.idle {
         StepPlan::new(Vec::new(), Duration::ZERO)
     } else {
@@ -460,6 +480,13 @@ fn check(args: &LoadgenArgs) -> Result<Plan, LoadgenError> {
             window: args.window.max(1),
             connect_timeout: Duration::from_millis(args.connect_timeout_ms),
         },
+        udp_opts: UdpOptions {
+            target: args.udp,
+            gateway_key,
+            app_version: args.app_version.clone(),
+            window: args.window.max(1),
+            connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+        },
         http_opts: HttpOptions {
             target: args.http,
             app_version: args.app_version.clone(),
@@ -470,12 +497,24 @@ fn check(args: &LoadgenArgs) -> Result<Plan, LoadgenError> {
     })
 }
 
+/// The gateway's FGU/1 public key: 64 hex digits, or a file that holds them.
+fn udp_public_key(value: &str) -> Result<[u8; 32], String> {
+    use fleetgate_transport_udp::handshake::parse_key_hex;
+    if let Some(key) = parse_key_hex(value) {
+        return Ok(key);
+    }
+    let text = std::fs::read_to_string(value)
+        .map_err(|e| format!("--udp-public-key: neither 64 hex digits nor a readable file: {e}"))?;
+    parse_key_hex(&text).ok_or_else(|| format!("--udp-public-key: {value} does not hold a key"))
+}
+
 /// The option naming the devices' target address, and the address.
 fn target_addr(args: &LoadgenArgs) -> (&'static str, SocketAddr) {
     match args.transport {
         Transport::Mqtt => ("mqtt", args.mqtt),
         Transport::Coap => ("coap", args.coap),
         Transport::Http => ("http", args.http),
+        Transport::Udp => ("udp", args.udp),
     }
 }
 
@@ -726,7 +765,12 @@ async fn connect_all(
     let interval = Duration::from_secs_f64(1.0 / args.connect_rate);
     let permits = Arc::new(Semaphore::new(args.connect_concurrency.max(1)));
     let mut tasks = tokio::task::JoinSet::new();
-    let opts = Arc::new((plan.device_opts.clone(), plan.coap_opts.clone(), plan.http_opts.clone()));
+    let opts = Arc::new((
+        plan.device_opts.clone(),
+        plan.coap_opts.clone(),
+        plan.http_opts.clone(),
+        plan.udp_opts.clone(),
+    ));
     let transport = args.transport;
     let mut devices = Vec::with_capacity(args.devices);
     let mut readers = Vec::with_capacity(args.devices);
@@ -781,7 +825,7 @@ async fn connect_all(
         let counters = counters.clone();
         let stop = stop.clone();
         tasks.spawn(async move {
-            let (mqtt, coap, http) = &*opts;
+            let (mqtt, coap, http, udp) = &*opts;
             let connected = match transport {
                 Transport::Mqtt => device::connect(mqtt, Some(source), &token, counters)
                     .await
@@ -792,6 +836,9 @@ async fn connect_all(
                 Transport::Http => http_device::connect(http, Some(source), &token, counters)
                     .await
                     .map(|d| (SimDevice::Http(d.clone()), tokio::spawn(d.read_loop(stop)))),
+                Transport::Udp => udp_device::connect(udp, Some(source), &token, counters)
+                    .await
+                    .map(|d| (SimDevice::Udp(d.clone()), tokio::spawn(d.read_loop(stop)))),
             };
             drop(permit);
             connected

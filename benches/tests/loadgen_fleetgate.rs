@@ -1,6 +1,6 @@
 //! End to end: the load generator against a real `fleetgate up` on a real NATS server, for
 //! two seconds at a low rate, so every count can be checked exactly: MQTT devices at QoS 1 with
-//! request ids, CoAP devices (CON) and HTTP devices. fleetgate runs in this test's process
+//! request ids, CoAP devices (CON), HTTP devices and FGU/1 (custom UDP) devices. fleetgate runs in this test's process
 //! (`fleetgate::run::run_until`), every listener on a free port.
 
 // Test code: a failed expectation fails the test.
@@ -39,6 +39,9 @@ struct Gateway {
     mqtt: SocketAddr,
     coap: SocketAddr,
     http: SocketAddr,
+    udp: SocketAddr,
+    /// The FGU/1 public key, hex.
+    udp_key: String,
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<Result<(), fleetgate::run::StartError>>,
     _spool: tempfile::TempDir,
@@ -55,10 +58,16 @@ impl Gateway {
         config.transports.mqtt.listen = mqtt;
         config.transports.coap.listen = coap;
         config.transports.http.listen = http;
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        config.transports.udp.listen = udp;
         config.admin.listen = admin;
         config.auth.auto_register = true;
         let spool = tempfile::tempdir().expect("a spool directory");
         config.gateway.spool.path = spool.path().to_path_buf();
+        let key_path = spool.path().join("udp.key");
+        let keys = fleetgate_transport_udp::keys::generate(&key_path).unwrap();
+        let udp_key = fleetgate_transport_udp::handshake::hex(&keys.public);
+        config.transports.udp.private_key_path = Some(key_path);
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(run_until(Role::Up, config, async {
             let _ = stop_rx.await;
@@ -69,7 +78,7 @@ impl Gateway {
             assert!(tokio::time::Instant::now() < deadline, "fleetgate not ready");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        Gateway { nats, mqtt, coap, http, stop, task, _spool: spool }
+        Gateway { nats, mqtt, coap, http, udp, udp_key, stop, task, _spool: spool }
     }
 
     async fn stop(self) {
@@ -83,6 +92,7 @@ impl Gateway {
 async fn short_run_delivers_and_acknowledges_everything(transport: &str, qos: &str) {
     let gw = Gateway::start().await;
     let (coap, http, nats_url) = (gw.coap.to_string(), gw.http.to_string(), gw.nats.url());
+    let udp = gw.udp.to_string();
     let cli = Cli::parse_from([
         "loadgen",
         "--transport",
@@ -91,6 +101,10 @@ async fn short_run_delivers_and_acknowledges_everything(transport: &str, qos: &s
         &coap,
         "--http",
         &http,
+        "--udp",
+        &udp,
+        "--udp-public-key",
+        &gw.udp_key,
         "--nats-url",
         &nats_url,
         "--devices",
@@ -136,6 +150,11 @@ async fn short_run_delivers_and_acknowledges_everything(transport: &str, qos: &s
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn coap_devices_are_acknowledged_and_delivered() {
     short_run_delivers_and_acknowledges_everything("coap", "1").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn udp_devices_are_acknowledged_and_delivered() {
+    short_run_delivers_and_acknowledges_everything("udp", "1").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

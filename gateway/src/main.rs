@@ -42,7 +42,22 @@ fn cli() -> Command {
         .subcommand(Command::new("config").about(
             "Print the effective configuration (file, environment overrides and defaults) as \
              YAML and exit",
-        ));
+        ))
+        .subcommand(
+            Command::new("keygen")
+                .about(
+                    "Write a new key pair for the custom UDP transport (FGU/1) to --out (else \
+                     transports.udp.private_key_path, else ./fleetgate-udp.key) and its public \
+                     key, which devices pin, to <file>.pub; never overwrites",
+                )
+                .arg(
+                    Arg::new("out")
+                        .long("out")
+                        .value_name("FILE")
+                        .value_parser(clap::value_parser!(PathBuf))
+                        .action(ArgAction::Set),
+                ),
+        );
     for s in SERVICES {
         cli = cli.subcommand(Command::new(s.name).about(s.about));
     }
@@ -63,6 +78,11 @@ fn main() -> ExitCode {
     };
     let role = match matches.subcommand_name() {
         Some("config") => return print_config(&config),
+        Some("keygen") => {
+            let out =
+                matches.subcommand_matches("keygen").and_then(|m| m.get_one::<PathBuf>("out"));
+            return keygen(out.cloned(), &config);
+        }
         Some("up") => Role::Up,
         Some(name) => match service(name) {
             Some(entry) => Role::One(entry),
@@ -119,6 +139,28 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     message
+}
+
+fn keygen(out: Option<PathBuf>, config: &Config) -> ExitCode {
+    let path = out
+        .or_else(|| config.transports.udp.private_key_path.clone())
+        .unwrap_or_else(|| PathBuf::from("fleetgate-udp.key"));
+    match fleetgate_transport_udp::keys::generate(&path) {
+        Ok(keys) => {
+            let public = fleetgate_transport_udp::keys::public_path(&path);
+            println!("private key: {}", path.display());
+            println!(
+                "public key:  {} (also in {})",
+                fleetgate_transport_udp::handshake::hex(&keys.public),
+                public.display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("fleetgate: keygen: {e}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 fn print_config(config: &Config) -> ExitCode {

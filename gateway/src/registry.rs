@@ -11,6 +11,7 @@ use fleetgate_transport_core::Transport;
 use fleetgate_transport_core::metrics::TransportMetrics;
 use fleetgate_transport_http::{HttpConfig, HttpTransport};
 use fleetgate_transport_mqtt::server::{MqttConfig, MqttTransport};
+use fleetgate_transport_udp::{UdpConfig, UdpTransport};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
@@ -27,6 +28,8 @@ pub struct TransportsConfig {
     pub coap: CoapConfig,
     /// HTTP/1.1 and h2c.
     pub http: HttpConfig,
+    /// FGU/1, the compact encrypted UDP protocol.
+    pub udp: UdpConfig,
 }
 
 /// A device transport the binary can serve.
@@ -79,6 +82,12 @@ pub const TRANSPORTS: &[TransportEntry] = &[
             Some(boxed(t))
         },
         problems: |c| c.http.problems(),
+    },
+    TransportEntry {
+        // Its settings apply at the next start (a reload names them in its warning).
+        name: "udp",
+        make: |c, m, _| c.udp.enabled.then(|| boxed(UdpTransport::new(c.udp.clone(), m))),
+        problems: |c| c.udp.problems(),
     },
 ];
 
@@ -139,7 +148,7 @@ mod tests {
     #[test]
     fn names_are_unique() {
         let mut names: Vec<_> = SERVICES.iter().map(|s| s.name).collect();
-        names.extend(["up", "config"]);
+        names.extend(["up", "config", "keygen"]);
         let before = names.len();
         names.sort_unstable();
         names.dedup();

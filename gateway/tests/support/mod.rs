@@ -20,6 +20,8 @@ pub(crate) struct Fleetgate {
     /// CoAP (UDP) and HTTP listeners, on free ports unless `env` chose others.
     pub coap: SocketAddr,
     pub http: SocketAddr,
+    /// The custom UDP (FGU/1) listener, on a free port unless `env` chose another.
+    pub udp: SocketAddr,
     log: PathBuf,
     /// The working directory: its own spool (`fleetgate-data/`), removed with the process.
     dir: tempfile::TempDir,
@@ -42,6 +44,7 @@ impl Fleetgate {
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let coap = SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
         let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        let udp = SocketAddr::from(([127, 0, 0, 1], free_udp_port()));
         let log = std::env::temp_dir().join(format!(
             "fleetgate-test-{}-{}.log",
             std::process::id(),
@@ -55,6 +58,7 @@ impl Fleetgate {
             admin,
             coap,
             http,
+            udp,
             log,
             dir,
             command: command.to_owned(),
@@ -80,6 +84,7 @@ impl Fleetgate {
             .env("FLEETGATE_ADMIN_LISTEN", self.admin.to_string())
             .env("FLEETGATE_TRANSPORTS_COAP_LISTEN", self.coap.to_string())
             .env("FLEETGATE_TRANSPORTS_HTTP_LISTEN", self.http.to_string())
+            .env("FLEETGATE_TRANSPORTS_UDP_LISTEN", self.udp.to_string())
             .env("RUST_LOG", "info,fleetgate=debug")
             .stdout(Stdio::null())
             .stderr(log);

@@ -583,6 +583,7 @@ fn start(args: &CompareArgs, side: Side) -> (Server, SocketAddr) {
                 ("FLEETGATE_TRANSPORTS_COAP_LISTEN".into(), local(port)),
                 ("FLEETGATE_TRANSPORTS_MQTT_LISTEN".into(), local(port + 2)),
                 ("FLEETGATE_TRANSPORTS_HTTP_LISTEN".into(), local(port + 3)),
+                ("FLEETGATE_TRANSPORTS_UDP_ENABLED".into(), "false".into()),
                 ("FLEETGATE_ADMIN_LISTEN".into(), local(port + 4)),
                 ("FLEETGATE_LOG_FILTER".into(), "warn".into()),
             ],

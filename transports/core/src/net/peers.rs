@@ -59,6 +59,11 @@ impl<K: Hash + Eq, T> PeerQueues<K, T> {
         self.queues.retain(|_, queue| !queue.is_closed());
     }
 
+    /// Whether a live task owns `key`.
+    pub fn contains(&self, key: &K) -> bool {
+        self.queues.get(key).is_some_and(|q| !q.is_closed())
+    }
+
     /// Peers with a queue now.
     pub fn len(&self) -> usize {
         self.queues.len()
