@@ -48,6 +48,8 @@ pub enum Failure {
     Coap(u8),
     /// A CoAP Reset for a request.
     CoapReset,
+    /// An FGU/1 RESPONSE frame with this status (400 or more).
+    Udp(u16),
     /// The peer closed the connection (or it failed) while the run went on.
     ConnectionLost,
 }
@@ -59,7 +61,8 @@ const FAIL_PUBACK: usize = 1000;
 const FAIL_HTTP: usize = FAIL_PUBACK + 256;
 const FAIL_COAP: usize = FAIL_HTTP + 1000;
 const FAIL_COAP_RESET: usize = FAIL_COAP + 256;
-const FAIL_LOST: usize = FAIL_COAP_RESET + 1;
+const FAIL_UDP: usize = FAIL_COAP_RESET + 1;
+const FAIL_LOST: usize = FAIL_UDP + 1000;
 const FAIL_SLOTS: usize = FAIL_LOST + 1;
 
 impl Failure {
@@ -70,6 +73,7 @@ impl Failure {
             Failure::Http(c) => FAIL_HTTP + usize::from(c.min(999)),
             Failure::Coap(c) => FAIL_COAP + usize::from(c),
             Failure::CoapReset => FAIL_COAP_RESET,
+            Failure::Udp(c) => FAIL_UDP + usize::from(c.min(999)),
             Failure::ConnectionLost => FAIL_LOST,
         }
     }
@@ -82,13 +86,14 @@ impl Failure {
             s if s < FAIL_COAP => Failure::Http(u16::try_from(s - FAIL_HTTP).ok()?),
             s if s < FAIL_COAP_RESET => Failure::Coap(small(s - FAIL_COAP)?),
             FAIL_COAP_RESET => Failure::CoapReset,
+            s if s < FAIL_LOST => Failure::Udp(u16::try_from(s - FAIL_UDP).ok()?),
             FAIL_LOST => Failure::ConnectionLost,
             _ => return None,
         })
     }
 
     /// The name it is counted under in results: `mqtt /error 401`, `mqtt PUBACK 0x87`,
-    /// `http 401`, `coap 4.01`, `coap RST`, `connection lost`.
+    /// `http 401`, `coap 4.01`, `coap RST`, `udp 401`, `connection lost`.
     pub fn key(self) -> String {
         match self {
             Failure::ErrorTopic(c) => format!("mqtt /error {c}"),
@@ -96,6 +101,7 @@ impl Failure {
             Failure::Http(c) => format!("http {c}"),
             Failure::Coap(c) => format!("coap {}.{:02}", c >> 5, c & 0x1f),
             Failure::CoapReset => "coap RST".into(),
+            Failure::Udp(c) => format!("udp {c}"),
             Failure::ConnectionLost => "connection lost".into(),
         }
     }

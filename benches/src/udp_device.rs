@@ -12,7 +12,7 @@
 //! What it does not do: retransmit requests (a loss shows as a missing delivery), or run a new
 //! handshake when the session ends.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -27,7 +27,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::watch;
 
 use crate::device::{ConnectError, Liveness, SendOutcome};
-use crate::stats::RunCounters;
+use crate::stats::{Failure, RunCounters, mono_nanos};
 
 /// How every FGU/1 device of a run reaches the gateway.
 #[derive(Debug, Clone)]
@@ -49,7 +49,8 @@ struct State {
     /// The alias of `dcx` from the welcome, if any.
     dcx: Option<u8>,
     next_id: u32,
-    outstanding: HashSet<u32>,
+    /// Request id → when it was sent ([`mono_nanos`]), for the round trip.
+    outstanding: HashMap<u32, u64>,
     scratch: Vec<u8>,
 }
 
@@ -121,7 +122,7 @@ pub async fn connect(
             session,
             dcx,
             next_id: 1,
-            outstanding: HashSet::new(),
+            outstanding: HashMap::new(),
             scratch: Vec::with_capacity(256),
         }),
         inflight: AtomicU32::new(0),
@@ -178,7 +179,7 @@ impl UdpDevice {
             }
         }
         if let Some(id) = id {
-            st.outstanding.insert(id);
+            st.outstanding.insert(id, mono_nanos());
             self.inflight.fetch_add(1, Ordering::Relaxed);
         }
         SendOutcome::Sent { pending: false }
@@ -197,13 +198,20 @@ impl UdpDevice {
         for frame in Frames::new(&plain) {
             let Ok(frame) = frame else { break };
             match frame {
-                Frame::Response { id: Some(id), status, .. } if st.outstanding.remove(&id) => {
+                Frame::Response { id: Some(id), status, payload, .. }
+                    if let Some(sent) = st.outstanding.remove(&id) =>
+                {
                     let _ = self.inflight.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
                         Some(n.saturating_sub(1))
                     });
                     step.acked.fetch_add(1, Ordering::Relaxed);
+                    let counters = self.live.counters();
+                    counters.round_trip(sent);
                     if status >= 400 {
                         step.ack_errors.fetch_add(1, Ordering::Relaxed);
+                        counters.fail(Failure::Udp(status), || {
+                            Some(String::from_utf8_lossy(payload).into_owned())
+                        });
                     }
                 }
                 Frame::Push { id, .. } => Frame::Ack(id).put(&mut acks),

@@ -60,6 +60,7 @@ impl Gateway {
         config.transports.http.listen = http;
         config.admin.listen = admin;
         config.auth.auto_register = auto_register;
+        config.transports.udp.enabled = false;
         let spool = tempfile::tempdir().expect("a spool directory");
         config.gateway.spool.path = spool.path().to_path_buf();
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
