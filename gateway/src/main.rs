@@ -80,6 +80,8 @@ fn main() -> ExitCode {
     if source == ConfigSource::BuiltInDefaults && matches!(role.name(), "up" | "auth") {
         add_demo_endpoint(&mut config.auth);
     }
+    // One rustls crypto provider for the process (ring), for libraries that ask for the default.
+    fleetgate_tls::install_default_provider();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {

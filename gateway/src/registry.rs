@@ -11,6 +11,7 @@ use fleetgate_transport_core::Transport;
 use fleetgate_transport_core::metrics::TransportMetrics;
 use fleetgate_transport_http::{HttpConfig, HttpTransport};
 use fleetgate_transport_mqtt::server::{MqttConfig, MqttTransport};
+use fleetgate_transport_mqtt_secure::{MqttWsConfig, MqttWsTransport, MqttsConfig, MqttsTransport};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
@@ -26,6 +27,10 @@ pub struct TransportsConfig {
     pub coap: CoapConfig,
     /// HTTP/1.1 and h2c.
     pub http: HttpConfig,
+    /// MQTT over TLS (sessions configured by `mqtt`).
+    pub mqtts: MqttsConfig,
+    /// MQTT over WebSocket, plain or TLS (sessions configured by `mqtt`).
+    pub mqtt_ws: MqttWsConfig,
 }
 
 /// A device transport the binary can serve.
@@ -54,6 +59,22 @@ pub const TRANSPORTS: &[TransportEntry] = &[
         name: "http",
         make: |c, m| c.http.enabled.then(|| boxed(HttpTransport::new(c.http.clone(), m))),
         problems: |c| c.http.problems(),
+    },
+    TransportEntry {
+        name: "mqtts",
+        make: |c, m| {
+            c.mqtts.enabled.then(|| boxed(MqttsTransport::new(c.mqtts.clone(), c.mqtt.clone(), m)))
+        },
+        problems: |c| c.mqtts.problems(),
+    },
+    TransportEntry {
+        name: "mqtt_ws",
+        make: |c, m| {
+            c.mqtt_ws
+                .enabled
+                .then(|| boxed(MqttWsTransport::new(c.mqtt_ws.clone(), c.mqtt.clone(), m)))
+        },
+        problems: |c| c.mqtt_ws.problems(),
     },
 ];
 
