@@ -12,6 +12,7 @@ use fleetgate_transport_core::metrics::TransportMetrics;
 use fleetgate_transport_http::{HttpConfig, HttpTransport};
 use fleetgate_transport_mqtt::server::{MqttConfig, MqttTransport};
 use fleetgate_transport_mqtt_secure::{MqttWsConfig, MqttWsTransport, MqttsConfig, MqttsTransport};
+use fleetgate_transport_quic::{QuicConfig, QuicTransport};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
@@ -31,6 +32,8 @@ pub struct TransportsConfig {
     pub mqtts: MqttsConfig,
     /// MQTT over WebSocket, plain or TLS (sessions configured by `mqtt`).
     pub mqtt_ws: MqttWsConfig,
+    /// MQTT over QUIC (sessions configured by `mqtt`).
+    pub mqtt_quic: QuicConfig,
 }
 
 /// A device transport the binary can serve.
@@ -75,6 +78,15 @@ pub const TRANSPORTS: &[TransportEntry] = &[
                 .then(|| boxed(MqttWsTransport::new(c.mqtt_ws.clone(), c.mqtt.clone(), m)))
         },
         problems: |c| c.mqtt_ws.problems(),
+    },
+    TransportEntry {
+        name: "mqtt_quic",
+        make: |c, m| {
+            c.mqtt_quic
+                .enabled
+                .then(|| boxed(QuicTransport::new(c.mqtt_quic.clone(), c.mqtt.clone(), m)))
+        },
+        problems: |c| c.mqtt_quic.problems(),
     },
 ];
 
