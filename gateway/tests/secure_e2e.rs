@@ -243,3 +243,61 @@ fn paho_over_secure_websocket_gets_status() {
     assert!(!out.status.success() || out.stdout.trim_ascii().is_empty(), "{out:?}");
     assert_eq!(s.fg.metric("fleetgate_dcx_samples_total"), Some(2.0));
 }
+
+/// Runs curl; returns its exit code, the status code and the HTTP version of the response.
+fn curl(args: &[String]) -> (Option<i32>, String) {
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "15", "-o", "/dev/null", "-w", "%{http_code} %{http_version}"])
+        .args(args)
+        .output()
+        .expect("curl runs");
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn curl_over_https_and_mtls() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = TestFiles::write(dir.path());
+    let mut env = demo_endpoint_env();
+    env.extend([
+        ("FLEETGATE_TRANSPORTS_HTTP_TLS_ENABLED", "true".to_owned()),
+        ("FLEETGATE_TRANSPORTS_HTTP_TLS_CERT_FILE", path(&f.server_cert)),
+        ("FLEETGATE_TRANSPORTS_HTTP_TLS_KEY_FILE", path(&f.server_key)),
+        ("FLEETGATE_TRANSPORTS_HTTP_TLS_CLIENT_CA_FILE", path(&f.ca)),
+        ("FLEETGATE_TRANSPORTS_HTTP_TLS_CRL_FILES", format!("[{}]", path(&f.crl))),
+    ]);
+    let fg = Fleetgate::start("up", &env);
+    let url = format!("https://localhost:{}/kp1/demo-v1/dcx/tok-1/json/1", fg.http.port());
+    let request = |version: &str, ca: &Path, cert: &Path, key: &Path| {
+        let mut args: Vec<String> = vec![version.into(), "--cacert".into(), path(ca)];
+        args.extend(["--cert".into(), path(cert), "--key".into(), path(key)]);
+        args.extend(["-X".into(), "POST".into(), "--data".into(), BATCH.into(), url.clone()]);
+        curl(&args)
+    };
+    // HTTP/1.1 and HTTP/2 (chosen by ALPN).
+    let ok = request("--http1.1", &f.ca, &f.client_cert, &f.client_key);
+    assert_eq!(ok, (Some(0), "204 1.1".to_owned()));
+    let ok = request("--http2", &f.ca, &f.client_cert, &f.client_key);
+    assert_eq!(ok, (Some(0), "204 2".to_owned()));
+    assert_eq!(fg.metric("fleetgate_dcx_samples_total"), Some(4.0));
+
+    // Refused at the handshake: the server is not trusted (curl 60), or the client's
+    // certificate is expired, revoked or from another CA.
+    let (code, _) = request("--http1.1", &f.other_ca, &f.client_cert, &f.client_key);
+    assert_eq!(code, Some(60));
+    for (cert, key, reason) in [
+        (&f.expired_cert, &f.expired_key, "client_certificate_expired"),
+        (&f.revoked_cert, &f.revoked_key, "client_certificate_revoked"),
+        (&f.stranger_cert, &f.stranger_key, "client_certificate_invalid"),
+    ] {
+        let (code, status) = request("--http1.1", &f.ca, cert, key);
+        assert!(code != Some(0) && status.starts_with("000"), "{reason}: {code:?} {status}");
+        assert_eq!(failures(&fg, "http", reason), 1.0, "{reason}");
+    }
+    // A plaintext request on the HTTPS port gets no HTTP answer.
+    let plain = format!("http://127.0.0.1:{}/kp1/demo-v1/dcx/tok-1/json/1", fg.http.port());
+    let (_, status) = curl(&["-X".into(), "POST".into(), "--data".into(), BATCH.into(), plain]);
+    assert!(status.starts_with("000"), "{status}");
+    assert_eq!(failures(&fg, "http", "not_tls"), 1.0);
+    assert_eq!(fg.metric("fleetgate_dcx_samples_total"), Some(4.0));
+}
