@@ -27,6 +27,9 @@ use tokio::sync::mpsc;
 const NAME: &str = "mqtt_quic";
 const SECTION: &str = "transports.mqtt_quic";
 
+/// How long a closing connection waits for the client to take the last bytes of its stream.
+const LAST_WORDS: Duration = Duration::from_secs(2);
+
 /// The ALPN protocol EMQX and its clients use.
 pub const ALPN: &[u8] = b"mqtt";
 
@@ -234,14 +237,17 @@ impl Conn {
         self.tls.count_handshake();
         // The control stream: the first bidirectional stream the client opens.
         let stream = tokio::time::timeout(timeout, connection.accept_bi()).await;
-        let Ok(Ok((send, recv))) = stream else {
+        let Ok(Ok((mut send, mut recv))) = stream else {
             tracing::debug!(%peer, "QUIC connection without an MQTT stream");
             connection.close(VarInt::from_u32(0), b"no stream");
             return;
         };
         let stop = self.shutdown.stop.clone();
-        self.streams.serve(self.handler, peer, (recv, send), stop, self.live).await;
-        // The stream has ended: so does the connection (EMQX single-stream semantics).
+        self.streams.serve(self.handler, peer, (&mut recv, &mut send), stop, self.live).await;
+        // The stream has ended: so does the connection (EMQX single-stream semantics), once
+        // the client has what was written last (a refusing CONNACK, a DISCONNECT): closing at
+        // once would discard it.
+        let _ = tokio::time::timeout(LAST_WORDS, send.stopped()).await;
         connection.close(VarInt::from_u32(0), b"");
     }
 }
