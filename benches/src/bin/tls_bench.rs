@@ -66,7 +66,11 @@ struct Args {
 const PAYLOAD: &[u8] = br#"[{"temperature":21.5,"humidity":40}]"#;
 
 fn main() {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    // fleetgate runs in a directory of its own: a relative path would not find it there.
+    if let Ok(bin) = args.fleetgate_bin.canonicalize() {
+        args.fleetgate_bin = bin;
+    }
     // The load runs on its own core.
     let _ = Command::new("taskset")
         .args(["-cp", &args.load_core, &std::process::id().to_string()])
