@@ -13,6 +13,9 @@
 //! runs `fleetgate up` on its in-process bus, so its CPU includes the bus and DCX; Mosquitto's
 //! includes delivery to the subscriber. The client is rustls (ring), TLS 1.3, for both.
 
+// A measuring tool: a setup that fails (no port, no binary, a refused connection) ends the run.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -429,9 +432,8 @@ async fn count_publishes(mut sub: TcpStream, counter: Arc<AtomicU64>) {
         }
         buf.extend_from_slice(&chunk[..n]);
         let mut at = 0;
-        loop {
-            // Fixed header: type byte, remaining length varint.
-            let Some(&first) = buf.get(at) else { break };
+        // Fixed header: type byte, remaining length varint.
+        while let Some(&first) = buf.get(at) {
             let (mut len, mut shift, mut i) = (0usize, 0, at + 1);
             let complete = loop {
                 let Some(&b) = buf.get(i) else { break false };
