@@ -104,6 +104,8 @@ fn main() -> ExitCode {
             false => |_| {},
         };
     amend(&mut config);
+    // One rustls crypto provider for the process (ring), for libraries that ask for the default.
+    fleetgate_tls::install_default_provider();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {

@@ -11,6 +11,8 @@ use fleetgate_transport_core::Transport;
 use fleetgate_transport_core::metrics::TransportMetrics;
 use fleetgate_transport_http::{HttpConfig, HttpTransport};
 use fleetgate_transport_mqtt::server::{MqttConfig, MqttTransport};
+use fleetgate_transport_mqtt_secure::{MqttWsConfig, MqttWsTransport, MqttsConfig, MqttsTransport};
+use fleetgate_transport_quic::{QuicConfig, QuicTransport};
 use fleetgate_transport_udp::{UdpConfig, UdpTransport};
 use serde::{Deserialize, Serialize};
 
@@ -30,6 +32,12 @@ pub struct TransportsConfig {
     pub http: HttpConfig,
     /// FGU/1, the compact encrypted UDP protocol.
     pub udp: UdpConfig,
+    /// MQTT over TLS (sessions configured by `mqtt`).
+    pub mqtts: MqttsConfig,
+    /// MQTT over WebSocket, plain or TLS (sessions configured by `mqtt`).
+    pub mqtt_ws: MqttWsConfig,
+    /// MQTT over QUIC (sessions configured by `mqtt`).
+    pub mqtt_quic: QuicConfig,
 }
 
 /// A device transport the binary can serve.
@@ -89,13 +97,58 @@ pub const TRANSPORTS: &[TransportEntry] = &[
         make: |c, m, _| c.udp.enabled.then(|| boxed(UdpTransport::new(c.udp.clone(), m))),
         problems: |c| c.udp.problems(),
     },
+    TransportEntry {
+        name: "mqtts",
+        make: |c, m, r| {
+            if !c.mqtts.enabled {
+                return None;
+            }
+            let t = MqttsTransport::new(c.mqtts.clone(), c.mqtt.clone(), m);
+            r.follow("transports.mqtt", STARTED_WITH, t.streams().settings(), |c| {
+                &c.transports.mqtt
+            });
+            Some(boxed(t))
+        },
+        problems: |c| c.mqtts.problems(),
+    },
+    TransportEntry {
+        name: "mqtt_ws",
+        make: |c, m, r| {
+            if !c.mqtt_ws.enabled {
+                return None;
+            }
+            let t = MqttWsTransport::new(c.mqtt_ws.clone(), c.mqtt.clone(), m);
+            r.follow("transports.mqtt", STARTED_WITH, t.streams().settings(), |c| {
+                &c.transports.mqtt
+            });
+            Some(boxed(t))
+        },
+        problems: |c| c.mqtt_ws.problems(),
+    },
+    TransportEntry {
+        name: "mqtt_quic",
+        make: |c, m, r| {
+            if !c.mqtt_quic.enabled {
+                return None;
+            }
+            let t = QuicTransport::new(c.mqtt_quic.clone(), c.mqtt.clone(), m);
+            r.follow("transports.mqtt", STARTED_WITH, t.streams().settings(), |c| {
+                &c.transports.mqtt
+            });
+            Some(boxed(t))
+        },
+        problems: |c| c.mqtt_quic.problems(),
+    },
 ];
 
 fn boxed(transport: impl Transport) -> Box<dyn Transport> {
     Box::new(transport)
 }
 
-/// The settings of a transport that stay as it started: its listener.
+/// The settings of a transport that stay as it started: its listener. The MQTT over TLS,
+/// WebSocket and QUIC transports follow `transports.mqtt` for their sessions; their own
+/// sections apply at the next start, but for their certificates, which reload themselves when
+/// the files change.
 const STARTED_WITH: Keys = Keys::AllBut(&["enabled", "listen", "reuse_port"]);
 
 /// A service the binary can run: `fleetgate <name>` runs it alone (on NATS), `fleetgate up`

@@ -39,6 +39,17 @@ pub struct TransportMetrics {
     sessions_refused: Family<TransportLabel, Counter>,
     sessions_open: Family<TransportLabel, Gauge>,
     request_accept: Family<TransportLabel, Latency>,
+    tls_handshakes: Family<TransportLabel, Counter>,
+    tls_handshake_failures: Family<TlsFailureLabel, Counter>,
+}
+
+/// The labels of a failed TLS handshake: the transport and why it failed.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TlsFailureLabel {
+    /// The transport's name.
+    pub transport: &'static str,
+    /// Why: `timeout`, `not_tls`, `client_certificate_expired`, ... (a short fixed set).
+    pub reason: &'static str,
 }
 
 impl TransportMetrics {
@@ -87,6 +98,12 @@ impl TransportMetrics {
             prometheus_client::registry::Unit::Seconds,
             m.request_accept.clone(),
         );
+        r.register("tls_handshakes", "TLS handshakes completed", m.tls_handshakes.clone());
+        r.register(
+            "tls_handshake_failures",
+            "TLS handshakes that failed, by reason",
+            m.tls_handshake_failures.clone(),
+        );
         metrics
     }
 
@@ -129,6 +146,15 @@ handles! {
     sessions_refused: Counter,
     sessions_open: Gauge,
     request_accept: Latency,
+    tls_handshakes: Counter,
+}
+
+impl TransportCounters {
+    /// `fleetgate_transport_tls_handshake_failures_total` of this transport for `reason`.
+    pub fn tls_handshake_failures(&self, reason: &'static str) -> Counter {
+        let label = TlsFailureLabel { transport: self.label.transport, reason };
+        self.families.tls_handshake_failures.get_or_create_owned(&label)
+    }
 }
 
 /// The sub-registry where `transport` registers its own metrics: names get the prefix

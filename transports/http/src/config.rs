@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 
+use fleetgate_tls::TlsConfig;
 use fleetgate_transport_core::settings::below_minimum;
 use serde::{Deserialize, Serialize};
 
@@ -41,8 +42,12 @@ pub struct HttpConfig {
     /// long polls; the gateway closes a session that lets it fill. Answers to the connection's
     /// own requests have room besides (up to `max_in_flight_per_connection` of them).
     pub response_queue_capacity: usize,
-    /// Accept HTTP/2 with prior knowledge (h2c) besides HTTP/1.1.
+    /// Accept HTTP/2 with prior knowledge (h2c) besides HTTP/1.1; over TLS, offer `h2` by ALPN.
     pub http2: bool,
+    /// HTTPS: serve TLS with the `tls` section (HTTP/2 chosen by ALPN).
+    pub tls_enabled: bool,
+    /// Certificate, key, client CA (mTLS), reloads; read when `tls_enabled`.
+    pub tls: TlsConfig,
 }
 
 impl Default for HttpConfig {
@@ -59,6 +64,8 @@ impl Default for HttpConfig {
             max_in_flight_per_connection: 256,
             response_queue_capacity: 1024,
             http2: true,
+            tls_enabled: false,
+            tls: TlsConfig::default(),
         }
     }
 }
@@ -66,14 +73,18 @@ impl Default for HttpConfig {
 impl HttpConfig {
     /// Values out of range, as `(setting, what is wrong)`.
     pub fn problems(&self) -> Vec<(&'static str, String)> {
-        below_minimum(&[
+        let mut problems = below_minimum(&[
             ("max_body_bytes", self.max_body_bytes, 1),
             ("header_read_timeout_ms", self.header_read_timeout_ms, 1),
             ("request_timeout_ms", self.request_timeout_ms, 1),
             ("max_connections", self.max_connections as u64, 1),
             ("max_in_flight_per_connection", self.max_in_flight_per_connection.into(), 1),
             ("response_queue_capacity", self.response_queue_capacity as u64, 1),
-        ])
+        ]);
+        if self.tls_enabled {
+            problems.extend(self.tls.problems());
+        }
+        problems
     }
 }
 

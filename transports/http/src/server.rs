@@ -53,6 +53,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tracing::Instrument;
 
+use fleetgate_tls::{TlsServer, Versions};
+
 use crate::connection::{Connection, Shared};
 use crate::metrics::NAME;
 use crate::wire::{Preface, preface};
@@ -65,15 +67,24 @@ const STOP_GRACE: Duration = Duration::from_millis(500);
 pub struct HttpTransport {
     listener: Option<TcpListener>,
     shared: Arc<Shared>,
+    /// HTTPS: the server configuration, loaded at bind.
+    tls: Option<TlsServer>,
+    transport_metrics: TransportMetrics,
 }
 
 impl HttpTransport {
     /// The transport for `config`, reporting into `metrics`; [`Transport::bind`] opens its
     /// listener.
     pub fn new(config: HttpConfig, metrics: &TransportMetrics) -> Self {
-        let metrics = Arc::new(HttpMetrics::new(metrics));
+        let transport_metrics = metrics.clone();
+        let metrics = Arc::new(HttpMetrics::new(&transport_metrics));
         let settings = Live::new(config);
-        Self { listener: None, shared: Arc::new(Shared { settings, metrics }) }
+        Self {
+            listener: None,
+            shared: Arc::new(Shared { settings, metrics }),
+            tls: None,
+            transport_metrics,
+        }
     }
 
     /// Its settings, for configuration reloads: body size, timeouts and per-connection limits
@@ -99,6 +110,26 @@ impl Transport for HttpTransport {
 
     fn bind(&mut self) -> Result<(), BindError> {
         let config = self.shared.settings.get();
+        if config.tls_enabled {
+            // h2 first: clients that speak it prefer it; HTTP/1.1 for the rest.
+            let mut alpn = vec![b"http/1.1".to_vec()];
+            if config.http2 {
+                alpn.insert(0, b"h2".to_vec());
+            }
+            let tls = TlsServer::load(
+                &config.tls,
+                alpn,
+                Versions::Tls12And13,
+                NAME,
+                &self.transport_metrics,
+            )
+            .map_err(|e| BindError {
+                setting: "transports.http.tls".to_owned(),
+                addr: config.listen,
+                source: std::io::Error::other(e.to_string()),
+            })?;
+            self.tls = Some(tls);
+        }
         let listener = net::bind_tcp(config.listen, config.reuse_port)
             .map_err(|e| BindError::listen(self.config_section(), config.listen, e))?;
         self.listener = Some(listener);
@@ -129,6 +160,9 @@ impl HttpTransport {
             tracing::error!("bug: the HTTP transport was served before it was bound");
             return;
         };
+        if let Some(tls) = &self.tls {
+            tokio::spawn(tls.clone().watch_files(stop.clone()));
+        }
         let limit = Arc::new(Semaphore::new(self.shared.settings.get().max_connections.max(1)));
         let mut connections = JoinSet::new();
         loop {
@@ -143,6 +177,7 @@ impl HttpTransport {
                             peer,
                             draining.clone(),
                             permit,
+                            self.tls.clone(),
                         );
                         connections.spawn(conn.instrument(tracing::info_span!("http", %peer)));
                     }
@@ -208,12 +243,36 @@ async fn serve_connection(
     peer: SocketAddr,
     shutdown: watch::Receiver<bool>,
     _permit: OwnedSemaphorePermit,
+    tls: Option<TlsServer>,
 ) {
     let metrics = shared.metrics.clone();
     metrics.connections_open.inc();
     let _ = stream.set_nodelay(true);
-    let config = shared.settings.get();
-    let header_timeout = Duration::from_millis(config.header_read_timeout_ms);
+    match tls {
+        None => serve_plain(handler, shared, stream, peer, shutdown).await,
+        Some(tls) => {
+            // Failures are counted and logged (at debug) by `accept`.
+            if let Ok(stream) = tls.accept(stream).await {
+                // HTTP/2 when ALPN chose it; no sniffing over TLS.
+                let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                let protocol = if h2 { Preface::Http2 } else { Preface::Http1 };
+                serve_http(handler, shared, stream, peer, shutdown, protocol).await;
+            }
+        }
+    }
+    metrics.connections_open.dec();
+}
+
+/// A cleartext connection: HTTP/2 with prior knowledge or HTTP/1, told by its first bytes.
+async fn serve_plain(
+    handler: Arc<dyn KpHandler>,
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    shutdown: watch::Receiver<bool>,
+) {
+    let metrics = shared.metrics.clone();
+    let header_timeout = Duration::from_millis(shared.settings.read().header_read_timeout_ms);
     let protocol = match tokio::time::timeout(header_timeout, sniff(&stream)).await {
         Ok(Ok(Some(protocol))) => Some(protocol),
         Ok(Ok(None)) | Ok(Err(_)) => None,
@@ -224,6 +283,25 @@ async fn serve_connection(
         }
     };
     if let Some(protocol) = protocol {
+        serve_http(handler, shared, stream, peer, shutdown, protocol).await;
+    }
+}
+
+/// Serves HTTP on `stream` until the connection ends.
+async fn serve_http<S>(
+    handler: Arc<dyn KpHandler>,
+    shared: Arc<Shared>,
+    stream: S,
+    peer: SocketAddr,
+    shutdown: watch::Receiver<bool>,
+    protocol: Preface,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let metrics = shared.metrics.clone();
+    let config = shared.settings.get();
+    let header_timeout = Duration::from_millis(config.header_read_timeout_ms);
+    {
         let h2 = protocol == Preface::Http2 && config.http2;
         let max_streams = config.max_in_flight_per_connection;
         let conn = Connection::new(handler, shared.clone(), peer, shutdown.clone());
@@ -256,7 +334,6 @@ async fn serve_connection(
         }
         conn.close();
     }
-    metrics.connections_open.dec();
 }
 
 /// Runs a hyper connection and, beside it, routes the gateway's responses from the outbox to

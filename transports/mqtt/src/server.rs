@@ -36,9 +36,9 @@ use fleetgate_transport_core::{
     Shutdown, Transport, TryRecvError, net, stopped,
 };
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::tcp::OwnedReadHalf;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
@@ -143,7 +143,13 @@ pub struct MqttMetrics {
 impl MqttMetrics {
     /// The MQTT handles of the shared families, and fresh counters of its own.
     pub fn new(shared: &TransportMetrics) -> Self {
-        let c = shared.counters(NAME);
+        Self::labelled(shared, NAME)
+    }
+
+    /// The same, labelled `transport` for another transport that carries MQTT (`mqtts`,
+    /// `mqtt_ws`, `mqtt_quic`).
+    pub fn labelled(shared: &TransportMetrics, transport: &'static str) -> Self {
+        let c = shared.counters(transport);
         Self {
             connections_accepted: c.connections_accepted(),
             connections_open: c.connections_open(),
@@ -157,8 +163,9 @@ impl MqttMetrics {
         }
     }
 
-    fn register(&self, registry: &mut Registry) {
-        let r = transport_registry(registry, NAME);
+    /// Registers the families of its own under `transport`'s label.
+    pub fn register(&self, registry: &mut Registry, transport: &'static str) {
+        let r = transport_registry(registry, transport);
         r.register(
             "messages_too_large",
             "Responses over the client's maximum packet size, not sent",
@@ -189,6 +196,8 @@ pub struct MqttTransport {
 
 /// What every connection of the transport shares (one pointer in each connection's state).
 struct Shared {
+    /// The transport's name in metrics, logs and the credentials it presents.
+    name: &'static str,
     /// Replaced by configuration reloads: each connection takes the limits current when it
     /// opens (the listener's address stays as bound).
     settings: Live<MqttConfig>,
@@ -203,7 +212,8 @@ impl MqttTransport {
     pub fn new(config: MqttConfig, metrics: &TransportMetrics) -> Self {
         let metrics = MqttMetrics::new(metrics);
         let settings = Live::new(config);
-        let shared = Arc::new(Shared { settings, metrics, draining: AtomicBool::new(false) });
+        let shared =
+            Arc::new(Shared { name: NAME, settings, metrics, draining: AtomicBool::new(false) });
         Self { listener: None, shared }
     }
 
@@ -241,7 +251,7 @@ impl Transport for MqttTransport {
     }
 
     fn register_metrics(&self, registry: &mut Registry) {
-        self.shared.metrics.register(registry);
+        self.shared.metrics.register(registry, NAME);
     }
 
     fn serve(
@@ -272,7 +282,8 @@ impl MqttTransport {
                         // No tracing span per connection (it would be part of every idle
                         // connection's state): events carry the peer address instead.
                         let _ = stream.set_nodelay(true);
-                        let fut = conn.run(stream.into_split());
+                        let (rd, wr) = stream.into_split();
+                        let fut = conn.run((TcpRead(rd), wr));
                         tokio::spawn(fut);
                     }
                     Err(e) => {
@@ -290,6 +301,70 @@ impl MqttTransport {
         drop(listener);
         drop(live);
         let _ = all_ended.recv().await;
+    }
+}
+
+/// MQTT sessions over byte streams that another transport accepts (TLS, WebSocket, QUIC):
+/// the same session and glue as the TCP transport, with the other transport's name in metrics,
+/// logs and credentials. Cloning shares it.
+#[derive(Clone)]
+pub struct MqttStreams {
+    shared: Arc<Shared>,
+}
+
+impl MqttStreams {
+    /// Sessions configured by `config` (its `listen`, `enabled` and `reuse_port` are not read),
+    /// reporting as `transport`.
+    pub fn new(transport: &'static str, config: MqttConfig, metrics: &TransportMetrics) -> Self {
+        let metrics = MqttMetrics::labelled(metrics, transport);
+        let settings = Live::new(config);
+        let shared = Arc::new(Shared {
+            name: transport,
+            settings,
+            metrics,
+            draining: AtomicBool::new(false),
+        });
+        Self { shared }
+    }
+
+    /// The sessions' settings, for configuration reloads (`transports.mqtt`): new connections
+    /// get the new limits.
+    pub fn settings(&self) -> Live<MqttConfig> {
+        self.shared.settings.clone()
+    }
+
+    /// The sessions' metrics.
+    pub fn metrics(&self) -> &MqttMetrics {
+        &self.shared.metrics
+    }
+
+    /// Registers the MQTT families of its own under the transport's label.
+    pub fn register_metrics(&self, registry: &mut Registry) {
+        self.shared.metrics.register(registry, self.shared.name);
+    }
+
+    /// From now on the sessions hand the gateway no new requests (see [`Shutdown`]).
+    pub fn drain(&self) {
+        self.shared.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// One connection, from its first byte to its end: reads from `rd`, writes to `wr` (shut
+    /// down at the end), closes at `stop`. `live` is held until it ends.
+    pub fn serve<R, W>(
+        &self,
+        handler: Arc<dyn KpHandler>,
+        peer: SocketAddr,
+        (rd, wr): (R, W),
+        stop: watch::Receiver<bool>,
+        live: mpsc::Sender<()>,
+    ) -> impl Future<Output = ()> + Send + use<R, W>
+    where
+        R: AsyncRead + Unpin + Send,
+        W: AsyncWrite + Unpin + Send,
+    {
+        self.shared.metrics.connections_accepted.inc();
+        let conn = Connection::new(handler, self.shared.clone(), peer, stop, live);
+        conn.run((StreamRead(rd), wr))
     }
 }
 
@@ -336,9 +411,9 @@ impl Connection {
     // Not an `async fn`: that would keep a second copy of `self` (its argument) in the
     // connection's state for its whole life.
     #[allow(clippy::manual_async_fn)]
-    fn run(
+    fn run<R: ReadSource, W: AsyncWrite + Unpin + Send>(
         mut self,
-        (mut rd, mut wr): (OwnedReadHalf, OwnedWriteHalf),
+        (mut rd, mut wr): (R, W),
     ) -> impl Future<Output = ()> + Send {
         async move {
             self.shared.metrics.connections_open.inc();
@@ -358,7 +433,7 @@ impl Connection {
 
     /// Moves bytes, events and time between the socket, the session and the gateway until the
     /// session closes or the socket does.
-    async fn serve(&mut self, rd: &mut OwnedReadHalf, wr: &mut OwnedWriteHalf) {
+    async fn serve<R: ReadSource, W: AsyncWrite + Unpin + Send>(&mut self, rd: &mut R, wr: &mut W) {
         let mut outbox: Option<OutboxReceiver> = None;
         // One timer for every deadline of the session. Reads do not move it (that would touch
         // the timer wheel per packet); it moves when it fires, or when the session's next
@@ -425,7 +500,12 @@ impl Connection {
             let pending = self.session.transmit().len();
             if pending > 0 {
                 // A client that is gone reads nothing; what it sent is still handled.
-                if !output_gone && wr.write_all(self.session.transmit()).await.is_err() {
+                // Flushed: a TLS or WebSocket stream may hold what it was given (for TCP the
+                // flush does nothing).
+                if !output_gone
+                    && (wr.write_all(self.session.transmit()).await.is_err()
+                        || wr.flush().await.is_err())
+                {
                     output_gone = true;
                     self.session.end_input(Instant::now().into_std());
                 }
@@ -506,7 +586,7 @@ impl Connection {
                     + 1;
                 let (tx, rx) = fleetgate_transport_core::outbox(capacity);
                 let credentials = ClientCredentials {
-                    transport: NAME,
+                    transport: self.shared.name,
                     client_id: request.client_id(),
                     username: request.username(),
                     password: request.password(),
@@ -605,11 +685,58 @@ impl Connection {
     }
 }
 
-async fn read_more(session: &mut Session, rd: &mut OwnedReadHalf) -> Result<(), ()> {
+/// Where a connection's bytes come from: a TCP socket read the cheap way ([`TcpRead`]), or
+/// any other byte stream ([`StreamRead`]).
+pub trait ReadSource: Send {
+    /// Reads what is available into `buf` (which may have no capacity yet); `Err` at the end
+    /// of the stream or on an error.
+    fn read_into<'a>(
+        &'a mut self,
+        buf: &'a mut BytesMut,
+    ) -> impl Future<Output = Result<(), ()>> + Send + 'a;
+}
+
+/// A TCP socket's read half, read with [`read_once`].
+struct TcpRead(OwnedReadHalf);
+
+impl ReadSource for TcpRead {
+    fn read_into<'a>(
+        &'a mut self,
+        buf: &'a mut BytesMut,
+    ) -> impl Future<Output = Result<(), ()>> + Send + 'a {
+        tcp_read_more(buf, &mut self.0)
+    }
+}
+
+/// Any byte stream (TLS, WebSocket, a QUIC stream).
+pub struct StreamRead<R>(pub R);
+
+impl<R: AsyncRead + Unpin + Send> ReadSource for StreamRead<R> {
+    async fn read_into(&mut self, buf: &mut BytesMut) -> Result<(), ()> {
+        if buf.capacity() - buf.len() < READ_MIN_SPARE {
+            buf.reserve(READ_RESERVE);
+        }
+        match self.0.read_buf(buf).await {
+            Ok(0) | Err(_) => Err(()),
+            Ok(_) => Ok(()),
+        }
+    }
+}
+
+// Not an `async fn`: that would wrap the source's future in one more state (part of every
+// idle connection's memory).
+fn read_more<'a, R: ReadSource>(
+    session: &'a mut Session,
+    rd: &'a mut R,
+) -> impl Future<Output = Result<(), ()>> + Send + 'a {
+    rd.read_into(session.read_buffer())
+}
+
+async fn tcp_read_more(buf: &mut BytesMut, rd: &mut OwnedReadHalf) -> Result<(), ()> {
     loop {
         // Not `readable()`: its future is ~100 bytes of every idle connection's state.
         poll_fn(|cx| rd.as_ref().poll_read_ready(cx)).await.map_err(|_| ())?;
-        match read_once(session.read_buffer(), rd) {
+        match read_once(buf, rd) {
             Ok(0) => return Err(()),
             Ok(_) => return Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
@@ -674,12 +801,14 @@ mod tests {
         let handler = Arc::new(ScriptedGateway::default());
         let config = MqttConfig::default();
         let shared = Arc::new(Shared {
+            name: NAME,
             settings: Live::new(config),
             metrics,
             draining: AtomicBool::new(false),
         });
         let conn = Connection::new(handler, shared, peer, shutdown, live);
-        let run = conn.run(stream.into_split());
+        let (rd, wr) = stream.into_split();
+        let run = conn.run((TcpRead(rd), wr));
         let size = std::mem::size_of_val(&run);
         eprintln!("connection future: {size} bytes");
         assert!(size <= 832, "the connection future grew to {size} bytes");
