@@ -1,0 +1,1 @@
+//! EPTS (placeholder).

@@ -1,0 +1,160 @@
+//! Time-series storage for the services that keep data (EPTS now).
+//!
+//! One object-safe trait, [`TimeSeriesStore`], and the embedded implementation
+//! [`EmbeddedStore`] (fjall, under `storage.path`, needs no server). Points are keyed by
+//! (application, series, endpoint, timestamp): writing a point whose key exists overwrites it,
+//! so a re-sent sample never duplicates. Every store keeps the last point of each
+//! (application, series, endpoint) in memory, answers range queries with a limit and an
+//! order, and deletes points older than a cut-off for the retention sweep.
+//!
+//! [`suite`] is the one behaviour test every implementation passes.
+//!
+//! This crate knows nothing of the bus, of Avro or of JSON: it stores named values.
+
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
+
+mod embedded;
+mod last;
+pub mod suite;
+
+use std::future::Future;
+use std::pin::Pin;
+
+pub use embedded::EmbeddedStore;
+
+/// A boxed, sendable future: what the object-safe [`TimeSeriesStore`] returns.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// One named value of a point. The kinds are those of a 14/TSTP `DataPoint` value that a JSON
+/// sample can carry.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    /// An explicit `null`.
+    Null,
+    /// `true` or `false`.
+    Bool(bool),
+    /// An integer.
+    Long(i64),
+    /// Any other number.
+    Double(f64),
+    /// A string.
+    String(String),
+}
+
+/// One point of one series of one endpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Point {
+    /// The application the series belongs to.
+    pub app: String,
+    /// The series name.
+    pub series: String,
+    /// The endpoint id.
+    pub endpoint: String,
+    /// The point's time, Unix milliseconds.
+    pub timestamp_ms: i64,
+    /// Its named values, in the order they were configured.
+    pub values: Vec<(String, Value)>,
+}
+
+/// Oldest or newest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Order {
+    /// Oldest first.
+    #[default]
+    Ascending,
+    /// Newest first.
+    Descending,
+}
+
+/// Points of some series of an application within a time range.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RangeQuery {
+    /// The application.
+    pub app: String,
+    /// The series (at least one).
+    pub series: Vec<String>,
+    /// The endpoints; `None`: every endpoint that has points.
+    pub endpoints: Option<Vec<String>>,
+    /// The first millisecond included.
+    pub from_ms: i64,
+    /// The last millisecond included.
+    pub to_ms: i64,
+    /// Which end of the range comes first, and which points the limit keeps.
+    pub order: Order,
+    /// At most this many points in all.
+    pub limit: usize,
+}
+
+/// The newest point of each (series, endpoint).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LastQuery {
+    /// The application.
+    pub app: String,
+    /// The series (at least one).
+    pub series: Vec<String>,
+    /// The endpoints; `None`: every endpoint that has points.
+    pub endpoints: Option<Vec<String>>,
+    /// Only points strictly before this time, Unix milliseconds; `None`: the newest.
+    pub before_ms: Option<i64>,
+}
+
+/// Why a store failed. Always the backend's fault (disk, database), never a device's.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// The store cannot be opened (path, permissions, another process holds it, database
+    /// unreachable).
+    #[error("{setting}: cannot open the store: {source}")]
+    Open {
+        /// The setting that names it.
+        setting: &'static str,
+        /// What went wrong.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The embedded store failed to read, write or sync.
+    #[error("the embedded store failed: {0}")]
+    Embedded(#[from] fjall::Error),
+    /// A record on disk that this version cannot read (corruption or a newer version).
+    #[error("a stored point is unreadable")]
+    Corrupt,
+    /// A name too long to store (over 65535 bytes).
+    #[error("a name of {0} bytes is too long to store")]
+    NameTooLong(usize),
+    /// A blocking task of the store panicked or was cancelled (a bug).
+    #[error("a storage task failed: {0}")]
+    Task(String),
+    /// Another backend's failure (e.g. PostgreSQL).
+    #[error("the store failed: {0}")]
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// A time-series store. Shared as `Arc<dyn TimeSeriesStore>` by a service's tasks.
+pub trait TimeSeriesStore: Send + Sync {
+    /// Stores `points`, overwriting points with the same key (within `points`, the later one
+    /// wins). Resolves once they are durable: only then may anyone hear "stored".
+    fn write(&self, points: Vec<Point>) -> BoxFuture<'_, Result<(), StorageError>>;
+
+    /// The points of `query`, ordered by time (ties by endpoint, then series), at most
+    /// `query.limit`.
+    fn range(&self, query: RangeQuery) -> BoxFuture<'_, Result<Vec<Point>, StorageError>>;
+
+    /// The newest point of each (series, endpoint) of `query`, from memory unless
+    /// `before_ms` asks for an older one. Ordered by endpoint, then series.
+    fn last(&self, query: LastQuery) -> BoxFuture<'_, Result<Vec<Point>, StorageError>>;
+
+    /// Deletes the points of `app` older than `before_ms`; returns how many.
+    fn sweep(&self, app: &str, before_ms: i64) -> BoxFuture<'_, Result<u64, StorageError>>;
+
+    /// `embedded` or `postgres`, for logs and metrics.
+    fn kind(&self) -> &'static str;
+}
+
+/// Sorts points by time (ties by endpoint, then series) in `order` and keeps `limit`.
+pub(crate) fn sort_and_limit(points: &mut Vec<Point>, order: Order, limit: usize) {
+    points.sort_by(|a, b| {
+        let by_time = a.timestamp_ms.cmp(&b.timestamp_ms);
+        let by_time = if order == Order::Descending { by_time.reverse() } else { by_time };
+        by_time.then_with(|| a.endpoint.cmp(&b.endpoint)).then_with(|| a.series.cmp(&b.series))
+    });
+    points.truncate(limit);
+}
