@@ -66,7 +66,7 @@ impl EmbeddedStore {
 }
 
 impl TimeSeriesStore for EmbeddedStore {
-    fn write(&self, points: Vec<Point>) -> BoxFuture<'_, Result<(), StorageError>> {
+    fn write(&self, points: Arc<Vec<Point>>) -> BoxFuture<'_, Result<(), StorageError>> {
         let inner = self.inner.clone();
         Box::pin(blocking(move || inner.write(points)))
     }
@@ -92,6 +92,21 @@ impl TimeSeriesStore for EmbeddedStore {
         Box::pin(blocking(move || inner.sweep(&app, before_ms)))
     }
 
+    fn series(&self, app: &str) -> BoxFuture<'_, Result<Vec<String>, StorageError>> {
+        let mut names: Vec<String> =
+            self.inner.last.all_keys(app).into_iter().map(|(s, _)| s).collect();
+        names.dedup();
+        Box::pin(std::future::ready(Ok(names)))
+    }
+
+    fn endpoints(&self, app: &str) -> BoxFuture<'_, Result<Vec<String>, StorageError>> {
+        let mut names: Vec<String> =
+            self.inner.last.all_keys(app).into_iter().map(|(_, e)| e).collect();
+        names.sort_unstable();
+        names.dedup();
+        Box::pin(std::future::ready(Ok(names)))
+    }
+
     fn kind(&self) -> &'static str {
         "embedded"
     }
@@ -105,7 +120,7 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl Inner {
-    fn write(&self, points: Vec<Point>) -> Result<(), StorageError> {
+    fn write(&self, points: Arc<Vec<Point>>) -> Result<(), StorageError> {
         if points.is_empty() {
             return Ok(());
         }

@@ -22,6 +22,52 @@ use std::pin::Pin;
 
 pub use embedded::EmbeddedStore;
 
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+/// `storage.*`: where services keep their data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Directory of the embedded store; each service keeps its data in a subdirectory named
+    /// after it.
+    pub path: PathBuf,
+    /// PostgreSQL, shared by replicas; when its `url` is set it replaces the embedded store.
+    pub postgres: PostgresConfig,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        Self { path: PathBuf::from("fleetgate-data/storage"), postgres: PostgresConfig::default() }
+    }
+}
+
+/// `storage.postgres.*`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// `postgres://user:password@host:port/database`; unset: the embedded store.
+    pub url: Option<String>,
+}
+
+impl StorageConfig {
+    /// Opens the time-series store of `service` that this configuration names.
+    pub fn open_time_series(
+        &self,
+        service: &str,
+    ) -> Result<Arc<dyn TimeSeriesStore>, StorageError> {
+        match &self.postgres.url {
+            Some(url) if !url.is_empty() => Err(StorageError::Open {
+                setting: "storage.postgres.url",
+                source: "this build has no PostgreSQL store yet; unset storage.postgres.url to use the embedded store".into(),
+            }),
+            _ => Ok(Arc::new(EmbeddedStore::open(&self.path.join(service))?)),
+        }
+    }
+}
+
 /// A boxed, sendable future: what the object-safe [`TimeSeriesStore`] returns.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -132,7 +178,7 @@ pub enum StorageError {
 pub trait TimeSeriesStore: Send + Sync {
     /// Stores `points`, overwriting points with the same key (within `points`, the later one
     /// wins). Resolves once they are durable: only then may anyone hear "stored".
-    fn write(&self, points: Vec<Point>) -> BoxFuture<'_, Result<(), StorageError>>;
+    fn write(&self, points: Arc<Vec<Point>>) -> BoxFuture<'_, Result<(), StorageError>>;
 
     /// The points of `query`, ordered by time (ties by endpoint, then series), at most
     /// `query.limit`.
@@ -144,6 +190,12 @@ pub trait TimeSeriesStore: Send + Sync {
 
     /// Deletes the points of `app` older than `before_ms`; returns how many.
     fn sweep(&self, app: &str, before_ms: i64) -> BoxFuture<'_, Result<u64, StorageError>>;
+
+    /// The series of `app` that have points, sorted.
+    fn series(&self, app: &str) -> BoxFuture<'_, Result<Vec<String>, StorageError>>;
+
+    /// The endpoints that have points of `app`, sorted.
+    fn endpoints(&self, app: &str) -> BoxFuture<'_, Result<Vec<String>, StorageError>>;
 
     /// `embedded` or `postgres`, for logs and metrics.
     fn kind(&self) -> &'static str;

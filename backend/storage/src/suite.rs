@@ -39,7 +39,7 @@ fn stamps(points: &[Point]) -> Vec<(String, i64)> {
 }
 
 async fn write(store: &dyn TimeSeriesStore, points: Vec<Point>) {
-    store.write(points).await.unwrap_or_else(|e| panic!("write: {e}"));
+    store.write(std::sync::Arc::new(points)).await.unwrap_or_else(|e| panic!("write: {e}"));
 }
 
 async fn query(store: &dyn TimeSeriesStore, q: RangeQuery) -> Vec<Point> {
@@ -57,6 +57,7 @@ pub async fn run(store: &dyn TimeSeriesStore) {
     last_points_are_the_newest(store).await;
     the_sweep_deletes_old_points_only(store).await;
     values_of_every_kind_come_back(store).await;
+    series_and_endpoints_are_listed(store).await;
     write_some(store).await;
     check_some(store).await;
 }
@@ -225,4 +226,23 @@ pub async fn check_some(store: &dyn TimeSeriesStore) {
     assert_eq!(all.len(), 100);
     let newest = lasts(store, last(app, &["t"], None)).await;
     assert_eq!(stamps(&newest), [("e1".into(), 99)]);
+}
+
+async fn series_and_endpoints_are_listed(store: &dyn TimeSeriesStore) {
+    let app = "suite-list";
+    write(
+        store,
+        vec![
+            point(app, "b", "e2", 1, 1.0),
+            point(app, "a", "e1", 1, 1.0),
+            point(app, "b", "e1", 2, 1.0),
+        ],
+    )
+    .await;
+    assert_eq!(store.series(app).await.unwrap_or_else(|e| panic!("series: {e}")), ["a", "b"]);
+    assert_eq!(
+        store.endpoints(app).await.unwrap_or_else(|e| panic!("endpoints: {e}")),
+        ["e1", "e2"]
+    );
+    assert!(store.series("suite-none").await.unwrap_or_else(|e| panic!("series: {e}")).is_empty());
 }
