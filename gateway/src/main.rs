@@ -8,7 +8,7 @@ use clap::{Arg, ArgAction, Command};
 use fleetgate::config::loader::{ConfigSource, load};
 use fleetgate::config::{Config, LogFormat};
 use fleetgate::registry::{SERVICES, service};
-use fleetgate::run::{Role, add_demo_endpoint, run};
+use fleetgate::run::{Role, add_demo_application, add_demo_endpoint, run};
 
 /// mimalloc rather than the system allocator: cheaper small allocations on the per-message
 /// path, and freed memory goes back to the system, so a gateway that held a burst of
@@ -79,6 +79,9 @@ fn main() -> ExitCode {
     }
     if source == ConfigSource::BuiltInDefaults && matches!(role.name(), "up" | "auth") {
         add_demo_endpoint(&mut config.auth);
+    }
+    if source == ConfigSource::BuiltInDefaults && matches!(role.name(), "up" | "epts") {
+        add_demo_application(&mut config);
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
