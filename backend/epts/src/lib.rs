@@ -277,6 +277,7 @@ async fn start(
     if let Some((key, message)) = application_problems(&apps).into_iter().next() {
         return Err(EptsError::Invalid { key: format!("applications.{key}"), message });
     }
+    store.open().await?;
     let bus = context.bus;
     let events = bus.subscribe(subjects::DATA_SAMPLES_RECEIVED_ANY, Some(&config.instance)).await?;
     bus.flush().await?;

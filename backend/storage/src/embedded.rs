@@ -288,7 +288,7 @@ const STRING: u8 = 4;
 
 /// Values as: count (u16), then per value its name (u16 length, bytes), a kind byte and the
 /// value (bool: 1 byte; long, double: 8 bytes; string: u32 length, bytes).
-fn encode_values(values: &[(String, Value)]) -> Vec<u8> {
+pub(crate) fn encode_values(values: &[(String, Value)]) -> Vec<u8> {
     let mut out = Vec::with_capacity(2 + values.len() * 16);
     let count = u16::try_from(values.len()).unwrap_or(u16::MAX);
     out.extend_from_slice(&count.to_be_bytes());
@@ -318,7 +318,7 @@ fn encode_values(values: &[(String, Value)]) -> Vec<u8> {
     out
 }
 
-fn decode_values(mut b: &[u8]) -> Option<Vec<(String, Value)>> {
+pub(crate) fn decode_values(mut b: &[u8]) -> Option<Vec<(String, Value)>> {
     fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
         let (head, rest) = (b.get(..n)?, b.get(n..)?);
         *b = rest;

@@ -1,7 +1,8 @@
 //! Time-series storage for the services that keep data (EPTS now).
 //!
-//! One object-safe trait, [`TimeSeriesStore`], and the embedded implementation
-//! [`EmbeddedStore`] (fjall, under `storage.path`, needs no server). Points are keyed by
+//! One object-safe trait, [`TimeSeriesStore`], and two implementations chosen by
+//! [`StorageConfig`]: the embedded [`EmbeddedStore`] (fjall, under `storage.path`, needs no
+//! server; the default) and [`PostgresStore`] (`storage.postgres.url`, shared by replicas). Points are keyed by
 //! (application, series, endpoint, timestamp): writing a point whose key exists overwrites it,
 //! so a re-sent sample never duplicates. Every store keeps the last point of each
 //! (application, series, endpoint) in memory, answers range queries with a limit and an
@@ -15,12 +16,14 @@
 
 mod embedded;
 mod last;
+mod postgres;
 pub mod suite;
 
 use std::future::Future;
 use std::pin::Pin;
 
 pub use embedded::EmbeddedStore;
+pub use postgres::PostgresStore;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -53,16 +56,14 @@ pub struct PostgresConfig {
 }
 
 impl StorageConfig {
-    /// Opens the time-series store of `service` that this configuration names.
+    /// The time-series store of `service` that this configuration names (the embedded one is
+    /// opened here; call [`TimeSeriesStore::open`] before use either way).
     pub fn open_time_series(
         &self,
         service: &str,
     ) -> Result<Arc<dyn TimeSeriesStore>, StorageError> {
         match &self.postgres.url {
-            Some(url) if !url.is_empty() => Err(StorageError::Open {
-                setting: "storage.postgres.url",
-                source: "this build has no PostgreSQL store yet; unset storage.postgres.url to use the embedded store".into(),
-            }),
+            Some(url) if !url.is_empty() => Ok(Arc::new(PostgresStore::new(url))),
             _ => Ok(Arc::new(EmbeddedStore::open(&self.path.join(service))?)),
         }
     }
@@ -176,6 +177,12 @@ pub enum StorageError {
 
 /// A time-series store. Shared as `Arc<dyn TimeSeriesStore>` by a service's tasks.
 pub trait TimeSeriesStore: Send + Sync {
+    /// Connects and prepares the store (PostgreSQL: migrations); called once at start-up,
+    /// before any other method. A store that opened when it was made does nothing here.
+    fn open(&self) -> BoxFuture<'_, Result<(), StorageError>> {
+        Box::pin(std::future::ready(Ok(())))
+    }
+
     /// Stores `points`, overwriting points with the same key (within `points`, the later one
     /// wins). Resolves once they are durable: only then may anyone hear "stored".
     fn write(&self, points: Arc<Vec<Point>>) -> BoxFuture<'_, Result<(), StorageError>>;
