@@ -163,3 +163,56 @@ async fn epts_runs_alone_on_nats_as_a_reliable_receiver() {
     assert_eq!(status, 200);
     assert_eq!(json(&body)["ep-1"]["auto~temperature"][0]["values"]["value"], 7, "{body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_postgresql_and_store_each_sample_once() {
+    let postgres = fleetgate_testkit::PostgresServer::start();
+    let nats = NatsServer::start();
+    let url = nats.url();
+    let apps = "{demo: {versions: [demo-v1], time_series: {auto_extract: true}}}".to_owned();
+    let replica_env = [
+        ("FLEETGATE_NATS_URL", url.clone()),
+        ("FLEETGATE_APPLICATIONS", apps),
+        ("FLEETGATE_STORAGE_POSTGRES_URL", postgres.url()),
+    ];
+    let a = Fleetgate::start("epts", &replica_env);
+    let b = Fleetgate::start("epts", &replica_env);
+    let _dcx = Fleetgate::start(
+        "dcx",
+        &[
+            ("FLEETGATE_NATS_URL", url.clone()),
+            ("FLEETGATE_DCX_RELIABLE_RECEIVERS", "[epts]".into()),
+        ],
+    );
+    let _auth = Fleetgate::start(
+        "auth",
+        &[("FLEETGATE_NATS_URL", url.clone()), demo_endpoint_env()[0].clone()],
+    );
+    let mut env = demo_endpoint_env();
+    env.push(("FLEETGATE_NATS_URL", url.clone()));
+    let gateway = Fleetgate::start("gateway", &env);
+    for i in 1..=20 {
+        let sample = format!(r#"{{"n":{i}}}"#);
+        let topic = format!("kp1/demo-v1/dcx/tok-1/json/{i}");
+        let p = rumqttc_request(gateway.mqtt, None, &topic, sample.as_bytes()).await;
+        assert_eq!(p.topic, format!("{topic}/status"));
+    }
+    let stored_a = a.metric("fleetgate_epts_points_stored_total").unwrap_or(0.0);
+    let stored_b = b.metric("fleetgate_epts_points_stored_total").unwrap_or(0.0);
+    assert_eq!(
+        stored_a + stored_b,
+        20.0,
+        "each sample is stored by one replica (a {stored_a}, b {stored_b})"
+    );
+    // Either replica answers from the shared database.
+    for replica in [&a, &b] {
+        let (status, body) = http_get(
+            replica.admin,
+            "/epts/api/v1/applications/demo/time-series/data?timeSeriesName=auto~n&fromDate=2000-01-01T00:00:00Z&toDate=2100-01-01T00:00:00Z",
+        )
+        .unwrap();
+        assert_eq!(status, 200);
+        let points = json(&body)[0]["ep-1"]["auto~n"].as_array().unwrap().len();
+        assert_eq!(points, 20, "{body}");
+    }
+}

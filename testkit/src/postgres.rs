@@ -92,7 +92,19 @@ impl PostgresServer {
             .unwrap_or_else(|e| panic!("cannot start postgres: {e}"));
         self.child = Some(child);
         wait_for_tcp(SocketAddr::from(([127, 0, 0, 1], self.port)), Duration::from_secs(30));
-        // It accepts connections a moment before it takes queries; clients retry on their own.
+        // It accepts connections a moment before it takes queries: wait for those too.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = command("pg_isready")
+                .args(["-q", "-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "fleetgate"])
+                .status()
+                .is_ok_and(|s| s.success());
+            if ready {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "PostgreSQL is not ready after 30 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// `postgres://fleetgate@127.0.0.1:<port>/postgres`.
