@@ -182,6 +182,10 @@ async fn serve_route(
         hyper::header::CONTENT_TYPE,
         hyper::header::HeaderValue::from_static(answer.content_type),
     );
+    if let Some(allow) = answer.allow {
+        r.headers_mut()
+            .insert(hyper::header::ALLOW, hyper::header::HeaderValue::from_static(allow));
+    }
     r
 }
 

@@ -77,22 +77,28 @@ fn ok_json(body: &Json) -> AdminResponse {
 }
 
 fn asset(content_type: &'static str, body: &str) -> AdminResponse {
-    AdminResponse { status: 200, content_type, body: body.as_bytes().to_vec() }
+    AdminResponse { status: 200, content_type, body: body.as_bytes().to_vec(), allow: None }
+}
+
+fn not_allowed(allow: &'static str) -> AdminResponse {
+    let mut r = error(405, format!("method not allowed: use {allow}"));
+    r.allow = Some(allow);
+    r
 }
 
 async fn route(shared: &Shared, req: &AdminRequest) -> Answer {
     match req.path.as_str() {
         "/epts/plot" | "/epts/plot/" => {
-            return only(req, "GET", || asset("text/html; charset=utf-8", PLOT_PAGE));
+            return only(req, || asset("text/html; charset=utf-8", PLOT_PAGE));
         }
         "/epts/plot/uPlot.iife.min.js" => {
-            return only(req, "GET", || asset("text/javascript; charset=utf-8", UPLOT_JS));
+            return only(req, || asset("text/javascript; charset=utf-8", UPLOT_JS));
         }
         "/epts/plot/uPlot.min.css" => {
-            return only(req, "GET", || asset("text/css; charset=utf-8", UPLOT_CSS));
+            return only(req, || asset("text/css; charset=utf-8", UPLOT_CSS));
         }
         "/epts/plot/uPlot.LICENSE" => {
-            return only(req, "GET", || asset("text/plain; charset=utf-8", UPLOT_LICENSE));
+            return only(req, || asset("text/plain; charset=utf-8", UPLOT_LICENSE));
         }
         _ => {}
     }
@@ -122,25 +128,15 @@ async fn route(shared: &Shared, req: &AdminRequest) -> Answer {
         ("PUT", ["app-versions", version, "time-series", "data"]) => {
             put(shared, version, &req.body).await
         }
-        (_, ["openapi.json"] | ["time-series", "config"]) => {
-            Err(error(405, "method not allowed: use GET"))
-        }
-        (_, ["applications", _, "time-series", "last" | "data"]) => {
-            Err(error(405, "method not allowed: use GET or POST"))
-        }
-        (_, ["app-versions", _, "time-series", "data"]) => {
-            Err(error(405, "method not allowed: use PUT"))
-        }
+        (_, ["openapi.json"] | ["time-series", "config"]) => Err(not_allowed("GET")),
+        (_, ["applications", _, "time-series", "last" | "data"]) => Err(not_allowed("GET, POST")),
+        (_, ["app-versions", _, "time-series", "data"]) => Err(not_allowed("PUT")),
         _ => Err(error(404, format!("not found: {}", req.path))),
     }
 }
 
-fn only(req: &AdminRequest, method: &str, answer: impl FnOnce() -> AdminResponse) -> Answer {
-    if req.method == method {
-        Ok(answer())
-    } else {
-        Err(error(405, format!("method not allowed: use {method}")))
-    }
+fn only(req: &AdminRequest, answer: impl FnOnce() -> AdminResponse) -> Answer {
+    if req.method == "GET" { Ok(answer()) } else { Err(not_allowed("GET")) }
 }
 
 fn known_app<'a>(shared: &'a Shared, app: &str) -> Result<&'a str, AdminResponse> {
@@ -149,6 +145,39 @@ fn known_app<'a>(shared: &'a Shared, app: &str) -> Result<&'a str, AdminResponse
         .get_key_value(app)
         .map(|(k, _)| k.as_str())
         .ok_or_else(|| error(404, format!("application `{app}` not found")))
+}
+
+/// Parses a request's parameters as the API does (a GET query string, else a JSON body) and
+/// validates those of a `/data` query: for the `epts_api_params` fuzz target. Never panics.
+#[doc(hidden)]
+pub fn fuzz_params(method: &str, query: &str, body: &[u8]) {
+    let req = AdminRequest {
+        method: method.to_owned(),
+        path: String::new(),
+        query: query.to_owned(),
+        body: body.to_vec(),
+    };
+    if let Ok(params) = params_of(method, &req) {
+        let _ = series_names(&params);
+        let _ = date(&params, "fromDate");
+        let _ = count(&params, "limit", 1);
+        let _ = one(&params, "sort");
+        let _ = endpoints(&params);
+    }
+    let _ = percent_decode(query);
+    if let Ok(Json::Object(o)) = serde_json::from_slice::<Json>(body) {
+        for (endpoint, series) in o {
+            if let Json::Object(series) = series {
+                for (name, points) in series {
+                    if let Json::Array(points) = points {
+                        for p in points {
+                            let _ = put_point("a", &endpoint, &name, &p);
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Decodes `%XX` escapes (and `+` as a space, for query strings); `None` when malformed or
@@ -181,6 +210,22 @@ fn percent_decode(s: &str) -> Option<String> {
     decode(s, false)
 }
 
+/// The parameters a POST body may carry.
+const KNOWN_BODY_KEYS: &[&str] = &[
+    "timeSeriesNames",
+    "timeSeriesName",
+    "fromDate",
+    "toDate",
+    "beforeDate",
+    "endpointIDs",
+    "endpointIds",
+    "endpointId",
+    "includeTime",
+    "sort",
+    "limit",
+    "offset",
+];
+
 /// Request parameters by name, each a list (comma-separated in a query string, a JSON array
 /// or a string in a body).
 type Params = HashMap<String, Vec<String>>;
@@ -203,17 +248,22 @@ fn params_of(method: &str, req: &AdminRequest) -> Result<Params, AdminResponse> 
         }
     };
     let Json::Object(fields) = body else { return Err(bad("body", "must be a JSON object")) };
-    for (k, v) in fields {
+    // Only the parameters the API knows; other keys are ignored, as Kaa does.
+    let known = |k: &str| KNOWN_BODY_KEYS.contains(&k);
+    for (k, v) in fields.into_iter().filter(|(k, _)| known(k)) {
+        let counts = k == "limit" || k == "offset";
         let values = match v {
             Json::Null => continue,
+            Json::Number(n) if counts => vec![number_text(&n)],
+            _ if counts => return Err(bad(&k, "must be an integer")),
             Json::String(s) => split_list(&s),
-            Json::Number(n) => vec![n.to_string()],
-            Json::Bool(b) => vec![b.to_string()],
+            Json::Number(_) | Json::Bool(_) => {
+                return Err(bad(&k, "must be a string or a list of strings"));
+            }
             Json::Array(items) => items
                 .into_iter()
                 .map(|i| match i {
                     Json::String(s) => Ok(s),
-                    Json::Number(n) => Ok(n.to_string()),
                     _ => Err(bad(&k, "must hold strings")),
                 })
                 .collect::<Result<_, _>>()?,
@@ -224,8 +274,21 @@ fn params_of(method: &str, req: &AdminRequest) -> Result<Params, AdminResponse> 
     Ok(params)
 }
 
+/// The items of a comma-separated list; an empty value stays one empty item (so that
+/// `fromDate=` is an error, not an absent parameter).
 fn split_list(v: &str) -> Vec<String> {
+    if v.is_empty() {
+        return vec![String::new()];
+    }
     v.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect()
+}
+
+/// A JSON number as text, integers without a fraction (`5.0` is `5`).
+fn number_text(n: &serde_json::Number) -> String {
+    match n.as_f64() {
+        Some(f) if n.is_f64() && f.fract() == 0.0 && f.abs() < 9.0e15 => format!("{}", f as i64),
+        _ => n.to_string(),
+    }
 }
 
 /// The values of the first of `names` present.
@@ -258,16 +321,24 @@ fn count(params: &Params, name: &str, min: usize) -> Result<Option<usize>, Admin
 }
 
 fn series_names(params: &Params) -> Result<Vec<String>, AdminResponse> {
-    match list(params, &["timeSeriesName", "timeSeriesNames"]) {
-        Some(names) if !names.is_empty() => Ok(names.to_vec()),
-        _ => Err(bad("timeSeriesName", "required (one or more series names)")),
+    let names = match list(params, &["timeSeriesName", "timeSeriesNames"]) {
+        Some(names) if !names.is_empty() => names,
+        _ => return Err(bad("timeSeriesName", "required (one or more series names)")),
+    };
+    let valid = |n: &String| {
+        !n.is_empty() && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"_~-".contains(&b))
+    };
+    match names.iter().find(|n| !valid(n)) {
+        Some(n) => Err(bad("timeSeriesName", format!("`{n}` is not a series name"))),
+        None => Ok(names.to_vec()),
     }
 }
 
+/// The endpoints asked for; `None` (every endpoint) when absent or empty.
 fn endpoints(params: &Params) -> Option<Vec<String>> {
-    list(params, &["endpointId", "endpointIds", "endpointIDs"])
-        .filter(|e| !e.is_empty())
-        .map(<[String]>::to_vec)
+    let given = list(params, &["endpointId", "endpointIds", "endpointIDs"])?;
+    let ids: Vec<String> = given.iter().filter(|e| !e.is_empty()).cloned().collect();
+    (!ids.is_empty()).then_some(ids)
 }
 
 fn value_json(v: &Value) -> Json {
@@ -357,9 +428,7 @@ async fn data(shared: &Shared, app: &str, params: &Params) -> Answer {
     let series = series_names(params)?;
     let from = date(params, "fromDate")?.ok_or_else(|| bad("fromDate", "required (ISO-8601)"))?;
     let to = date(params, "toDate")?.ok_or_else(|| bad("toDate", "required (ISO-8601)"))?;
-    if from > to {
-        return Err(bad("fromDate", "is after toDate"));
-    }
+    // A range that ends before it starts holds no points (an empty answer, not an error).
     let (from_in, to_in) = match one(params, "includeTime")?.map(str::to_ascii_lowercase).as_deref()
     {
         None | Some("both") => (true, true),
@@ -468,15 +537,27 @@ async fn put(shared: &Shared, version: &str, body: &[u8]) -> Answer {
             Err(_) => return Err(error(503, "EPTS is stopping")),
         }
     }
-    Ok(AdminResponse { status: 200, content_type: "application/json", body: Vec::new() })
+    Ok(AdminResponse::json(200, Vec::new()))
 }
+
+/// The largest Unix milliseconds a PUT may give as a number (±285 000 years).
+const MAX_PUT_MS: i64 = 9_000_000_000_000_000;
 
 fn put_point(app: &str, endpoint: &str, series: &str, p: &Json) -> Result<Point, String> {
     let timestamp_ms = match p.get("timestamp") {
         Some(Json::String(s)) => {
             parse_iso8601(s).ok_or_else(|| format!("timestamp `{s}` is not ISO-8601"))?
         }
-        Some(Json::Number(n)) => n.as_i64().ok_or("timestamp must be whole milliseconds")?,
+        Some(Json::Number(n)) => match n.as_i64().or_else(|| {
+            n.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 9.1e15).map(|f| f as i64)
+        }) {
+            Some(ms) if ms.abs() <= MAX_PUT_MS => ms,
+            _ => {
+                return Err(format!(
+                    "timestamp {n} is not whole milliseconds within ±{MAX_PUT_MS}"
+                ));
+            }
+        },
         _ => return Err("needs a timestamp (ISO-8601 or Unix milliseconds)".into()),
     };
     let Some(Json::Object(values)) = p.get("values") else {

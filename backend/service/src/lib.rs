@@ -126,12 +126,14 @@ pub struct AdminResponse {
     pub content_type: &'static str,
     /// The body.
     pub body: Vec<u8>,
+    /// For 405: the methods the resource takes (the `Allow` header).
+    pub allow: Option<&'static str>,
 }
 
 impl AdminResponse {
     /// A JSON answer.
     pub fn json(status: u16, body: Vec<u8>) -> Self {
-        Self { status, content_type: "application/json", body }
+        Self { status, content_type: "application/json", body, allow: None }
     }
 }
 
