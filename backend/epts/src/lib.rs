@@ -427,9 +427,9 @@ impl Shared {
     }
 
     /// Broadcasts the points of one job on 14/TSTP, one event per series.
-    async fn publish_points(&self, job: &Job) {
+    async fn publish_points(&self, job: &Job, stored: &[Point]) {
         let mut by_series: BTreeMap<&str, Vec<&Point>> = BTreeMap::new();
-        for p in &job.points {
+        for p in stored {
             by_series.entry(&p.series).or_default().push(p);
         }
         for (series, points) in by_series {
@@ -503,13 +503,18 @@ async fn write_batches(
                 Err(_) => break,
             }
         }
+        // The jobs' points move into one batch; each job remembers its range of it.
         let mut points = Vec::with_capacity(count);
-        for job in &batch {
-            points.extend(job.points.iter().cloned());
+        let mut ranges = Vec::with_capacity(batch.len());
+        for job in &mut batch {
+            let start = points.len();
+            points.append(&mut job.points);
+            ranges.push(start..points.len());
         }
+        let points = Arc::new(points);
         let outcome = match points.is_empty() {
             true => Ok(()),
-            false => shared.store.write(Arc::new(points)).await,
+            false => shared.store.write(points.clone()).await,
         };
         match &outcome {
             Ok(()) => {
@@ -520,11 +525,11 @@ async fn write_batches(
                 tracing::error!(error = %e, points = count, "cannot store data points");
             }
         }
-        for job in batch {
+        for (job, range) in batch.into_iter().zip(ranges) {
             let result =
                 outcome.as_ref().map(|_| ()).map_err(|e| format!("cannot store data points: {e}"));
-            if result.is_ok() && shared.config.emit_events && !job.points.is_empty() {
-                shared.publish_points(&job).await;
+            if result.is_ok() && shared.config.emit_events && !range.is_empty() {
+                shared.publish_points(&job, &points[range]).await;
             }
             match job.reply {
                 Reply::Bus(subject, id) => match &result {
