@@ -16,4 +16,5 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let _ = EndpointTokenRevokedEvent::decode(data);
     let _ = ConnectedEvent::decode(data);
     let _ = DisconnectedEvent::decode(data);
+    let _ = TimeSeriesEvent::decode(data);
 });

@@ -1,6 +1,7 @@
-//! The admin HTTP server: `/livez` or `/healthz` (the process runs), `/readyz` (it takes
-//! traffic: started, bus connected, every service ready, not draining) and `/metrics`
-//! (OpenMetrics text of the process's one registry).
+//! The admin HTTP server: `/livez` or `/healthz` (the process runs), `/readyz` (it takes traffic: started,
+//! bus connected, every service ready, not draining), `/metrics` (OpenMetrics text of the
+//! process's one registry), and the routes services serve (REST APIs such as `/epts/api/v1`,
+//! pages), behind the bearer tokens of `admin.api_tokens` when any are set.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -9,9 +10,9 @@ use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use fleetgate_bus::{AnyBus, Bus};
-use fleetgate_service::ServiceStatus;
+use fleetgate_service::{AdminRequest, AdminRoutes, ServiceStatus};
 use fleetgate_transport_core::metrics::{Registry, encode};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
@@ -21,6 +22,9 @@ use tokio::sync::watch;
 /// The OpenMetrics content type `/metrics` answers with.
 const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
+/// The largest request body a service route reads.
+const MAX_BODY_BYTES: usize = 1 << 20;
+
 /// What the admin endpoints report on. Served from before the bus is reached: until
 /// [`AdminState::started`], `/readyz` says the process is starting and `/metrics` is empty.
 #[derive(Default)]
@@ -28,6 +32,8 @@ pub struct AdminState {
     started: OnceLock<Started>,
     /// Set on SIGTERM: not ready again.
     draining: AtomicBool,
+    /// `admin.api_tokens`.
+    api_tokens: Vec<String>,
 }
 
 /// What a started process reports on.
@@ -35,13 +41,36 @@ struct Started {
     bus: AnyBus,
     services: Vec<Arc<dyn ServiceStatus>>,
     registry: Registry,
+    routes: Vec<Arc<dyn AdminRoutes>>,
 }
 
 impl AdminState {
+    /// A state whose service routes need one of `api_tokens` (none: no token needed).
+    pub fn with_api_tokens(api_tokens: Vec<String>) -> Self {
+        Self { api_tokens, ..Self::default() }
+    }
+
     /// Every service runs on `bus`: readiness follows the bus and `services`, `/metrics`
-    /// serves `registry`.
+    /// serves `registry`, and the services' routes are served.
     pub fn started(&self, bus: AnyBus, services: Vec<Arc<dyn ServiceStatus>>, registry: Registry) {
-        let _ = self.started.set(Started { bus, services, registry });
+        let routes = services.iter().filter_map(|s| s.admin_routes()).collect();
+        let _ = self.started.set(Started { bus, services, registry, routes });
+    }
+
+    /// The service routes that serve `path`.
+    fn routes_for(&self, path: &str) -> Option<Arc<dyn AdminRoutes>> {
+        let started = self.started.get()?;
+        started.routes.iter().find(|r| r.prefixes().iter().any(|p| path.starts_with(p))).cloned()
+    }
+
+    /// Whether `header` (an `Authorization` value) carries one of the API tokens.
+    fn authorized(&self, header: Option<&str>) -> bool {
+        self.api_tokens.is_empty()
+            || header.and_then(|h| h.strip_prefix("Bearer ")).is_some_and(|token| {
+                self.api_tokens
+                    .iter()
+                    .any(|t| constant_time_eq(t.as_bytes(), token.trim().as_bytes()))
+            })
     }
 
     /// Not ready from now on (the process drains).
@@ -90,7 +119,7 @@ pub async fn serve(
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(respond(&state, &req)) }
+                async move { Ok::<_, Infallible>(respond(&state, req).await) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -103,7 +132,67 @@ pub async fn serve(
     }
 }
 
-fn respond(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+/// Compares without an early exit, so that timing tells nothing about a token.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn json_error(status: u16, reason: &str) -> Response<Full<Bytes>> {
+    let body = format!(
+        "{{\"statusCode\":{status},\"reasonPhrase\":{}}}",
+        serde_json::Value::String(reason.to_owned())
+    );
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// A request to a service's routes: token, body (bounded), then the service answers.
+async fn serve_route(
+    state: &AdminState,
+    routes: Arc<dyn AdminRoutes>,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_owned();
+    let authorization =
+        req.headers().get(hyper::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    if !routes.is_public(&path) && !state.authorized(authorization) {
+        let mut r = json_error(401, "a bearer token of admin.api_tokens is required");
+        r.headers_mut().insert(
+            hyper::header::WWW_AUTHENTICATE,
+            hyper::header::HeaderValue::from_static("Bearer"),
+        );
+        return r;
+    }
+    let method = req.method().as_str().to_owned();
+    let query = req.uri().query().unwrap_or_default().to_owned();
+    let body = match Limited::new(req.into_body(), MAX_BODY_BYTES).collect().await {
+        Ok(b) => b.to_bytes().to_vec(),
+        Err(_) => return json_error(413, "body: larger than 1 MiB or unreadable"),
+    };
+    let answer = routes.handle(AdminRequest { method, path, query, body }).await;
+    let mut r = Response::new(Full::new(Bytes::from(answer.body)));
+    *r.status_mut() =
+        StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(answer.content_type),
+    );
+    if let Some(allow) = answer.allow {
+        r.headers_mut()
+            .insert(hyper::header::ALLOW, hyper::header::HeaderValue::from_static(allow));
+    }
+    r
+}
+
+async fn respond(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    if let Some(routes) = state.routes_for(req.uri().path()) {
+        return serve_route(state, routes, req).await;
+    }
     let text = |status: StatusCode, body: String| {
         let mut r = Response::new(Full::new(Bytes::from(body)));
         *r.status_mut() = status;

@@ -9,7 +9,7 @@ use fleetgate::config::loader::{ConfigSource, load};
 use fleetgate::config::{Config, LogFormat};
 use fleetgate::registry::{SERVICES, service};
 use fleetgate::reload::Origin;
-use fleetgate::run::{Role, add_demo_endpoint, run};
+use fleetgate::run::{Role, add_demo_application, add_demo_endpoint, run};
 
 /// mimalloc rather than the system allocator: cheaper small allocations on the per-message
 /// path, and freed memory goes back to the system, so a gateway that held a burst of
@@ -98,11 +98,17 @@ fn main() -> ExitCode {
     for name in fleetgate::config::loader::ignored_service_links(&env) {
         tracing::debug!(variable = name, "ignored: a Kubernetes service link, not a setting");
     }
-    let amend: fn(&mut Config) =
-        match source == ConfigSource::BuiltInDefaults && matches!(role.name(), "up" | "auth") {
-            true => |c| add_demo_endpoint(&mut c.auth),
-            false => |_| {},
-        };
+    // Built-in defaults: the demo endpoint and application, added again on every reload.
+    let builtin = source == ConfigSource::BuiltInDefaults;
+    let amend: fn(&mut Config) = match (builtin, role.name()) {
+        (true, "up") => |c| {
+            add_demo_endpoint(&mut c.auth);
+            add_demo_application(c);
+        },
+        (true, "auth") => |c| add_demo_endpoint(&mut c.auth),
+        (true, "epts") => add_demo_application,
+        _ => |_| {},
+    };
     amend(&mut config);
     // One rustls crypto provider for the process (ring), for libraries that ask for the default.
     fleetgate_tls::install_default_provider();

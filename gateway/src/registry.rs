@@ -5,6 +5,7 @@
 
 use fleetgate_auth::AuthService;
 use fleetgate_dcx::DcxService;
+use fleetgate_epts::EptsService;
 use fleetgate_service::Service;
 use fleetgate_transport_coap::{CoapConfig, CoapTransport};
 use fleetgate_transport_core::Transport;
@@ -179,6 +180,14 @@ pub const SERVICES: &[ServiceEntry] = &[
         name: "dcx",
         about: "Run the data collection extension (needs nats.url)",
         make: |c, _, _| Box::new(DcxService::new(c.dcx.clone())),
+    },
+    ServiceEntry {
+        name: "epts",
+        about: "Run the endpoint time-series service and its REST API (needs nats.url)",
+        // Its settings (applications' extraction, storage) apply at the next start.
+        make: |c, _, _| {
+            Box::new(EptsService::new(c.epts.clone(), c.storage.clone(), c.time_series_apps()))
+        },
     },
     ServiceEntry {
         name: "gateway",

@@ -87,6 +87,23 @@ pub fn add_demo_endpoint(auth: &mut AuthConfig) {
     }
 }
 
+/// With no configuration file and no applications, `fleetgate up` has the demo application
+/// `demo` (app version `demo-v1`) with EPTS auto-extraction on, and EPTS a reliable receiver
+/// of DCX, so that a device's `/status` means its data is stored.
+pub fn add_demo_application(config: &mut Config) {
+    if config.applications.is_empty() {
+        let mut demo = crate::config::ApplicationConfig {
+            versions: vec!["demo-v1".into()],
+            ..Default::default()
+        };
+        demo.time_series.auto_extract = true;
+        config.applications.insert("demo".into(), demo);
+        if config.dcx.reliable_receivers.is_empty() {
+            config.dcx.reliable_receivers.push(config.epts.instance.clone());
+        }
+    }
+}
+
 /// Runs `role` with `config` until SIGINT or SIGTERM, then drains and stops. On SIGHUP, and
 /// when the file changes, the configuration is loaded again from `origin` and what can change
 /// live is applied ([`crate::reload`]).
@@ -118,7 +135,7 @@ async fn run_with(
         true => Some(bind_tcp("admin.listen", config.admin.listen).await?),
         false => None,
     };
-    let state = Arc::new(AdminState::default());
+    let state = Arc::new(AdminState::with_api_tokens(config.admin.api_tokens.clone()));
     if let Some(listener) = admin_listener {
         tracing::info!(listen = %admin::describe(&listener), "admin endpoints listening");
         tokio::spawn(admin::serve(listener, state.clone(), stop.clone()));

@@ -1,10 +1,15 @@
 //! Test support shared by the crates' tests: a real `nats-server` as a child process on an
-//! ephemeral port (killed on drop, restartable), free ports, and polling helpers.
+//! ephemeral port (killed on drop, restartable), a PostgreSQL server of its own
+//! ([`PostgresServer`]), free ports, and polling helpers.
 //!
 //! It is a dev-dependency only; nothing in a shipped binary links it.
 
 // Test support: a broken expectation here is a failed test, so it may panic.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod postgres;
+
+pub use postgres::PostgresServer;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;

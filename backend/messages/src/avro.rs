@@ -57,6 +57,14 @@ pub enum DecodeError {
         /// Bytes left in the input after the prefix.
         remaining: usize,
     },
+    /// A `boolean` byte other than 0 or 1.
+    #[error("malformed Avro message: boolean field `{field}` holds byte {byte}")]
+    BadBoolean {
+        /// Field being read.
+        field: &'static str,
+        /// The byte found.
+        byte: u8,
+    },
     /// An array or map block announces more items than the remaining input could hold.
     #[error(
         "malformed Avro message: block in field `{field}` announces {count} items but only {remaining} bytes remain"
@@ -377,6 +385,36 @@ impl<'a> Reader<'a> {
     pub fn int(&mut self, field: &'static str) -> Result<i32, DecodeError> {
         let value = self.long(field)?;
         i32::try_from(value).map_err(|_| DecodeError::IntOutOfRange { field, value })
+    }
+
+    /// Reads `N` raw bytes (the fixed-size `float`, `double` and `boolean` encodings).
+    #[inline]
+    fn fixed<const N: usize>(&mut self, field: &'static str) -> Result<[u8; N], DecodeError> {
+        let bytes = self.buf.get(self.pos..self.pos + N).ok_or(DecodeError::Truncated { field })?;
+        self.pos += N;
+        bytes.try_into().map_err(|_| DecodeError::Truncated { field })
+    }
+
+    /// Reads an Avro `boolean` (one byte, 0 or 1).
+    #[inline]
+    pub fn boolean(&mut self, field: &'static str) -> Result<bool, DecodeError> {
+        match self.fixed::<1>(field)? {
+            [0] => Ok(false),
+            [1] => Ok(true),
+            [b] => Err(DecodeError::BadBoolean { field, byte: b }),
+        }
+    }
+
+    /// Reads an Avro `float` (4 bytes, little-endian IEEE 754).
+    #[inline]
+    pub fn float(&mut self, field: &'static str) -> Result<f32, DecodeError> {
+        Ok(f32::from_le_bytes(self.fixed(field)?))
+    }
+
+    /// Reads an Avro `double` (8 bytes, little-endian IEEE 754).
+    #[inline]
+    pub fn double(&mut self, field: &'static str) -> Result<f64, DecodeError> {
+        Ok(f64::from_le_bytes(self.fixed(field)?))
     }
 
     /// Reads a length prefix and checks it against the remaining input.

@@ -6,6 +6,7 @@
 //! * 4/ESP: [`ClientData`] (gateway → extension) and [`ExtensionData`] (extension → gateway);
 //! * 9/ELCE: [`ConnectedEvent`] and [`DisconnectedEvent`];
 //! * 13/DSTP: [`DataSamplesEvent`] and [`DataSamplesProcessed`];
+//! * 14/TSTP: [`TimeSeriesEvent`];
 //! * 16/ECAP: [`EndpointTokenValidationRequest`]/[`EndpointTokenValidationResponse`],
 //!   [`ClientUsernamePasswordValidationRequest`]/[`ClientUsernamePasswordValidationResponse`]
 //!   and [`EndpointTokenRevokedEvent`];
@@ -33,6 +34,7 @@ mod ecap;
 mod elce;
 mod esp;
 pub mod subjects;
+mod tstp;
 
 #[cfg(test)]
 mod testutil;
@@ -45,6 +47,7 @@ pub use ecap::{
 };
 pub use elce::{ConnectedEvent, DisconnectedEvent};
 pub use esp::{ClientData, ExtensionData};
+pub use tstp::{DataPoint, TimeSeriesEvent, TimeSeriesValue};
 
 /// An Avro record of a Kaa inter-service protocol, borrowed from the buffer it was decoded from
 /// (or from the values it will be encoded from).
@@ -181,6 +184,7 @@ mod tests {
         let _ = EndpointTokenRevokedEvent::decode(data);
         let _ = ConnectedEvent::decode(data);
         let _ = DisconnectedEvent::decode(data);
+        let _ = TimeSeriesEvent::decode(data);
     }
 
     fn samples() -> Vec<Vec<u8>> {

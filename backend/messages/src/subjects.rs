@@ -45,6 +45,8 @@ pub const ENDPOINT: &str = "endpoint";
 pub const DATA_COLLECTION: &str = "data-collection";
 /// Event type of 13/DSTP data samples.
 pub const DATA_SAMPLES_RECEIVED: &str = "data-samples-received";
+/// Event type of 14/TSTP data points; the series name follows as one more token.
+pub const DATA_POINTS_RECEIVED: &str = "data-points-received";
 /// Event group of 9/ELCE connectivity events.
 pub const CONNECTIVITY: &str = "connectivity";
 /// 9/ELCE event type: endpoints connected.
@@ -90,6 +92,15 @@ pub fn replica(replica_id: &str, protocol: &str, message_type: &str) -> String {
 /// `kaa.v1.events.{originator}.{entity}.{group}.{event_type}`: a broadcast event.
 pub fn event(originator: &str, entity: &str, group: &str, event_type: &str) -> String {
     join(EVENTS_PREFIX, &[originator, entity, group, event_type])
+}
+
+/// `kaa.v1.events.{transmitter}.endpoint.data-collection.data-points-received.{series}`: the
+/// 14/TSTP broadcast of one series' points.
+pub fn tstp_data_points(transmitter_instance: &str, series: &str) -> String {
+    join(
+        EVENTS_PREFIX,
+        &[transmitter_instance, ENDPOINT, DATA_COLLECTION, DATA_POINTS_RECEIVED, series],
+    )
 }
 
 /// `kaa.v1.service.{extension}.esp.ClientData`: where the gateway sends client requests for an
@@ -190,6 +201,10 @@ mod tests {
         assert_eq!(
             dstp_data_samples_received("dcx"),
             "kaa.v1.events.dcx.endpoint.data-collection.data-samples-received"
+        );
+        assert_eq!(
+            tstp_data_points("epts", "auto~temperature"),
+            "kaa.v1.events.epts.endpoint.data-collection.data-points-received.auto~temperature"
         );
         assert_eq!(dstp_processed_reply("dcx-0"), "kaa.v1.replica.dcx-0.dstp.DataSamplesProcessed");
         assert_eq!(elce_connected("kpc"), "kaa.v1.events.kpc.endpoint.connectivity.connected");

@@ -10,6 +10,9 @@
 //! service is subscribed and answers; the returned [`Running`] reports readiness and work in
 //! flight while it runs, and completes after the shutdown signal once the service has stopped.
 //!
+//! A service may also serve HTTP routes on the admin listener ([`AdminRoutes`], e.g. a REST
+//! API), reported through its [`ServiceStatus`].
+//!
 //! This crate knows the bus and nothing of transports, storage or any protocol.
 
 use std::future::Future;
@@ -93,6 +96,61 @@ pub trait ServiceStatus: Send + Sync {
     fn in_flight(&self) -> usize {
         0
     }
+
+    /// The REST API (or pages) the service serves on the admin listener, if any.
+    fn admin_routes(&self) -> Option<Arc<dyn AdminRoutes>> {
+        None
+    }
+}
+
+/// An HTTP request to a service's routes on the admin listener. The admin server has read
+/// the body (bounded) and checked the bearer token already.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminRequest {
+    /// `GET`, `POST`, `PUT`, ...
+    pub method: String,
+    /// The path, percent-encoded as received, e.g. `/epts/api/v1/time-series/config`.
+    pub path: String,
+    /// The query string without `?` (empty when none).
+    pub query: String,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+/// A service's answer to an [`AdminRequest`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminResponse {
+    /// HTTP status code.
+    pub status: u16,
+    /// `Content-Type`.
+    pub content_type: &'static str,
+    /// The body.
+    pub body: Vec<u8>,
+    /// For 405: the methods the resource takes (the `Allow` header).
+    pub allow: Option<&'static str>,
+}
+
+impl AdminResponse {
+    /// A JSON answer.
+    pub fn json(status: u16, body: Vec<u8>) -> Self {
+        Self { status, content_type: "application/json", body, allow: None }
+    }
+}
+
+/// Routes a service serves on the admin listener (its REST API, its pages).
+pub trait AdminRoutes: Send + Sync {
+    /// Path prefixes it serves, e.g. `/epts/`.
+    fn prefixes(&self) -> &[&'static str];
+
+    /// Whether `path` is served without a bearer token even when `admin.api_tokens` is set
+    /// (an OpenAPI document, a page whose script asks for the token).
+    fn is_public(&self, path: &str) -> bool {
+        let _ = path;
+        false
+    }
+
+    /// Answers a request to one of its prefixes.
+    fn handle(&self, request: AdminRequest) -> BoxFuture<'static, AdminResponse>;
 }
 
 /// A service with nothing to report but that it runs.

@@ -5,11 +5,14 @@
 
 pub mod loader;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use fleetgate_auth::AuthConfig;
 use fleetgate_communication::GatewayConfig;
 use fleetgate_dcx::DcxConfig;
+use fleetgate_epts::{AppTimeSeries, EptsConfig, TimeSeriesConfig};
+use fleetgate_storage::StorageConfig;
 use fleetgate_transport_core::settings::below_minimum;
 use serde::{Deserialize, Serialize};
 
@@ -38,6 +41,38 @@ pub struct Config {
     pub log: LogConfig,
     /// Shutdown.
     pub process: ProcessConfig,
+    /// Applications: their app versions and time-series settings.
+    pub applications: BTreeMap<String, ApplicationConfig>,
+    /// Where services that keep data (EPTS) keep it.
+    pub storage: StorageConfig,
+    /// Endpoint time series.
+    pub epts: EptsConfig,
+}
+
+/// `applications.<app>`: an application as Kaa configures one, in snake case.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApplicationConfig {
+    /// Its app versions (the names devices use in 1/KP topics).
+    pub versions: Vec<String>,
+    /// How EPTS makes time series of its data samples.
+    pub time_series: TimeSeriesConfig,
+}
+
+impl Config {
+    /// The applications as EPTS serves them.
+    pub fn time_series_apps(&self) -> BTreeMap<String, AppTimeSeries> {
+        self.applications
+            .iter()
+            .map(|(name, app)| {
+                let app = AppTimeSeries {
+                    versions: app.versions.clone(),
+                    time_series: app.time_series.clone(),
+                };
+                (name.clone(), app)
+            })
+            .collect()
+    }
 }
 
 impl Checked for Config {
@@ -65,6 +100,10 @@ impl Checked for Config {
         problems.extend(Problem::within("gateway", self.gateway.problems()));
         problems.extend(Problem::within("dcx", self.dcx.problems()));
         problems.extend(Problem::within("auth", self.auth.problems()));
+        problems.extend(Problem::within("epts", self.epts.problems()));
+        for (key, message) in fleetgate_epts::application_problems(&self.time_series_apps()) {
+            problems.push(Problem { key: format!("applications.{key}"), message });
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {
             let message = format!("not a log filter: {e}");
             problems.push(Problem { key: "log.filter".into(), message });
@@ -137,11 +176,17 @@ pub struct AdminConfig {
     pub enabled: bool,
     /// Address and port of the admin HTTP server.
     pub listen: SocketAddr,
+    /// Bearer tokens the REST APIs accept; empty: no token needed.
+    pub api_tokens: Vec<String>,
 }
 
 impl Default for AdminConfig {
     fn default() -> Self {
-        Self { enabled: true, listen: SocketAddr::from(([0, 0, 0, 0], 8008)) }
+        Self {
+            enabled: true,
+            listen: SocketAddr::from(([0, 0, 0, 0], 8008)),
+            api_tokens: Vec::new(),
+        }
     }
 }
 
