@@ -272,7 +272,7 @@ def check_invariants(label: str, docs: list[dict], expect_checksum: bool) -> Non
             problem(f"{label}: {name}: no checksum/config annotation")
         if c.get("args") == ["gateway"]:
             ports = {(p["containerPort"], p.get("protocol", "TCP")) for p in c["ports"]}
-            for want in [(1883, "TCP"), (8080, "TCP"), (5683, "UDP"), (8008, "TCP")]:
+            for want in [(1883, "TCP"), (8080, "TCP"), (5683, "UDP"), (5690, "UDP"), (8008, "TCP")]:
                 if want not in ports:
                     problem(f"{label}: {name}: port {want[0]}/{want[1]} not exposed")
     services = [d for d in docs if d["kind"] == "Service"]
@@ -282,7 +282,7 @@ def check_invariants(label: str, docs: list[dict], expect_checksum: bool) -> Non
         if s["spec"].get("selector", {}).get("app.kubernetes.io/component") == "gateway"
         for p in s["spec"]["ports"]
     }
-    for want in [(1883, "TCP"), (8080, "TCP"), (5683, "UDP")]:
+    for want in [(1883, "TCP"), (8080, "TCP"), (5683, "UDP"), (5690, "UDP")]:
         if want not in exposed:
             problem(f"{label}: no Service exposes the gateway's {want[0]}/{want[1]}")
 
