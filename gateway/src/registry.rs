@@ -5,6 +5,7 @@
 
 use fleetgate_auth::AuthService;
 use fleetgate_dcx::DcxService;
+use fleetgate_ecr::EcrService;
 use fleetgate_epts::EptsService;
 use fleetgate_service::Service;
 use fleetgate_transport_coap::{CoapConfig, CoapTransport};
@@ -92,6 +93,11 @@ pub const SERVICES: &[ServiceEntry] = &[
         make: |c, _| {
             Box::new(EptsService::new(c.epts.clone(), c.storage.clone(), c.time_series_apps()))
         },
+    },
+    ServiceEntry {
+        name: "ecr",
+        about: "Run the endpoint configuration repository and its REST API (needs nats.url)",
+        make: |c, _| Box::new(EcrService::new(c.ecr.clone(), c.storage.clone())),
     },
     ServiceEntry {
         name: "gateway",
