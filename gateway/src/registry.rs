@@ -4,6 +4,7 @@
 //! nothing else in the binary names them.
 
 use fleetgate_auth::AuthService;
+use fleetgate_cmx::CmxService;
 use fleetgate_dcx::DcxService;
 use fleetgate_ecr::EcrService;
 use fleetgate_epts::EptsService;
@@ -98,6 +99,11 @@ pub const SERVICES: &[ServiceEntry] = &[
         name: "ecr",
         about: "Run the endpoint configuration repository and its REST API (needs nats.url)",
         make: |c, _| Box::new(EcrService::new(c.ecr.clone(), c.storage.clone())),
+    },
+    ServiceEntry {
+        name: "cmx",
+        about: "Run the configuration management extension (7/CMP; needs nats.url)",
+        make: |c, _| Box::new(CmxService::new(c.cmx.clone())),
     },
     ServiceEntry {
         name: "gateway",

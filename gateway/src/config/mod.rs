@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use fleetgate_auth::AuthConfig;
+use fleetgate_cmx::CmxConfig;
 use fleetgate_communication::GatewayConfig;
 use fleetgate_dcx::DcxConfig;
 use fleetgate_ecr::EcrConfig;
@@ -50,6 +51,8 @@ pub struct Config {
     pub epts: EptsConfig,
     /// Endpoint configuration repository.
     pub ecr: EcrConfig,
+    /// Configuration management extension.
+    pub cmx: CmxConfig,
 }
 
 /// `applications.<app>`: an application as Kaa configures one, in snake case.
@@ -104,6 +107,7 @@ impl Checked for Config {
         problems.extend(Problem::within("dcx", self.dcx.problems()));
         problems.extend(Problem::within("epts", self.epts.problems()));
         problems.extend(Problem::within("ecr", self.ecr.problems()));
+        problems.extend(Problem::within("cmx", self.cmx.problems()));
         for (key, message) in fleetgate_epts::application_problems(&self.time_series_apps()) {
             problems.push(Problem { key: format!("applications.{key}"), message });
         }
