@@ -1,0 +1,143 @@
+//! Configuration end to end in the real binary on a real nats-server: a configuration set
+//! through the ECR REST API reaches a device that behaves like the official Kaa Python client
+//! (paho-mqtt, `tests/clients/kaa_config_client.py`) while it is connected, again after it
+//! reconnects without having confirmed, and not once it confirmed; its confirmation shows in
+//! `/statuses`; 6/CDTP is observed on NATS.
+
+// Test code: a failed expectation fails the test.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use fleetgate_messages::{ConfigApplied, ConfigRequest, ConfigUpdated, Record};
+use fleetgate_testkit::NatsServer;
+use futures_util::StreamExt;
+use serde_json::{Value as Json, json};
+use support::{Fleetgate, demo_endpoint_env};
+
+fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String, String) {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let code = text.split(' ').nth(1).unwrap().parse().unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    (code, head.to_ascii_lowercase(), body.to_owned())
+}
+
+/// Starts the paho client; its stdout lines are what it received.
+fn client(mqtt: SocketAddr, confirm: bool, wait_s: &str) -> Child {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/kaa_config_client.py");
+    let mut cmd = Command::new("python3");
+    cmd.args([script, &mqtt.ip().to_string(), &mqtt.port().to_string(), "demo-v1", "tok-1"]);
+    if confirm {
+        cmd.arg("--confirm");
+    }
+    cmd.args(["--wait", wait_s]).stdout(Stdio::piped()).stderr(Stdio::inherit());
+    cmd.spawn().expect("python3 with paho-mqtt")
+}
+
+fn lines(child: Child) -> Vec<String> {
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "the client failed");
+    BufReader::new(&out.stdout[..]).lines().map(Result::unwrap).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kaa_client_gets_its_configuration_until_it_confirms() {
+    let nats = NatsServer::start();
+    let mut env = demo_endpoint_env();
+    env.push(("FLEETGATE_NATS_URL", nats.url()));
+    let fg = Fleetgate::start("up", &env);
+    let observer = async_nats::connect(nats.url()).await.unwrap();
+    let mut cdtp = observer.subscribe("kaa.v1.service.ecr.cdtp.request").await.unwrap();
+    let mut events = observer.subscribe("kaa.v1.events.*.endpoint.config.>").await.unwrap();
+    observer.flush().await.unwrap();
+
+    // Connected, nothing assigned yet: nothing is pushed.
+    let quiet = client(fg.mqtt, false, "1.5");
+    let quiet = tokio::task::spawn_blocking(move || lines(quiet)).await.unwrap();
+    assert_eq!(quiet, ["none"]);
+
+    // Set while the device is connected: pushed to the bare status topic.
+    let device = client(fg.mqtt, false, "15");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (status, head, body) = http(
+        fg.admin,
+        "PUT",
+        "/ecr/api/v1/endpoints/ep-1/app-versions/demo-v1",
+        r#"{"interval":5}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let stored: Json = serde_json::from_str(&body).unwrap();
+    let id = stored["configId"].as_str().unwrap().to_owned();
+    assert!(head.contains(&format!("etag: \"{id}\"")), "{head}");
+    let got = tokio::task::spawn_blocking(move || lines(device)).await.unwrap();
+    let push: Json = serde_json::from_str(&got[0]).unwrap();
+    assert_eq!(push["topic"], "kp1/demo-v1/cmx/tok-1/config/json/status");
+    assert_eq!(push["payload"], json!({"configId": id, "config": {"interval": 5}}));
+
+    // 6/CDTP on NATS: the update broadcast, and the request CMX made for the push.
+    let update =
+        tokio::time::timeout(Duration::from_secs(5), events.next()).await.unwrap().unwrap();
+    assert_eq!(update.subject.as_str(), "kaa.v1.events.ecr.endpoint.config.updated");
+    let u = ConfigUpdated::decode(&update.payload).unwrap();
+    assert_eq!(
+        (u.endpoint_id, u.config_id, u.content),
+        ("ep-1", id.as_str(), &br#"{"interval":5}"#[..])
+    );
+    let mut requests = Vec::new();
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(500), cdtp.next()).await {
+        assert!(m.reply.is_some(), "a ConfigRequest has a reply subject");
+        let r = ConfigRequest::decode(&m.payload).unwrap();
+        requests.push((r.endpoint_id.to_owned(), r.config_id.map(str::to_owned)));
+    }
+    assert!(requests.contains(&("ep-1".to_owned(), None)), "{requests:?}");
+
+    // Reconnected without having confirmed: pushed again; this time it confirms.
+    let device = client(fg.mqtt, true, "10");
+    let got = tokio::task::spawn_blocking(move || lines(device)).await.unwrap();
+    let push: Json = serde_json::from_str(&got[0]).unwrap();
+    assert_eq!(push["payload"]["configId"], id.as_str());
+    let applied = loop {
+        let m = tokio::time::timeout(Duration::from_secs(5), events.next()).await.unwrap().unwrap();
+        if m.subject.as_str() == "kaa.v1.events.cmx.endpoint.config.applied" {
+            break m;
+        }
+    };
+    let a = ConfigApplied::decode(&applied.payload).unwrap();
+    assert_eq!((a.endpoint_id, a.config_id, a.status_code), ("ep-1", id.as_str(), 200));
+
+    // The confirmation in /statuses.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _, body) = http(fg.admin, "GET", "/ecr/api/v1/statuses?endpointId=ep-1", "");
+        assert_eq!(status, 200);
+        let page: Json = serde_json::from_str(&body).unwrap();
+        let s = &page["content"][0];
+        if s["status"] == "APPLIED" {
+            assert_eq!(s["configId"], id.as_str());
+            assert_eq!(s["confirmationReasonPhrase"], "applied by the test client");
+            assert!(s["lastDispatchedDate"].is_string() && s["lastConfirmedDate"].is_string());
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no confirmation in /statuses: {body}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Confirmed: reconnecting brings nothing.
+    let device = client(fg.mqtt, false, "1.5");
+    let got = tokio::task::spawn_blocking(move || lines(device)).await.unwrap();
+    assert_eq!(got, ["none"]);
+}
