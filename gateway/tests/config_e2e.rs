@@ -141,3 +141,66 @@ async fn the_kaa_client_gets_its_configuration_until_it_confirms() {
     let got = tokio::task::spawn_blocking(move || lines(device)).await.unwrap();
     assert_eq!(got, ["none"]);
 }
+
+fn put_config(fg: &Fleetgate, config: &str) -> String {
+    let (status, _, body) =
+        http(fg.admin, "PUT", "/ecr/api/v1/endpoints/ep-1/app-versions/demo-v1", config);
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str::<Json>(&body).unwrap()["configId"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn the_push_answers_an_http_long_poll() {
+    let port = fleetgate_testkit::free_port();
+    let mut env = demo_endpoint_env();
+    env.push(("FLEETGATE_TRANSPORTS_HTTP_LISTEN", format!("127.0.0.1:{port}")));
+    let fg = Fleetgate::start("up", &env);
+    // As a device does: ask for the configuration, then long-poll for changes on the same
+    // connection (the session uses the endpoint from its first request on).
+    let base = format!("http://127.0.0.1:{port}/kp1/demo-v1/cmx/tok-1/config/json");
+    let poll = Command::new("curl")
+        .args(["-s", "--max-time", "15", "-w", "\n%{http_code}\n"])
+        .args(["-X", "POST", "--data", r#"{"observe":true}"#, &format!("{base}/1")])
+        .args(["--next", "-s", "-w", "\n%{http_code}"])
+        .arg(format!("{base}?observe=true&timeout_ms=10000"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("curl runs");
+    std::thread::sleep(Duration::from_millis(1000));
+    let id = put_config(&fg, r#"{"over":"http"}"#);
+    let out = poll.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[..2], [r#"{"configId":"","config":null}"#, "200"], "{text}");
+    let (body, code) = (lines[2], lines[3]);
+    assert_eq!(code, "200", "{text}");
+    assert_eq!(
+        serde_json::from_str::<Json>(body).unwrap(),
+        json!({"configId": id, "config": {"over": "http"}})
+    );
+}
+
+#[test]
+fn the_push_is_a_coap_observe_notification() {
+    let fg = Fleetgate::start("up", &demo_endpoint_env());
+    let uri = format!("coap://{}/kp1/demo-v1/cmx/tok-1/config/json", fg.coap);
+    // Observe for 6 s (-s), printing what arrives.
+    let observe = Command::new("coap-client-notls")
+        .args(["-m", "get", "-s", "6", "-B", "8", &uri])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("coap-client-notls (libcoap3-bin) runs");
+    std::thread::sleep(Duration::from_millis(1500));
+    let id = put_config(&fg, r#"{"over":"coap"}"#);
+    let out = observe.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let expected = json!({"configId": id, "config": {"over": "coap"}});
+    // coap-client prints each payload as it comes, without separators.
+    let payloads: Vec<Json> = serde_json::Deserializer::from_str(&text)
+        .into_iter::<Json>()
+        .map_while(Result::ok)
+        .collect();
+    // The registration's answer, then the notification.
+    assert_eq!(payloads, [json!({"configId": "", "config": null}), expected], "{text}");
+}
