@@ -204,3 +204,158 @@ fn the_push_is_a_coap_observe_notification() {
     // The registration's answer, then the notification.
     assert_eq!(payloads, [json!({"configId": "", "config": null}), expected], "{text}");
 }
+
+/// One MQTT device (rumqttc) that never subscribes, as the official clients.
+struct Device {
+    client: rumqttc::AsyncClient,
+    incoming: tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+}
+
+impl Device {
+    async fn connect(addr: SocketAddr) -> Self {
+        let mut options = rumqttc::MqttOptions::new(
+            format!("cfg-{}", fleetgate_testkit::free_port()),
+            addr.ip().to_string(),
+            addr.port(),
+        );
+        options.set_keep_alive(Duration::from_secs(30));
+        let (client, mut events) = rumqttc::AsyncClient::new(options, 64);
+        let (tx, incoming) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(event) = events.poll().await {
+                if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) = event {
+                    let _ = tx.send((p.topic.clone(), p.payload.to_vec()));
+                }
+            }
+        });
+        Self { client, incoming }
+    }
+
+    async fn publish(&self, path: &str, body: &str) {
+        let topic = format!("kp1/demo-v1/cmx/tok-1/{path}");
+        self.client
+            .publish(topic, rumqttc::QoS::AtLeastOnce, false, body.as_bytes().to_vec())
+            .await
+            .unwrap();
+    }
+
+    /// The next message: (topic without the `kp1/demo-v1/cmx/tok-1/` prefix, payload).
+    async fn next(&mut self) -> (String, String) {
+        let (topic, payload) = tokio::time::timeout(Duration::from_secs(10), self.incoming.recv())
+            .await
+            .expect("a message in time")
+            .unwrap();
+        let topic = topic.strip_prefix("kp1/demo-v1/cmx/tok-1/").unwrap().to_owned();
+        (topic, String::from_utf8(payload).unwrap())
+    }
+
+    async fn nothing(&mut self) {
+        let got = tokio::time::timeout(Duration::from_millis(500), self.incoming.recv()).await;
+        assert!(got.is_err(), "unexpected {got:?}");
+    }
+}
+
+fn j(s: &str) -> Json {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("{e}: {s}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_7cmp_behaviour_over_mqtt() {
+    let fg = Fleetgate::start("up", &demo_endpoint_env());
+    let mut d = Device::connect(fg.mqtt).await;
+
+    // Nothing assigned: the pair "" and null on the request's status topic.
+    d.publish("config/json/1", r#"{"observe":true}"#).await;
+    assert_eq!(
+        d.next().await,
+        ("config/json/1/status".into(), r#"{"configId":"","config":null}"#.into())
+    );
+
+    // observe:true: a change is pushed to the bare status topic.
+    let id = put_config(&fg, r#"{"a":1}"#);
+    let (topic, body) = d.next().await;
+    assert_eq!(
+        (topic.as_str(), j(&body)),
+        ("config/json/status", json!({"configId": id, "config": {"a": 1}}))
+    );
+
+    // The same configId: `{}`; none: the pair.
+    d.publish("config/json/2", &format!(r#"{{"configId":"{id}"}}"#)).await;
+    assert_eq!(d.next().await, ("config/json/2/status".into(), "{}".into()));
+    d.publish("config/json/3", "{}").await;
+    assert_eq!(j(&d.next().await.1), json!({"configId": id, "config": {"a": 1}}));
+
+    // observe:false: no push until the next request.
+    d.publish("config/json/4", &format!(r#"{{"configId":"{id}","observe":false}}"#)).await;
+    assert_eq!(d.next().await.1, "{}");
+    let id2 = put_config(&fg, r#"{"a":2}"#);
+    d.nothing().await;
+    d.publish("config/json/5", r#"{"observe":true}"#).await;
+    assert_eq!(j(&d.next().await.1), json!({"configId": id2, "config": {"a": 2}}));
+
+    // A request id is never a name: `.../config/json/42` is the default with request 42.
+    d.publish("config/json/42", "{}").await;
+    let (topic, body) = d.next().await;
+    assert_eq!(
+        (topic.as_str(), j(&body)["configId"].as_str()),
+        ("config/json/42/status", Some(id2.as_str()))
+    );
+
+    // A named configuration, its push, and its confirmation.
+    d.publish("config/json/network/6", "{}").await;
+    assert_eq!(
+        d.next().await,
+        ("config/json/network/6/status".into(), r#"{"configId":"","config":null}"#.into())
+    );
+    let (status, _, body) = http(
+        fg.admin,
+        "PUT",
+        "/ecr/api/v1/endpoints/ep-1/app-versions/demo-v1?name=network",
+        r#"{"ssid":"x"}"#,
+    );
+    assert_eq!(status, 200);
+    let net = j(&body)["configId"].as_str().unwrap().to_owned();
+    let (topic, body) = d.next().await;
+    assert_eq!(
+        (topic.as_str(), j(&body)),
+        ("config/json/network/status", json!({"configId": net, "config": {"ssid": "x"}}))
+    );
+    d.publish("applied/json/network/7", &format!(r#"{{"configId":"{net}"}}"#)).await;
+    assert_eq!(d.next().await, ("applied/json/network/7/status".into(), String::new()));
+
+    // /applied with a status and a reason: empty /status, recorded.
+    d.publish(
+        "applied/json/8",
+        &format!(r#"{{"configId":"{id2}","statusCode":500,"reasonPhrase":"disk full"}}"#),
+    )
+    .await;
+    assert_eq!(d.next().await, ("applied/json/8/status".into(), String::new()));
+
+    // Bad input: precise errors on /error; a missing configId is 400.
+    for (path, body, code, reason) in [
+        ("applied/json/9", "{}", 400, "configId: required"),
+        ("config/json/10", "[]", 400, "payload: must be a JSON object"),
+        ("config/json/11", "{x", 400, "payload: not valid JSON"),
+        ("config/json/12", r#"{"configId":"c","extra":1}"#, 400, "extra: unknown field"),
+        ("config/json/bad.name/13", "{}", 404, "configuration name `bad.name`"),
+    ] {
+        d.publish(path, body).await;
+        let (topic, answer) = d.next().await;
+        assert_eq!(topic, format!("{path}/error"));
+        let e = j(&answer);
+        assert_eq!(e["statusCode"], code, "{path}: {e}");
+        assert!(e["reasonPhrase"].as_str().unwrap().starts_with(reason), "{path}: {e}");
+    }
+
+    let (_, _, body) = http(fg.admin, "GET", "/ecr/api/v1/statuses?endpointId=ep-1", "");
+    let page = j(&body);
+    let by_id = |id: &str| {
+        page["content"].as_array().unwrap().iter().find(|s| s["configId"] == id).cloned().unwrap()
+    };
+    assert_eq!(by_id(&net)["status"], "APPLIED");
+    let failed = by_id(&id2);
+    assert_eq!(
+        (failed["status"].as_str(), failed["confirmationReasonPhrase"].as_str()),
+        (Some("FAILED"), Some("disk full"))
+    );
+}
