@@ -81,6 +81,20 @@ fn storage_error(e: &fleetgate_storage::StorageError) -> AdminResponse {
     error(500, "the configuration store failed")
 }
 
+/// Runs the query, name and batch-body checks on arbitrary input (the fuzz target).
+pub fn fuzz_params(query_string: &str, body: &[u8]) {
+    let req = AdminRequest {
+        method: "PUT".into(),
+        path: format!("{BASE}/statuses"),
+        query: query_string.into(),
+        body: body.to_vec(),
+    };
+    if let Ok(params) = query(&req, &["name", "page", "size", "endpointId"]) {
+        let _ = name_of(&params);
+    }
+    let _ = batch_body(body);
+}
+
 async fn route(shared: &Shared, req: &AdminRequest) -> Answer {
     let Some(rest) = req.path.strip_prefix(BASE) else {
         return Err(error(404, format!("not found: the ECR API is under {BASE}")));
@@ -252,34 +266,10 @@ async fn list(
 async fn batch(shared: &Shared, req: &AdminRequest) -> Answer {
     let params = query(req, &["name"])?;
     let name = name_of(&params)?;
-    let body: Json = serde_json::from_slice(&req.body)
-        .map_err(|e| error(400, format!("body: not valid JSON: {e}")))?;
-    let Json::Object(body) = body else {
-        return Err(error(400, "body: must be an object {configPayload, endpoints}"));
-    };
-    if let Some(k) = body.keys().find(|k| !matches!(k.as_str(), "configPayload" | "endpoints")) {
-        return Err(error(400, format!("{k}: unknown field (known: configPayload, endpoints)")));
-    }
-    let payload = body.get("configPayload").ok_or_else(|| error(400, "configPayload: required"))?;
-    let payload =
-        serde_json::to_vec(payload).map_err(|e| error(400, format!("configPayload: {e}")))?;
+    let (payload, targets) = batch_body(&req.body)?;
     check_config(shared, &payload)?;
-    let Some(Json::Object(endpoints)) = body.get("endpoints") else {
-        return Err(error(400, "endpoints: required, an object of app version to endpoint ids"));
-    };
-    let mut keys = Vec::new();
-    for (version, ids) in endpoints {
-        let ids = ids
-            .as_array()
-            .ok_or_else(|| error(400, format!("endpoints.{version}: must be an array")))?;
-        for id in ids {
-            let id = id.as_str().filter(|s| !s.is_empty()).ok_or_else(|| {
-                error(400, format!("endpoints.{version}: ids must be non-empty strings"))
-            })?;
-            non_empty("appVersionName", version)?;
-            keys.push(ConfigKey::endpoint(version, id, &name));
-        }
-    }
+    let keys: Vec<ConfigKey> =
+        targets.iter().map(|(version, id)| ConfigKey::endpoint(version, id, &name)).collect();
     let now = now_ms();
     let mut out = Vec::with_capacity(keys.len());
     for key in keys {
@@ -292,6 +282,41 @@ async fn batch(shared: &Shared, req: &AdminRequest) -> Answer {
         out.push(j);
     }
     Ok(AdminResponse::json(200, Json::Array(out).to_string().into_bytes()))
+}
+
+/// The `PUT /endpoints/batch` body: the configuration's JSON text and the (app version,
+/// endpoint) pairs it goes to.
+type Batch = (Vec<u8>, Vec<(String, String)>);
+
+fn batch_body(body: &[u8]) -> Result<Batch, AdminResponse> {
+    let body: Json = serde_json::from_slice(body)
+        .map_err(|e| error(400, format!("body: not valid JSON: {e}")))?;
+    let Json::Object(body) = body else {
+        return Err(error(400, "body: must be an object {configPayload, endpoints}"));
+    };
+    if let Some(k) = body.keys().find(|k| !matches!(k.as_str(), "configPayload" | "endpoints")) {
+        return Err(error(400, format!("{k}: unknown field (known: configPayload, endpoints)")));
+    }
+    let payload = body.get("configPayload").ok_or_else(|| error(400, "configPayload: required"))?;
+    let payload =
+        serde_json::to_vec(payload).map_err(|e| error(400, format!("configPayload: {e}")))?;
+    let Some(Json::Object(endpoints)) = body.get("endpoints") else {
+        return Err(error(400, "endpoints: required, an object of app version to endpoint ids"));
+    };
+    let mut targets = Vec::new();
+    for (version, ids) in endpoints {
+        non_empty("appVersionName", version)?;
+        let ids = ids
+            .as_array()
+            .ok_or_else(|| error(400, format!("endpoints.{version}: must be an array")))?;
+        for id in ids {
+            let id = id.as_str().filter(|s| !s.is_empty()).ok_or_else(|| {
+                error(400, format!("endpoints.{version}: ids must be non-empty strings"))
+            })?;
+            targets.push((version.clone(), id.to_owned()));
+        }
+    }
+    Ok((payload, targets))
 }
 
 fn status_name(s: &ConfigStatus) -> &'static str {
