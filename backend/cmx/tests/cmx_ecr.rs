@@ -209,7 +209,11 @@ async fn applied_is_broadcast_and_recorded_and_connect_pushes_only_unconfirmed()
     let push = h.out().await;
     assert_eq!((push.request_id, push.path.as_str()), (None, "/config/json"));
     assert_eq!(push.payload, Some(json!({"configId": id, "config": {"v": 1}})));
-    assert_eq!(h.statuses("ep-2").await[0]["status"], "DISPATCHED");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while h.statuses("ep-2").await[0]["status"] != "DISPATCHED" {
+        assert!(tokio::time::Instant::now() < deadline, "the dispatch not in /statuses");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 
     // The Python client's confirmation: no request id, so no answer; a ConfigApplied goes out.
     h.device(

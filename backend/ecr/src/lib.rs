@@ -273,11 +273,20 @@ async fn start(
     })
 }
 
+/// Requests answered at once; more wait on the bus.
+const MAX_IN_FLIGHT: usize = 4096;
+
 async fn serve_requests(shared: Arc<Shared>, mut requests: Subscription) {
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
     while let Some(msg) = requests.next().await {
-        // Each request is answered on its own task: a slow store does not hold up the rest.
+        // Each request is answered on its own task (bounded): a slow store does not hold up
+        // the rest.
+        let Ok(permit) = in_flight.clone().acquire_owned().await else { return };
         let shared = shared.clone();
-        tokio::spawn(async move { shared.answer(msg).await });
+        tokio::spawn(async move {
+            shared.answer(msg).await;
+            drop(permit);
+        });
     }
 }
 
@@ -345,12 +354,16 @@ impl Shared {
         };
         let name = request.config_name.unwrap_or(DEFAULT_NAME);
         let found;
+        let mut records = Vec::new();
         let outcome = if !is_valid_config_name(name) {
             response.status_code = 400;
             response.reason_phrase = Some("configName: must match ^[a-zA-Z0-9_-]+$");
             "error"
         } else {
-            match self.lookup(&request, name).await {
+            match self.lookup(&request, name).await.map(|(c, r)| {
+                records = r;
+                c
+            }) {
                 Err(()) => {
                     response.status_code = 500;
                     response.reason_phrase = Some("the configuration store failed");
@@ -375,38 +388,53 @@ impl Shared {
         if let Err(e) = self.bus.publish(reply, None, payload).await {
             tracing::warn!(error = %e, "cannot answer a ConfigRequest");
         }
+        self.record_all(request.app_version_name, request.endpoint_id, name, records).await;
     }
 
-    /// The configuration `request` gets, with what it says recorded: a `configId` it carries
-    /// is confirmed implicitly; a configuration it is sent is dispatched.
+    /// The configuration `request` gets, and what it says, to record once it is answered: a
+    /// `configId` it carries is confirmed implicitly; a configuration it is sent is dispatched.
     async fn lookup(
         &self,
         request: &ConfigRequest<'_>,
         name: &str,
-    ) -> Result<Option<StoredConfig>, ()> {
+    ) -> Result<(Option<StoredConfig>, Vec<(String, StatusEvent)>), ()> {
         let (app, endpoint) = (request.app_version_name, request.endpoint_id);
-        let failed = |e: fleetgate_storage::StorageError| {
+        let current = self.store.effective(app, endpoint, name).await.map_err(|e| {
             self.metrics.storage_failures.inc();
             tracing::warn!(error = %e, "configuration store failed");
-        };
-        let current = self.store.effective(app, endpoint, name).await.map_err(failed)?;
-        let now = now_ms();
+        })?;
+        let mut records = Vec::new();
         if let Some(known) = request.config_id.filter(|id| !id.is_empty()) {
             let implicit = StatusEvent::Confirmed {
                 status_code: 200,
                 reason: Some(IMPLICITLY_APPLIED.into()),
             };
-            self.store.record(app, endpoint, name, known, implicit, now).await.map_err(failed)?;
+            records.push((known.to_owned(), implicit));
         }
         if let Some(c) =
             current.as_ref().filter(|c| request.config_id != Some(c.config_id.as_str()))
         {
-            self.store
-                .record(app, endpoint, name, &c.config_id, StatusEvent::Dispatched, now)
-                .await
-                .map_err(failed)?;
+            records.push((c.config_id.clone(), StatusEvent::Dispatched));
         }
-        Ok(current)
+        Ok((current, records))
+    }
+
+    /// Records what a request said, after its answer went out: the answer does not wait for
+    /// the bookkeeping's fsync.
+    async fn record_all(
+        &self,
+        app: &str,
+        endpoint: &str,
+        name: &str,
+        records: Vec<(String, StatusEvent)>,
+    ) {
+        let now = now_ms();
+        for (config_id, event) in records {
+            if let Err(e) = self.store.record(app, endpoint, name, &config_id, event, now).await {
+                self.metrics.storage_failures.inc();
+                tracing::warn!(error = %e, "cannot record a configuration status");
+            }
+        }
     }
 
     /// Broadcasts `ConfigUpdated` for `config` (an empty endpoint id: an app version default).

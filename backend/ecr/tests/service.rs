@@ -120,6 +120,19 @@ impl Harness {
         (r.status, json)
     }
 
+    /// The statuses of `query` once `ready` holds for them (ECR records after it answers).
+    async fn statuses_when(&self, query: &str, ready: impl Fn(&[Json]) -> bool) -> Vec<Json> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = self.statuses(query).await;
+            if ready(&s) {
+                return s;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "statuses never ready: {s:?}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     async fn statuses(&self, query: &str) -> Vec<Json> {
         let (status, page) = self.rest("GET", "/statuses", query, "").await;
         assert_eq!(status, 200, "{page}");
@@ -155,7 +168,7 @@ async fn a_configuration_is_stored_broadcast_requested_and_confirmed() {
     let got = h.ask("ep-1", None, None).await;
     assert_eq!(got.config_id.as_deref(), Some(id.as_str()));
     assert_eq!(got.content, Some(json!({"mode": "AP"})));
-    let statuses = h.statuses("endpointId=ep-1").await;
+    let statuses = h.statuses_when("endpointId=ep-1", |s| !s.is_empty()).await;
     assert_eq!(statuses.len(), 1);
     assert_eq!(statuses[0]["status"], "DISPATCHED");
     assert_eq!(statuses[0]["config"], json!({"mode": "AP"}));
@@ -163,8 +176,8 @@ async fn a_configuration_is_stored_broadcast_requested_and_confirmed() {
     let unchanged = h.ask("ep-1", Some(&id), None).await;
     assert_eq!(unchanged, Answer { config_id: None, content: None, status: 200, reason: None });
     // The request that carried the id confirmed it implicitly.
-    let statuses = h.statuses(&format!("configId={id}")).await;
-    assert_eq!(statuses[0]["status"], "APPLIED");
+    let statuses =
+        h.statuses_when(&format!("configId={id}"), |s| s[0]["status"] == "APPLIED").await;
     assert_eq!(statuses[0]["confirmationStatusCode"], 200);
     assert_eq!(statuses[0]["confirmationReasonPhrase"], "Implicitly applied");
 
