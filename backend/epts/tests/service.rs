@@ -383,3 +383,46 @@ async fn a_storage_failure_is_answered_with_a_failure_status() {
         .await;
     assert_eq!(status, 503, "{body}");
 }
+
+#[tokio::test]
+async fn the_retention_sweep_deletes_points_past_retention_days() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(EmbeddedStore::open(dir.path()).unwrap());
+    let now = fleetgate_bus::now_ms();
+    let point = |age_days: i64| Point {
+        app: "demo".into(),
+        series: "t".into(),
+        endpoint: "ep-1".into(),
+        timestamp_ms: now - age_days * 86_400_000,
+        values: vec![("value".into(), fleetgate_storage::Value::Long(age_days))],
+    };
+    store.write(Arc::new(vec![point(3), point(1), point(0)])).await.unwrap();
+    let mut apps = apps();
+    apps.get_mut("demo").unwrap().time_series.retention_days = 2;
+    let bus = AnyBus::InProcess(InProcessBus::new(16));
+    let (_stop, shutdown) = watch::channel(false);
+    let service = Box::new(EptsService::with_store(EptsConfig::default(), store.clone(), apps));
+    let _running = service.start(StartContext { bus, shutdown }).await.unwrap();
+    // The first sweep runs at start.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = store
+            .range(RangeQuery {
+                app: "demo".into(),
+                series: vec!["t".into()],
+                endpoints: None,
+                from_ms: 0,
+                to_ms: i64::MAX,
+                order: Default::default(),
+                limit: 10,
+            })
+            .await
+            .unwrap();
+        if left.len() == 2 {
+            assert!(left.iter().all(|p| p.timestamp_ms >= now - 86_400_000));
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "not swept: {left:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
