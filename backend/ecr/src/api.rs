@@ -10,6 +10,9 @@
 //! * `GET /statuses?endpointId=&appVersionName=&configId=&page=&size=`: a Spring page of
 //!   `{configId, endpointId, appVersionName, name, status, config, lastDispatchedDate,
 //!   lastConfirmedDate, confirmationStatusCode, confirmationReasonPhrase}`;
+//! * `GET/PUT/DELETE /app-versions/{appVersionName}/schemas`: an optional JSON Schema per app
+//!   version; while one is set, a configuration of that app version that does not match is
+//!   refused with 400 naming the first violation (`PUT .../schemas/validate` checks one);
 //! * `GET /openapi.json`: the OpenAPI document.
 //!
 //! Every error body is `{"statusCode": ..., "reasonPhrase": "..."}` naming what is wrong; a
@@ -129,6 +132,19 @@ async fn route(shared: &Shared, req: &AdminRequest) -> Answer {
         ["app-versions", version] => {
             one(shared, req, non_empty("appVersionName", version)?, None).await
         }
+        ["app-versions", version, "schemas"] => {
+            schema(shared, req, non_empty("appVersionName", version)?).await
+        }
+        ["app-versions", version, "schemas", "validate"] => match method {
+            "PUT" => {
+                let version = non_empty("appVersionName", version)?;
+                query(req, &[])?;
+                check_config(shared, &req.body)?;
+                conforms(shared, version, &req.body).await?;
+                Ok(AdminResponse::json(200, br#"{"valid":true}"#.to_vec()))
+            }
+            _ => Err(not_allowed("PUT")),
+        },
         ["app-versions", version, "configurations"] => {
             list(shared, req, non_empty("appVersionName", version)?, None).await
         }
@@ -187,6 +203,64 @@ fn check_config(shared: &Shared, body: &[u8]) -> Result<(), AdminResponse> {
     Ok(())
 }
 
+/// Checks `body` (valid JSON) against the JSON Schema of `version`, if it has one: 400 naming
+/// the first violation and where it is.
+async fn conforms(shared: &Shared, version: &str, body: &[u8]) -> Result<(), AdminResponse> {
+    let Some(schema) = shared.store.schema(version).await.map_err(|e| storage_error(&e))? else {
+        return Ok(());
+    };
+    let schema: Json =
+        serde_json::from_slice(&schema).map_err(|_| error(500, "a stored schema is unreadable"))?;
+    let validator = jsonschema::validator_for(&schema)
+        .map_err(|e| error(500, format!("the stored schema of {version} does not compile: {e}")))?;
+    let config: Json = serde_json::from_slice(body)
+        .map_err(|e| error(400, format!("config: not valid JSON: {e}")))?;
+    validator.validate(&config).map_err(|e| {
+        let at = e.instance_path().to_string();
+        let at = if at.is_empty() { "the top level".to_owned() } else { at };
+        error(
+            400,
+            format!(
+                "config: does not match the JSON Schema of app version {version}: {e} (at {at})"
+            ),
+        )
+    })
+}
+
+/// `GET/PUT/DELETE /app-versions/{v}/schemas`: the JSON Schema configurations of `v` must match.
+async fn schema(shared: &Shared, req: &AdminRequest, version: &str) -> Answer {
+    query(req, &[])?;
+    match req.method.as_str() {
+        "GET" => match shared.store.schema(version).await.map_err(|e| storage_error(&e))? {
+            Some(s) => Ok(AdminResponse::json(200, s)),
+            None => Err(error(404, format!("app version {version} has no schema"))),
+        },
+        "PUT" => {
+            // A schema is not a configuration: only the admin listener's 1 MiB bounds it.
+            let schema: Json = serde_json::from_slice(&req.body)
+                .map_err(|e| error(400, format!("schema: not valid JSON: {e}")))?;
+            jsonschema::meta::validate(&schema)
+                .map_err(|e| error(400, format!("schema: not a valid JSON Schema: {e}")))?;
+            jsonschema::validator_for(&schema)
+                .map_err(|e| error(400, format!("schema: cannot be used: {e}")))?;
+            shared
+                .store
+                .set_schema(version, Some(req.body.clone()))
+                .await
+                .map_err(|e| storage_error(&e))?;
+            Ok(AdminResponse::json(200, req.body.clone()))
+        }
+        "DELETE" => {
+            if shared.store.schema(version).await.map_err(|e| storage_error(&e))?.is_none() {
+                return Err(error(404, format!("app version {version} has no schema")));
+            }
+            shared.store.set_schema(version, None).await.map_err(|e| storage_error(&e))?;
+            Ok(AdminResponse::json(204, Vec::new()))
+        }
+        _ => Err(not_allowed("GET, PUT, DELETE")),
+    }
+}
+
 fn config_json(c: &StoredConfig) -> Json {
     json!({
         "configId": c.config_id,
@@ -217,6 +291,7 @@ async fn one(shared: &Shared, req: &AdminRequest, version: &str, endpoint: Optio
         },
         "PUT" => {
             check_config(shared, &req.body)?;
+            conforms(shared, version, &req.body).await?;
             let stored = shared
                 .store
                 .put(key, req.body.clone(), now_ms())
@@ -268,6 +343,11 @@ async fn batch(shared: &Shared, req: &AdminRequest) -> Answer {
     let name = name_of(&params)?;
     let (payload, targets) = batch_body(&req.body)?;
     check_config(shared, &payload)?;
+    let mut versions: Vec<&str> = targets.iter().map(|(v, _)| v.as_str()).collect();
+    versions.dedup();
+    for version in versions {
+        conforms(shared, version, &payload).await?;
+    }
     let keys: Vec<ConfigKey> =
         targets.iter().map(|(version, id)| ConfigKey::endpoint(version, id, &name)).collect();
     let now = now_ms();

@@ -317,3 +317,54 @@ async fn bad_input_gets_a_clear_4xx_and_changes_nothing() {
     // No update was broadcast for any of it.
     assert!(tokio::time::timeout(Duration::from_millis(200), h.updates.next()).await.is_err());
 }
+
+#[tokio::test]
+async fn a_json_schema_per_app_version_refuses_what_does_not_match() {
+    let h = start().await;
+    let schema = r#"{"type":"object","properties":{"interval":{"type":"integer","minimum":1}},"required":["interval"]}"#;
+    let (status, _) = h.rest("GET", "/app-versions/demo-v1/schemas", "", "").await;
+    assert_eq!(status, 404);
+    let (status, json) =
+        h.rest("PUT", "/app-versions/demo-v1/schemas", "", r#"{"type":"nonsense"}"#).await;
+    assert_eq!(status, 400, "{json}");
+    assert!(
+        json["reasonPhrase"].as_str().unwrap().starts_with("schema: not a valid JSON Schema"),
+        "{json}"
+    );
+    let (status, _) = h.rest("PUT", "/app-versions/demo-v1/schemas", "", schema).await;
+    assert_eq!(status, 200);
+    let (status, got) = h.rest("GET", "/app-versions/demo-v1/schemas", "", "").await;
+    assert_eq!((status, got["required"].clone()), (200, json!(["interval"])));
+
+    let path = "/endpoints/ep-1/app-versions/demo-v1";
+    let (status, json) = h.rest("PUT", path, "", r#"{"interval":0}"#).await;
+    assert_eq!(status, 400);
+    let reason = json["reasonPhrase"].as_str().unwrap();
+    assert!(
+        reason.starts_with("config: does not match the JSON Schema of app version demo-v1"),
+        "{reason}"
+    );
+    assert!(reason.contains("/interval"), "the violation is located: {reason}");
+    let (status, json) = h.rest("PUT", "/app-versions/demo-v1", "", r#"{"other":1}"#).await;
+    assert_eq!(status, 400, "{json}");
+    assert!(json["reasonPhrase"].as_str().unwrap().contains("interval"), "{json}");
+    let batch = json!({"configPayload": {"interval": "x"}, "endpoints": {"demo-v1": ["a"]}});
+    assert_eq!(h.rest("PUT", "/endpoints/batch", "", &batch.to_string()).await.0, 400);
+    // Nothing was stored; another app version has no schema.
+    assert_eq!(h.rest("GET", path, "", "").await.0, 404);
+    assert_eq!(
+        h.rest("PUT", "/endpoints/ep-1/app-versions/demo-v2", "", r#"{"interval":0}"#).await.0,
+        200
+    );
+
+    let (status, _) =
+        h.rest("PUT", "/app-versions/demo-v1/schemas/validate", "", r#"{"interval":3}"#).await;
+    assert_eq!(status, 200);
+    let (status, _) =
+        h.rest("PUT", "/app-versions/demo-v1/schemas/validate", "", r#"{"interval":-3}"#).await;
+    assert_eq!(status, 400);
+    assert_eq!(h.rest("PUT", path, "", r#"{"interval":3}"#).await.0, 200);
+    // Without the schema, anything JSON goes again.
+    assert_eq!(h.rest("DELETE", "/app-versions/demo-v1/schemas", "", "").await.0, 204);
+    assert_eq!(h.rest("PUT", path, "", r#"{"interval":0}"#).await.0, 200);
+}
