@@ -33,6 +33,8 @@ use crate::{DEFAULT_NAME, Shared, is_valid_config_name};
 pub const BASE: &str = "/ecr/api/v1";
 /// The API's OpenAPI document.
 pub const OPENAPI: &str = include_str!("openapi.json");
+/// The last page number `/statuses` takes (what the document says).
+const MAX_PAGE: usize = 2_147_483_647;
 /// The largest page of `/statuses`.
 const MAX_PAGE_SIZE: usize = 1000;
 
@@ -419,6 +421,9 @@ async fn statuses(shared: &Shared, req: &AdminRequest) -> Answer {
         }
     };
     let page = number("page", 0)?;
+    if page > MAX_PAGE {
+        return Err(error(400, format!("page: must be 0 to {MAX_PAGE}")));
+    }
     let size = number("size", 20)?;
     if size == 0 || size > MAX_PAGE_SIZE {
         return Err(error(400, format!("size: must be 1 to {MAX_PAGE_SIZE}")));
