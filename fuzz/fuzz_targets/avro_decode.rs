@@ -17,4 +17,8 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let _ = ConnectedEvent::decode(data);
     let _ = DisconnectedEvent::decode(data);
     let _ = TimeSeriesEvent::decode(data);
+    let _ = ConfigUpdated::decode(data);
+    let _ = ConfigApplied::decode(data);
+    let _ = ConfigRequest::decode(data);
+    let _ = ConfigResponse::decode(data);
 });

@@ -186,6 +186,11 @@ async fn serve_route(
         r.headers_mut()
             .insert(hyper::header::ALLOW, hyper::header::HeaderValue::from_static(allow));
     }
+    for (name, value) in answer.headers {
+        if let Ok(value) = hyper::header::HeaderValue::from_str(&value) {
+            r.headers_mut().insert(name, value);
+        }
+    }
     r
 }
 

@@ -4,7 +4,9 @@
 //! nothing else in the binary names them.
 
 use fleetgate_auth::AuthService;
+use fleetgate_cmx::CmxService;
 use fleetgate_dcx::DcxService;
+use fleetgate_ecr::EcrService;
 use fleetgate_epts::EptsService;
 use fleetgate_service::Service;
 use fleetgate_transport_coap::{CoapConfig, CoapTransport};
@@ -188,6 +190,16 @@ pub const SERVICES: &[ServiceEntry] = &[
         make: |c, _, _| {
             Box::new(EptsService::new(c.epts.clone(), c.storage.clone(), c.time_series_apps()))
         },
+    },
+    ServiceEntry {
+        name: "ecr",
+        about: "Run the endpoint configuration repository and its REST API (needs nats.url)",
+        make: |c, _, _| Box::new(EcrService::new(c.ecr.clone(), c.storage.clone())),
+    },
+    ServiceEntry {
+        name: "cmx",
+        about: "Run the configuration management extension (7/CMP; needs nats.url)",
+        make: |c, _, _| Box::new(CmxService::new(c.cmx.clone())),
     },
     ServiceEntry {
         name: "gateway",

@@ -89,8 +89,11 @@ pub fn add_demo_endpoint(auth: &mut AuthConfig) {
 
 /// With no configuration file and no applications, `fleetgate up` has the demo application
 /// `demo` (app version `demo-v1`) with EPTS auto-extraction on, and EPTS a reliable receiver
-/// of DCX, so that a device's `/status` means its data is stored.
+/// of DCX, so that a device's `/status` means its data is stored; devices reach CMX too.
 pub fn add_demo_application(config: &mut Config) {
+    if !config.gateway.extensions.contains(&config.cmx.instance) {
+        config.gateway.extensions.push(config.cmx.instance.clone());
+    }
     if config.applications.is_empty() {
         let mut demo = crate::config::ApplicationConfig {
             versions: vec!["demo-v1".into()],

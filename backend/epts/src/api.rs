@@ -77,7 +77,13 @@ fn ok_json(body: &Json) -> AdminResponse {
 }
 
 fn asset(content_type: &'static str, body: &str) -> AdminResponse {
-    AdminResponse { status: 200, content_type, body: body.as_bytes().to_vec(), allow: None }
+    AdminResponse {
+        status: 200,
+        content_type,
+        body: body.as_bytes().to_vec(),
+        allow: None,
+        headers: Vec::new(),
+    }
 }
 
 fn not_allowed(allow: &'static str) -> AdminResponse {
@@ -183,27 +189,7 @@ pub fn fuzz_params(method: &str, query: &str, body: &[u8]) {
 /// Decodes `%XX` escapes (and `+` as a space, for query strings); `None` when malformed or
 /// not UTF-8.
 fn decode(s: &str, plus_is_space: bool) -> Option<String> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' => {
-                let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 3;
-            }
-            b'+' if plus_is_space => {
-                out.push(b' ');
-                i += 1;
-            }
-            c => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).ok()
+    fleetgate_service::percent_decode(s, plus_is_space)
 }
 
 fn percent_decode(s: &str) -> Option<String> {

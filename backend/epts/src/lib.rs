@@ -16,7 +16,8 @@
 pub mod api;
 pub mod config;
 pub mod extract;
-pub mod time;
+/// ISO-8601 times, shared with the other REST APIs (moved to the service crate).
+pub use fleetgate_service::time;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;

@@ -4,6 +4,7 @@
 //! with the Kaa platform:
 //!
 //! * 4/ESP: [`ClientData`] (gateway → extension) and [`ExtensionData`] (extension → gateway);
+//! * 6/CDTP: [`ConfigUpdated`], [`ConfigApplied`], [`ConfigRequest`] and [`ConfigResponse`];
 //! * 9/ELCE: [`ConnectedEvent`] and [`DisconnectedEvent`];
 //! * 13/DSTP: [`DataSamplesEvent`] and [`DataSamplesProcessed`];
 //! * 14/TSTP: [`TimeSeriesEvent`];
@@ -29,6 +30,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod avro;
+mod cdtp;
 mod dstp;
 mod ecap;
 mod elce;
@@ -40,6 +42,7 @@ mod tstp;
 mod testutil;
 
 pub use avro::DecodeError;
+pub use cdtp::{ConfigApplied, ConfigRequest, ConfigResponse, ConfigUpdated};
 pub use dstp::{DataSamplesEvent, DataSamplesHeader, DataSamplesProcessed};
 pub use ecap::{
     ClientUsernamePasswordValidationRequest, ClientUsernamePasswordValidationResponse,
@@ -185,6 +188,10 @@ mod tests {
         let _ = ConnectedEvent::decode(data);
         let _ = DisconnectedEvent::decode(data);
         let _ = TimeSeriesEvent::decode(data);
+        let _ = ConfigUpdated::decode(data);
+        let _ = ConfigApplied::decode(data);
+        let _ = ConfigRequest::decode(data);
+        let _ = ConfigResponse::decode(data);
     }
 
     fn samples() -> Vec<Vec<u8>> {

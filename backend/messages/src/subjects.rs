@@ -58,6 +58,25 @@ pub const TOKEN: &str = "token";
 /// 16/ECAP event type: tokens revoked.
 pub const REVOKED: &str = "revoked";
 
+/// Protocol name of 6/CDTP.
+pub const CDTP: &str = "cdtp";
+/// 6/CDTP message type of a configuration request.
+pub const CDTP_REQUEST: &str = "request";
+/// 6/CDTP message type of a configuration response.
+pub const CDTP_RESPONSE: &str = "response";
+/// Event group of 6/CDTP events.
+pub const CONFIG: &str = "config";
+/// 6/CDTP event type: a configuration changed.
+pub const CONFIG_UPDATED: &str = "updated";
+/// 6/CDTP event type: an endpoint reported on a configuration.
+pub const CONFIG_APPLIED: &str = "applied";
+/// Wildcard subscription to config-updated events from any provider.
+pub const CONFIG_UPDATED_ANY: &str = "kaa.v1.events.*.endpoint.config.updated";
+/// Wildcard subscription to config-applied events from any consumer.
+pub const CONFIG_APPLIED_ANY: &str = "kaa.v1.events.*.endpoint.config.applied";
+/// Wildcard subscription to connected events from any originator.
+pub const CONNECTED_ANY: &str = "kaa.v1.events.*.endpoint.connectivity.connected";
+
 /// Wildcard subscription to token-revoked events from any provider.
 pub const TOKEN_REVOKED_ANY: &str = "kaa.v1.events.*.endpoint.token.revoked";
 /// Wildcard subscription to data-samples events from any transmitter.
@@ -169,6 +188,26 @@ pub fn elce_disconnected(originator_instance: &str) -> String {
     event(originator_instance, ENDPOINT, CONNECTIVITY, DISCONNECTED)
 }
 
+/// `kaa.v1.service.{provider}.cdtp.request`.
+pub fn cdtp_request(provider_instance: &str) -> String {
+    service(provider_instance, CDTP, CDTP_REQUEST)
+}
+
+/// `kaa.v1.replica.{consumer_replica}.cdtp.response`: reply subject of a config request.
+pub fn cdtp_response_reply(consumer_replica_id: &str) -> String {
+    replica(consumer_replica_id, CDTP, CDTP_RESPONSE)
+}
+
+/// `kaa.v1.events.{provider}.endpoint.config.updated`.
+pub fn config_updated(provider_instance: &str) -> String {
+    event(provider_instance, ENDPOINT, CONFIG, CONFIG_UPDATED)
+}
+
+/// `kaa.v1.events.{consumer}.endpoint.config.applied`.
+pub fn config_applied(consumer_instance: &str) -> String {
+    event(consumer_instance, ENDPOINT, CONFIG, CONFIG_APPLIED)
+}
+
 /// Whether `s` can be one token of a subject: non-empty, with no `.`, `*`, `>` or whitespace.
 ///
 /// Use it to validate configured service instance names and replica ids before building
@@ -198,6 +237,10 @@ mod tests {
             "kaa.v1.replica.gw-1.ecap.client-username-password-response"
         );
         assert_eq!(token_revoked("auth"), "kaa.v1.events.auth.endpoint.token.revoked");
+        assert_eq!(cdtp_request("ecr"), "kaa.v1.service.ecr.cdtp.request");
+        assert_eq!(cdtp_response_reply("cmx-1"), "kaa.v1.replica.cmx-1.cdtp.response");
+        assert_eq!(config_updated("ecr"), "kaa.v1.events.ecr.endpoint.config.updated");
+        assert_eq!(config_applied("cmx"), "kaa.v1.events.cmx.endpoint.config.applied");
         assert_eq!(
             dstp_data_samples_received("dcx"),
             "kaa.v1.events.dcx.endpoint.data-collection.data-samples-received"

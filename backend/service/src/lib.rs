@@ -13,7 +13,11 @@
 //! A service may also serve HTTP routes on the admin listener ([`AdminRoutes`], e.g. a REST
 //! API), reported through its [`ServiceStatus`].
 //!
+//! Helpers the REST APIs share: [`percent_decode`] and ISO-8601 times ([`time`]).
+//!
 //! This crate knows the bus and nothing of transports, storage or any protocol.
+
+pub mod time;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -128,13 +132,41 @@ pub struct AdminResponse {
     pub body: Vec<u8>,
     /// For 405: the methods the resource takes (the `Allow` header).
     pub allow: Option<&'static str>,
+    /// Other headers, e.g. `ETag`.
+    pub headers: Vec<(&'static str, String)>,
 }
 
 impl AdminResponse {
     /// A JSON answer.
     pub fn json(status: u16, body: Vec<u8>) -> Self {
-        Self { status, content_type: "application/json", body, allow: None }
+        Self { status, content_type: "application/json", body, allow: None, headers: Vec::new() }
     }
+}
+
+/// Decodes the percent-encoding of a path segment or (with `plus_is_space`) of a query
+/// component; `None` for a bad escape or bytes that are not UTF-8.
+pub fn percent_decode(s: &str, plus_is_space: bool) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let hex = std::str::from_utf8(b.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' if plus_is_space => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// Routes a service serves on the admin listener (its REST API, its pages).

@@ -1,4 +1,4 @@
-//! Time-series storage for the services that keep data (EPTS now).
+//! Storage for the services that keep data: time series (EPTS) and configurations (ECR).
 //!
 //! One object-safe trait, [`TimeSeriesStore`], and two implementations chosen by
 //! [`StorageConfig`]: the embedded [`EmbeddedStore`] (fjall, under `storage.path`, needs no
@@ -10,10 +10,18 @@
 //!
 //! [`suite`] is the one behaviour test every implementation passes.
 //!
+//! [`ConfigStore`] (module [`config`]) is the configuration store of ECR, with the same two
+//! implementations ([`EmbeddedConfigStore`], [`PostgresConfigStore`]) and its own shared
+//! suite, [`config_suite`].
+//!
 //! This crate knows nothing of the bus, of Avro or of JSON: it stores named values.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+pub mod config;
+mod config_embedded;
+mod config_postgres;
+pub mod config_suite;
 mod embedded;
 mod last;
 mod postgres;
@@ -22,6 +30,9 @@ pub mod suite;
 use std::future::Future;
 use std::pin::Pin;
 
+pub use config::{ConfigKey, ConfigStatus, ConfigStore, StatusEvent, StatusFilter, StoredConfig};
+pub use config_embedded::EmbeddedConfigStore;
+pub use config_postgres::PostgresConfigStore;
 pub use embedded::EmbeddedStore;
 pub use postgres::PostgresStore;
 
@@ -65,6 +76,15 @@ impl StorageConfig {
         match &self.postgres.url {
             Some(url) if !url.is_empty() => Ok(Arc::new(PostgresStore::new(url))),
             _ => Ok(Arc::new(EmbeddedStore::open(&self.path.join(service))?)),
+        }
+    }
+
+    /// The configuration store of `service` that this configuration names (call
+    /// [`ConfigStore::open`] before use).
+    pub fn open_config(&self, service: &str) -> Result<Arc<dyn ConfigStore>, StorageError> {
+        match &self.postgres.url {
+            Some(url) if !url.is_empty() => Ok(Arc::new(PostgresConfigStore::new(url))),
+            _ => Ok(Arc::new(EmbeddedConfigStore::open(&self.path.join(service))?)),
         }
     }
 }

@@ -28,7 +28,8 @@ const PARTITIONED_FROM_MS: i64 = -2_208_988_800_000; // 1900-01-01
 const PARTITIONED_TO_MS: i64 = 32_503_680_000_000; // 3000-01-01
 
 /// The migrations, in order; each runs once per database.
-const MIGRATIONS: &[&str] = &["CREATE TABLE epts_points (
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE epts_points (
         app text NOT NULL,
         series text NOT NULL,
         endpoint text NOT NULL,
@@ -36,20 +37,49 @@ const MIGRATIONS: &[&str] = &["CREATE TABLE epts_points (
         point_values bytea NOT NULL,
         PRIMARY KEY (app, series, endpoint, ts)
      ) PARTITION BY RANGE (ts);
-     CREATE TABLE epts_points_default PARTITION OF epts_points DEFAULT;"];
+     CREATE TABLE epts_points_default PARTITION OF epts_points DEFAULT;",
+    // The configuration store (ECR); `endpoint` is '' for an app version's default.
+    "CREATE TABLE ecr_configs (
+        app_version text NOT NULL,
+        endpoint text NOT NULL,
+        name text NOT NULL,
+        config_id text NOT NULL,
+        content bytea NOT NULL,
+        created_ms bigint NOT NULL,
+        updated_ms bigint NOT NULL,
+        PRIMARY KEY (app_version, endpoint, name)
+     );
+     CREATE TABLE ecr_statuses (
+        app_version text NOT NULL,
+        endpoint text NOT NULL,
+        name text NOT NULL,
+        config_id text NOT NULL,
+        dispatched_ms bigint,
+        confirmed_ms bigint,
+        status_code integer,
+        reason text,
+        PRIMARY KEY (app_version, endpoint, name, config_id)
+     );
+     CREATE INDEX ecr_statuses_endpoint ON ecr_statuses (endpoint);
+     CREATE TABLE ecr_schemas (app_version text PRIMARY KEY, schema bytea NOT NULL);",
+];
 
-fn backend(e: tokio_postgres::Error) -> StorageError {
+pub(crate) fn backend(e: tokio_postgres::Error) -> StorageError {
     StorageError::Backend(Box::new(e))
 }
 
 /// A connection re-established when it breaks.
-struct Connection {
+pub(crate) struct Connection {
     url: String,
     client: tokio::sync::Mutex<Option<Arc<Client>>>,
 }
 
 impl Connection {
-    async fn get(&self) -> Result<Arc<Client>, StorageError> {
+    pub(crate) fn new(url: &str) -> Self {
+        Self { url: url.to_owned(), client: tokio::sync::Mutex::new(None) }
+    }
+
+    pub(crate) async fn get(&self) -> Result<Arc<Client>, StorageError> {
         let mut held = self.client.lock().await;
         if let Some(c) = held.as_ref().filter(|c| !c.is_closed()) {
             return Ok(c.clone());
@@ -87,55 +117,16 @@ impl PostgresStore {
     /// A store on the database at `url` (`postgres://user:password@host:port/db`). Nothing
     /// connects until [`TimeSeriesStore::open`].
     pub fn new(url: &str) -> Self {
-        let connection =
-            || Connection { url: url.to_owned(), client: tokio::sync::Mutex::new(None) };
         Self {
-            writer: connection(),
-            reader: connection(),
+            writer: Connection::new(url),
+            reader: Connection::new(url),
             partitions: Mutex::new(HashSet::new()),
             write_lock: tokio::sync::Mutex::new(()),
         }
     }
 
     async fn migrate(&self) -> Result<(), StorageError> {
-        let client = self.writer.get().await?;
-        client
-            .batch_execute(
-                "BEGIN;
-                 SELECT pg_advisory_xact_lock(7165031);
-                 CREATE TABLE IF NOT EXISTS fleetgate_storage_migrations (
-                    version integer PRIMARY KEY,
-                    applied_at timestamptz NOT NULL DEFAULT now());",
-            )
-            .await
-            .map_err(backend)?;
-        let done = async {
-            let row = client
-                .query_one(
-                    "SELECT coalesce(max(version), 0) FROM fleetgate_storage_migrations",
-                    &[],
-                )
-                .await?;
-            let applied: i32 = row.get(0);
-            for (i, migration) in MIGRATIONS.iter().enumerate().skip(applied.max(0) as usize) {
-                client.batch_execute(migration).await?;
-                let version = i32::try_from(i + 1).unwrap_or(i32::MAX);
-                client
-                    .execute(
-                        "INSERT INTO fleetgate_storage_migrations (version) VALUES ($1)",
-                        &[&version],
-                    )
-                    .await?;
-                tracing::info!(version, "PostgreSQL storage migration applied");
-            }
-            client.batch_execute("COMMIT").await
-        }
-        .await;
-        if let Err(e) = done {
-            let _ = client.batch_execute("ROLLBACK").await;
-            return Err(backend(e));
-        }
-        Ok(())
+        migrate(&self.writer).await
     }
 
     /// Creates the partitions `points` fall in that are not known to exist.
@@ -271,6 +262,46 @@ impl PostgresStore {
         let rows = client.query(&sql, &[&app]).await.map_err(backend)?;
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
+}
+
+/// Applies the migrations of every store not applied yet, once per database (replicas that
+/// start together wait on an advisory lock).
+pub(crate) async fn migrate(connection: &Connection) -> Result<(), StorageError> {
+    let client = connection.get().await?;
+    client
+        .batch_execute(
+            "BEGIN;
+             SELECT pg_advisory_xact_lock(7165031);
+             CREATE TABLE IF NOT EXISTS fleetgate_storage_migrations (
+                version integer PRIMARY KEY,
+                applied_at timestamptz NOT NULL DEFAULT now());",
+        )
+        .await
+        .map_err(backend)?;
+    let done = async {
+        let row = client
+            .query_one("SELECT coalesce(max(version), 0) FROM fleetgate_storage_migrations", &[])
+            .await?;
+        let applied: i32 = row.get(0);
+        for (i, migration) in MIGRATIONS.iter().enumerate().skip(applied.max(0) as usize) {
+            client.batch_execute(migration).await?;
+            let version = i32::try_from(i + 1).unwrap_or(i32::MAX);
+            client
+                .execute(
+                    "INSERT INTO fleetgate_storage_migrations (version) VALUES ($1)",
+                    &[&version],
+                )
+                .await?;
+            tracing::info!(version, "PostgreSQL storage migration applied");
+        }
+        client.batch_execute("COMMIT").await
+    }
+    .await;
+    if let Err(e) = done {
+        let _ = client.batch_execute("ROLLBACK").await;
+        return Err(backend(e));
+    }
+    Ok(())
 }
 
 fn point_of(app: &str, row: &tokio_postgres::Row) -> Result<Point, StorageError> {

@@ -9,8 +9,10 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 
 use fleetgate_auth::AuthConfig;
+use fleetgate_cmx::CmxConfig;
 use fleetgate_communication::GatewayConfig;
 use fleetgate_dcx::DcxConfig;
+use fleetgate_ecr::EcrConfig;
 use fleetgate_epts::{AppTimeSeries, EptsConfig, TimeSeriesConfig};
 use fleetgate_storage::StorageConfig;
 use fleetgate_transport_core::settings::below_minimum;
@@ -47,6 +49,10 @@ pub struct Config {
     pub storage: StorageConfig,
     /// Endpoint time series.
     pub epts: EptsConfig,
+    /// Endpoint configuration repository.
+    pub ecr: EcrConfig,
+    /// Configuration management extension.
+    pub cmx: CmxConfig,
 }
 
 /// `applications.<app>`: an application as Kaa configures one, in snake case.
@@ -101,6 +107,8 @@ impl Checked for Config {
         problems.extend(Problem::within("dcx", self.dcx.problems()));
         problems.extend(Problem::within("auth", self.auth.problems()));
         problems.extend(Problem::within("epts", self.epts.problems()));
+        problems.extend(Problem::within("ecr", self.ecr.problems()));
+        problems.extend(Problem::within("cmx", self.cmx.problems()));
         for (key, message) in fleetgate_epts::application_problems(&self.time_series_apps()) {
             problems.push(Problem { key: format!("applications.{key}"), message });
         }

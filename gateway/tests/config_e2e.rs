@@ -1,0 +1,361 @@
+//! Configuration end to end in the real binary on a real nats-server: a configuration set
+//! through the ECR REST API reaches a device that behaves like the official Kaa Python client
+//! (paho-mqtt, `tests/clients/kaa_config_client.py`) while it is connected, again after it
+//! reconnects without having confirmed, and not once it confirmed; its confirmation shows in
+//! `/statuses`; 6/CDTP is observed on NATS.
+
+// Test code: a failed expectation fails the test.
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+mod support;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use fleetgate_messages::{ConfigApplied, ConfigRequest, ConfigUpdated, Record};
+use fleetgate_testkit::NatsServer;
+use futures_util::StreamExt;
+use serde_json::{Value as Json, json};
+use support::{Fleetgate, demo_endpoint_env};
+
+fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String, String) {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let code = text.split(' ').nth(1).unwrap().parse().unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    (code, head.to_ascii_lowercase(), body.to_owned())
+}
+
+/// Starts the paho client; its stdout lines are what it received.
+fn client(mqtt: SocketAddr, confirm: bool, wait_s: &str) -> Child {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/clients/kaa_config_client.py");
+    let mut cmd = Command::new("python3");
+    cmd.args([script, &mqtt.ip().to_string(), &mqtt.port().to_string(), "demo-v1", "tok-1"]);
+    if confirm {
+        cmd.arg("--confirm");
+    }
+    cmd.args(["--wait", wait_s]).stdout(Stdio::piped()).stderr(Stdio::inherit());
+    cmd.spawn().expect("python3 with paho-mqtt")
+}
+
+fn lines(child: Child) -> Vec<String> {
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "the client failed");
+    BufReader::new(&out.stdout[..]).lines().map(Result::unwrap).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kaa_client_gets_its_configuration_until_it_confirms() {
+    let nats = NatsServer::start();
+    let mut env = demo_endpoint_env();
+    env.push(("FLEETGATE_NATS_URL", nats.url()));
+    let fg = Fleetgate::start("up", &env);
+    let observer = async_nats::connect(nats.url()).await.unwrap();
+    let mut cdtp = observer.subscribe("kaa.v1.service.ecr.cdtp.request").await.unwrap();
+    let mut events = observer.subscribe("kaa.v1.events.*.endpoint.config.>").await.unwrap();
+    observer.flush().await.unwrap();
+
+    // Connected, nothing assigned yet: nothing is pushed.
+    let quiet = client(fg.mqtt, false, "1.5");
+    let quiet = tokio::task::spawn_blocking(move || lines(quiet)).await.unwrap();
+    assert_eq!(quiet, ["none"]);
+
+    // Set while the device is connected: pushed to the bare status topic.
+    let device = client(fg.mqtt, false, "15");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (status, head, body) = http(
+        fg.admin,
+        "PUT",
+        "/ecr/api/v1/endpoints/ep-1/app-versions/demo-v1",
+        r#"{"interval":5}"#,
+    );
+    assert_eq!(status, 200, "{body}");
+    let stored: Json = serde_json::from_str(&body).unwrap();
+    let id = stored["configId"].as_str().unwrap().to_owned();
+    assert!(head.contains(&format!("etag: \"{id}\"")), "{head}");
+    let got = tokio::task::spawn_blocking(move || lines(device)).await.unwrap();
+    let push: Json = serde_json::from_str(&got[0]).unwrap();
+    assert_eq!(push["topic"], "kp1/demo-v1/cmx/tok-1/config/json/status");
+    assert_eq!(push["payload"], json!({"configId": id, "config": {"interval": 5}}));
+
+    // 6/CDTP on NATS: the update broadcast, and the request CMX made for the push.
+    let update =
+        tokio::time::timeout(Duration::from_secs(5), events.next()).await.unwrap().unwrap();
+    assert_eq!(update.subject.as_str(), "kaa.v1.events.ecr.endpoint.config.updated");
+    let u = ConfigUpdated::decode(&update.payload).unwrap();
+    assert_eq!(
+        (u.endpoint_id, u.config_id, u.content),
+        ("ep-1", id.as_str(), &br#"{"interval":5}"#[..])
+    );
+    let mut requests = Vec::new();
+    while let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(500), cdtp.next()).await {
+        assert!(m.reply.is_some(), "a ConfigRequest has a reply subject");
+        let r = ConfigRequest::decode(&m.payload).unwrap();
+        requests.push((r.endpoint_id.to_owned(), r.config_id.map(str::to_owned)));
+    }
+    assert!(requests.contains(&("ep-1".to_owned(), None)), "{requests:?}");
+
+    // Reconnected without having confirmed: pushed again; this time it confirms.
+    let device = client(fg.mqtt, true, "10");
+    let got = tokio::task::spawn_blocking(move || lines(device)).await.unwrap();
+    let push: Json = serde_json::from_str(&got[0]).unwrap();
+    assert_eq!(push["payload"]["configId"], id.as_str());
+    let applied = loop {
+        let m = tokio::time::timeout(Duration::from_secs(5), events.next()).await.unwrap().unwrap();
+        if m.subject.as_str() == "kaa.v1.events.cmx.endpoint.config.applied" {
+            break m;
+        }
+    };
+    let a = ConfigApplied::decode(&applied.payload).unwrap();
+    assert_eq!((a.endpoint_id, a.config_id, a.status_code), ("ep-1", id.as_str(), 200));
+
+    // The confirmation in /statuses.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, _, body) = http(fg.admin, "GET", "/ecr/api/v1/statuses?endpointId=ep-1", "");
+        assert_eq!(status, 200);
+        let page: Json = serde_json::from_str(&body).unwrap();
+        let s = &page["content"][0];
+        if s["status"] == "APPLIED" {
+            assert_eq!(s["configId"], id.as_str());
+            assert_eq!(s["confirmationReasonPhrase"], "applied by the test client");
+            assert!(s["lastDispatchedDate"].is_string() && s["lastConfirmedDate"].is_string());
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no confirmation in /statuses: {body}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Confirmed: reconnecting brings nothing.
+    let device = client(fg.mqtt, false, "1.5");
+    let got = tokio::task::spawn_blocking(move || lines(device)).await.unwrap();
+    assert_eq!(got, ["none"]);
+}
+
+fn put_config(fg: &Fleetgate, config: &str) -> String {
+    let (status, _, body) =
+        http(fg.admin, "PUT", "/ecr/api/v1/endpoints/ep-1/app-versions/demo-v1", config);
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str::<Json>(&body).unwrap()["configId"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn the_push_answers_an_http_long_poll() {
+    let port = fleetgate_testkit::free_port();
+    let mut env = demo_endpoint_env();
+    env.push(("FLEETGATE_TRANSPORTS_HTTP_LISTEN", format!("127.0.0.1:{port}")));
+    let fg = Fleetgate::start("up", &env);
+    // As a device does: ask for the configuration, then long-poll for changes on the same
+    // connection (the session uses the endpoint from its first request on).
+    let base = format!("http://127.0.0.1:{port}/kp1/demo-v1/cmx/tok-1/config/json");
+    let poll = Command::new("curl")
+        .args(["-s", "--max-time", "15", "-w", "\n%{http_code}\n"])
+        .args(["-X", "POST", "--data", r#"{"observe":true}"#, &format!("{base}/1")])
+        .args(["--next", "-s", "-w", "\n%{http_code}"])
+        .arg(format!("{base}?observe=true&timeout_ms=10000"))
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("curl runs");
+    std::thread::sleep(Duration::from_millis(1000));
+    let id = put_config(&fg, r#"{"over":"http"}"#);
+    let out = poll.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines[..2], [r#"{"configId":"","config":null}"#, "200"], "{text}");
+    let (body, code) = (lines[2], lines[3]);
+    assert_eq!(code, "200", "{text}");
+    assert_eq!(
+        serde_json::from_str::<Json>(body).unwrap(),
+        json!({"configId": id, "config": {"over": "http"}})
+    );
+}
+
+#[test]
+fn the_push_is_a_coap_observe_notification() {
+    let fg = Fleetgate::start("up", &demo_endpoint_env());
+    let uri = format!("coap://{}/kp1/demo-v1/cmx/tok-1/config/json", fg.coap);
+    // Observe for 6 s (-s), printing what arrives.
+    let observe = Command::new("coap-client-notls")
+        .args(["-m", "get", "-s", "6", "-B", "8", &uri])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("coap-client-notls (libcoap3-bin) runs");
+    std::thread::sleep(Duration::from_millis(1500));
+    let id = put_config(&fg, r#"{"over":"coap"}"#);
+    let out = observe.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let expected = json!({"configId": id, "config": {"over": "coap"}});
+    // coap-client prints each payload as it comes, without separators.
+    let payloads: Vec<Json> = serde_json::Deserializer::from_str(&text)
+        .into_iter::<Json>()
+        .map_while(Result::ok)
+        .collect();
+    // The registration's answer, then the notification.
+    assert_eq!(payloads, [json!({"configId": "", "config": null}), expected], "{text}");
+}
+
+/// One MQTT device (rumqttc) that never subscribes, as the official clients.
+struct Device {
+    client: rumqttc::AsyncClient,
+    incoming: tokio::sync::mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+}
+
+impl Device {
+    async fn connect(addr: SocketAddr) -> Self {
+        let mut options = rumqttc::MqttOptions::new(
+            format!("cfg-{}", fleetgate_testkit::free_port()),
+            addr.ip().to_string(),
+            addr.port(),
+        );
+        options.set_keep_alive(Duration::from_secs(30));
+        let (client, mut events) = rumqttc::AsyncClient::new(options, 64);
+        let (tx, incoming) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok(event) = events.poll().await {
+                if let rumqttc::Event::Incoming(rumqttc::Packet::Publish(p)) = event {
+                    let _ = tx.send((p.topic.clone(), p.payload.to_vec()));
+                }
+            }
+        });
+        Self { client, incoming }
+    }
+
+    async fn publish(&self, path: &str, body: &str) {
+        let topic = format!("kp1/demo-v1/cmx/tok-1/{path}");
+        self.client
+            .publish(topic, rumqttc::QoS::AtLeastOnce, false, body.as_bytes().to_vec())
+            .await
+            .unwrap();
+    }
+
+    /// The next message: (topic without the `kp1/demo-v1/cmx/tok-1/` prefix, payload).
+    async fn next(&mut self) -> (String, String) {
+        let (topic, payload) = tokio::time::timeout(Duration::from_secs(10), self.incoming.recv())
+            .await
+            .expect("a message in time")
+            .unwrap();
+        let topic = topic.strip_prefix("kp1/demo-v1/cmx/tok-1/").unwrap().to_owned();
+        (topic, String::from_utf8(payload).unwrap())
+    }
+
+    async fn nothing(&mut self) {
+        let got = tokio::time::timeout(Duration::from_millis(500), self.incoming.recv()).await;
+        assert!(got.is_err(), "unexpected {got:?}");
+    }
+}
+
+fn j(s: &str) -> Json {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("{e}: {s}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_7cmp_behaviour_over_mqtt() {
+    let fg = Fleetgate::start("up", &demo_endpoint_env());
+    let mut d = Device::connect(fg.mqtt).await;
+
+    // Nothing assigned: the pair "" and null on the request's status topic.
+    d.publish("config/json/1", r#"{"observe":true}"#).await;
+    assert_eq!(
+        d.next().await,
+        ("config/json/1/status".into(), r#"{"configId":"","config":null}"#.into())
+    );
+
+    // observe:true: a change is pushed to the bare status topic.
+    let id = put_config(&fg, r#"{"a":1}"#);
+    let (topic, body) = d.next().await;
+    assert_eq!(
+        (topic.as_str(), j(&body)),
+        ("config/json/status", json!({"configId": id, "config": {"a": 1}}))
+    );
+
+    // The same configId: `{}`; none: the pair.
+    d.publish("config/json/2", &format!(r#"{{"configId":"{id}"}}"#)).await;
+    assert_eq!(d.next().await, ("config/json/2/status".into(), "{}".into()));
+    d.publish("config/json/3", "{}").await;
+    assert_eq!(j(&d.next().await.1), json!({"configId": id, "config": {"a": 1}}));
+
+    // observe:false: no push until the next request.
+    d.publish("config/json/4", &format!(r#"{{"configId":"{id}","observe":false}}"#)).await;
+    assert_eq!(d.next().await.1, "{}");
+    let id2 = put_config(&fg, r#"{"a":2}"#);
+    d.nothing().await;
+    d.publish("config/json/5", r#"{"observe":true}"#).await;
+    assert_eq!(j(&d.next().await.1), json!({"configId": id2, "config": {"a": 2}}));
+
+    // A request id is never a name: `.../config/json/42` is the default with request 42.
+    d.publish("config/json/42", "{}").await;
+    let (topic, body) = d.next().await;
+    assert_eq!(
+        (topic.as_str(), j(&body)["configId"].as_str()),
+        ("config/json/42/status", Some(id2.as_str()))
+    );
+
+    // A named configuration, its push, and its confirmation.
+    d.publish("config/json/network/6", "{}").await;
+    assert_eq!(
+        d.next().await,
+        ("config/json/network/6/status".into(), r#"{"configId":"","config":null}"#.into())
+    );
+    let (status, _, body) = http(
+        fg.admin,
+        "PUT",
+        "/ecr/api/v1/endpoints/ep-1/app-versions/demo-v1?name=network",
+        r#"{"ssid":"x"}"#,
+    );
+    assert_eq!(status, 200);
+    let net = j(&body)["configId"].as_str().unwrap().to_owned();
+    let (topic, body) = d.next().await;
+    assert_eq!(
+        (topic.as_str(), j(&body)),
+        ("config/json/network/status", json!({"configId": net, "config": {"ssid": "x"}}))
+    );
+    d.publish("applied/json/network/7", &format!(r#"{{"configId":"{net}"}}"#)).await;
+    assert_eq!(d.next().await, ("applied/json/network/7/status".into(), String::new()));
+
+    // /applied with a status and a reason: empty /status, recorded.
+    d.publish(
+        "applied/json/8",
+        &format!(r#"{{"configId":"{id2}","statusCode":500,"reasonPhrase":"disk full"}}"#),
+    )
+    .await;
+    assert_eq!(d.next().await, ("applied/json/8/status".into(), String::new()));
+
+    // Bad input: precise errors on /error; a missing configId is 400.
+    for (path, body, code, reason) in [
+        ("applied/json/9", "{}", 400, "configId: required"),
+        ("config/json/10", "[]", 400, "payload: must be a JSON object"),
+        ("config/json/11", "{x", 400, "payload: not valid JSON"),
+        ("config/json/12", r#"{"configId":"c","extra":1}"#, 400, "extra: unknown field"),
+        ("config/json/bad.name/13", "{}", 404, "configuration name `bad.name`"),
+    ] {
+        d.publish(path, body).await;
+        let (topic, answer) = d.next().await;
+        assert_eq!(topic, format!("{path}/error"));
+        let e = j(&answer);
+        assert_eq!(e["statusCode"], code, "{path}: {e}");
+        assert!(e["reasonPhrase"].as_str().unwrap().starts_with(reason), "{path}: {e}");
+    }
+
+    let (_, _, body) = http(fg.admin, "GET", "/ecr/api/v1/statuses?endpointId=ep-1", "");
+    let page = j(&body);
+    let by_id = |id: &str| {
+        page["content"].as_array().unwrap().iter().find(|s| s["configId"] == id).cloned().unwrap()
+    };
+    assert_eq!(by_id(&net)["status"], "APPLIED");
+    let failed = by_id(&id2);
+    assert_eq!(
+        (failed["status"].as_str(), failed["confirmationReasonPhrase"].as_str()),
+        (Some("FAILED"), Some("disk full"))
+    );
+}
