@@ -63,7 +63,9 @@ impl Gateway {
         config.admin.listen = admin;
         config.auth.auto_register = true;
         let spool = tempfile::tempdir().expect("a spool directory");
-        config.gateway.spool.path = spool.path().to_path_buf();
+        config.gateway.spool.path = spool.path().join("spool");
+        // The stores of EPTS and ECR too: tests run side by side, each with its own.
+        config.storage.path = spool.path().join("storage");
         let key_path = spool.path().join("udp.key");
         let keys = fleetgate_transport_udp::keys::generate(&key_path).unwrap();
         let udp_key = fleetgate_transport_udp::handshake::hex(&keys.public);

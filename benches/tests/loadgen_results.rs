@@ -62,7 +62,9 @@ impl Gateway {
         config.auth.auto_register = auto_register;
         config.transports.udp.enabled = false;
         let spool = tempfile::tempdir().expect("a spool directory");
-        config.gateway.spool.path = spool.path().to_path_buf();
+        config.gateway.spool.path = spool.path().join("spool");
+        // The stores of EPTS and ECR too: tests run side by side, each with its own.
+        config.storage.path = spool.path().join("storage");
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(run_until(Role::Up, config, async {
             let _ = stop_rx.await;
