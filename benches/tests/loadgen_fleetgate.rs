@@ -6,93 +6,20 @@
 // Test code: a failed expectation fails the test.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
-use fleetgate::config::Config;
-use fleetgate::run::{Role, run_until};
-use fleetgate_benches::loadgen::{LoadgenArgs, run};
+use fleetgate_benches::loadgen::run;
 use fleetgate_benches::report::Report;
-use fleetgate_testkit::{NatsServer, free_port};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-#[derive(Parser)]
-struct Cli {
-    #[command(flatten)]
-    args: LoadgenArgs,
-}
+mod support;
 
-async fn ready(admin: SocketAddr) -> bool {
-    let Ok(mut s) = tokio::net::TcpStream::connect(admin).await else { return false };
-    if s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.is_err() {
-        return false;
-    }
-    let mut text = String::new();
-    let _ = s.read_to_string(&mut text).await;
-    text.starts_with("HTTP/1.1 200")
-}
-
-/// A running `fleetgate up` on its own NATS server, every listener on a free port.
-struct Gateway {
-    nats: NatsServer,
-    mqtt: SocketAddr,
-    coap: SocketAddr,
-    http: SocketAddr,
-    udp: SocketAddr,
-    /// The FGU/1 public key, hex.
-    udp_key: String,
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<Result<(), fleetgate::run::StartError>>,
-    _spool: tempfile::TempDir,
-}
-
-impl Gateway {
-    async fn start() -> Self {
-        let nats = NatsServer::start();
-        let local = |port| SocketAddr::from(([127, 0, 0, 1], port));
-        let (mqtt, coap, http, admin) =
-            (local(free_port()), local(free_port()), local(free_port()), local(free_port()));
-        let mut config = Config::default();
-        config.nats.url = Some(nats.url());
-        config.transports.mqtt.listen = mqtt;
-        config.transports.coap.listen = coap;
-        config.transports.http.listen = http;
-        let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-        config.transports.udp.listen = udp;
-        config.admin.listen = admin;
-        config.auth.auto_register = true;
-        let spool = tempfile::tempdir().expect("a spool directory");
-        config.gateway.spool.path = spool.path().join("spool");
-        // The stores of EPTS and ECR too: tests run side by side, each with its own.
-        config.storage.path = spool.path().join("storage");
-        let key_path = spool.path().join("udp.key");
-        let keys = fleetgate_transport_udp::keys::generate(&key_path).unwrap();
-        let udp_key = fleetgate_transport_udp::handshake::hex(&keys.public);
-        config.transports.udp.private_key_path = Some(key_path);
-        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(run_until(Role::Up, config, async {
-            let _ = stop_rx.await;
-        }));
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while !ready(admin).await {
-            assert!(!task.is_finished(), "fleetgate stopped at start-up");
-            assert!(tokio::time::Instant::now() < deadline, "fleetgate not ready");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Gateway { nats, mqtt, coap, http, udp, udp_key, stop, task, _spool: spool }
-    }
-
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
-    }
-}
+use support::{Cli, Gateway};
 
 /// 20 CoAP or HTTP devices, 100 then 200 msg/s for a second each: every message sent is
 /// acknowledged without error and delivered on NATS, and no device is lost.
 async fn short_run_delivers_and_acknowledges_everything(transport: &str, qos: &str) {
-    let gw = Gateway::start().await;
+    let gw = Gateway::start(true).await;
     let (coap, http, nats_url) = (gw.coap.to_string(), gw.http.to_string(), gw.nats.url());
     let udp = gw.udp.to_string();
     let cli = Cli::parse_from([
@@ -167,7 +94,7 @@ async fn http_devices_are_answered_and_delivered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn loadgen_counts_every_message_through_fleetgate_on_nats() {
-    let gw = Gateway::start().await;
+    let gw = Gateway::start(true).await;
     let (nats, mqtt) = (&gw.nats, gw.mqtt);
 
     let dir = tempfile::tempdir().expect("temp dir");

@@ -8,81 +8,19 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use clap::Parser;
-use fleetgate::config::Config;
-use fleetgate::run::{Role, run_until};
 use fleetgate_benches::loadgen::{LoadgenArgs, run};
 use fleetgate_benches::report::Report;
-use fleetgate_testkit::{NatsServer, free_port};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-#[derive(Parser)]
-struct Cli {
-    #[command(flatten)]
-    args: LoadgenArgs,
-}
+mod support;
 
-async fn ready(admin: SocketAddr) -> bool {
-    let Ok(mut s) = tokio::net::TcpStream::connect(admin).await else { return false };
-    if s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.is_err() {
-        return false;
-    }
-    let mut text = String::new();
-    let _ = s.read_to_string(&mut text).await;
-    text.starts_with("HTTP/1.1 200")
-}
-
-/// A running `fleetgate up` on its own NATS server, every listener on a free port.
-struct Gateway {
-    nats: NatsServer,
-    mqtt: SocketAddr,
-    http: SocketAddr,
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<Result<(), fleetgate::run::StartError>>,
-    _spool: tempfile::TempDir,
-}
+use support::{Cli, Gateway};
 
 impl Gateway {
-    async fn start(auto_register: bool) -> Self {
-        let nats = NatsServer::start();
-        let local = |port| SocketAddr::from(([127, 0, 0, 1], port));
-        let (mqtt, coap, http, admin) =
-            (local(free_port()), local(free_port()), local(free_port()), local(free_port()));
-        let mut config = Config::default();
-        config.nats.url = Some(nats.url());
-        config.transports.mqtt.listen = mqtt;
-        config.transports.coap.listen = coap;
-        config.transports.http.listen = http;
-        config.admin.listen = admin;
-        config.auth.auto_register = auto_register;
-        config.transports.udp.enabled = false;
-        let spool = tempfile::tempdir().expect("a spool directory");
-        config.gateway.spool.path = spool.path().join("spool");
-        // The stores of EPTS and ECR too: tests run side by side, each with its own.
-        config.storage.path = spool.path().join("storage");
-        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(run_until(Role::Up, config, async {
-            let _ = stop_rx.await;
-        }));
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-        while !ready(admin).await {
-            assert!(!task.is_finished(), "fleetgate stopped at start-up");
-            assert!(tokio::time::Instant::now() < deadline, "fleetgate not ready");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Gateway { nats, mqtt, http, stop, task, _spool: spool }
-    }
-
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        let _ = tokio::time::timeout(Duration::from_secs(10), self.task).await;
-    }
-
     /// Generator arguments for an MQTT run against this gateway (rates, steps to add).
     fn mqtt_args(&self, extra: &[&str]) -> Vec<String> {
         let mut v: Vec<String> = [
