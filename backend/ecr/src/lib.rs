@@ -17,7 +17,9 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod api;
+pub mod filters;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use fleetgate_bus::{AnyBus, Bus, Message, Subject, Subscription, now_ms};
@@ -50,11 +52,13 @@ pub struct EcrConfig {
     pub instance: String,
     /// The largest configuration accepted, in bytes of JSON text (larger: 413).
     pub max_config_bytes: usize,
+    /// Endpoint filters by id, for `PUT /endpoints/filters/{filterId}` ([`filters`]).
+    pub filters: BTreeMap<String, filters::EndpointFilter>,
 }
 
 impl Default for EcrConfig {
     fn default() -> Self {
-        Self { instance: "ecr".into(), max_config_bytes: 256 * 1024 }
+        Self { instance: "ecr".into(), max_config_bytes: 256 * 1024, filters: BTreeMap::new() }
     }
 }
 
@@ -81,6 +85,7 @@ impl EcrConfig {
             problems
                 .push(("instance", format!("`{}` is not a valid subject token", self.instance)));
         }
+        problems.extend(filters::problems(&self.filters).into_iter().map(|p| ("filters", p)));
         problems
     }
 }
