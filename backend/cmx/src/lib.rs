@@ -18,7 +18,9 @@
 //!
 //! What an endpoint confirmed and its observe choices are kept in memory: after a restart CMX
 //! pushes on the next connect once more (re-applying a configuration is harmless), and
-//! replicas each know what they served. The request id is already taken off the resource path
+//! replicas each know what they served. The table is bounded (`cmx.max_endpoints`, least
+//! recently used forgotten) and a 9/ELCE disconnect takes the endpoint out of the connected
+//! set an app version's changed default goes to (see `endpoints.rs`). The request id is already taken off the resource path
 //! by the gateway (DESIGN decision 1), so `/config/json/42` never reaches here as name `42`.
 //!
 //! It knows the bus and the Avro records; nothing of transports or storage.
