@@ -541,7 +541,13 @@ async fn a_configuration_goes_to_the_endpoints_a_filter_matches() {
         known_to_ecr(&fg, &observer, app, endpoint).await;
     }
 
-    // The pattern within the app version: s-1 and s-2, not `other`, not s-9 of demo-v3.
+    // An endpoint with a configuration of its own is known too, before it ever asked.
+    let path = "/ecr/api/v1/endpoints/s-7/app-versions/demo-v1".to_owned();
+    let (status, _, _) = rest("PUT", path, r#"{"mode":"own"}"#.into()).await;
+    assert_eq!(status, 200);
+    updates.next().await.unwrap();
+
+    // The pattern within the app version: s-1, s-2 and s-7, not `other`, not s-9 of demo-v3.
     let body = r#"{"configPayload":{"mode":"night"}}"#;
     let (status, head, answer) =
         rest("PUT", "/ecr/api/v1/endpoints/filters/sensors".into(), body.into()).await;
@@ -554,7 +560,7 @@ async fn a_configuration_goes_to_the_endpoints_a_filter_matches() {
         .iter()
         .map(|c| (c["appVersionName"].as_str().unwrap(), c["endpointId"].as_str().unwrap()))
         .collect();
-    assert_eq!(targets, [("demo-v1", "s-1"), ("demo-v1", "s-2")]);
+    assert_eq!(targets, [("demo-v1", "s-1"), ("demo-v1", "s-2"), ("demo-v1", "s-7")]);
     for c in stored.as_array().unwrap() {
         assert_eq!((&c["name"], &c["config"]), (&json!("default"), &json!({"mode": "night"})));
         // Broadcast on NATS, for CMX to push.

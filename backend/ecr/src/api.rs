@@ -397,19 +397,23 @@ async fn by_filter(shared: &Shared, req: &AdminRequest, id: &str) -> Answer {
     check_config(shared, &payload)?;
     let mut targets: BTreeSet<(String, String)> =
         filter.named().map(|(v, e)| (v.to_owned(), e.to_owned())).collect();
-    // The endpoints ECR knows: those with a recorded status, in the filter's app versions.
+    // The endpoints ECR knows, in the filter's app versions: those with a configuration of
+    // their own or a recorded status.
     let scopes: Vec<Option<String>> = if filter.app_versions.is_empty() {
         vec![None]
     } else {
         filter.app_versions.iter().cloned().map(Some).collect()
     };
     for app_version in scopes {
-        let known = StatusFilter { endpoint: None, app_version, config_id: None };
-        for s in shared.store.statuses(known).await.map_err(|e| storage_error(&e))? {
-            if filter.matches(&s.app_version, &s.endpoint) {
-                targets.insert((s.app_version, s.endpoint));
-            }
-        }
+        let store = &shared.store;
+        let mut known = store
+            .configured_endpoints(app_version.as_deref())
+            .await
+            .map_err(|e| storage_error(&e))?;
+        let served = StatusFilter { endpoint: None, app_version, config_id: None };
+        let statuses = store.statuses(served).await.map_err(|e| storage_error(&e))?;
+        known.extend(statuses.into_iter().map(|s| (s.app_version, s.endpoint)));
+        targets.extend(known.into_iter().filter(|(v, e)| filter.matches(v, e)));
     }
     let targets: Vec<(String, String)> = targets.into_iter().collect();
     let mut versions: Vec<&str> = targets.iter().map(|(v, _)| v.as_str()).collect();

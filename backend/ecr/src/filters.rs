@@ -14,9 +14,9 @@
 //!
 //! An endpoint matches when its app version is listed (or none are) and its id is listed or
 //! matches the pattern (or neither is given). The endpoints matched are those ECR knows,
-//! that is those it dispatched a configuration to or recorded a confirmation of, in the
-//! store (so every replica sees the same); endpoints listed by id are matched in each listed
-//! app version even before ECR heard of them.
+//! that is those with a configuration of their own or that it dispatched a configuration to
+//! or recorded a confirmation of, in the store (so every replica sees the same); endpoints
+//! listed by id are matched in each listed app version even before ECR heard of them.
 
 use std::collections::BTreeMap;
 
