@@ -390,7 +390,8 @@ async fn put_all(
 async fn by_filter(shared: &Shared, req: &AdminRequest, id: &str) -> Answer {
     let params = query(req, &["name"])?;
     let name = name_of(&params)?;
-    let filter = shared.config.filters.get(id).ok_or_else(|| {
+    let filters = shared.filters.get();
+    let filter = filters.get(id).ok_or_else(|| {
         error(404, format!("no endpoint filter `{id}`: filters are defined in ecr.filters"))
     })?;
     let payload = filter_body(&req.body)?;

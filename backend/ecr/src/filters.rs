@@ -12,7 +12,7 @@
 //!       endpoint_pattern: "sensor-*"          # ... and those this glob matches (`*`, `?`)
 //! ```
 //!
-//! An endpoint matches when its app version is listed (or none are) and its id is listed or
+//! A configuration reload replaces them while ECR runs. An endpoint matches when its app version is listed (or none are) and its id is listed or
 //! matches the pattern (or neither is given). The endpoints matched are those ECR knows,
 //! that is those with a configuration of their own or that it dispatched a configuration to
 //! or recorded a confirmation of, in the store (so every replica sees the same); endpoints
