@@ -628,3 +628,46 @@ async fn a_configuration_goes_to_the_endpoints_a_filter_matches() {
     assert_eq!(j(&get("s-1", "demo-v1").await.2)["config"], json!({"mode": "night"}));
     assert_eq!(get("other", "demo-v1").await.0, 404);
 }
+
+/// Polls `/metrics` until `name` (a whole sample name) has `value`.
+async fn metric_becomes(fg: &Fleetgate, name: &str, value: f64) {
+    let with_space = format!("{name} ");
+    for _ in 0..200 {
+        if fg.metric(&with_space) == Some(value) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{name}: {:?}, expected {value}", fg.metric(&with_space));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cmx_forgets_an_endpoint_that_disconnected() {
+    let nats = NatsServer::start();
+    let mut env = demo_endpoint_env();
+    env.push(("FLEETGATE_NATS_URL", nats.url()));
+    let fg = Fleetgate::start("up", &env);
+    let set_default = |config: &'static str| {
+        let admin = fg.admin;
+        tokio::task::spawn_blocking(move || {
+            let (status, _, body) = http(admin, "PUT", "/ecr/api/v1/app-versions/demo-v1", config);
+            assert_eq!(status, 200, "{body}");
+        })
+    };
+
+    let mut d = Device::connect(fg.mqtt).await;
+    d.publish("config/json/1", "{}").await;
+    assert_eq!(d.next().await.0, "config/json/1/status");
+    metric_becomes(&fg, "fleetgate_cmx_endpoints", 1.0).await;
+    // Connected: a changed default is pushed to it.
+    set_default(r#"{"a":1}"#).await.unwrap();
+    assert_eq!(d.next().await.0, "config/json/status");
+    metric_becomes(&fg, "fleetgate_cmx_pushes_total", 1.0).await;
+
+    // Disconnected (9/ELCE on NATS): forgotten, and the next default goes to nobody.
+    d.client.disconnect().await.unwrap();
+    metric_becomes(&fg, "fleetgate_cmx_endpoints", 0.0).await;
+    set_default(r#"{"a":2}"#).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(fg.metric("fleetgate_cmx_pushes_total "), Some(1.0));
+}
