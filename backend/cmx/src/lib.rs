@@ -75,7 +75,7 @@ impl Default for CmxConfig {
             provider: "ecr".into(),
             gateway_instance: "kpc".into(),
             provider_timeout_ms: 5_000,
-            max_endpoints: 1_000_000,
+            max_endpoints: 250_000,
         }
     }
 }
