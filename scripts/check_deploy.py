@@ -99,8 +99,13 @@ def _render_chart(helm_python, chart: Path, out: Path) -> dict[str, Path]:
     refused = {
         "services.epts.replicas": {"services": {"epts": {"replicas": 2}}},
         "services.ecr.autoscaling": {"services": {"ecr": {"autoscaling": {"enabled": True}}}},
-        "services.ecr.replicas is 3": {"defaults": {"replicas": 3}, "services": {"ecr": {"replicas": None}}},
-        "config.storage.postgres.url": {"config": {"storage": {"postgres": {"url": "postgres://u:pw@db/fg"}}}},
+        "services.ecr.replicas is 3": {
+            "defaults": {"replicas": 3},
+            "services": {"ecr": {"replicas": None}},
+        },
+        "config.storage.postgres.url": {
+            "config": {"storage": {"postgres": {"url": "postgres://u:pw@db/fg"}}}
+        },
     }
     for what, values in refused.items():
         try:
@@ -112,10 +117,20 @@ def _render_chart(helm_python, chart: Path, out: Path) -> dict[str, Path]:
     scaled = {"postgres": {"existingSecret": "pg"}, "services": {"epts": {"replicas": 3}}}
     try:
         manifests = loaded.render(scaled, name="fg", namespace="iot")
-        docs = [d for k, m in manifests.items() if k.endswith(".yaml") for d in yaml.safe_load_all(m) if d]
-        epts = [d for d in docs if d["kind"] in ("Deployment", "StatefulSet") and d["metadata"]["name"] == "fg-fleetgate-epts"]
-        if [(d["kind"], d["spec"].get("replicas")) for d in epts] != [("Deployment", 3)]:
-            problem(f"with postgres, services.epts.replicas 3 rendered {[(d['kind'], d['spec'].get('replicas')) for d in epts]}")
+        docs = [
+            d
+            for k, m in manifests.items()
+            if k.endswith(".yaml")
+            for d in yaml.safe_load_all(m)
+            if d
+        ]
+        epts = [
+            (d["kind"], d["spec"].get("replicas"))
+            for d in workloads(docs)
+            if d["metadata"]["name"] == "fg-fleetgate-epts"
+        ]
+        if epts != [("Deployment", 3)]:
+            problem(f"with postgres, services.epts.replicas 3 rendered {epts}")
     except Exception as e:  # noqa: BLE001
         problem(f"the chart refused {scaled}: {e}")
     return rendered
@@ -289,7 +304,8 @@ def command_of(workload: dict) -> str:
 
 
 def env_of(workload: dict) -> dict[str, dict]:
-    return {e["name"]: e for e in workload["spec"]["template"]["spec"]["containers"][0].get("env", [])}
+    container = workload["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e for e in container.get("env", [])}
 
 
 def under(path: str, mount: str) -> bool:
@@ -336,7 +352,7 @@ def check_invariants(label: str, docs: list[dict], expect_checksum: bool, config
             spool = (config.get("gateway") or {}).get("spool") or {}
             path = spool.get("path", "fleetgate-data/spool")
             if spool.get("enabled", True) and not any(under(path, m) for m in mounts):
-                problem(f"{label}: {name}: gateway.spool.path {path} is on no volume (read-only root)")
+                problem(f"{label}: {name}: gateway.spool.path {path} is on no volume")
         env = env_of(d)
         postgres = env.get("FLEETGATE_STORAGE_POSTGRES_URL")
         if postgres is not None and "secretKeyRef" not in postgres.get("valueFrom", {}):
@@ -389,7 +405,7 @@ def check_services(label: str, docs: list[dict], deployments: list[dict]) -> Non
         ports = s["spec"]["ports"]
         devices = any(p.get("targetPort") in ("mqtt", "http", "coap", "fgu") for p in ports)
         if devices and any(p.get("targetPort") == "admin" for p in ports):
-            problem(f"{label}: Service {s['metadata']['name']} mixes device ports and the admin port")
+            problem(f"{label}: Service {s['metadata']['name']} mixes device and admin ports")
     for d in deployments:
         if command_of(d) not in DATA_SERVICES:
             continue
@@ -474,7 +490,7 @@ CHECK_TOKEN = "check-deploy-token"
 CHECK_ENDPOINT = "check-deploy-endpoint"
 
 
-def http(method: str, url: str, body: bytes | None = None, timeout: float = 15) -> tuple[int, bytes, str]:
+def http(method: str, url: str, body: bytes | None = None, timeout: float = 15):
     """(status, body, content type); HTTP errors are answers too."""
     req = urllib.request.Request(url, data=body, method=method)
     if body is not None:
@@ -584,7 +600,7 @@ def check_live(fleetgate: str, label: str, docs: list[dict], cfg: Path, config: 
                 if "FLEETGATE_ADMIN_API_TOKENS" in secret_env:
                     secret_env.remove("FLEETGATE_ADMIN_API_TOKENS")  # left without: open API
                 if secret_env:
-                    problem(f"{label}: {name}: environment from Secrets not known here: {secret_env}")
+                    problem(f"{label}: {name}: environment from unknown Secrets: {secret_env}")
                 for i in range(copies):
                     cwd = base / f"{name}-{i}"
                     cwd.mkdir()
@@ -642,7 +658,8 @@ def wait_ready(label: str, procs, admin: dict[str, list[str]]) -> bool:
     while pending and time.monotonic() < deadline:
         for who, proc, log in procs:
             if proc.poll() is not None:
-                problem(f"{label}: {who} exited ({proc.returncode}): {Path(log).read_text()[-1500:]}")
+                tail = Path(log).read_text()[-1500:]
+                problem(f"{label}: {who} exited ({proc.returncode}): {tail}")
                 return False
         for u in list(pending):
             try:
@@ -664,17 +681,20 @@ def run_flow(label, admin, http_port, app, app_config, version) -> None:
         return ok
 
     has = set(admin)
-    if not need({"gateway", "dcx", "auth", "epts"} <= has and http_port, f"not every service runs: {sorted(has)}"):
+    if not need({"gateway", "dcx", "auth", "epts"} <= has, f"a service is missing: {sorted(has)}"):
         return
     gw = f"http://127.0.0.1:{http_port}/kp1/{version}"
     temperature = 21.5
-    status, body, _ = http("POST", f"{gw}/dcx/{CHECK_TOKEN}/json", json.dumps({"temperature": temperature}).encode())
+    sample = json.dumps({"temperature": temperature}).encode()
+    status, body, _ = http("POST", f"{gw}/dcx/{CHECK_TOKEN}/json", sample)
     if not need(200 <= status < 300, f"a device's sample got {status} {body[:200]!r}"):
         return
     # Stored before the device's 2xx (EPTS is a reliable receiver): any replica answers it.
     epts = admin["epts"][-1]
     if (app_config.get("time_series") or {}).get("auto_extract"):
-        q = urllib.parse.urlencode({"timeSeriesName": "auto~temperature", "endpointId": CHECK_ENDPOINT})
+        q = urllib.parse.urlencode(
+            {"timeSeriesName": "auto~temperature", "endpointId": CHECK_ENDPOINT}
+        )
         status, body, _ = http("GET", f"{epts}/epts/api/v1/applications/{app}/time-series/last?{q}")
         point = json.loads(body or b"{}").get(CHECK_ENDPOINT, {}).get("auto~temperature", [{}])[0]
         need(status == 200 and point.get("values") == {"value": temperature},
@@ -683,7 +703,8 @@ def run_flow(label, admin, http_port, app, app_config, version) -> None:
     need(status == 200 and ctype.startswith("text/html"), f"the plot page: {status} {ctype}")
     if not need({"ecr", "cmx"} <= has, f"ECR or CMX does not run: {sorted(has)}"):
         return
-    status, body, _ = http("PUT", f"{admin['ecr'][0]}/ecr/api/v1/app-versions/{version}", b'{"interval_s": 30}')
+    ecr = admin["ecr"][0]
+    status, body, _ = http("PUT", f"{ecr}/ecr/api/v1/app-versions/{version}", b'{"interval_s": 30}')
     config_id = json.loads(body or b"{}").get("configId") if status == 200 else None
     if not need(config_id, f"ECR REST: setting a configuration got {status} {body[:300]!r}"):
         return
@@ -904,7 +925,8 @@ def main() -> int:
             continue
         cfg, nats, holder = configs[0]
         config = yaml.safe_load(cfg.read_text()) or {}
-        if holder == "ConfigMap" and ((config.get("storage") or {}).get("postgres") or {}).get("url"):
+        postgres = ((config.get("storage") or {}).get("postgres") or {}).get("url")
+        if holder == "ConfigMap" and postgres:
             problem(f"{label}: storage.postgres.url (a password) in a ConfigMap, not a Secret")
         # kustomize rolls pods through the ConfigMap's hashed name instead of an annotation.
         expect_checksum = label.endswith("default values")
