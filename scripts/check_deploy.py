@@ -689,17 +689,17 @@ def run_flow(label, admin, http_port, app, app_config, version) -> None:
     status, body, _ = http("POST", f"{gw}/dcx/{CHECK_TOKEN}/json", sample)
     if not need(200 <= status < 300, f"a device's sample got {status} {body[:200]!r}"):
         return
-    # Stored before the device's 2xx (EPTS is a reliable receiver): any replica answers it.
-    epts = admin["epts"][-1]
-    if (app_config.get("time_series") or {}).get("auto_extract"):
+    # Stored before the device's 2xx (EPTS is a reliable receiver), and every replica answers
+    # with it (replicas on PostgreSQL share it, whichever stored it).
+    for epts in admin["epts"] if (app_config.get("time_series") or {}).get("auto_extract") else []:
         q = urllib.parse.urlencode(
             {"timeSeriesName": "auto~temperature", "endpointId": CHECK_ENDPOINT}
         )
         status, body, _ = http("GET", f"{epts}/epts/api/v1/applications/{app}/time-series/last?{q}")
         point = json.loads(body or b"{}").get(CHECK_ENDPOINT, {}).get("auto~temperature", [{}])[0]
         need(status == 200 and point.get("values") == {"value": temperature},
-             f"EPTS REST: the stored point not read back: {status} {body[:300]!r}")  # fmt: skip
-    status, body, ctype = http("GET", f"{epts}/epts/plot")
+             f"EPTS REST ({epts}): the stored point not read back: {status} {body[:300]!r}")  # fmt: skip
+    status, body, ctype = http("GET", f"{admin['epts'][0]}/epts/plot")
     need(status == 200 and ctype.startswith("text/html"), f"the plot page: {status} {ctype}")
     if not need({"ecr", "cmx"} <= has, f"ECR or CMX does not run: {sorted(has)}"):
         return
