@@ -434,17 +434,6 @@ def check_wiring(label: str, deployments: list[dict], config: dict) -> None:
         problem(f"{label}: dcx.reliable_receivers lists {epts}, which is not deployed")
     if "cmx" in commands and cmx not in extensions:
         problem(f"{label}: CMX is deployed but not in gateway.extensions ({extensions})")
-    # The gateway's spool acknowledges a request DCX has not answered in delivery_timeout_ms
-    # and then takes whatever DCX answers as delivered, a 504 for a receiver that did not
-    # confirm included: with EPTS down, a sample would be acknowledged and never stored. DCX's
-    # 504 must reach the device first.
-    delivery = ((config.get("gateway") or {}).get("spool") or {}).get("delivery_timeout_ms", 2000)
-    receiver = (config.get("dcx") or {}).get("receiver_timeout_ms", 5000)
-    if receivers and delivery <= receiver:
-        problem(
-            f"{label}: gateway.spool.delivery_timeout_ms {delivery} <= dcx.receiver_timeout_ms "
-            f"{receiver}: a sample EPTS never confirmed would be acknowledged by the spool"
-        )
     if "epts" in commands and not config.get("applications"):
         problem(f"{label}: EPTS is deployed but no application has time-series settings")
 
