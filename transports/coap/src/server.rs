@@ -11,6 +11,13 @@
 //! peers that use it, not the socket. With `reuse_port`, each core gets its own socket
 //! (SO_REUSEPORT), so the kernel spreads peers over readers and no task sees every datagram.
 //!
+//! A source address proves nothing over UDP, so a peer is *unproven* until the gateway accepts
+//! one of its requests (its token is good). Unproven peers live in a small pool per socket
+//! (`max_unproven_peers`; a new one evicts the oldest), so spoofed sources hold bounded state
+//! and never fill `max_sessions`; no answer to them is larger than its request (longer ones go
+//! out as the bare code), they get one retransmission burst at most, and their Block1 buffers,
+//! grown block by block, come out of a shared budget (`unproven_block1_budget_bytes`).
+//!
 //! CoAP has no credentials here (plain UDP; DTLS and OSCORE are for later): a session is opened
 //! for a peer address on its first request. As a stand-in until DTLS, a request may carry
 //! Uri-Query arguments `u=<user name>` and `p=<password>`, which are passed to
@@ -36,10 +43,10 @@
 //! - Unknown critical options get 4.02, methods other than GET, POST and PUT 4.05, Proxy-Uri
 //!   5.05, a ping (Empty CON) and a malformed confirmable message RST.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -568,13 +575,8 @@ impl Reader {
         let inbound = self.peers.insert(addr, datagram);
         let proven = Arc::new(AtomicBool::new(false));
         self.unproven.push_back((addr, proven.clone()));
-        let peer = Peer::new(
-            self.handler.clone(),
-            self.shared.clone(),
-            self.socket.clone(),
-            addr,
-            proven,
-        );
+        let peer =
+            Peer::new(self.handler.clone(), self.shared.clone(), self.socket.clone(), addr, proven);
         let span = tracing::debug_span!("peer", %addr);
         self.tasks.spawn(peer.run(inbound, self.shutdown.clone()).instrument(span));
     }

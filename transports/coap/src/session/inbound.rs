@@ -301,7 +301,8 @@ impl PeerSession {
         if !self.proven
             && let Some(budget) = &self.budget
         {
-            let reserved = transfer.reserved.get_or_insert_with(|| Reservation::new(budget.clone()));
+            let reserved =
+                transfer.reserved.get_or_insert_with(|| Reservation::new(budget.clone()));
             if !reserved.grow(payload.len()) {
                 self.transfers.remove(i);
                 self.stats.block1_budget_refusals += 1;
