@@ -295,6 +295,15 @@ impl Peer {
     }
 }
 
+impl Drop for Peer {
+    /// A task aborted (an unproven peer evicted) still ends its gateway session.
+    fn drop(&mut self) {
+        if let Some(id) = self.session.session() {
+            self.handler.close_session(id);
+        }
+    }
+}
+
 fn log(diagnostic: &Diagnostic) {
     match diagnostic {
         Diagnostic::Undecodable(e) => tracing::debug!(error = %e, "undecodable datagram"),

@@ -61,7 +61,7 @@ use fleetgate_transport_core::{BindError, BoxFuture, KpHandler, Shutdown, Transp
 use serde::{Deserialize, Serialize};
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
-use tokio::task::JoinSet;
+use tokio::task::{AbortHandle, JoinSet};
 use tracing::Instrument;
 
 use crate::codec::{Code, Header, Message, MessageType, MessageWriter, option, write_empty};
@@ -466,6 +466,13 @@ impl Transport for CoapTransport {
     }
 }
 
+/// A peer in the reader's pool of unproven ones.
+struct Unproven {
+    addr: SocketAddr,
+    proven: Arc<AtomicBool>,
+    task: AbortHandle,
+}
+
 /// Reads one socket and hands datagrams to their peers' tasks.
 struct Reader {
     socket: Arc<UdpSocket>,
@@ -477,7 +484,7 @@ struct Reader {
     scratch: BytesMut,
     /// Peers of this socket that have not proven a token, oldest first (proven ones and ended
     /// ones are dropped as they are met): the pool `max_unproven_peers` bounds.
-    unproven: VecDeque<(SocketAddr, Arc<AtomicBool>)>,
+    unproven: VecDeque<Unproven>,
 }
 
 impl Reader {
@@ -522,7 +529,7 @@ impl Reader {
                     self.peers.sweep();
                     let peers = &self.peers;
                     self.unproven
-                        .retain(|(addr, proven)| !proven.load(Ordering::Relaxed) && peers.contains(addr));
+                        .retain(|u| !u.proven.load(Ordering::Relaxed) && peers.contains(&u.addr));
                     while self.tasks.try_join_next().is_some() {}
                 }
                 () = &mut stop => break,
@@ -574,19 +581,26 @@ impl Reader {
         }
         let inbound = self.peers.insert(addr, datagram);
         let proven = Arc::new(AtomicBool::new(false));
-        self.unproven.push_back((addr, proven.clone()));
-        let peer =
-            Peer::new(self.handler.clone(), self.shared.clone(), self.socket.clone(), addr, proven);
+        let peer = Peer::new(
+            self.handler.clone(),
+            self.shared.clone(),
+            self.socket.clone(),
+            addr,
+            proven.clone(),
+        );
         let span = tracing::debug_span!("peer", %addr);
-        self.tasks.spawn(peer.run(inbound, self.shutdown.clone()).instrument(span));
+        let task = self.tasks.spawn(peer.run(inbound, self.shutdown.clone()).instrument(span));
+        self.unproven.push_back(Unproven { addr, proven, task });
     }
 
-    /// Evicts the oldest unproven peers until a new one fits in the pool of `max` (its queue is
-    /// dropped: the task ends once it has handled what it has, and closes its session).
+    /// Evicts the oldest unproven peers until a new one fits in the pool of `max`: the task
+    /// ends at once, wherever it waits (for the gateway's authentication too), and closes its
+    /// session; so the pool bounds the tasks of unproven peers, not only their queues.
     fn make_room(&mut self, max: usize) {
         while self.unproven.len() >= max {
-            let Some((addr, proven)) = self.unproven.pop_front() else { break };
-            if !proven.load(Ordering::Relaxed) && self.peers.remove(&addr) {
+            let Some(u) = self.unproven.pop_front() else { break };
+            if !u.proven.load(Ordering::Relaxed) && self.peers.remove(&u.addr) {
+                u.task.abort();
                 self.shared.metrics.unproven_evicted.inc();
             }
         }
