@@ -30,6 +30,11 @@ pub struct HttpConfig {
     /// `gateway.request_timeout_ms`. A body not received in time is answered 408, an answer
     /// not received in time 504.
     pub request_timeout_ms: u64,
+    /// Slowest a request body may arrive, on average from the end of its head after a first
+    /// second of grace; a slower one is answered 408 and its connection closed, so that slow
+    /// clients cannot hold connections (and `max_connections`) for `request_timeout_ms`.
+    /// 0: no minimum.
+    pub min_body_bytes_per_sec: u64,
     /// Connections served at once; further clients wait in the listen backlog.
     pub max_connections: usize,
     /// Longest a long poll (`GET ...?observe=true&timeout_ms=N`) is held; a larger or missing
@@ -59,6 +64,7 @@ impl Default for HttpConfig {
             max_body_bytes: 1024 * 1024,
             header_read_timeout_ms: 10_000,
             request_timeout_ms: 30_000,
+            min_body_bytes_per_sec: 1024,
             max_connections: 10_000,
             long_poll_max_ms: 60_000,
             max_in_flight_per_connection: 256,

@@ -56,6 +56,7 @@ use tracing::Instrument;
 use fleetgate_tls::{TlsServer, Versions};
 
 use crate::connection::{Connection, Shared};
+use crate::framing::{Guarded, Tripwire};
 use crate::metrics::NAME;
 use crate::wire::{Preface, preface};
 use crate::{HttpConfig, HttpMetrics};
@@ -304,7 +305,9 @@ async fn serve_http<S>(
     {
         let h2 = protocol == Preface::Http2 && config.http2;
         let max_streams = config.max_in_flight_per_connection;
-        let conn = Connection::new(handler, shared.clone(), peer, shutdown.clone());
+        let tripwire = Arc::new(Tripwire::default());
+        let conn =
+            Connection::new(handler, shared.clone(), peer, shutdown.clone(), tripwire.clone());
         let service = {
             let conn = conn.clone();
             hyper::service::service_fn(move |req| {
@@ -312,14 +315,16 @@ async fn serve_http<S>(
                 async move { Ok::<_, Infallible>(conn.respond(req).await) }
             })
         };
-        let io = TokioIo::new(stream);
         let result = if h2 {
+            let io = TokioIo::new(stream);
             let http = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .max_concurrent_streams(max_streams)
                 .serve_connection(io, service);
             drive(http, |c| c.graceful_shutdown(), &conn, shutdown).await
         } else {
+            // HTTP/1 bodies may be chunked: chunk sizes are looked at as they arrive.
+            let io = TokioIo::new(Guarded::new(stream, config.max_body_bytes, tripwire));
             let http = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_timeout)
