@@ -25,6 +25,10 @@ pub struct HttpConfig {
     /// bytes), against slowloris clients: after it, the connection is closed without an
     /// answer. An idle keep-alive connection is closed after the same time.
     pub header_read_timeout_ms: u64,
+    /// The head timeout of a connection accepted while fewer than a tenth of `max_connections`
+    /// are free (the effective timeout is the smaller of the two): under a slowloris flood the
+    /// connections turn over quickly, and real clients wait little for a slot.
+    pub busy_header_read_timeout_ms: u64,
     /// How long a request may take to send its body, and then to get its answer from the
     /// gateway. A safety net: the gateway answers 504 itself after its own
     /// `gateway.request_timeout_ms`. A body not received in time is answered 408, an answer
@@ -63,6 +67,7 @@ impl Default for HttpConfig {
             reuse_port: false,
             max_body_bytes: 1024 * 1024,
             header_read_timeout_ms: 10_000,
+            busy_header_read_timeout_ms: 1_000,
             request_timeout_ms: 30_000,
             min_body_bytes_per_sec: 1024,
             max_connections: 10_000,
@@ -82,6 +87,7 @@ impl HttpConfig {
         let mut problems = below_minimum(&[
             ("max_body_bytes", self.max_body_bytes, 1),
             ("header_read_timeout_ms", self.header_read_timeout_ms, 1),
+            ("busy_header_read_timeout_ms", self.busy_header_read_timeout_ms, 1),
             ("request_timeout_ms", self.request_timeout_ms, 1),
             ("max_connections", self.max_connections as u64, 1),
             ("max_in_flight_per_connection", self.max_in_flight_per_connection.into(), 1),

@@ -34,6 +34,9 @@ pub struct HttpMetrics {
     pub request_timeouts: Counter,
     /// Connections closed because headers did not arrive within `header_read_timeout_ms`.
     pub header_timeouts: Counter,
+    /// Connections accepted while fewer than a tenth of `max_connections` were free (they get
+    /// `busy_header_read_timeout_ms`).
+    pub busy_connections: Counter,
     /// Requests answered 408 because their body arrived slower than `min_body_bytes_per_sec`.
     pub body_rate_timeouts: Counter,
     /// Requests answered 413 as soon as a chunk size declared more than `max_body_bytes`.
@@ -77,6 +80,7 @@ impl HttpMetrics {
             request_timeouts: Counter::default(),
             header_timeouts: Counter::default(),
             body_rate_timeouts: Counter::default(),
+            busy_connections: Counter::default(),
             chunk_size_refusals: Counter::default(),
             long_polls_waiting: Gauge::default(),
         }
@@ -111,6 +115,11 @@ impl HttpMetrics {
             "header_timeouts",
             "Connections closed for slow request headers",
             self.header_timeouts.clone(),
+        );
+        r.register(
+            "busy_connections",
+            "Connections accepted near max_connections, given the short head timeout",
+            self.busy_connections.clone(),
         );
         r.register(
             "body_rate_timeouts",

@@ -34,7 +34,10 @@
 //! HTTP/1.1 (keep-alive) and HTTP/2 over cleartext with prior knowledge (h2c), told apart by
 //! the HTTP/2 preface. A client that does not send its first bytes, or later a request's
 //! headers, within `header_read_timeout_ms` is disconnected (slowloris); so is an idle
-//! keep-alive HTTP/1.1 connection after that time.
+//! keep-alive HTTP/1.1 connection after that time. A connection accepted while fewer than a
+//! tenth of `max_connections` are free gets `busy_header_read_timeout_ms` instead, so that slow
+//! clients cannot keep the connection limit full; a body slower than `min_body_bytes_per_sec`
+//! is answered 408 (see [`crate::HttpConfig`]).
 
 use fleetgate_live::Live;
 use fleetgate_transport_core::stopped;
@@ -171,13 +174,24 @@ impl HttpTransport {
                 accepted = accept(listener, &limit) => match accepted {
                     Ok((stream, peer, permit)) => {
                         self.shared.metrics.connections_accepted.inc();
+                        let header_timeout = {
+                            let config = self.shared.settings.read();
+                            let busy = limit.available_permits() < config.max_connections / 10;
+                            let ms = if busy {
+                                self.shared.metrics.busy_connections.inc();
+                                config.busy_header_read_timeout_ms.min(config.header_read_timeout_ms)
+                            } else {
+                                config.header_read_timeout_ms
+                            };
+                            Duration::from_millis(ms)
+                        };
                         let conn = serve_connection(
                             handler.clone(),
                             self.shared.clone(),
                             stream,
                             peer,
                             draining.clone(),
-                            permit,
+                            Admission { _permit: permit, header_timeout },
                             self.tls.clone(),
                         );
                         connections.spawn(conn.instrument(tracing::info_span!("http", %peer)));
@@ -237,27 +251,34 @@ async fn sniff(stream: &TcpStream) -> std::io::Result<Option<Preface>> {
     }
 }
 
+/// A connection's place under `max_connections`, and the time it has for a request head.
+struct Admission {
+    _permit: OwnedSemaphorePermit,
+    header_timeout: Duration,
+}
+
 async fn serve_connection(
     handler: Arc<dyn KpHandler>,
     shared: Arc<Shared>,
     stream: TcpStream,
     peer: SocketAddr,
     shutdown: watch::Receiver<bool>,
-    _permit: OwnedSemaphorePermit,
+    admission: Admission,
     tls: Option<TlsServer>,
 ) {
+    let header_timeout = admission.header_timeout;
     let metrics = shared.metrics.clone();
     metrics.connections_open.inc();
     let _ = stream.set_nodelay(true);
     match tls {
-        None => serve_plain(handler, shared, stream, peer, shutdown).await,
+        None => serve_plain(handler, shared, stream, peer, shutdown, header_timeout).await,
         Some(tls) => {
             // Failures are counted and logged (at debug) by `accept`.
             if let Ok(stream) = tls.accept(stream).await {
                 // HTTP/2 when ALPN chose it; no sniffing over TLS.
                 let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
                 let protocol = if h2 { Preface::Http2 } else { Preface::Http1 };
-                serve_http(handler, shared, stream, peer, shutdown, protocol).await;
+                serve_http(handler, shared, stream, peer, shutdown, protocol, header_timeout).await;
             }
         }
     }
@@ -271,9 +292,9 @@ async fn serve_plain(
     stream: TcpStream,
     peer: SocketAddr,
     shutdown: watch::Receiver<bool>,
+    header_timeout: Duration,
 ) {
     let metrics = shared.metrics.clone();
-    let header_timeout = Duration::from_millis(shared.settings.read().header_read_timeout_ms);
     let protocol = match tokio::time::timeout(header_timeout, sniff(&stream)).await {
         Ok(Ok(Some(protocol))) => Some(protocol),
         Ok(Ok(None)) | Ok(Err(_)) => None,
@@ -284,7 +305,7 @@ async fn serve_plain(
         }
     };
     if let Some(protocol) = protocol {
-        serve_http(handler, shared, stream, peer, shutdown, protocol).await;
+        serve_http(handler, shared, stream, peer, shutdown, protocol, header_timeout).await;
     }
 }
 
@@ -296,12 +317,12 @@ async fn serve_http<S>(
     peer: SocketAddr,
     shutdown: watch::Receiver<bool>,
     protocol: Preface,
+    header_timeout: Duration,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let metrics = shared.metrics.clone();
     let config = shared.settings.get();
-    let header_timeout = Duration::from_millis(config.header_read_timeout_ms);
     {
         let h2 = protocol == Preface::Http2 && config.http2;
         let max_streams = config.max_in_flight_per_connection;
