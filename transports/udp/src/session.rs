@@ -134,6 +134,8 @@ pub struct Session {
     heard: bool,
     /// The PING data sent to a new address; its PONG from there validates it.
     challenge: Option<[u8; 8]>,
+    /// The address last validated: a device that comes back to it needs no new challenge.
+    validated_addr: Option<SocketAddr>,
     /// Transmits held back because they would have sent an unvalidated address more bytes than
     /// it sent (they go out once it has sent more, or is validated).
     pub held_for_validation: u64,
@@ -219,6 +221,7 @@ impl Session {
             credit: 0,
             heard: false,
             challenge: None,
+            validated_addr: None,
             held_for_validation: 0,
         }
     }
@@ -368,6 +371,7 @@ impl Session {
                 if self.challenge == Some(data) {
                     self.challenge = None;
                     self.validated = true;
+                    self.validated_addr = Some(self.peer);
                 }
             }
             Frame::Close { .. } => got.closed = true,
@@ -380,7 +384,10 @@ impl Session {
     /// the PONG to a PING challenge sent to it. Until then the address is sent no more bytes
     /// than it sent.
     fn check_address(&mut self, moved: bool, datagram_len: usize) {
-        if moved {
+        if moved && self.validated_addr == Some(self.peer) {
+            self.validated = true;
+            self.challenge = None;
+        } else if moved {
             self.validated = false;
             self.credit = 0;
             let challenge: [u8; 8] = rand::random();
@@ -392,6 +399,9 @@ impl Session {
             self.validated = true;
         }
         self.heard = true;
+        if self.validated {
+            self.validated_addr = Some(self.peer);
+        }
         if !self.validated {
             self.credit = self.credit.saturating_add(datagram_len);
         }
