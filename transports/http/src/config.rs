@@ -26,8 +26,10 @@ pub struct HttpConfig {
     /// answer. An idle keep-alive connection is closed after the same time.
     pub header_read_timeout_ms: u64,
     /// The head timeout of a connection accepted while fewer than a tenth of `max_connections`
-    /// are free (the effective timeout is the smaller of the two): under a slowloris flood the
-    /// connections turn over quickly, and real clients wait little for a slot.
+    /// are free (the effective timeout is the smaller of the two); and while every connection
+    /// is taken, connections that have not sent a whole request head for this long are cut.
+    /// Under a slowloris flood connections turn over quickly, and real clients wait little for
+    /// a slot.
     pub busy_header_read_timeout_ms: u64,
     /// How long a request may take to send its body, and then to get its answer from the
     /// gateway. A safety net: the gateway answers 504 itself after its own

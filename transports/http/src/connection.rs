@@ -131,6 +131,7 @@ impl Connection {
 
     /// Answers one HTTP request.
     pub(crate) async fn respond(self: Arc<Self>, req: Request<Incoming>) -> HttpResponse {
+        self.tripwire.headed();
         let metrics = &self.shared.metrics;
         metrics.requests_received.inc();
         let response = match self.route(req).await {

@@ -197,9 +197,22 @@ fn trim(mut v: &[u8]) -> &[u8] {
 pub(crate) struct Tripwire {
     tripped: AtomicBool,
     notify: Notify,
+    /// A request head has arrived on the connection: it is no longer a slow head that the
+    /// accept loop may cut when every connection is taken.
+    headed: AtomicBool,
 }
 
 impl Tripwire {
+    /// Marks that a request head arrived.
+    pub(crate) fn headed(&self) {
+        self.headed.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether a request head has arrived.
+    pub(crate) fn has_headed(&self) -> bool {
+        self.headed.load(Ordering::Relaxed)
+    }
+
     fn trip(&self) {
         self.tripped.store(true, Ordering::Release);
         self.notify.notify_waiters();

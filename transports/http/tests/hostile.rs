@@ -156,8 +156,9 @@ async fn slowloris_heads_and_bodies_cannot_hold_max_connections() {
         m.body_rate_timeouts.get(),
         m.busy_connections.get()
     );
-    // Held for the whole head timeout, 300 slow clients would keep curl out for 60 s.
-    assert!(took.iter().all(|t| *t < Duration::from_secs(15)), "{took:?}");
+    // Held for the whole head timeout, 300 slow clients would keep curl out for 60 s; cut after
+    // 1 s once every connection is taken, the 250 queued before curl pass in about 5 s.
+    assert!(took.iter().all(|t| *t < Duration::from_secs(10)), "{took:?}");
     assert!(m.busy_connections.get() > 0);
     assert!(m.header_timeouts.get() >= 100, "{}", served.metrics_text());
     assert!(m.body_rate_timeouts.get() >= 100, "{}", served.metrics_text());
