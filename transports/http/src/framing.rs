@@ -86,6 +86,26 @@ impl ChunkScanner {
                         _ => State::Data(left),
                     };
                 }
+                State::Head { .. } => {
+                    // A head line at a time: copied (up to `LINE_KEPT`) and looked at whole.
+                    let end = bytes.iter().position(|&b| b == b'\n');
+                    let (part, rest) = match end {
+                        Some(i) => (&bytes[..i], &bytes[i + 1..]),
+                        None => (bytes, &[][..]),
+                    };
+                    let room = LINE_KEPT - self.line_len;
+                    let kept = &part[..part.len().min(room)];
+                    self.line[self.line_len..self.line_len + kept.len()].copy_from_slice(kept);
+                    self.line_len += kept.len();
+                    bytes = rest;
+                    if end.is_some() {
+                        if self.line[..self.line_len].last() == Some(&b'\r') {
+                            self.line_len -= 1;
+                        }
+                        self.head_line();
+                        self.line_len = 0;
+                    }
+                }
                 _ => {
                     let b = bytes[0];
                     bytes = &bytes[1..];
@@ -104,15 +124,6 @@ impl ChunkScanner {
 
     fn byte(&mut self, b: u8) {
         match self.state {
-            State::Head { .. } => {
-                if b == b'\n' {
-                    self.head_line();
-                    self.line_len = 0;
-                } else if b != b'\r' && self.line_len < LINE_KEPT {
-                    self.line[self.line_len] = b;
-                    self.line_len += 1;
-                }
-            }
             State::Size { size, ext } => match b {
                 b'\n' => self.end_size(size),
                 b'\r' => {}
@@ -142,7 +153,7 @@ impl ChunkScanner {
                 b'\r' => {}
                 _ => self.state = State::Trailers { empty: false },
             },
-            State::Length(_) | State::Data(_) | State::Tripped => {}
+            State::Head { .. } | State::Length(_) | State::Data(_) | State::Tripped => {}
         }
     }
 
