@@ -9,7 +9,7 @@ use fleetgate::config::loader::{ConfigSource, load};
 use fleetgate::config::{Config, LogFormat};
 use fleetgate::registry::{SERVICES, service};
 use fleetgate::reload::Origin;
-use fleetgate::run::{Role, add_demo_application, add_demo_endpoint, run};
+use fleetgate::run::{Role, add_demo_application, add_demo_endpoint, allow_demo_anonymous, run};
 
 /// mimalloc rather than the system allocator: cheaper small allocations on the per-message
 /// path, and freed memory goes back to the system, so a gateway that held a burst of
@@ -99,14 +99,25 @@ fn main() -> ExitCode {
         tracing::debug!(variable = name, "ignored: a Kubernetes service link, not a setting");
     }
     // Built-in defaults: the demo endpoint and application, added again on every reload.
+    // The demo lets clients without credentials in, unless the environment says otherwise.
     let builtin = source == ConfigSource::BuiltInDefaults;
-    let amend: fn(&mut Config) = match (builtin, role.name()) {
-        (true, "up") => |c| {
+    let anonymous = !env.contains_key("FLEETGATE_AUTH_ALLOW_ANONYMOUS");
+    let amend: fn(&mut Config) = match (builtin, role.name(), anonymous) {
+        (true, "up", true) => |c| {
+            add_demo_endpoint(&mut c.auth);
+            allow_demo_anonymous(&mut c.auth);
+            add_demo_application(c);
+        },
+        (true, "up", false) => |c| {
             add_demo_endpoint(&mut c.auth);
             add_demo_application(c);
         },
-        (true, "auth") => |c| add_demo_endpoint(&mut c.auth),
-        (true, "epts") => add_demo_application,
+        (true, "auth", true) => |c| {
+            add_demo_endpoint(&mut c.auth);
+            allow_demo_anonymous(&mut c.auth);
+        },
+        (true, "auth", false) => |c| add_demo_endpoint(&mut c.auth),
+        (true, "epts", _) => add_demo_application,
         _ => |_| {},
     };
     amend(&mut config);

@@ -87,6 +87,13 @@ pub fn add_demo_endpoint(auth: &mut AuthConfig) {
     }
 }
 
+/// With no configuration file, `fleetgate up` (and `fleetgate auth`) let clients without
+/// credentials in, on their endpoint token alone, as the README's quickstart expects; anywhere
+/// else `auth.allow_anonymous` is off unless configured.
+pub fn allow_demo_anonymous(auth: &mut AuthConfig) {
+    auth.allow_anonymous = true;
+}
+
 /// With no configuration file and no applications, `fleetgate up` has the demo application
 /// `demo` (app version `demo-v1`) with EPTS auto-extraction on, and EPTS a reliable receiver
 /// of DCX, so that a device's `/status` means its data is stored; devices reach CMX too.

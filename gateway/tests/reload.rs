@@ -92,6 +92,7 @@ fn write(path: &Path, text: &str) {
 const V1: &str = "
 process: {config_check_interval_ms: 100}
 auth:
+  allow_anonymous: true
   endpoints: [{app_version: demo-v1, token: tok-1, endpoint_id: ep-1}]
 gateway: {app_versions: [demo-v1]}
 ";
@@ -99,6 +100,7 @@ gateway: {app_versions: [demo-v1]}
 const V2: &str = "
 process: {config_check_interval_ms: 100}
 auth:
+  allow_anonymous: true
   endpoints:
     - {app_version: demo-v1, token: tok-1, endpoint_id: ep-1}
     - {app_version: demo-v2, token: tok-2, endpoint_id: ep-2}
@@ -117,6 +119,7 @@ transports:
 const V3: &str = "
 process: {config_check_interval_ms: 100}
 auth:
+  allow_anonymous: true
   endpoints: [{app_version: demo-v2, token: tok-2, endpoint_id: ep-2}]
 gateway: {app_versions: [demo-v1, demo-v2]}
 ";

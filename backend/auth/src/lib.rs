@@ -40,7 +40,9 @@ pub struct AuthConfig {
     /// Bearer tokens (HTTP `Authorization: Bearer`), passed to the provider as a password
     /// without a user name.
     pub bearer_tokens: Vec<BearerEntry>,
-    /// Whether a client that presents no credentials at all may connect.
+    /// Whether a client that presents no credentials at all may connect (its endpoint token is
+    /// then its only proof). Off by default; `fleetgate up` on built-in defaults (the demo)
+    /// turns it on unless `FLEETGATE_AUTH_ALLOW_ANONYMOUS` says otherwise.
     pub allow_anonymous: bool,
 }
 
@@ -62,7 +64,7 @@ impl Default for AuthConfig {
             endpoints: Vec::new(),
             clients: Vec::new(),
             bearer_tokens: Vec::new(),
-            allow_anonymous: true,
+            allow_anonymous: false,
         }
     }
 }

@@ -55,6 +55,8 @@ impl Gateway {
         config.transports.udp.private_key_path = Some(key_path);
         config.admin.listen = admin;
         config.auth.auto_register = auto_register;
+        // The generator's devices present no credentials, as in the demo of `fleetgate up`.
+        config.auth.allow_anonymous = true;
         config.gateway.spool.path = dir.path().join("spool");
         config.storage.path = dir.path().join("storage");
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();

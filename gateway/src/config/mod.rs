@@ -182,7 +182,8 @@ impl Default for BusConfig {
 pub struct AdminConfig {
     /// Whether to serve `/healthz`, `/readyz` and `/metrics`.
     pub enabled: bool,
-    /// Address and port of the admin HTTP server.
+    /// Address and port of the admin HTTP server. Loopback by default: `/metrics` and the REST
+    /// APIs are for operators, so exposing them (0.0.0.0 in a container) is a choice to make.
     pub listen: SocketAddr,
     /// Bearer tokens the REST APIs accept; empty: no token needed.
     pub api_tokens: Vec<String>,
@@ -192,7 +193,7 @@ impl Default for AdminConfig {
     fn default() -> Self {
         Self {
             enabled: true,
-            listen: SocketAddr::from(([0, 0, 0, 0], 8008)),
+            listen: SocketAddr::from(([127, 0, 0, 1], 8008)),
             api_tokens: Vec::new(),
         }
     }

@@ -13,7 +13,7 @@
 use fleetgate_transport_core::stopped;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -56,6 +56,9 @@ pub(crate) struct Peer {
     /// When the last datagram handed to the session was read: a request's latency counts from
     /// the read that brought it.
     last_read: Instant,
+    /// Set once the gateway accepts one of the peer's requests: the reader then no longer
+    /// counts the peer in its pool of unproven ones.
+    proven: Arc<AtomicBool>,
     _slot: PeerSlot,
 }
 
@@ -65,10 +68,12 @@ impl Peer {
         shared: Arc<Shared>,
         socket: Arc<UdpSocket>,
         addr: SocketAddr,
+        proven: Arc<AtomicBool>,
     ) -> Self {
         shared.metrics.sessions_open.inc();
         let now = Instant::now();
-        let session = PeerSession::new(shared.session_settings(), seed(addr), now);
+        let mut session = PeerSession::new(shared.session_settings(), seed(addr), now);
+        session.set_block1_budget(shared.block1_budget.clone());
         Self {
             handler,
             socket,
@@ -76,6 +81,7 @@ impl Peer {
             session,
             outbox: None,
             last_read: now,
+            proven,
             _slot: PeerSlot(shared.clone()),
             shared,
         }
@@ -268,7 +274,13 @@ impl Peer {
             (&m.sessions_opened, stats.sessions_opened),
             (&m.sessions_refused, stats.sessions_refused),
             (&m.sessions_expired, stats.sessions_expired),
+            (&m.replies_trimmed, stats.replies_trimmed),
+            (&m.block1_budget_refusals, stats.block1_budget_refusals),
+            (&m.peers_proven, stats.proven),
         ];
+        if stats.proven > 0 {
+            self.proven.store(true, Ordering::Relaxed);
+        }
         for (counter, n) in counters {
             if n > 0 {
                 counter.inc_by(n);
@@ -279,6 +291,15 @@ impl Peer {
             .saturating_sub(i64::try_from(stats.observations_ended).unwrap_or(i64::MAX));
         if observations != 0 {
             m.observations_open.inc_by(observations);
+        }
+    }
+}
+
+impl Drop for Peer {
+    /// A task aborted (an unproven peer evicted) still ends its gateway session.
+    fn drop(&mut self) {
+        if let Some(id) = self.session.session() {
+            self.handler.close_session(id);
         }
     }
 }

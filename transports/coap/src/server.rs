@@ -11,6 +11,13 @@
 //! peers that use it, not the socket. With `reuse_port`, each core gets its own socket
 //! (SO_REUSEPORT), so the kernel spreads peers over readers and no task sees every datagram.
 //!
+//! A source address proves nothing over UDP, so a peer is *unproven* until the gateway accepts
+//! one of its requests (its token is good). Unproven peers live in a small pool per socket
+//! (`max_unproven_peers`; a new one evicts the oldest), so spoofed sources hold bounded state
+//! and never fill `max_sessions`; no answer to them is larger than its request (longer ones go
+//! out as the bare code), they get one retransmission burst at most, and their Block1 buffers,
+//! grown block by block, come out of a shared budget (`unproven_block1_budget_bytes`).
+//!
 //! CoAP has no credentials here (plain UDP; DTLS and OSCORE are for later): a session is opened
 //! for a peer address on its first request. As a stand-in until DTLS, a request may carry
 //! Uri-Query arguments `u=<user name>` and `p=<password>`, which are passed to
@@ -36,10 +43,11 @@
 //! - Unknown critical options get 4.02, methods other than GET, POST and PUT 4.05, Proxy-Uri
 //!   5.05, a ping (Empty CON) and a malformed confirmable message RST.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -53,12 +61,12 @@ use fleetgate_transport_core::{BindError, BoxFuture, KpHandler, Shutdown, Transp
 use serde::{Deserialize, Serialize};
 use tokio::net::UdpSocket;
 use tokio::sync::watch;
-use tokio::task::JoinSet;
+use tokio::task::{AbortHandle, JoinSet};
 use tracing::Instrument;
 
 use crate::codec::{Code, Header, Message, MessageType, MessageWriter, option, write_empty};
 use crate::peer::{Datagram, Peer};
-use crate::session::Settings;
+use crate::session::{Block1Budget, Settings};
 
 /// CoAP listener settings (`transports.coap.*`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,6 +111,15 @@ pub struct CoapConfig {
     pub session_idle_timeout_ms: u64,
     /// Peers with state at once; the first request of one more gets 5.03.
     pub max_sessions: usize,
+    /// Peers with state whose token is not proven yet (the gateway has accepted none of their
+    /// requests), per socket: a new one past this evicts the oldest of them (its session is
+    /// closed; a real device's retransmission starts afresh). So spoofed source addresses hold
+    /// at most this many peers and 1/KP sessions, and never fill `max_sessions`.
+    pub max_unproven_peers: usize,
+    /// Bytes that Block1 transfers of unproven peers may hold, all such peers together; a block
+    /// past it gets 5.03 with Max-Age. Buffers grow as blocks arrive (a declared Size1 reserves
+    /// nothing), and leave this budget once their peer proves a token.
+    pub unproven_block1_budget_bytes: usize,
     /// Per peer: resources observed at once; a registration past this is served as a plain GET
     /// (without Observe, RFC 7641 §4.1).
     pub max_observations: usize,
@@ -133,6 +150,8 @@ impl Default for CoapConfig {
             block_transfer_timeout_ms: 60_000,
             session_idle_timeout_ms: 300_000,
             max_sessions: 100_000,
+            max_unproven_peers: 1_024,
+            unproven_block1_budget_bytes: 256 * 1024,
             max_observations: 8,
             observe_max_age_secs: 60,
             peer_queue_capacity: 64,
@@ -153,6 +172,7 @@ impl CoapConfig {
             ("block_transfer_timeout_ms", self.block_transfer_timeout_ms, 1),
             ("session_idle_timeout_ms", self.session_idle_timeout_ms, 1),
             ("max_sessions", self.max_sessions as u64, 1),
+            ("max_unproven_peers", self.max_unproven_peers as u64, 1),
             ("observe_max_age_secs", self.observe_max_age_secs.into(), 1),
             ("peer_queue_capacity", self.peer_queue_capacity as u64, 1),
             ("response_queue_capacity", self.response_queue_capacity as u64, 1),
@@ -213,6 +233,14 @@ pub struct CoapMetrics {
     pub sessions_over_limit: Counter,
     /// Observations registered now.
     pub observations_open: Gauge,
+    /// Peers without a proven token evicted to make room for a new one (`max_unproven_peers`).
+    pub unproven_evicted: Counter,
+    /// Answers to unproven peers cut to their code because they were larger than the request.
+    pub replies_trimmed: Counter,
+    /// Blocks refused because the Block1 budget of unproven peers was spent.
+    pub block1_budget_refusals: Counter,
+    /// Peers that proved a token.
+    pub peers_proven: Counter,
 }
 
 /// The transport's name in metrics and logs.
@@ -242,6 +270,10 @@ impl CoapMetrics {
             sessions_expired: Counter::default(),
             sessions_over_limit: Counter::default(),
             observations_open: Gauge::default(),
+            unproven_evicted: Counter::default(),
+            replies_trimmed: Counter::default(),
+            block1_budget_refusals: Counter::default(),
+            peers_proven: Counter::default(),
         }
     }
 
@@ -287,6 +319,22 @@ impl CoapMetrics {
                 "Requests refused because too many peers have sessions",
                 &self.sessions_over_limit,
             ),
+            (
+                "unproven_evicted",
+                "Peers without a proven token evicted for a newer one",
+                &self.unproven_evicted,
+            ),
+            (
+                "replies_trimmed",
+                "Answers to unproven peers cut to their code, so as not to exceed the request",
+                &self.replies_trimmed,
+            ),
+            (
+                "block1_budget_refusals",
+                "Blocks refused because unproven peers' Block1 budget was spent",
+                &self.block1_budget_refusals,
+            ),
+            ("peers_proven", "Peers whose token the gateway accepted", &self.peers_proven),
         ];
         for (name, help, counter) in counters {
             r.register(name, help, counter.clone());
@@ -323,6 +371,8 @@ pub(crate) struct Shared {
     pub metrics: Arc<CoapMetrics>,
     /// Peers with a task now, for `max_sessions`.
     pub peers: AtomicUsize,
+    /// Block1 bytes unproven peers may hold, all together.
+    pub block1_budget: Arc<Block1Budget>,
 }
 
 impl Shared {
@@ -345,6 +395,7 @@ impl CoapTransport {
         let shared = Shared {
             metrics: Arc::new(CoapMetrics::new(metrics)),
             peers: AtomicUsize::new(0),
+            block1_budget: Block1Budget::new(config.unproven_block1_budget_bytes),
             config: Live::new(config),
         };
         Self { sockets: Vec::new(), shared: Arc::new(shared) }
@@ -405,6 +456,7 @@ impl Transport for CoapTransport {
                     shutdown: shutdown.clone(),
                     tasks: JoinSet::new(),
                     scratch: BytesMut::new(),
+                    unproven: VecDeque::new(),
                 };
                 let span = tracing::info_span!("coap", socket = i);
                 readers.spawn(reader.run().instrument(span));
@@ -412,6 +464,13 @@ impl Transport for CoapTransport {
             while readers.join_next().await.is_some() {}
         })
     }
+}
+
+/// A peer in the reader's pool of unproven ones.
+struct Unproven {
+    addr: SocketAddr,
+    proven: Arc<AtomicBool>,
+    task: AbortHandle,
 }
 
 /// Reads one socket and hands datagrams to their peers' tasks.
@@ -423,6 +482,9 @@ struct Reader {
     peers: PeerQueues<SocketAddr, Datagram>,
     tasks: JoinSet<()>,
     scratch: BytesMut,
+    /// Peers of this socket that have not proven a token, oldest first (proven ones and ended
+    /// ones are dropped as they are met): the pool `max_unproven_peers` bounds.
+    unproven: VecDeque<Unproven>,
 }
 
 impl Reader {
@@ -465,6 +527,9 @@ impl Reader {
                 }
                 _ = sweep.tick() => {
                     self.peers.sweep();
+                    let peers = &self.peers;
+                    self.unproven
+                        .retain(|u| !u.proven.load(Ordering::Relaxed) && peers.contains(&u.addr));
                     while self.tasks.try_join_next().is_some() {}
                 }
                 () = &mut stop => break,
@@ -504,16 +569,41 @@ impl Reader {
             }
             return;
         }
-        let max = self.shared.config.read().max_sessions;
+        let (max, max_unproven) = {
+            let config = self.shared.config.read();
+            (config.max_sessions, config.max_unproven_peers.max(1))
+        };
+        self.make_room(max_unproven);
         if self.shared.peers.fetch_add(1, Ordering::Relaxed) >= max {
             self.shared.peers.fetch_sub(1, Ordering::Relaxed);
             self.refuse_busy(addr, &datagram.bytes).await;
             return;
         }
         let inbound = self.peers.insert(addr, datagram);
-        let peer = Peer::new(self.handler.clone(), self.shared.clone(), self.socket.clone(), addr);
+        let proven = Arc::new(AtomicBool::new(false));
+        let peer = Peer::new(
+            self.handler.clone(),
+            self.shared.clone(),
+            self.socket.clone(),
+            addr,
+            proven.clone(),
+        );
         let span = tracing::debug_span!("peer", %addr);
-        self.tasks.spawn(peer.run(inbound, self.shutdown.clone()).instrument(span));
+        let task = self.tasks.spawn(peer.run(inbound, self.shutdown.clone()).instrument(span));
+        self.unproven.push_back(Unproven { addr, proven, task });
+    }
+
+    /// Evicts the oldest unproven peers until a new one fits in the pool of `max`: the task
+    /// ends at once, wherever it waits (for the gateway's authentication too), and closes its
+    /// session; so the pool bounds the tasks of unproven peers, not only their queues.
+    fn make_room(&mut self, max: usize) {
+        while self.unproven.len() >= max {
+            let Some(u) = self.unproven.pop_front() else { break };
+            if !u.proven.load(Ordering::Relaxed) && self.peers.remove(&u.addr) {
+                u.task.abort();
+                self.shared.metrics.unproven_evicted.inc();
+            }
+        }
     }
 
     /// Answers a request from one peer too many with 5.03 and a Max-Age, keeping no state.
@@ -538,10 +628,15 @@ impl Reader {
         else {
             return;
         };
-        if w.uint_option(option::MAX_AGE, 30).is_err() {
+        // No larger than the request: a Max-Age (2 bytes) and a reason only when they fit.
+        let room = bytes.len().saturating_sub(4 + msg.token().len());
+        if room >= 2 && w.uint_option(option::MAX_AGE, 30).is_err() {
             return;
         }
-        w.payload(b"too many peers");
+        let reason = b"too many peers";
+        if room >= 2 + 1 + reason.len() {
+            w.payload(reason);
+        }
         let reply = self.scratch.split().freeze();
         let _ = self.socket.send_to(&reply, addr).await;
         metrics.messages_sent.inc();

@@ -25,11 +25,22 @@ pub struct HttpConfig {
     /// bytes), against slowloris clients: after it, the connection is closed without an
     /// answer. An idle keep-alive connection is closed after the same time.
     pub header_read_timeout_ms: u64,
+    /// The head timeout of a connection accepted while fewer than a tenth of `max_connections`
+    /// are free (the effective timeout is the smaller of the two); and while every connection
+    /// is taken, connections that have not sent a whole request head for this long are cut.
+    /// Under a slowloris flood connections turn over quickly, and real clients wait little for
+    /// a slot.
+    pub busy_header_read_timeout_ms: u64,
     /// How long a request may take to send its body, and then to get its answer from the
     /// gateway. A safety net: the gateway answers 504 itself after its own
     /// `gateway.request_timeout_ms`. A body not received in time is answered 408, an answer
     /// not received in time 504.
     pub request_timeout_ms: u64,
+    /// Slowest a request body may arrive, on average from the end of its head after a first
+    /// second of grace; a slower one is answered 408 and its connection closed, so that slow
+    /// clients cannot hold connections (and `max_connections`) for `request_timeout_ms`.
+    /// 0: no minimum.
+    pub min_body_bytes_per_sec: u64,
     /// Connections served at once; further clients wait in the listen backlog.
     pub max_connections: usize,
     /// Longest a long poll (`GET ...?observe=true&timeout_ms=N`) is held; a larger or missing
@@ -58,7 +69,9 @@ impl Default for HttpConfig {
             reuse_port: false,
             max_body_bytes: 1024 * 1024,
             header_read_timeout_ms: 10_000,
+            busy_header_read_timeout_ms: 1_000,
             request_timeout_ms: 30_000,
+            min_body_bytes_per_sec: 1024,
             max_connections: 10_000,
             long_poll_max_ms: 60_000,
             max_in_flight_per_connection: 256,
@@ -76,6 +89,7 @@ impl HttpConfig {
         let mut problems = below_minimum(&[
             ("max_body_bytes", self.max_body_bytes, 1),
             ("header_read_timeout_ms", self.header_read_timeout_ms, 1),
+            ("busy_header_read_timeout_ms", self.busy_header_read_timeout_ms, 1),
             ("request_timeout_ms", self.request_timeout_ms, 1),
             ("max_connections", self.max_connections as u64, 1),
             ("max_in_flight_per_connection", self.max_in_flight_per_connection.into(), 1),

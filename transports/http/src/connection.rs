@@ -32,6 +32,7 @@ use hyper::header::{
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::sync::{oneshot, watch};
 
+use crate::framing::Tripwire;
 use crate::metrics::HttpMetrics;
 use crate::{HttpConfig, HttpError, wire};
 
@@ -67,6 +68,8 @@ pub(crate) struct Connection {
     opening: tokio::sync::Mutex<()>,
     waiters: Mutex<Waiters>,
     next_tag: AtomicU64,
+    /// Raised when the HTTP/1 stream declares a chunk over `max_body_bytes`.
+    tripwire: Arc<Tripwire>,
 }
 
 #[derive(Default)]
@@ -103,6 +106,7 @@ impl Connection {
         shared: Arc<Shared>,
         peer: SocketAddr,
         shutdown: watch::Receiver<bool>,
+        tripwire: Arc<Tripwire>,
     ) -> Arc<Self> {
         // Room for the pushes, and for the answer to every request in flight.
         let (outbox, responses) = outbox(
@@ -120,12 +124,14 @@ impl Connection {
             opening: tokio::sync::Mutex::new(()),
             waiters: Mutex::default(),
             next_tag: AtomicU64::new(0),
+            tripwire,
         };
         Arc::new(conn)
     }
 
     /// Answers one HTTP request.
     pub(crate) async fn respond(self: Arc<Self>, req: Request<Incoming>) -> HttpResponse {
+        self.tripwire.headed();
         let metrics = &self.shared.metrics;
         metrics.requests_received.inc();
         let response = match self.route(req).await {
@@ -173,6 +179,9 @@ impl Connection {
         let payload = match self.read_body(body).await {
             Ok(payload) => payload,
             Err(HttpError::BodyTooLarge { limit }) => return Ok(body_too_large(limit, http1)),
+            Err(e @ HttpError::BodyTooSlow(_)) => {
+                return Ok(closing(error_response(&e.into()), http1));
+            }
             Err(e) => return Err(e.into()),
         };
         let received = Instant::now();
@@ -249,12 +258,42 @@ impl Connection {
     /// Reads the whole body, within the size limit and the request timeout. A body that comes
     /// in one frame (the usual case) is not copied.
     async fn read_body(&self, mut body: Incoming) -> Result<Bytes, HttpError> {
-        let limit = self.shared.settings.read().max_body_bytes;
+        let (limit, rate) = {
+            let settings = self.shared.settings.read();
+            (settings.max_body_bytes, settings.min_body_bytes_per_sec)
+        };
         let read = async {
             let mut first = Bytes::new();
             let mut joined = BytesMut::new();
             let mut total = 0u64;
-            while let Some(frame) = body.frame().await {
+            let start = tokio::time::Instant::now();
+            // The body must keep up with `rate` after a second of grace: each byte that
+            // arrives moves the deadline on by its share of a second.
+            let due = |total: u64| match rate {
+                0 => None,
+                rate => Some(start + GRACE + Duration::from_secs_f64(total as f64 / rate as f64)),
+            };
+            loop {
+                let slow = async {
+                    match due(total) {
+                        Some(due) => tokio::time::sleep_until(due).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                let frame = tokio::select! {
+                    frame = body.frame() => frame,
+                    () = self.tripwire.tripped() => {
+                        // A chunk declared over the limit: refused before it is read (and,
+                        // unlike a body that merely grew too large, not drained).
+                        self.shared.metrics.chunk_size_refusals.inc();
+                        return Err(HttpError::BodyTooLarge { limit });
+                    }
+                    () = slow => {
+                        self.shared.metrics.body_rate_timeouts.inc();
+                        return Err(HttpError::BodyTooSlow(rate));
+                    }
+                };
+                let Some(frame) = frame else { break };
                 let Ok(data) = frame.map_err(HttpError::BodyRead)?.into_data() else {
                     continue; // trailers
                 };
@@ -524,12 +563,19 @@ fn outcome_response(outcome: KpOutcome, on_empty: StatusCode) -> HttpResponse {
 /// 413 for a body over `limit`, whose rest was read and dropped only up to a bound: an
 /// HTTP/1 connection cannot carry another request after it, so the answer says it closes.
 fn body_too_large(limit: u64, http1: bool) -> HttpResponse {
-    let mut response = error_response(&HttpError::BodyTooLarge { limit }.into());
+    closing(error_response(&HttpError::BodyTooLarge { limit }.into()), http1)
+}
+
+/// Closes an HTTP/1 connection after `response`: what is left of the request is not read.
+fn closing(mut response: HttpResponse, http1: bool) -> HttpResponse {
     if http1 {
         response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
     }
     response
 }
+
+/// Time a body has before `min_body_bytes_per_sec` applies.
+const GRACE: Duration = Duration::from_secs(1);
 
 pub(crate) fn error_response(e: &KpError) -> HttpResponse {
     let mut response = Response::new(Full::new(e.body()));

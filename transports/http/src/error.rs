@@ -18,6 +18,9 @@ pub enum HttpError {
     /// Device: the body did not arrive within `request_timeout_ms`.
     #[error("request body not received within {0} ms")]
     BodyTimeout(u64),
+    /// Device: the body arrived slower than `min_body_bytes_per_sec`.
+    #[error("request body arrives slower than {0} bytes per second")]
+    BodyTooSlow(u64),
     /// Device: the path is not a 1/KP resource path.
     #[error("not a 1/KP resource path: {0}")]
     NotKp(#[from] KpTopicError),
@@ -50,7 +53,7 @@ impl HttpError {
         match self {
             HttpError::BodyTooLarge { .. } => 413,
             HttpError::BodyRead(_) | HttpError::BadQuery(_) => 400,
-            HttpError::BodyTimeout(_) => 408,
+            HttpError::BodyTimeout(_) | HttpError::BodyTooSlow(_) => 408,
             HttpError::NotKp(_) => 404,
             HttpError::MethodNotAllowed => 405,
             HttpError::BadAuthorization(_) => 401,

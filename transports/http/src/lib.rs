@@ -20,6 +20,7 @@
 mod config;
 mod connection;
 mod error;
+pub mod framing;
 mod metrics;
 pub mod server;
 mod wire;

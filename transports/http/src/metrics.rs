@@ -34,6 +34,13 @@ pub struct HttpMetrics {
     pub request_timeouts: Counter,
     /// Connections closed because headers did not arrive within `header_read_timeout_ms`.
     pub header_timeouts: Counter,
+    /// Connections accepted while fewer than a tenth of `max_connections` were free (they get
+    /// `busy_header_read_timeout_ms`).
+    pub busy_connections: Counter,
+    /// Requests answered 408 because their body arrived slower than `min_body_bytes_per_sec`.
+    pub body_rate_timeouts: Counter,
+    /// Requests answered 413 as soon as a chunk size declared more than `max_body_bytes`.
+    pub chunk_size_refusals: Counter,
     /// Sessions the gateway refused (bad credentials, authentication unavailable).
     pub sessions_refused: Counter,
     /// Long polls waiting for a push now (counted once their subscription is in place).
@@ -72,6 +79,9 @@ impl HttpMetrics {
             payload_too_large: Counter::default(),
             request_timeouts: Counter::default(),
             header_timeouts: Counter::default(),
+            body_rate_timeouts: Counter::default(),
+            busy_connections: Counter::default(),
+            chunk_size_refusals: Counter::default(),
             long_polls_waiting: Gauge::default(),
         }
     }
@@ -105,6 +115,21 @@ impl HttpMetrics {
             "header_timeouts",
             "Connections closed for slow request headers",
             self.header_timeouts.clone(),
+        );
+        r.register(
+            "busy_connections",
+            "Connections accepted near max_connections, given the short head timeout",
+            self.busy_connections.clone(),
+        );
+        r.register(
+            "body_rate_timeouts",
+            "Requests refused (408) for a body slower than the minimum rate",
+            self.body_rate_timeouts.clone(),
+        );
+        r.register(
+            "chunk_size_refusals",
+            "Requests refused (413) as soon as a chunk size declared more than the body limit",
+            self.chunk_size_refusals.clone(),
         );
         r.register(
             "long_polls_waiting",

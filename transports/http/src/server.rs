@@ -36,28 +36,34 @@
 //! HTTP/1.1 (keep-alive) and HTTP/2 over cleartext with prior knowledge (h2c), told apart by
 //! the HTTP/2 preface. A client that does not send its first bytes, or later a request's
 //! headers, within `header_read_timeout_ms` is disconnected (slowloris); so is an idle
-//! keep-alive HTTP/1.1 connection after that time.
+//! keep-alive HTTP/1.1 connection after that time. A connection accepted while fewer than a
+//! tenth of `max_connections` are free gets `busy_header_read_timeout_ms` instead, and while
+//! every connection is taken, the accept loop cuts those that have not sent a whole request head
+//! within that time, so that slow clients cannot keep the connection limit full; a body slower than `min_body_bytes_per_sec`
+//! is answered 408 (see [`crate::HttpConfig`]).
 
 use fleetgate_live::Live;
 use fleetgate_transport_core::stopped;
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fleetgate_transport_core::metrics::{Registry, TransportMetrics};
 use fleetgate_transport_core::{BindError, BoxFuture, KpHandler, Shutdown, Transport, net};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
-use tokio::task::JoinSet;
+use tokio::task::{AbortHandle, JoinSet};
 use tracing::Instrument;
 
 use fleetgate_tls::{TlsServer, Versions};
 
 use crate::connection::{Connection, Shared};
+use crate::framing::{Guarded, Tripwire};
 use crate::metrics::NAME;
 use crate::wire::{Preface, preface};
 use crate::{HttpConfig, HttpMetrics};
@@ -167,21 +173,58 @@ impl HttpTransport {
         }
         let limit = Arc::new(Semaphore::new(self.shared.settings.get().max_connections.max(1)));
         let mut connections = JoinSet::new();
+        // Connections that have not sent a whole request head yet, oldest first.
+        let mut heads: VecDeque<Head> = VecDeque::new();
         loop {
+            let reap = |heads: &mut VecDeque<Head>| {
+                let busy = self.shared.settings.read().busy_header_read_timeout_ms;
+                let cut = Instant::now().checked_sub(Duration::from_millis(busy));
+                while let Some((since, wire, task)) = heads.front() {
+                    if wire.has_headed() || task.is_finished() {
+                        heads.pop_front();
+                    } else if cut.is_some_and(|cut| *since <= cut) {
+                        // Every connection is taken and this one has not sent a request head
+                        // in `busy_header_read_timeout_ms`: a slowloris, or too slow to keep.
+                        task.abort();
+                        self.shared.metrics.header_timeouts.inc();
+                        heads.pop_front();
+                    } else {
+                        break;
+                    }
+                }
+            };
             tokio::select! {
-                accepted = accept(listener, &limit) => match accepted {
+                accepted = accept(listener, &limit, &mut heads, reap) => match accepted {
                     Ok((stream, peer, permit)) => {
                         self.shared.metrics.connections_accepted.inc();
+                        let header_timeout = {
+                            let config = self.shared.settings.read();
+                            let busy = limit.available_permits() < config.max_connections / 10;
+                            let ms = if busy {
+                                self.shared.metrics.busy_connections.inc();
+                                config.busy_header_read_timeout_ms.min(config.header_read_timeout_ms)
+                            } else {
+                                config.header_read_timeout_ms
+                            };
+                            Duration::from_millis(ms)
+                        };
+                        let tripwire = Arc::new(Tripwire::default());
                         let conn = serve_connection(
                             handler.clone(),
                             self.shared.clone(),
                             stream,
                             peer,
                             draining.clone(),
-                            permit,
+                            Admission { _permit: permit, header_timeout, tripwire: tripwire.clone() },
                             self.tls.clone(),
                         );
-                        connections.spawn(conn.instrument(tracing::info_span!("http", %peer)));
+                        let task =
+                            connections.spawn(conn.instrument(tracing::info_span!("http", %peer)));
+                        // Pruned from the front as connections send heads or end.
+                        while heads.front().is_some_and(|(_, w, t)| w.has_headed() || t.is_finished()) {
+                            heads.pop_front();
+                        }
+                        heads.push_back((Instant::now(), tripwire, task));
                     }
                     Err(e) => {
                         // Out of file descriptors and the like: back off instead of spinning.
@@ -208,12 +251,20 @@ impl HttpTransport {
     }
 }
 
-/// Accepts a connection once fewer than `max_connections` are open.
-async fn accept(
+/// Accepts a connection once fewer than `max_connections` are open. While every connection is
+/// taken, `reap` runs every [`REAP_EVERY`] on `heads` to cut the slow ones.
+async fn accept<H>(
     listener: &TcpListener,
     limit: &Arc<Semaphore>,
+    heads: &mut H,
+    reap: impl Fn(&mut H),
 ) -> std::io::Result<(TcpStream, SocketAddr, OwnedSemaphorePermit)> {
-    let permit = limit.clone().acquire_owned().await.map_err(std::io::Error::other)?;
+    let permit = loop {
+        tokio::select! {
+            permit = limit.clone().acquire_owned() => break permit.map_err(std::io::Error::other)?,
+            () = tokio::time::sleep(REAP_EVERY) => reap(heads),
+        }
+    };
     let (stream, peer) = listener.accept().await?;
     Ok((stream, peer, permit))
 }
@@ -238,31 +289,61 @@ async fn sniff(stream: &TcpStream) -> std::io::Result<Option<Preface>> {
     }
 }
 
+/// A connection's place under `max_connections`, the time it has for a request head, and what
+/// its requests and its stream signal (a head arrived, a chunk too large).
+struct Admission {
+    _permit: OwnedSemaphorePermit,
+    header_timeout: Duration,
+    tripwire: Arc<Tripwire>,
+}
+
+/// A connection that may not have sent a request head yet: since when, its signals, its task.
+type Head = (Instant, Arc<Tripwire>, AbortHandle);
+
+/// How often the accept loop looks for slow heads to cut while every connection is taken.
+const REAP_EVERY: Duration = Duration::from_millis(100);
+
+/// Counts an open connection for as long as its task lives, however it ends (it may be cut).
+struct OpenGauge(Arc<HttpMetrics>);
+
+impl Drop for OpenGauge {
+    fn drop(&mut self) {
+        self.0.connections_open.dec();
+    }
+}
+
 async fn serve_connection(
     handler: Arc<dyn KpHandler>,
     shared: Arc<Shared>,
     stream: TcpStream,
     peer: SocketAddr,
     shutdown: watch::Receiver<bool>,
-    _permit: OwnedSemaphorePermit,
+    admission: Admission,
     tls: Option<TlsServer>,
 ) {
-    let metrics = shared.metrics.clone();
-    metrics.connections_open.inc();
+    let watch = Watch { header_timeout: admission.header_timeout, tripwire: admission.tripwire };
+    shared.metrics.connections_open.inc();
+    let _open = OpenGauge(shared.metrics.clone());
     let _ = stream.set_nodelay(true);
     match tls {
-        None => serve_plain(handler, shared, stream, peer, shutdown).await,
+        None => serve_plain(handler, shared, stream, peer, shutdown, watch).await,
         Some(tls) => {
             // Failures are counted and logged (at debug) by `accept`.
             if let Ok(stream) = tls.accept(stream).await {
                 // HTTP/2 when ALPN chose it; no sniffing over TLS.
                 let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
                 let protocol = if h2 { Preface::Http2 } else { Preface::Http1 };
-                serve_http(handler, shared, stream, peer, shutdown, protocol).await;
+                serve_http(handler, shared, stream, peer, shutdown, protocol, watch).await;
             }
         }
     }
-    metrics.connections_open.dec();
+}
+
+/// What a connection is served with besides its stream: its head timeout, and the signals
+/// shared with the accept loop and the framing scanner.
+struct Watch {
+    header_timeout: Duration,
+    tripwire: Arc<Tripwire>,
 }
 
 /// A cleartext connection: HTTP/2 with prior knowledge or HTTP/1, told by its first bytes.
@@ -272,10 +353,10 @@ async fn serve_plain(
     stream: TcpStream,
     peer: SocketAddr,
     shutdown: watch::Receiver<bool>,
+    watch: Watch,
 ) {
     let metrics = shared.metrics.clone();
-    let header_timeout = Duration::from_millis(shared.settings.read().header_read_timeout_ms);
-    let protocol = match tokio::time::timeout(header_timeout, sniff(&stream)).await {
+    let protocol = match tokio::time::timeout(watch.header_timeout, sniff(&stream)).await {
         Ok(Ok(Some(protocol))) => Some(protocol),
         Ok(Ok(None)) | Ok(Err(_)) => None,
         Err(_) => {
@@ -285,7 +366,7 @@ async fn serve_plain(
         }
     };
     if let Some(protocol) = protocol {
-        serve_http(handler, shared, stream, peer, shutdown, protocol).await;
+        serve_http(handler, shared, stream, peer, shutdown, protocol, watch).await;
     }
 }
 
@@ -297,16 +378,18 @@ async fn serve_http<S>(
     peer: SocketAddr,
     shutdown: watch::Receiver<bool>,
     protocol: Preface,
+    watch: Watch,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let metrics = shared.metrics.clone();
     let config = shared.settings.get();
-    let header_timeout = Duration::from_millis(config.header_read_timeout_ms);
     {
         let h2 = protocol == Preface::Http2 && config.http2;
         let max_streams = config.max_in_flight_per_connection;
-        let conn = Connection::new(handler, shared.clone(), peer, shutdown.clone());
+        let Watch { header_timeout, tripwire } = watch;
+        let conn =
+            Connection::new(handler, shared.clone(), peer, shutdown.clone(), tripwire.clone());
         let service = {
             let conn = conn.clone();
             hyper::service::service_fn(move |req| {
@@ -314,14 +397,16 @@ async fn serve_http<S>(
                 async move { Ok::<_, Infallible>(conn.respond(req).await) }
             })
         };
-        let io = TokioIo::new(stream);
         let result = if h2 {
+            let io = TokioIo::new(stream);
             let http = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .max_concurrent_streams(max_streams)
                 .serve_connection(io, service);
             drive(http, |c| c.graceful_shutdown(), &conn, shutdown).await
         } else {
+            // HTTP/1 bodies may be chunked: chunk sizes are looked at as they arrive.
+            let io = TokioIo::new(Guarded::new(stream, config.max_body_bytes, tripwire));
             let http = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(header_timeout)

@@ -306,6 +306,8 @@ impl Device {
                     });
                 }
                 Frame::Close { code, reason } => self.closed = Some((code, reason.to_owned())),
+                // The gateway checks a new address with a PING (SPEC §6): answer from it.
+                Frame::Ping(data) => Frame::Pong(data).put(&mut acks),
                 _ => {}
             }
         }

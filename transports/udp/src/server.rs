@@ -205,6 +205,9 @@ pub struct UdpMetrics {
     pub duplicates: Counter,
     /// Pushes dropped unacknowledged (queue full, session ended).
     pub pushes_dropped: Counter,
+    /// Transmits held back because the device's address is not validated and they would
+    /// have sent it more bytes than it sent (SPEC §6).
+    pub held_for_validation: Counter,
     /// Sessions now.
     pub sessions: Gauge,
     received: Counter,
@@ -234,6 +237,7 @@ impl UdpMetrics {
             migrations: Counter::default(),
             duplicates: Counter::default(),
             pushes_dropped: Counter::default(),
+            held_for_validation: Counter::default(),
             sessions: c.sessions_open(),
             received: c.messages_received(),
             sent: c.messages_sent(),
@@ -276,6 +280,11 @@ impl UdpMetrics {
                 &self.duplicates,
             ),
             ("udp_pushes_dropped", "Pushes dropped unacknowledged", &self.pushes_dropped),
+            (
+                "udp_held_for_validation",
+                "Transmits held until the device's new address is validated",
+                &self.held_for_validation,
+            ),
         ];
         for (name, help, counter) in counters {
             r.register(name, help, counter.clone());
@@ -849,6 +858,7 @@ impl SessionTask {
         let stop = stopped(&mut stop_rx);
         tokio::pin!(stop);
         let mut pushes_dropped = 0;
+        let mut held = 0;
         loop {
             let deadline = tokio::time::Instant::from_std(session.poll_timeout());
             tokio::select! {
@@ -916,6 +926,10 @@ impl SessionTask {
                 pushes_dropped = session.pushes_dropped;
             }
             self.flush(session).await;
+            if session.held_for_validation > held {
+                metrics.held_for_validation.inc_by(session.held_for_validation - held);
+                held = session.held_for_validation;
+            }
         }
     }
 

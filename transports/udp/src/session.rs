@@ -126,6 +126,19 @@ pub struct Session {
     plain: Vec<u8>,
     /// Pushes dropped because the queue was full or the session ended.
     pub pushes_dropped: u64,
+    /// The device has shown that it receives at `peer` (see [`Session::poll_transmit`]).
+    validated: bool,
+    /// While `peer` is not validated: bytes received from it not yet matched by bytes sent.
+    credit: usize,
+    /// An authentic packet has arrived in this session.
+    heard: bool,
+    /// The PING data sent to a new address; its PONG from there validates it.
+    challenge: Option<[u8; 8]>,
+    /// The address last validated: a device that comes back to it needs no new challenge.
+    validated_addr: Option<SocketAddr>,
+    /// Transmits held back because they would have sent an unvalidated address more bytes than
+    /// it sent (they go out once it has sent more, or is validated).
+    pub held_for_validation: u64,
 }
 
 /// Fields of a new session.
@@ -204,6 +217,12 @@ impl Session {
             heard_since_transmit: false,
             plain: Vec::with_capacity(2048),
             pushes_dropped: 0,
+            validated: false,
+            credit: 0,
+            heard: false,
+            challenge: None,
+            validated_addr: None,
+            held_for_validation: 0,
         }
     }
 
@@ -248,6 +267,7 @@ impl Session {
                 self.heard_since_transmit = true;
                 let mut got = Received { moved: from != self.peer, ..Received::default() };
                 self.peer = from;
+                self.check_address(got.moved, datagram_len);
                 let too_large = datagram_len > self.limits.max_datagram;
                 for frame in Frames::new(&plain[..n]) {
                     match frame {
@@ -347,9 +367,49 @@ impl Session {
                 Frame::Pong(data).put(&mut f);
                 self.out.push_back(f);
             }
+            Frame::Pong(data) => {
+                if self.challenge == Some(data) {
+                    self.challenge = None;
+                    self.validated = true;
+                    self.validated_addr = Some(self.peer);
+                }
+            }
             Frame::Close { .. } => got.closed = true,
-            Frame::Padding(_) | Frame::Pong(_) | Frame::Response { .. } | Frame::Push { .. } => {}
+            Frame::Padding(_) | Frame::Response { .. } | Frame::Push { .. } => {}
         }
+    }
+
+    /// Address validation (SPEC §6): the handshake's address is validated by the session's
+    /// first authentic packet from it (its keys came in the RESP sent there); a new address by
+    /// the PONG to a PING challenge sent to it. Until then the address is sent no more bytes
+    /// than it sent.
+    fn check_address(&mut self, moved: bool, datagram_len: usize) {
+        if moved && self.validated_addr == Some(self.peer) {
+            self.validated = true;
+            self.challenge = None;
+        } else if moved {
+            self.validated = false;
+            self.credit = 0;
+            let challenge: [u8; 8] = rand::random();
+            self.challenge = Some(challenge);
+            let mut f = Vec::new();
+            Frame::Ping(challenge).put(&mut f);
+            self.out.push_front(f);
+        } else if !self.heard {
+            self.validated = true;
+        }
+        self.heard = true;
+        if self.validated {
+            self.validated_addr = Some(self.peer);
+        }
+        if !self.validated {
+            self.credit = self.credit.saturating_add(datagram_len);
+        }
+    }
+
+    /// Whether the device has shown it receives at its current address.
+    pub fn address_validated(&self) -> bool {
+        self.validated
     }
 
     /// The gateway refused a request the session handed it: answer it.
@@ -419,11 +479,24 @@ impl Session {
 
     /// The next data packet to send, if anything is due: queued answers first, then pushes
     /// that are due (or held, when the device has just been heard from), as many frames as fit.
+    /// To an address not validated, no more bytes than it sent: what does not fit waits.
     pub fn poll_transmit(&mut self, now: Instant) -> Option<Vec<u8>> {
-        let room = self.limits.max_datagram - DATA_HEADER - TAG;
+        let mut room = self.limits.max_datagram - DATA_HEADER - TAG;
+        // Unvalidated, a frame must fit the credit; validated, one frame always goes.
+        let strict = !self.validated;
+        if strict {
+            let credit = self.credit.saturating_sub(DATA_HEADER + TAG);
+            if credit == 0 {
+                if !self.out.is_empty() || self.pushes.iter().any(|p| p.due <= now) {
+                    self.held_for_validation += 1;
+                }
+                return None;
+            }
+            room = room.min(credit);
+        }
         let mut plain = Vec::with_capacity(room.min(1500));
         while let Some(f) = self.out.front() {
-            if !plain.is_empty() && plain.len() + f.len() > room {
+            if (strict || !plain.is_empty()) && plain.len() + f.len() > room {
                 break;
             }
             if let Some(f) = self.out.pop_front() {
@@ -435,7 +508,7 @@ impl Session {
         for p in &mut self.pushes {
             let held = p.tries > 4;
             let due = if held { heard } else { p.due <= now };
-            if !due || (!plain.is_empty() && plain.len() + p.frame.len() > room) {
+            if !due || ((strict || !plain.is_empty()) && plain.len() + p.frame.len() > room) {
                 continue;
             }
             plain.extend_from_slice(&p.frame);
@@ -443,15 +516,26 @@ impl Session {
             p.due = now + retry * (1 << p.tries.min(4));
         }
         if plain.is_empty() {
+            if strict && (!self.out.is_empty() || self.pushes.iter().any(|p| p.due <= now)) {
+                self.held_for_validation += 1;
+            }
             return None;
         }
-        self.seal(&plain)
+        let packet = self.seal(&plain)?;
+        if strict {
+            self.credit = self.credit.saturating_sub(packet.len());
+        }
+        Some(packet)
     }
 
     /// When the session next needs [`Session::poll_transmit`] or [`Session::expired`].
     pub fn poll_timeout(&self) -> Instant {
         let end =
             (self.last_heard + self.limits.idle_timeout).min(self.started + self.limits.lifetime);
+        if !self.validated {
+            // Pushes wait for the device's next packet (credit) or its PONG.
+            return end;
+        }
         self.pushes.iter().filter(|p| p.tries <= 4).map(|p| p.due).fold(end, Instant::min)
     }
 
@@ -466,6 +550,9 @@ impl Session {
     pub fn close_packet(&mut self, code: u16, reason: &str) -> Option<Vec<u8>> {
         let mut f = Vec::new();
         Frame::Close { code, reason }.put(&mut f);
+        if !self.validated && DATA_HEADER + f.len() + TAG > self.credit {
+            return None;
+        }
         self.seal(&f)
     }
 
@@ -608,6 +695,58 @@ mod tests {
     }
 
     #[test]
+    fn a_new_address_gets_no_more_bytes_than_it_sent_until_it_answers_the_challenge() {
+        let now = Instant::now();
+        let (mut client, mut session) = pair(Limits::default(), now);
+        let big = Bytes::from(vec![b'x'; 1000]);
+        let answer_big = |session: &mut Session, id: u32| {
+            session.respond(
+                &KpResponse {
+                    base: Bytes::from_static(b"kp1/a/dcx/t/json"),
+                    request_id: Some(id),
+                    tag: REQUEST_TAG,
+                    outcome: KpOutcome::Success(big.clone()),
+                },
+                now,
+            )
+        };
+        // The handshake's address: validated by the first authentic packet.
+        deliver(&mut session, &client.seal(&request(Some(1), b"[]")), now).unwrap();
+        answer_big(&mut session, 1);
+        assert!(session.poll_transmit(now).is_some_and(|p| p.len() > 1000));
+        // The same device from another address (or a packet replayed from a spoofed one).
+        let moved: SocketAddr = "127.0.0.2:9".parse().unwrap();
+        let packet = client.seal(&request(Some(2), b"[]"));
+        let Ok(Packet::Data { number, sealed, .. }) = Packet::parse(&packet) else { panic!() };
+        let got = session.receive(number, sealed, packet.len(), moved, now).unwrap();
+        assert!(got.moved && !session.address_validated());
+        answer_big(&mut session, 2);
+        let mut sent = 0;
+        let mut challenge = None;
+        while let Some(out) = session.poll_transmit(now) {
+            sent += out.len();
+            let plain = client.open(&out).unwrap();
+            for frame in Frames::new(&plain) {
+                if let Ok(Frame::Ping(data)) = frame {
+                    challenge = Some(data);
+                }
+            }
+        }
+        assert!(sent <= packet.len(), "{sent} bytes sent for {} received", packet.len());
+        assert!(session.held_for_validation > 0, "the answer waits");
+        let challenge = challenge.expect("a PING challenge went to the new address");
+        // The device answers the PING from there: validated, the answer goes out.
+        let mut pong = Vec::new();
+        Frame::Pong(challenge).put(&mut pong);
+        let packet = client.seal(&pong);
+        let Ok(Packet::Data { number, sealed, .. }) = Packet::parse(&packet) else { panic!() };
+        session.receive(number, sealed, packet.len(), moved, now).unwrap();
+        assert!(session.address_validated());
+        let out = session.poll_transmit(now).expect("the held answer");
+        assert!(frames(&mut client, &out).iter().any(|f| f.contains("Response { id: Some(2)")));
+    }
+
+    #[test]
     fn pushes_are_retransmitted_until_acknowledged_then_wait_for_the_device() {
         let now = Instant::now();
         let (mut client, mut session) = pair(Limits::default(), now);
@@ -618,6 +757,12 @@ mod tests {
             outcome: KpOutcome::Success(Bytes::from_static(b"{}")),
         };
         session.respond(&push, now);
+        // Not before the device's first packet shows it has the keys at its address.
+        assert!(session.poll_transmit(now).is_none());
+        let mut hello = Vec::new();
+        Frame::Padding(1).put(&mut hello);
+        deliver(&mut session, &client.seal(&hello), now).unwrap();
+        assert!(session.address_validated());
         let first = session.poll_transmit(now).unwrap();
         let shown = frames(&mut client, &first);
         assert_eq!(

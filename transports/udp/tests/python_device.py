@@ -201,7 +201,11 @@ class Device:
                 _, i = read_bytes(plain, i)
                 _, i = read_bytes(plain, i)
                 acks += varint(F_ACK) + varint(push_id)
-            elif kind in (0x05, 0x06):
+            elif kind == 0x05:
+                # A PING from the gateway (an address check after a move): answer PONG.
+                acks += varint(0x06) + plain[i:i + 8]
+                i += 8
+            elif kind == 0x06:
                 i += 8
             elif kind == 0x07:
                 _, i = read_varint(plain, i)

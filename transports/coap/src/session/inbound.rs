@@ -10,7 +10,7 @@ use fleetgate_kp::{KpRequest, KpTopic};
 
 use super::{
     Credentials, Diagnostic, Event, Exchange, Extra, Kp, OTHER_CREDENTIALS, Observation,
-    PeerSession, Reply, Seen, Transfer, Waiting, after,
+    PeerSession, Reply, Reservation, Seen, Transfer, Waiting, after,
 };
 use crate::codec::{BlockOption, Code, Message, MessageType};
 
@@ -68,11 +68,14 @@ impl PeerSession {
             con: msg.mtype() == MessageType::Confirmable,
             mid: msg.message_id(),
             token: msg.token(),
+            len: msg.datagram().len(),
         };
         if let Some(entry) = self.dedup.get(&reply.mid) {
             self.stats.duplicates += 1;
             match &entry.seen {
-                Seen::Answered(bytes) => {
+                // To an unproven peer, never more than it sent (a short duplicate of a long
+                // request would otherwise reflect the long answer).
+                Seen::Answered(bytes) if self.proven || bytes.len() <= reply.len => {
                     let bytes = bytes.clone();
                     self.transmits.push_back(bytes);
                 }
@@ -89,7 +92,8 @@ impl PeerSession {
             return;
         }
         self.remember(reply.mid, Seen::Ignore, now);
-        if let Err(refusal) = self.serve(&msg, reply, now) {
+        if let Err(mut refusal) = self.serve(&msg, reply, now) {
+            refusal.extra.limit = self.limit(reply.len);
             self.reply(reply, refusal.code, refusal.extra, refusal.reason.as_bytes());
             let Refusal { code, reason, .. } = refusal;
             self.diagnostic(Diagnostic::Refused { code, reason });
@@ -159,6 +163,7 @@ impl PeerSession {
                 None => {
                     let ours = BlockOption { szx: block.szx.min(self.block_szx), ..block };
                     let extra = Extra { block1: Some(ours), ..Extra::default() };
+                    let extra = Extra { limit: self.limit(reply.len), ..extra };
                     self.reply(reply, Code::CONTINUE, extra, b"");
                     return Ok(());
                 }
@@ -227,6 +232,7 @@ impl PeerSession {
             created: now,
             uri: path,
             block2_szx,
+            request_len: reply.len,
             waiting,
         };
         self.exchanges.insert(tag, exchange);
@@ -270,8 +276,10 @@ impl PeerSession {
             }
             self.transfers.push(Transfer {
                 path: path.clone(),
-                buf: BytesMut::with_capacity(size1.map_or(size * 2, |s| s as usize).min(max)),
+                // Grown as blocks arrive: a declared Size1 reserves nothing.
+                buf: BytesMut::new(),
                 expires: now,
+                reserved: None,
             });
         }
         let Some(i) = self.transfers.iter().position(|t| t.path == path) else {
@@ -289,6 +297,22 @@ impl PeerSession {
         if transfer.buf.len() + payload.len() > max {
             self.transfers.remove(i);
             return Err(too_large(max));
+        }
+        if !self.proven
+            && let Some(budget) = &self.budget
+        {
+            let reserved =
+                transfer.reserved.get_or_insert_with(|| Reservation::new(budget.clone()));
+            if !reserved.grow(payload.len()) {
+                self.transfers.remove(i);
+                self.stats.block1_budget_refusals += 1;
+                let mut refusal = Refusal::new(
+                    Code::SERVICE_UNAVAILABLE,
+                    "block-wise transfers of unproven peers are over budget",
+                );
+                refusal.extra.max_age = Some(5);
+                return Err(refusal);
+            }
         }
         transfer.buf.extend_from_slice(&payload);
         transfer.expires = after(now, self.settings.block_transfer_timeout);
@@ -323,8 +347,11 @@ impl PeerSession {
         let end = (offset + size).min(len);
         body.expires = after(now, self.settings.block_transfer_timeout);
         let (code, part) = (body.code, body.payload.slice(offset as usize..end as usize));
-        let extra =
-            Extra { block2: Some(BlockOption { more: end < len, ..block }), ..Extra::default() };
+        let extra = Extra {
+            block2: Some(BlockOption { more: end < len, ..block }),
+            limit: self.limit(reply.len),
+            ..Extra::default()
+        };
         self.reply(reply, code, extra, &part);
         Ok(())
     }

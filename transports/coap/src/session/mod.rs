@@ -39,12 +39,15 @@ use crate::codec::{
     BlockOption, Code, DecodeError, EncodeError, Header, Message, MessageType, Token,
 };
 
+mod budget;
 mod inbound;
 mod keyed;
 mod outbound;
 #[cfg(test)]
 mod tests;
 
+pub use budget::Block1Budget;
+use budget::Reservation;
 use keyed::{KeyedState, splitmix64, xorshift};
 
 /// RFC 7252 MAX_RETRANSMIT.
@@ -137,6 +140,14 @@ pub struct Stats {
     pub sessions_refused: u64,
     /// Times the peer was closed for idling (0 or 1).
     pub sessions_expired: u64,
+    /// Answers to a peer without a proven token sent without their payload and options, because
+    /// they would have been larger than the request (no reflection amplification).
+    pub replies_trimmed: u64,
+    /// Block1 blocks from a peer without a proven token refused because the transport's budget
+    /// for such transfers was spent.
+    pub block1_budget_refusals: u64,
+    /// Times the peer proved a token (0 or 1): the gateway accepted one of its requests.
+    pub proven: u64,
     /// Observations registered.
     pub observations_registered: u64,
     /// Observations ended (cancelled, given up, or dropped with the session).
@@ -221,6 +232,8 @@ struct Reply {
     con: bool,
     mid: u16,
     token: Token,
+    /// The request's size in bytes: the most an answer to an unproven peer may take.
+    len: usize,
 }
 
 /// Options a response may carry besides the code and payload.
@@ -232,6 +245,8 @@ struct Extra {
     block1: Option<BlockOption>,
     size2: Option<u32>,
     size1: Option<u32>,
+    /// The peer is not proven: a response larger than this goes out bare (code and token).
+    limit: Option<usize>,
 }
 
 /// What a remembered message id stands for.
@@ -265,6 +280,8 @@ struct Exchange {
     uri: Bytes,
     /// The block size exponent for a response that does not fit one block.
     block2_szx: u8,
+    /// The request's size in bytes (see [`Reply::len`]).
+    request_len: usize,
     /// Set while the request waits for the session to open (boxed: rare, and it keeps the
     /// table of exchanges small).
     waiting: Option<Box<Waiting>>,
@@ -313,8 +330,11 @@ struct Body {
 /// A Block1 request being reassembled.
 struct Transfer {
     path: Bytes,
+    /// Grows as blocks arrive; never sized from a declared Size1.
     buf: BytesMut,
     expires: Instant,
+    /// What the transfer holds of the unproven peers' budget, while the peer is unproven.
+    reserved: Option<Reservation>,
 }
 
 /// Uri-Query credentials, owned (kept with the session, or with a request that waits for it).
@@ -353,6 +373,14 @@ pub struct PeerSession {
     /// The block size exponent of [`Settings::block_size_bytes`].
     block_szx: u8,
     kp: Kp,
+    /// The gateway has accepted a request of this peer (its token is good). Until then answers
+    /// are no larger than their requests, at most one confirmable message is retransmitted,
+    /// and Block1 buffers come out of [`PeerSession::set_block1_budget`]'s budget.
+    proven: bool,
+    /// An unproven peer had its one retransmission burst.
+    burst_used: bool,
+    /// The budget of Block1 bytes while unproven; `None`: no limit beyond the per-peer ones.
+    budget: Option<Arc<Block1Budget>>,
     /// Tags of exchanges waiting for the session, oldest first.
     waiting: VecDeque<u64>,
     closed: bool,
@@ -402,6 +430,9 @@ impl PeerSession {
             block_szx: BlockOption::szx_for(settings.block_size_bytes),
             settings,
             kp: Kp::None,
+            proven: false,
+            burst_used: false,
+            budget: None,
             waiting: VecDeque::new(),
             closed: false,
             next_tag: 0,
@@ -588,7 +619,10 @@ impl PeerSession {
     /// is answered to the peer; an acceptance needs nothing until the answer arrives. Unknown
     /// or already answered tags are ignored.
     pub fn request_done(&mut self, tag: u64, result: Result<(), KpError>, now: Instant) {
-        let Err(refusal) = result else { return };
+        let Err(refusal) = result else {
+            self.prove();
+            return;
+        };
         let forwarded = self.exchanges.get(&tag).is_some_and(|e| e.waiting.is_none());
         if forwarded && let Some(exchange) = self.exchanges.remove(&tag) {
             self.answer(exchange, &KpOutcome::Error(refusal), now);
@@ -664,6 +698,17 @@ impl PeerSession {
         self.closed
     }
 
+    /// Whether the gateway has accepted one of the peer's requests (its token is good).
+    pub fn is_proven(&self) -> bool {
+        self.proven
+    }
+
+    /// Block1 transfers of the peer, while it is unproven, are held within `budget` (shared by
+    /// the transport's peers); without one only the per-peer limits apply.
+    pub fn set_block1_budget(&mut self, budget: Arc<Block1Budget>) {
+        self.budget = Some(budget);
+    }
+
     /// The open 1/KP session, if any.
     pub fn session(&self) -> Option<SessionId> {
         match self.kp {
@@ -678,6 +723,22 @@ impl PeerSession {
     }
 
     // ---- internals shared by the submodules ----
+
+    fn prove(&mut self) {
+        if self.proven {
+            return;
+        }
+        self.proven = true;
+        self.stats.proven += 1;
+        for transfer in &mut self.transfers {
+            transfer.reserved = None;
+        }
+    }
+
+    /// The most an answer to a request of `len` bytes may take: unlimited once proven.
+    fn limit(&self, len: usize) -> Option<usize> {
+        (!self.proven).then_some(len)
+    }
 
     fn shut(&mut self) {
         self.closed = true;

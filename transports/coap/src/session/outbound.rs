@@ -21,7 +21,11 @@ impl PeerSession {
     /// else a separate response (confirmable for a confirmable request).
     pub(super) fn answer(&mut self, exchange: Exchange, outcome: &KpOutcome, now: Instant) {
         let (code, payload) = outcome_parts(outcome, exchange.success);
-        let mut extra = Extra { block1: exchange.block1, ..Extra::default() };
+        let mut extra = Extra {
+            block1: exchange.block1,
+            limit: self.limit(exchange.request_len),
+            ..Extra::default()
+        };
         let payload =
             self.first_block(&exchange.uri, code, payload, exchange.block2_szx, &mut extra, now);
         if exchange.observe {
@@ -150,6 +154,13 @@ impl PeerSession {
         inherited: Option<Outgoing>,
         now: Instant,
     ) {
+        if !self.proven {
+            // To an address that has not proven a token: one retransmission burst at most.
+            if self.burst_used {
+                return;
+            }
+            self.burst_used = true;
+        }
         let (retransmissions, timeout, due) = match inherited {
             Some(old) => (old.retransmissions, old.timeout, old.due),
             None => {
@@ -228,7 +239,22 @@ impl PeerSession {
             w.payload(payload);
             Ok(())
         })();
-        let bytes = self.out.split().freeze();
+        let mut bytes = self.out.split().freeze();
+        if written.is_ok()
+            && let Some(limit) = extra.limit
+            && bytes.len() > limit
+        {
+            // No larger than the request (no reflection): the code alone, which a request with
+            // the same token is never smaller than.
+            self.stats.replies_trimmed += 1;
+            let bare = MessageWriter::new(&mut self.out, mtype, code, mid, token.as_slice())
+                .map(MessageWriter::finish);
+            bytes = self.out.split().freeze();
+            if let Err(e) = bare {
+                self.diagnostic(Diagnostic::EncodeFailed(e));
+                return None;
+            }
+        }
         match written {
             Ok(()) => Some(bytes),
             Err(e) => {

@@ -86,6 +86,9 @@ impl Sim {
         t.sessions_expired += s.sessions_expired;
         t.observations_registered += s.observations_registered;
         t.observations_ended += s.observations_ended;
+        t.replies_trimmed += s.replies_trimmed;
+        t.block1_budget_refusals += s.block1_budget_refusals;
+        t.proven += s.proven;
     }
 
     fn deliver(&mut self, datagram: Bytes) {
@@ -1026,4 +1029,99 @@ fn large_notifications_go_block_wise() {
     let m = sim.one_sent();
     assert_eq!((m.code(), m.payload().len()), (Code::CONTENT, 1024));
     sim.no_event();
+}
+
+// ---- peers that have not proven a token ----
+
+#[test]
+fn answers_to_an_unproven_peer_are_no_larger_than_the_request() {
+    let mut sim = Sim::new(Settings::default());
+    // A bare GET (4 bytes, no token, no path): 4.04 without its diagnostic payload.
+    let bare = Req { path: String::new(), token: Some(Vec::new()), ..Req::get("") };
+    let len = bare.bytes().len();
+    sim.send(bare);
+    let answer = sim.one_sent();
+    assert_eq!(answer.code(), Code::NOT_FOUND);
+    assert!(answer.datagram().len() <= len, "{} > {len}", answer.datagram().len());
+    assert!(answer.payload().is_empty());
+    // A refused token: the code alone.
+    let (_, token) = sim.send(Req::post(PATH, b"[1]"));
+    sim.open();
+    let request = match sim.event() {
+        Event::Request { request, .. } => request,
+        other => panic!("{other:?}"),
+    };
+    let long = "this endpoint token is not known for this application version, sorry";
+    sim.session.request_done(request.tag, Err(KpError::unauthorized(long)), sim.now);
+    sim.collect();
+    let answer = sim.one_sent();
+    assert_eq!((answer.code(), answer.token().as_slice()), (Code::UNAUTHORIZED, &token[..]));
+    assert!(answer.payload().is_empty(), "no reason phrase to an unproven peer");
+    assert!(!sim.session.is_proven());
+    assert_eq!(sim.stats.replies_trimmed, 2);
+    // Once the gateway accepts a request the peer is proven and answers are whole again.
+    sim.send(Req::post(PATH, b"[2]"));
+    let request = sim.forwarded();
+    assert!(sim.session.is_proven());
+    assert_eq!(sim.stats.proven, 1);
+    sim.respond(&request, KpOutcome::Error(KpError::new(404, "a long reason phrase, in full")));
+    assert_eq!(sim.one_sent().payload().as_ref(), b"a long reason phrase, in full");
+}
+
+#[test]
+fn an_unproven_peer_gets_one_retransmission_burst_at_most() {
+    let mut sim = Sim::new(Settings::default());
+    sim.send(Req::post(PATH, b"[1]"));
+    sim.open();
+    let first = match sim.event() {
+        Event::Request { request, .. } => request,
+        other => panic!("{other:?}"),
+    };
+    let (mid2, _) = sim.send(Req::post(PATH, b"[2]"));
+    let second = match sim.event() {
+        Event::Request { request, .. } => request,
+        other => panic!("{other:?}"),
+    };
+    // Both refusals come after the ACK timeout: empty ACKs, then separate responses.
+    sim.advance(3 * SECOND);
+    assert!(sim.take_sent().iter().any(|m| is_empty_ack(m, mid2)));
+    for request in [&first, &second] {
+        sim.session.request_done(request.tag, Err(KpError::unauthorized("no")), sim.now);
+    }
+    sim.collect();
+    assert_eq!(sim.take_sent().len(), 2, "two separate responses");
+    // Never acknowledged: only the first is retransmitted (4 times), not the second.
+    sim.advance(120 * SECOND);
+    assert_eq!(sim.take_sent().len(), 4, "one retransmission burst");
+}
+
+#[test]
+fn block1_buffers_grow_with_the_blocks_not_with_size1_and_unproven_ones_stay_in_budget() {
+    let budget = super::Block1Budget::new(2048);
+    let mut sim = Sim::new(Settings::default());
+    sim.session.set_block1_budget(budget.clone());
+    let block = |num: u32| Req::post(PATH, &[b'x'; 1024]).block1(num, true, 6);
+    sim.send(block(0).uint(option::SIZE1, 65_536));
+    assert_eq!(sim.one_sent().code(), Code::CONTINUE);
+    let capacity = sim.session.transfers[0].buf.capacity();
+    assert!(capacity < 4096, "a declared 64 KiB reserves nothing: capacity {capacity}");
+    assert_eq!(budget.used(), 1024);
+    sim.send(block(1));
+    assert_eq!(sim.one_sent().code(), Code::CONTINUE);
+    // The budget of 2 KiB is spent: 5.03 with a Max-Age, and the transfer gives its bytes back.
+    sim.send(block(2));
+    let m = sim.one_sent();
+    assert_eq!((m.code(), m.known().max_age), (Code::SERVICE_UNAVAILABLE, Some(5)));
+    assert_eq!(budget.used(), 0);
+    assert_eq!(sim.stats.block1_budget_refusals, 1);
+    // Proven, the peer's transfers no longer count against the budget.
+    sim.send(Req::post(PATH, b"[1]"));
+    sim.open();
+    sim.forwarded();
+    sim.take_sent();
+    for num in 0..4 {
+        sim.send(block(num));
+        assert_eq!(sim.one_sent().code(), Code::CONTINUE);
+    }
+    assert_eq!(budget.used(), 0);
 }

@@ -54,6 +54,12 @@ impl<K: Hash + Eq, T> PeerQueues<K, T> {
         receiver
     }
 
+    /// Drops the queue of `key`: its task sees the end of its queue once it has taken what is
+    /// in it. False when no live task owned `key`.
+    pub fn remove(&mut self, key: &K) -> bool {
+        self.queues.remove(key).is_some_and(|q| !q.is_closed())
+    }
+
     /// Forgets the queues whose task has ended.
     pub fn sweep(&mut self) {
         self.queues.retain(|_, queue| !queue.is_closed());
