@@ -4,7 +4,8 @@
 //! `auth.auto_register`, makes any token an endpoint: for load tests), and
 //! `client-username-password-request` from `auth.clients` and `auth.bearer_tokens` (a password
 //! without a user name is a bearer token; clients with no credentials at all are let in when
-//! `auth.allow_anonymous`). fleetgate passes the app version name as the 16/ECAP `appName`, so a
+//! `auth.allow_anonymous`), and `client-certificate-request` from `auth.certificates` (issuer
+//! and base-10 serial of certificates the gateway has verified; any other is refused). fleetgate passes the app version name as the 16/ECAP `appName`, so a
 //! token belongs to one app version.
 //!
 //! It knows the bus and the Avro records; it keeps no state beyond its configuration, so any
@@ -17,6 +18,7 @@ use std::sync::Arc;
 use fleetgate_bus::{Bus, BusError, Message, Subject, now_ms};
 use fleetgate_live::Live;
 use fleetgate_messages::{
+    ClientCertificateValidationRequest, ClientCertificateValidationResponse,
     ClientUsernamePasswordValidationRequest, ClientUsernamePasswordValidationResponse,
     EndpointTokenValidationRequest, EndpointTokenValidationResponse, Record, subjects,
 };
@@ -42,6 +44,38 @@ pub struct AuthConfig {
     pub bearer_tokens: Vec<BearerEntry>,
     /// Whether a client that presents no credentials at all may connect.
     pub allow_anonymous: bool,
+    /// Known client certificates (mutual TLS), by issuer and serial number.
+    pub certificates: Vec<CertificateEntry>,
+}
+
+/// A client certificate credential. The gateway checks chain, signature, validity and CRLs;
+/// the provider only says whether it knows the certificate and which client it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateEntry {
+    /// The issuer's distinguished name as the gateway reports it (RFC 4514 order, e.g.
+    /// `CN=Fleet CA, O=Example`).
+    pub issuer: String,
+    /// The serial number in base 10.
+    pub serial_number: String,
+    /// Client id reported to the gateway; the serial number when unset.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// Credential id (what a 16/ECAP credential revocation names); the client id when unset.
+    #[serde(default)]
+    pub credential_id: Option<String>,
+}
+
+impl CertificateEntry {
+    /// The client id reported for it.
+    pub fn client_id(&self) -> &str {
+        self.client_id.as_deref().unwrap_or(&self.serial_number)
+    }
+
+    /// The credential id reported for it.
+    pub fn credential_id(&self) -> &str {
+        self.credential_id.as_deref().unwrap_or(self.client_id())
+    }
 }
 
 /// A bearer token credential.
@@ -63,6 +97,7 @@ impl Default for AuthConfig {
             clients: Vec::new(),
             bearer_tokens: Vec::new(),
             allow_anonymous: true,
+            certificates: Vec::new(),
         }
     }
 }
@@ -130,6 +165,20 @@ impl AuthConfig {
                 problems.push(("endpoints", message));
             }
         }
+        let mut seen = std::collections::HashSet::new();
+        for c in &self.certificates {
+            if !c.serial_number.bytes().all(|b| b.is_ascii_digit()) || c.serial_number.is_empty() {
+                let message = format!("serial_number `{}` is not base 10", c.serial_number);
+                problems.push(("certificates", message));
+            }
+            if !seen.insert((&c.issuer, &c.serial_number)) {
+                let message = format!(
+                    "certificate {} of issuer `{}` is listed twice",
+                    c.serial_number, c.issuer
+                );
+                problems.push(("certificates", message));
+            }
+        }
         problems
     }
 }
@@ -181,6 +230,8 @@ struct Directory {
     bearer_tokens: Vec<BearerEntry>,
     endpoints: HashMap<(String, String), String>,
     clients: HashMap<String, ClientEntry>,
+    /// By (issuer, serial number).
+    certificates: HashMap<(String, String), CertificateEntry>,
 }
 
 impl AuthProvider {
@@ -200,12 +251,15 @@ impl AuthProvider {
         let mut passwords = bus
             .subscribe(&subjects::ecap_username_password_request(&config.instance), group)
             .await?;
+        let mut certificates =
+            bus.subscribe(&subjects::ecap_certificate_request(&config.instance), group).await?;
         bus.flush().await?;
         let task = tokio::spawn(async move {
             loop {
                 tokio::select! {
                     Some(m) = tokens.next() => answer(&bus, m, |p| directory.validate_token(p)).await,
                     Some(m) = passwords.next() => answer(&bus, m, |p| directory.validate_client(p)).await,
+                    Some(m) = certificates.next() => answer(&bus, m, |p| directory.validate_certificate(p)).await,
                     Ok(()) = changed.changed() => match Directory::new(&settings.get()) {
                         Ok(new) => {
                             tracing::info!(endpoints = new.endpoints.len(), clients = new.clients.len(), "auth: new settings applied");
@@ -275,6 +329,11 @@ impl Directory {
             bearer_tokens: config.bearer_tokens.clone(),
             endpoints,
             clients: config.clients.iter().map(|c| (c.username.clone(), c.clone())).collect(),
+            certificates: config
+                .certificates
+                .iter()
+                .map(|c| ((c.issuer.clone(), c.serial_number.clone()), c.clone()))
+                .collect(),
         })
     }
 
@@ -341,6 +400,33 @@ impl Directory {
             client_id: client_id.as_deref(),
             status_code: status,
             reason_phrase: reason,
+        };
+        Some(response.to_bytes())
+    }
+}
+
+impl Directory {
+    fn validate_certificate(&self, payload: &[u8]) -> Option<bytes::Bytes> {
+        let request = ClientCertificateValidationRequest::decode(payload)
+            .inspect_err(|e| tracing::warn!(error = %e, "undecodable certificate request dropped"))
+            .ok()?;
+        let key = (request.issuer.to_owned(), request.serial_number.to_owned());
+        let known = self.certificates.get(&key);
+        if known.is_none() {
+            tracing::debug!(
+                issuer = request.issuer,
+                serial = request.serial_number,
+                "unknown client certificate"
+            );
+        }
+        let response = ClientCertificateValidationResponse {
+            correlation_id: request.correlation_id,
+            timestamp_ms: now_ms(),
+            timeout_ms: 0,
+            credential_id: known.map(CertificateEntry::credential_id),
+            client_id: known.map(CertificateEntry::client_id),
+            status_code: if known.is_some() { 200 } else { 401 },
+            reason_phrase: known.is_none().then_some("unknown client certificate"),
         };
         Some(response.to_bytes())
     }
@@ -473,6 +559,71 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn certificates_known_by_issuer_and_serial() {
+        let entry = |serial: &str, client: Option<&str>| CertificateEntry {
+            issuer: "CN=Fleet CA, O=Example".into(),
+            serial_number: serial.into(),
+            client_id: client.map(str::to_owned),
+            credential_id: None,
+        };
+        let config = AuthConfig {
+            certificates: vec![entry("1001", Some("device-1")), entry("1002", None)],
+            ..Default::default()
+        };
+        assert!(config.problems().is_empty());
+        let (bus, _stop) = provider(config).await;
+        let requester = Requester::start(
+            bus.clone(),
+            Subject::from_static("me.ecap.client-certificate-response"),
+            correlation,
+        )
+        .await
+        .expect("requester");
+        let ask = |issuer: &'static str, serial: &'static str| {
+            let requester = &requester;
+            async move {
+                let request = ClientCertificateValidationRequest {
+                    correlation_id: serial,
+                    timestamp_ms: now_ms(),
+                    timeout_ms: 0,
+                    issuer,
+                    serial_number: serial,
+                };
+                let subject = Subject::from(subjects::ecap_certificate_request("auth"));
+                let reply = requester
+                    .request(subject, serial, request.to_bytes(), Duration::from_secs(2))
+                    .await
+                    .expect("reply");
+                let r =
+                    ClientCertificateValidationResponse::decode(&reply.payload).expect("decode");
+                (r.status_code, r.client_id.map(str::to_owned), r.credential_id.map(str::to_owned))
+            }
+        };
+        let known = Some("device-1".to_owned());
+        assert_eq!(ask("CN=Fleet CA, O=Example", "1001").await, (200, known.clone(), known));
+        let serial = Some("1002".to_owned());
+        assert_eq!(ask("CN=Fleet CA, O=Example", "1002").await, (200, serial.clone(), serial));
+        assert_eq!(ask("CN=Fleet CA, O=Example", "1003").await, (401, None, None));
+        assert_eq!(ask("CN=Other CA", "1001").await, (401, None, None), "issuer and serial");
+    }
+
+    #[test]
+    fn certificate_entries_are_checked() {
+        let entry = |serial: &str| CertificateEntry {
+            issuer: "CN=CA".into(),
+            serial_number: serial.into(),
+            client_id: None,
+            credential_id: None,
+        };
+        let config = AuthConfig {
+            certificates: vec![entry("12"), entry("12"), entry("0x1f")],
+            ..Default::default()
+        };
+        let problems = config.problems();
+        assert_eq!(problems.len(), 2, "{problems:?}");
+    }
+
     #[test]
     fn passwords() {
         let d = Directory {
@@ -486,6 +637,7 @@ mod tests {
             )]
             .into_iter()
             .collect(),
+            certificates: HashMap::new(),
         };
         let check = |user: Option<&str>, pw: Option<&str>| {
             let req = ClientUsernamePasswordValidationRequest {

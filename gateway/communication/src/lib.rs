@@ -76,6 +76,26 @@ pub struct GatewayConfig {
     pub token_negative_cache_ttl_ms: u64,
     /// Store and forward when the bus cannot deliver in time.
     pub spool: SpoolConfig,
+    /// When a client certificate (verified by the transport against its client CA and CRLs)
+    /// is also checked with the 16/ECAP provider.
+    pub certificate_check: CertificateCheck,
+}
+
+/// When the 16/ECAP provider is asked about a client certificate
+/// (`client-certificate-request`). The transport's own check (chain to the client CA,
+/// validity, CRLs) happens at the handshake in every mode.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CertificateCheck {
+    /// Never: a certificate that passed the handshake authenticates the client.
+    Local,
+    /// Always: the provider must accept it; no answer refuses the client (503).
+    Provider,
+    /// Asked always; a provider that does not handle certificate requests (no responder on
+    /// the subject, or it answers 501) leaves the decision to the local check. A refusal or no
+    /// answer in time refuses the client, as in `provider`.
+    #[default]
+    ProviderWhenSupported,
 }
 
 impl Default for GatewayConfig {
@@ -91,6 +111,7 @@ impl Default for GatewayConfig {
             token_cache_ttl_ms: 60_000,
             token_negative_cache_ttl_ms: 5_000,
             spool: SpoolConfig::default(),
+            certificate_check: CertificateCheck::default(),
         }
     }
 }
@@ -152,6 +173,8 @@ pub struct Gateway<B: Bus> {
     disconnected_subject: Subject,
     client_requests: Subject,
     client_requester: Requester<B>,
+    certificate_requests: Subject,
+    certificate_requester: Requester<B>,
     sessions: Sessions,
     pending: PendingTable,
     tokens: TokenCache<B>,
@@ -264,11 +287,18 @@ impl<B: Bus> Gateway<B> {
             correlation,
         )
         .await?;
+        let certificate_requester = Requester::start(
+            bus.clone(),
+            subjects::ecap_certificate_response_reply(&replica_id).into(),
+            correlation,
+        )
+        .await?;
         let reply_subject = Subject::from(subjects::esp_extension_data_reply(&replica_id));
         let replies = bus.subscribe(&reply_subject, None).await?;
         // Pushes without affinity go to every replica; only the one holding the session sends.
         let pushes = bus.subscribe(&subjects::esp_extension_data(&config.instance), None).await?;
         let revocations = bus.subscribe(subjects::TOKEN_REVOKED_ANY, None).await?;
+        let credential_revocations = bus.subscribe(subjects::CREDENTIAL_REVOKED_ANY, None).await?;
         bus.flush().await?;
         let routes = Live::new(Routes::new(&config, &metrics)?);
         let gateway = Arc::new(Self {
@@ -278,6 +308,8 @@ impl<B: Bus> Gateway<B> {
             disconnected_subject: subjects::elce_disconnected(&config.instance).into(),
             client_requests: subjects::ecap_username_password_request(&config.auth_instance).into(),
             client_requester,
+            certificate_requests: subjects::ecap_certificate_request(&config.auth_instance).into(),
+            certificate_requester,
             sessions: Sessions::default(),
             pending: PendingTable::default(),
             next_session: AtomicU64::new(1),
@@ -298,6 +330,11 @@ impl<B: Bus> Gateway<B> {
         tokio::spawn(delivery::forward(weak(), shutdown.clone()));
         tokio::spawn(events::probe_auth(weak(), shutdown.clone()));
         tokio::spawn(events::end_revoked(weak(), revocations, shutdown.clone()));
+        tokio::spawn(events::end_revoked_credentials(
+            weak(),
+            credential_revocations,
+            shutdown.clone(),
+        ));
         tokio::spawn(follow_settings(weak(), settings, shutdown));
         tracing::info!(replica = %gateway.replica_id, "communication service started");
         Ok(gateway)

@@ -29,6 +29,7 @@ pub struct GatewayMetrics {
     pub(crate) slow_sessions: Counter,
     pub(crate) sessions_opened: Counter,
     pub(crate) sessions_refused: Counter,
+    pub(crate) sessions_revoked: Counter,
     pub(crate) token_cache_misses: Counter,
     pub(crate) sessions_open: Gauge,
     pub(crate) requests_pending: Gauge,
@@ -58,6 +59,11 @@ impl GatewayMetrics {
             ("slow_sessions_closed", "Sessions closed for not reading", &self.slow_sessions),
             ("sessions_opened", "Sessions opened", &self.sessions_opened),
             ("sessions_refused", "Sessions refused by authentication", &self.sessions_refused),
+            (
+                "sessions_revoked",
+                "Sessions ended by a 16/ECAP token or credential revocation",
+                &self.sessions_revoked,
+            ),
             ("token_cache_misses", "Token validations sent to 16/ECAP", &self.token_cache_misses),
         ];
         for (name, help, counter) in counters {

@@ -11,6 +11,9 @@ use crate::sharded::Sharded;
 
 struct Session {
     outbox: Outbox,
+    /// The ids of the client credentials it authenticated with (16/ECAP revocation names
+    /// them).
+    credentials: Vec<Box<str>>,
     /// Endpoints used in this session.
     endpoints: Vec<UsedEndpoint>,
     /// Topic filters subscribed to: (token, filter).
@@ -66,10 +69,23 @@ pub(crate) struct Sessions {
 }
 
 impl Sessions {
-    pub(crate) fn open(&self, id: SessionId, outbox: Outbox) {
-        self.sessions
-            .shard(&id)
-            .insert(id, Session { outbox, endpoints: Vec::new(), filters: Vec::new() });
+    pub(crate) fn open(&self, id: SessionId, outbox: Outbox, credentials: Vec<Box<str>>) {
+        let session = Session { outbox, credentials, endpoints: Vec::new(), filters: Vec::new() };
+        self.sessions.shard(&id).insert(id, session);
+    }
+
+    /// Sessions that authenticated with the client credential `credential_id`. Looks at every
+    /// session: revocations are rare.
+    pub(crate) fn sessions_with_credential(&self, credential_id: &str) -> Vec<SessionId> {
+        let mut found = Vec::new();
+        self.sessions.for_each_shard(|map| {
+            found.extend(
+                map.iter()
+                    .filter(|(_, s)| s.credentials.iter().any(|c| &**c == credential_id))
+                    .map(|(id, _)| *id),
+            );
+        });
+        found
     }
 
     /// The endpoint `token` resolved to when `session` last used it, while that is still

@@ -1,6 +1,7 @@
 //! Device → bus: sessions open, tokens resolve, requests become `ClientData`.
 //!
-//! A session opens with the client's credentials checked through 16/ECAP. A request is checked
+//! A session opens with the client's credentials checked through 16/ECAP (its certificate,
+//! user name and password, or whether anonymous clients may connect). A request is checked
 //! (extension, app version, token, resource path), its token resolved (through the session when
 //! it used the token before, else the token cache and 16/ECAP, which also announces the
 //! endpoint connected), and it goes to the extension's subject as `ClientData` with this
@@ -14,18 +15,26 @@ use std::time::Duration;
 use bytes::Bytes;
 use fleetgate_bus::{Bus, BusError, now_ms};
 use fleetgate_messages::{
-    ClientData, ClientUsernamePasswordValidationRequest, ClientUsernamePasswordValidationResponse,
-    Record, encode_pooled,
+    ClientCertificateValidationRequest, ClientCertificateValidationResponse, ClientData,
+    ClientUsernamePasswordValidationRequest, ClientUsernamePasswordValidationResponse, Record,
+    encode_pooled,
 };
 use fleetgate_transport_core::{
-    ClientCredentials, ClientIdentity, KpError, KpOutcome, KpRequest, KpResponse, Outbox, SessionId,
+    ClientCertificate, ClientCredentials, ClientIdentity, KpError, KpOutcome, KpRequest,
+    KpResponse, Outbox, SessionId,
 };
 use tokio::time::Instant;
 
-use crate::Gateway;
 use crate::correlation::CorrelationId;
 use crate::pending::{Pending, Route, State};
 use crate::sessions::Reserve;
+use crate::{CertificateCheck, Gateway};
+
+/// The status a device gets for a provider's refusal: the provider's own when it is an error
+/// status, else 401 (a provider that says "no" with a success or odd code still refuses).
+fn refusal_status(status: i32) -> u16 {
+    u16::try_from(status).ok().filter(|s| (400..600).contains(s)).unwrap_or(401)
+}
 
 impl<B: Bus> Gateway<B> {
     /// Checks a connecting client's credentials through 16/ECAP and opens its session.
@@ -34,6 +43,102 @@ impl<B: Bus> Gateway<B> {
         credentials: ClientCredentials<'_>,
         outbox: Outbox,
     ) -> Result<ClientIdentity, KpError> {
+        let (client_id, credential_ids) =
+            self.authenticate(&credentials).await.inspect_err(|e| {
+                self.metrics.sessions_refused.inc();
+                tracing::debug!(transport = credentials.transport, peer = %credentials.peer, status = e.status, reason = %e.reason, "client refused");
+            })?;
+        let session = SessionId(self.next_session.fetch_add(1, Ordering::Relaxed));
+        self.sessions.open(session, outbox, credential_ids);
+        tracing::debug!(session = session.0, transport = credentials.transport, peer = %credentials.peer, "session opened");
+        self.metrics.sessions_opened.inc();
+        self.metrics.sessions_open.inc();
+        Ok(ClientIdentity { session, client_id })
+    }
+
+    /// What the client presented, checked: its certificate (as `gateway.certificate_check`
+    /// says) and its user name and password; with neither, whether anonymous clients may
+    /// connect. Returns the client id and the ids of the credentials that were accepted (a
+    /// 16/ECAP credential revocation names one of them).
+    async fn authenticate(
+        &self,
+        credentials: &ClientCredentials<'_>,
+    ) -> Result<(Option<String>, Vec<Box<str>>), KpError> {
+        let mut client_id = None;
+        let mut credential_ids: Vec<Box<str>> = Vec::new();
+        if let Some(certificate) = credentials.certificate
+            && self.config.certificate_check != CertificateCheck::Local
+            && let Some((credential, client)) = self.check_certificate(certificate).await?
+        {
+            credential_ids.extend(credential.map(Box::from));
+            client_id = client;
+        }
+        // A certificate authenticates the client: no anonymous check after it.
+        let presented = credentials.username.is_some() || credentials.password.is_some();
+        if presented || credentials.certificate.is_none() {
+            let (credential, client) = self.check_password(credentials).await?;
+            credential_ids.extend(credential.map(Box::from));
+            client_id = client_id.or(client);
+        }
+        Ok((client_id, credential_ids))
+    }
+
+    /// `client-certificate-request`: `Some((credential id, client id))` when the provider
+    /// accepts the certificate, `None` when it does not handle certificates and
+    /// `provider_when_supported` lets the local check decide, an error when it refuses or does
+    /// not answer.
+    async fn check_certificate(
+        &self,
+        certificate: &ClientCertificate,
+    ) -> Result<Option<(Option<String>, Option<String>)>, KpError> {
+        let (_, correlation_id) = self.new_correlation_id();
+        let correlation_id = correlation_id.as_str();
+        let request = ClientCertificateValidationRequest {
+            correlation_id,
+            timestamp_ms: now_ms(),
+            timeout_ms: i64::try_from(self.config.auth_timeout_ms).unwrap_or(0),
+            issuer: &certificate.issuer,
+            serial_number: &certificate.serial,
+        };
+        let timeout = Duration::from_millis(self.config.auth_timeout_ms);
+        let when_supported =
+            self.config.certificate_check == CertificateCheck::ProviderWhenSupported;
+        let reply = match self
+            .certificate_requester
+            .request(self.certificate_requests.clone(), correlation_id, request.to_bytes(), timeout)
+            .await
+        {
+            Ok(reply) => reply,
+            Err(BusError::NoResponders(_)) if when_supported => return Ok(None),
+            Err(e) => {
+                tracing::warn!(error = %e, "client certificate check unavailable");
+                return Err(KpError::unavailable("the authentication service did not answer"));
+            }
+        };
+        let answer = ClientCertificateValidationResponse::decode(&reply.payload).map_err(|e| {
+            tracing::warn!(error = %e, "undecodable client-certificate-response");
+            KpError::unavailable("the authentication service gave an unreadable answer")
+        })?;
+        match answer.status_code {
+            200..=299 => Ok(Some((
+                answer.credential_id.map(str::to_owned),
+                answer.client_id.map(str::to_owned),
+            ))),
+            501 if when_supported => Ok(None),
+            status => {
+                let reason = answer.reason_phrase.unwrap_or("client certificate refused");
+                tracing::debug!(status, issuer = %certificate.issuer, serial = %certificate.serial, reason, "client certificate refused by the provider");
+                Err(KpError::new(refusal_status(status), reason.to_owned()))
+            }
+        }
+    }
+
+    /// `client-username-password-request` (also for bearer tokens and anonymous clients):
+    /// (credential id, client id) when the provider accepts.
+    async fn check_password(
+        &self,
+        credentials: &ClientCredentials<'_>,
+    ) -> Result<(Option<String>, Option<String>), KpError> {
         let (_, correlation_id) = self.new_correlation_id();
         let correlation_id = correlation_id.as_str();
         let password = credentials.password.map(String::from_utf8_lossy);
@@ -50,7 +155,6 @@ impl<B: Bus> Gateway<B> {
             .request(self.client_requests.clone(), correlation_id, request.to_bytes(), timeout)
             .await
             .map_err(|e| {
-                self.metrics.sessions_refused.inc();
                 tracing::warn!(error = %e, "client authentication unavailable");
                 KpError::unavailable("the authentication service did not answer")
             })?;
@@ -60,16 +164,10 @@ impl<B: Bus> Gateway<B> {
                 KpError::unavailable("the authentication service gave an unreadable answer")
             })?;
         if !(200..300).contains(&answer.status_code) {
-            self.metrics.sessions_refused.inc();
             let reason = answer.reason_phrase.unwrap_or("bad credentials").to_owned();
-            return Err(KpError::new(u16::try_from(answer.status_code).unwrap_or(401), reason));
+            return Err(KpError::new(refusal_status(answer.status_code), reason));
         }
-        let session = SessionId(self.next_session.fetch_add(1, Ordering::Relaxed));
-        self.sessions.open(session, outbox);
-        tracing::debug!(session = session.0, transport = credentials.transport, peer = %credentials.peer, "session opened");
-        self.metrics.sessions_opened.inc();
-        self.metrics.sessions_open.inc();
-        Ok(ClientIdentity { session, client_id: answer.client_id.map(str::to_owned) })
+        Ok((answer.credential_id.map(str::to_owned), answer.client_id.map(str::to_owned)))
     }
 
     /// Takes one request from a session: on the bus, or refused (and the refusal copied to

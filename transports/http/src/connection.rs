@@ -221,6 +221,7 @@ impl Connection {
             username: credentials.username.as_deref(),
             password: credentials.password.as_deref(),
             peer: self.peer,
+            certificate: None,
         };
         let identity = match self.handler.open_session(presented, self.outbox.clone()).await {
             Ok(identity) => identity,
