@@ -227,6 +227,19 @@ pub(crate) fn demo_endpoint_env() -> Vec<(&'static str, String)> {
     ]
 }
 
+/// `auth.certificates` listing the test client certificate `client_cert` (CN `device-1`) as
+/// client `device-1`, so that the provider accepts it and no other.
+pub(crate) fn certificate_env(
+    files: &fleetgate_tls::test_certs::TestFiles,
+) -> (&'static str, String) {
+    let id = fleetgate_tls::test_certs::TestFiles::identity(&files.client_cert);
+    let entry = format!(
+        "[{{issuer: {:?}, serial_number: \"{}\", client_id: device-1}}]",
+        id.issuer, id.serial
+    );
+    ("FLEETGATE_AUTH_CERTIFICATES", entry)
+}
+
 /// A NATS subscriber that records what arrives on the subjects of interest.
 pub(crate) struct NatsObserver {
     pub client: async_nats::Client,
