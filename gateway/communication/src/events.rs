@@ -79,11 +79,18 @@ pub(crate) async fn end_revoked<B: Bus>(
         };
         match EndpointTokenRevokedEvent::decode(&msg.payload) {
             Ok(event) => {
-                gateway.tokens.evict_endpoint(event.app_name, event.endpoint_id);
-                for session in gateway.sessions.sessions_of(event.endpoint_id, event.app_name) {
+                // 16/ECAP names the application; a provider that keys tokens by app version
+                // (fleetgate's own) names that, so either matches.
+                let app = event.app_name;
+                let in_app = |version: &str| {
+                    version == app || gateway.app_names.get(version).is_some_and(|a| a == app)
+                };
+                let (endpoint_id, token_ids) = (event.endpoint_id, &event.token_ids);
+                gateway.tokens.evict_revoked(endpoint_id, &in_app, token_ids);
+                for session in gateway.sessions.revoked(endpoint_id, &in_app, token_ids) {
                     tracing::info!(
                         session = session.0,
-                        endpoint_id = event.endpoint_id,
+                        endpoint_id,
                         "token revoked: session ended"
                     );
                     gateway.metrics.sessions_revoked.inc();

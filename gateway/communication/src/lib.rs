@@ -17,6 +17,7 @@ mod correlation;
 mod delivery;
 pub mod downlink;
 pub mod events;
+mod guard;
 mod metrics;
 mod pending;
 mod sessions;
@@ -41,10 +42,12 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 pub use delivery::{SpoolConfig, SpoolMode};
+pub use guard::AuthFailuresConfig;
 pub use metrics::GatewayMetrics;
 
 use correlation::CorrelationId;
 use delivery::Delivery;
+use guard::AuthGuard;
 use pending::PendingTable;
 use sessions::Sessions;
 use tokens::TokenCache;
@@ -74,11 +77,22 @@ pub struct GatewayConfig {
     pub token_cache_ttl_ms: u64,
     /// How long an unknown token stays unknown without asking again.
     pub token_negative_cache_ttl_ms: u64,
+    /// Unknown or refused tokens remembered at most (the negative cache, apart from the
+    /// positive one; the least useful go first).
+    pub token_negative_cache_capacity: usize,
+    /// Longer endpoint tokens are refused (401) without a lookup or a cache entry.
+    pub max_token_bytes: usize,
+    /// Back-off for source addresses that keep failing to authenticate.
+    pub auth_failures: AuthFailuresConfig,
     /// Store and forward when the bus cannot deliver in time.
     pub spool: SpoolConfig,
     /// When a client certificate (verified by the transport against its client CA and CRLs)
     /// is also checked with the 16/ECAP provider.
     pub certificate_check: CertificateCheck,
+    /// App version → application name, from `applications.<app>.versions` (set by the binary,
+    /// not a key of `gateway`): 16/ECAP revocations name the application.
+    #[serde(skip)]
+    pub app_names: std::collections::BTreeMap<String, String>,
 }
 
 /// When the 16/ECAP provider is asked about a client certificate
@@ -110,8 +124,12 @@ impl Default for GatewayConfig {
             auth_timeout_ms: 5_000,
             token_cache_ttl_ms: 60_000,
             token_negative_cache_ttl_ms: 5_000,
+            token_negative_cache_capacity: 10_000,
+            max_token_bytes: 512,
+            auth_failures: AuthFailuresConfig::default(),
             spool: SpoolConfig::default(),
             certificate_check: CertificateCheck::default(),
+            app_names: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -120,9 +138,16 @@ impl GatewayConfig {
     /// Values out of range, as `(setting, what is wrong)`.
     pub fn problems(&self) -> Vec<(&'static str, String)> {
         let spool = &self.spool;
+        let failures = &self.auth_failures;
+        let backing_off = u64::from(failures.max_failures > 0);
         below_minimum(&[
             ("request_timeout_ms", self.request_timeout_ms, 1),
             ("auth_timeout_ms", self.auth_timeout_ms, 1),
+            ("token_negative_cache_capacity", self.token_negative_cache_capacity as u64, 1),
+            ("max_token_bytes", self.max_token_bytes as u64, 1),
+            ("auth_failures.window_ms", failures.window_ms, backing_off),
+            ("auth_failures.backoff_ms", failures.backoff_ms, backing_off),
+            ("auth_failures.max_addresses", failures.max_addresses as u64, backing_off),
             // Less than a MiB holds a few requests at most: the spool would be full at once.
             ("spool.max_bytes", spool.max_bytes, 1024 * 1024),
             ("spool.delivery_timeout_ms", spool.delivery_timeout_ms, 1),
@@ -178,6 +203,10 @@ pub struct Gateway<B: Bus> {
     sessions: Sessions,
     pending: PendingTable,
     tokens: TokenCache<B>,
+    /// Failed authentications per source address.
+    guard: AuthGuard,
+    /// App version → application name (16/ECAP revocations name the application).
+    app_names: std::collections::BTreeMap<String, String>,
     next_session: AtomicU64,
     next_request: AtomicU64,
     /// Set on SIGTERM: no new requests are taken (nothing new is acknowledged).
@@ -319,6 +348,8 @@ impl<B: Bus> Gateway<B> {
             metrics,
             reply_subject,
             tokens,
+            guard: AuthGuard::new(&config.auth_failures),
+            app_names: config.app_names.clone(),
             replica_id,
             config,
             bus,

@@ -10,6 +10,12 @@ pub(crate) struct StatusLabel {
     pub(crate) status: u16,
 }
 
+/// The `reason` label of authentication refusals.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ReasonLabel {
+    pub(crate) reason: &'static str,
+}
+
 /// The `extension` label of the request latency.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct ExtensionLabel {
@@ -30,6 +36,8 @@ pub struct GatewayMetrics {
     pub(crate) sessions_opened: Counter,
     pub(crate) sessions_refused: Counter,
     pub(crate) sessions_revoked: Counter,
+    pub(crate) auth_refusals: Family<ReasonLabel, Counter>,
+    pub(crate) auth_backoffs: Counter,
     pub(crate) token_cache_misses: Counter,
     pub(crate) sessions_open: Gauge,
     pub(crate) requests_pending: Gauge,
@@ -69,6 +77,16 @@ impl GatewayMetrics {
         for (name, help, counter) in counters {
             r.register(name, help, counter.clone());
         }
+        r.register(
+            "auth_refusals",
+            "Authentication refusals (tokens and client credentials), by reason",
+            self.auth_refusals.clone(),
+        );
+        r.register(
+            "auth_backoffs",
+            "Back-offs started for a source address after too many failed authentications",
+            self.auth_backoffs.clone(),
+        );
         r.register(
             "requests_rejected",
             "Requests refused before reaching an extension, by status (none of them acknowledged)",
@@ -128,6 +146,11 @@ impl GatewayMetrics {
     /// Counts a request refused with `status`.
     pub(crate) fn rejected(&self, status: u16) {
         self.rejected.get_or_create(&StatusLabel { status }).inc();
+    }
+
+    /// Counts an authentication refused for `reason`.
+    pub(crate) fn auth_refused(&self, reason: &'static str) {
+        self.auth_refusals.get_or_create(&ReasonLabel { reason }).inc();
     }
 
     /// The request latency of `extension`.

@@ -28,7 +28,13 @@ use tokio::time::Instant;
 use crate::correlation::CorrelationId;
 use crate::pending::{Pending, Route, State};
 use crate::sessions::Reserve;
+use crate::tokens::{Refusal, Resolved};
 use crate::{CertificateCheck, Gateway};
+
+/// The refusal while an address backs off.
+fn backoff_error() -> KpError {
+    KpError::new(429, "too many failed authentications from this address; try again later")
+}
 
 /// The status a device gets for a provider's refusal: the provider's own when it is an error
 /// status, else 401 (a provider that says "no" with a success or odd code still refuses).
@@ -43,13 +49,22 @@ impl<B: Bus> Gateway<B> {
         credentials: ClientCredentials<'_>,
         outbox: Outbox,
     ) -> Result<ClientIdentity, KpError> {
-        let (client_id, credential_ids) =
-            self.authenticate(&credentials).await.inspect_err(|e| {
-                self.metrics.sessions_refused.inc();
-                tracing::debug!(transport = credentials.transport, peer = %credentials.peer, status = e.status, reason = %e.reason, "client refused");
-            })?;
+        let ip = credentials.peer.ip();
+        let authenticated = match self.guard.blocked(ip, Instant::now()) {
+            true => Err((backoff_error(), Refusal::Backoff.reason())),
+            false => self.authenticate(&credentials).await,
+        };
+        let (client_id, credential_ids) = authenticated.map_err(|(e, reason)| {
+            self.metrics.sessions_refused.inc();
+            self.metrics.auth_refused(reason);
+            if e.status != 503 && e.status != 429 {
+                self.count_failure(ip);
+            }
+            tracing::debug!(transport = credentials.transport, peer = %credentials.peer, status = e.status, reason = %e.reason, "client refused");
+            e
+        })?;
         let session = SessionId(self.next_session.fetch_add(1, Ordering::Relaxed));
-        self.sessions.open(session, outbox, credential_ids);
+        self.sessions.open(session, outbox, ip, credential_ids);
         tracing::debug!(session = session.0, transport = credentials.transport, peer = %credentials.peer, "session opened");
         self.metrics.sessions_opened.inc();
         self.metrics.sessions_open.inc();
@@ -63,12 +78,19 @@ impl<B: Bus> Gateway<B> {
     async fn authenticate(
         &self,
         credentials: &ClientCredentials<'_>,
-    ) -> Result<(Option<String>, Vec<Box<str>>), KpError> {
+    ) -> Result<(Option<String>, Vec<Box<str>>), (KpError, &'static str)> {
+        let why = |refused: &'static str| {
+            move |e: KpError| {
+                let reason = if e.status == 503 { "provider_unavailable" } else { refused };
+                (e, reason)
+            }
+        };
         let mut client_id = None;
         let mut credential_ids: Vec<Box<str>> = Vec::new();
         if let Some(certificate) = credentials.certificate
             && self.config.certificate_check != CertificateCheck::Local
-            && let Some((credential, client)) = self.check_certificate(certificate).await?
+            && let Some((credential, client)) =
+                self.check_certificate(certificate).await.map_err(why("certificate_refused"))?
         {
             credential_ids.extend(credential.map(Box::from));
             client_id = client;
@@ -76,7 +98,8 @@ impl<B: Bus> Gateway<B> {
         // A certificate authenticates the client: no anonymous check after it.
         let presented = credentials.username.is_some() || credentials.password.is_some();
         if presented || credentials.certificate.is_none() {
-            let (credential, client) = self.check_password(credentials).await?;
+            let (credential, client) =
+                self.check_password(credentials).await.map_err(why("bad_credentials"))?;
             credential_ids.extend(credential.map(Box::from));
             client_id = client_id.or(client);
         }
@@ -219,11 +242,48 @@ impl<B: Bus> Gateway<B> {
         if !routes.app_versions.is_empty() && !routes.app_versions.contains(app_version) {
             return Err(KpError::not_found(format!("unknown app version `{app_version}`")));
         }
-        self.tokens.resolve(app_version, token, &self.metrics.token_cache_misses).await?;
+        self.resolve(session, app_version, token).await?;
         if self.sessions.subscribe(session, token, filter, tag) {
             Ok(())
         } else {
             Err(KpError::unavailable("the session has ended"))
+        }
+    }
+
+    /// `token`'s endpoint in `app_version`, for `session`: from the caches when they know it,
+    /// else from the provider unless the session's address is backing off. Refusals are
+    /// counted by reason, and failures against the address.
+    async fn resolve(
+        &self,
+        session: SessionId,
+        app_version: &str,
+        token: &str,
+    ) -> Result<Resolved, KpError> {
+        let peer = self.sessions.peer(session);
+        let answer = match self.tokens.known(app_version, token) {
+            Some(answer) => answer,
+            None if peer.is_some_and(|ip| self.guard.blocked(ip, Instant::now())) => {
+                Err((backoff_error(), Refusal::Backoff))
+            }
+            None => self.tokens.lookup(app_version, token, &self.metrics.token_cache_misses).await,
+        };
+        answer.map_err(|(e, why)| {
+            self.metrics.auth_refused(why.reason());
+            let failure = !matches!(why, Refusal::Backoff | Refusal::ProviderUnavailable);
+            if let Some(ip) = peer
+                && failure
+            {
+                self.count_failure(ip);
+            }
+            e
+        })
+    }
+
+    /// Counts a failed authentication from `ip`; logs (at debug) when it starts a back-off.
+    fn count_failure(&self, ip: std::net::IpAddr) {
+        if self.guard.failed(ip, Instant::now()) {
+            self.metrics.auth_backoffs.inc();
+            tracing::debug!(peer = %ip, "too many failed authentications: backing off");
         }
     }
 
@@ -235,10 +295,10 @@ impl<B: Bus> Gateway<B> {
         app_version: &str,
         token: &str,
     ) -> Result<Arc<str>, KpError> {
-        let resolved =
-            self.tokens.resolve(app_version, token, &self.metrics.token_cache_misses).await?;
+        let resolved = self.resolve(session, app_version, token).await?;
         let id = resolved.endpoint_id;
-        match self.sessions.note_endpoint(session, &id, app_version, token, resolved.expires) {
+        let (token_id, expires) = (resolved.token_id, resolved.expires);
+        match self.sessions.note_endpoint(session, &id, app_version, token, token_id, expires) {
             None => return Err(KpError::unavailable("the session has ended")),
             Some(true) => self.publish_connected(&[(&id, app_version)]).await,
             Some(false) => {}
