@@ -8,9 +8,13 @@
 //! and base-10 serial of certificates the gateway has verified; any other is refused). fleetgate passes the app version name as the 16/ECAP `appName`, so a
 //! token belongs to one app version.
 //!
+//! When new settings drop an endpoint token or a client credential (or change its password),
+//! it broadcasts the 16/ECAP revocation (`EndpointTokenRevokedEvent`,
+//! `ClientCredentialRevokedEvent`), so that gateways end the sessions that use it at once.
+//!
 //! It knows the bus and the Avro records; it keeps no state beyond its configuration, so any
-//! number of replicas can share the queue group. It does not store credentials elsewhere, rotate
-//! tokens or publish revocations yet.
+//! number of replicas can share the queue group (each replica announces a revocation; gateways
+//! end a session once). It does not store credentials elsewhere or rotate tokens.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,7 +23,8 @@ use fleetgate_bus::{Bus, BusError, Message, Subject, now_ms};
 use fleetgate_live::Live;
 use fleetgate_messages::{
     ClientCertificateValidationRequest, ClientCertificateValidationResponse,
-    ClientUsernamePasswordValidationRequest, ClientUsernamePasswordValidationResponse,
+    ClientCredentialRevokedEvent, ClientUsernamePasswordValidationRequest,
+    ClientUsernamePasswordValidationResponse, EndpointTokenRevokedEvent,
     EndpointTokenValidationRequest, EndpointTokenValidationResponse, Record, subjects,
 };
 use fleetgate_service::{BoxFuture, Running, ServiceError, StartContext};
@@ -254,6 +259,8 @@ impl AuthProvider {
         let mut certificates =
             bus.subscribe(&subjects::ecap_certificate_request(&config.instance), group).await?;
         bus.flush().await?;
+        let instance = config.instance.clone();
+        let replica = fleetgate_bus::new_replica_id(&instance);
         let task = tokio::spawn(async move {
             loop {
                 tokio::select! {
@@ -263,7 +270,8 @@ impl AuthProvider {
                     Ok(()) = changed.changed() => match Directory::new(&settings.get()) {
                         Ok(new) => {
                             tracing::info!(endpoints = new.endpoints.len(), clients = new.clients.len(), "auth: new settings applied");
-                            directory = Arc::new(new);
+                            let old = std::mem::replace(&mut directory, Arc::new(new));
+                            announce_revocations(&bus, &instance, &replica, &old, &directory).await;
                         }
                         Err(e) => tracing::error!(error = %e, "auth: new settings refused; the old ones stay"),
                     },
@@ -280,6 +288,80 @@ impl AuthProvider {
     pub async fn join(self) {
         let _ = self.task.await;
     }
+}
+
+/// Broadcasts what `new` no longer accepts of what `old` did: endpoint tokens removed or moved
+/// to another endpoint, client credentials removed or given another secret.
+async fn announce_revocations<B: Bus>(
+    bus: &B,
+    instance: &str,
+    replica: &str,
+    old: &Directory,
+    new: &Directory,
+) {
+    for ((app_version, token), endpoint_id) in &old.endpoints {
+        let key = (app_version.clone(), token.clone());
+        if new.endpoints.get(&key) == Some(endpoint_id) {
+            continue;
+        }
+        let token_id = token_id(app_version, token);
+        let event = EndpointTokenRevokedEvent {
+            correlation_id: &next_correlation_id(replica),
+            timestamp_ms: now_ms(),
+            timeout_ms: 0,
+            app_name: app_version,
+            endpoint_id,
+            token_ids: vec![&token_id],
+            originator_replica_id: replica,
+        };
+        tracing::info!(app_version, endpoint_id, "auth: endpoint token revoked");
+        let subject = Subject::from(subjects::token_revoked(instance));
+        if let Err(e) = bus.publish(subject, None, event.to_bytes()).await {
+            tracing::warn!(error = %e, "cannot announce a token revocation");
+        }
+    }
+    let mut revoked: Vec<String> = Vec::new();
+    for (user, c) in &old.clients {
+        if new.clients.get(user) != Some(c) {
+            revoked.push(c.client_id.clone().unwrap_or_else(|| c.username.clone()));
+        }
+    }
+    for b in &old.bearer_tokens {
+        if !new.bearer_tokens.contains(b) {
+            revoked.push(b.client_id.clone());
+        }
+    }
+    for (key, c) in &old.certificates {
+        if new.certificates.get(key).is_none_or(|n| n.credential_id() != c.credential_id()) {
+            revoked.push(c.credential_id().to_owned());
+        }
+    }
+    for credential_id in &revoked {
+        let event = ClientCredentialRevokedEvent {
+            correlation_id: &next_correlation_id(replica),
+            timestamp_ms: now_ms(),
+            timeout_ms: 0,
+            credential_id,
+            originator_replica_id: replica,
+        };
+        tracing::info!(credential_id, "auth: client credential revoked");
+        let subject = Subject::from(subjects::credential_revoked(instance));
+        if let Err(e) = bus.publish(subject, None, event.to_bytes()).await {
+            tracing::warn!(error = %e, "cannot announce a credential revocation");
+        }
+    }
+}
+
+/// A correlation id for an event of this replica.
+fn next_correlation_id(replica: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{replica}-revoked-{n}")
+}
+
+/// The token id the provider reports for `token` of `app_version` (stable, one per token).
+pub fn token_id(app_version: &str, token: &str) -> String {
+    format!("tok-{}", &derived_endpoint_id(app_version, token)[3..])
 }
 
 async fn answer<B: Bus>(
@@ -349,7 +431,7 @@ impl Directory {
             }
             None => None,
         };
-        let token_id = endpoint_id.as_ref().map(|id| format!("token-{id}"));
+        let token_id = endpoint_id.as_ref().map(|_| token_id(request.app_name, request.token));
         let response = EndpointTokenValidationResponse {
             correlation_id: request.correlation_id,
             timestamp_ms: now_ms(),
@@ -520,6 +602,47 @@ mod tests {
         assert_eq!(status, 200);
         assert_eq!(id, Some(derived_endpoint_id("demo-v1", "anything")));
         assert_ne!(derived_endpoint_id("demo-v1", "a"), derived_endpoint_id("demo-v1", "b"));
+    }
+
+    #[tokio::test]
+    async fn dropped_tokens_and_credentials_are_announced_revoked() {
+        let client = |user: &str, pw: &str| ClientEntry {
+            username: user.into(),
+            password: pw.into(),
+            client_id: None,
+        };
+        let config = AuthConfig {
+            endpoints: vec![endpoint("demo-v1", "t1", "ep-1"), endpoint("demo-v1", "t2", "ep-2")],
+            clients: vec![client("a", "pw"), client("b", "pw")],
+            ..Default::default()
+        };
+        let settings = Live::new(config.clone());
+        let bus = InProcessBus::new(64);
+        let mut tokens = bus.subscribe(subjects::TOKEN_REVOKED_ANY, None).await.expect("sub");
+        let mut credentials =
+            bus.subscribe(subjects::CREDENTIAL_REVOKED_ANY, None).await.expect("sub");
+        let (_stop, rx) = watch::channel(false);
+        AuthProvider::start(bus.clone(), settings.clone(), rx).await.expect("start");
+        settings.set(AuthConfig {
+            endpoints: vec![endpoint("demo-v1", "t1", "ep-1")],
+            clients: vec![client("a", "new password")],
+            ..config
+        });
+        let wait = Duration::from_secs(2);
+        let m = tokio::time::timeout(wait, tokens.next()).await.expect("event").expect("open");
+        let event = EndpointTokenRevokedEvent::decode(&m.payload).expect("decode");
+        assert_eq!((event.app_name, event.endpoint_id), ("demo-v1", "ep-2"));
+        assert_eq!(event.token_ids, vec![token_id("demo-v1", "t2").as_str()]);
+        let mut revoked = Vec::new();
+        for _ in 0..2 {
+            let m =
+                tokio::time::timeout(wait, credentials.next()).await.expect("event").expect("open");
+            let event = ClientCredentialRevokedEvent::decode(&m.payload).expect("decode");
+            revoked.push(event.credential_id.to_owned());
+        }
+        revoked.sort();
+        assert_eq!(revoked, ["a", "b"], "a's password changed, b was removed");
+        assert_ne!(token_id("demo-v1", "t1"), token_id("demo-v1", "t2"));
     }
 
     #[tokio::test]
