@@ -359,7 +359,13 @@ impl<B: Bus> Gateway<B> {
         // session; the trust expires with the cache entry it came from).
         let endpoint_id =
             match self.sessions.trusted_endpoint(session, app_version, token, Instant::now()) {
-                None => return Err(KpError::unavailable("the session has ended")),
+                // Ended by the gateway under a connection that lives on (an HTTP keep-alive):
+                // a revocation, so the client must authenticate again.
+                None => {
+                    return Err(KpError::unauthorized(
+                        "the session has ended (its token or credentials were revoked)",
+                    ));
+                }
                 Some(Some(endpoint_id)) => endpoint_id,
                 // Boxed: the first use of a token in a session is rare, and its future (a 16/ECAP
                 // request with a timer) would otherwise sit inline in every request's future.

@@ -1,0 +1,172 @@
+//! 16/ECAP revocation ends sessions within a second: an endpoint token or a client credential
+//! dropped from the provider's settings (which broadcasts the revocation), and a token
+//! revocation that names the application (not the app version) arriving on NATS from another
+//! provider. Devices are real clients (rumqttc, a raw HTTP/1.1 keep-alive connection).
+
+#![allow(clippy::expect_used, clippy::unwrap_used)] // a test fails by panicking
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use fleetgate_messages::{EndpointTokenRevokedEvent, Record};
+use fleetgate_testkit::{NatsServer, free_port};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS};
+use support::Fleetgate;
+
+/// An MQTT device that has published once with its token and got `/status`.
+struct Device {
+    _client: AsyncClient,
+    events: EventLoop,
+}
+
+impl Device {
+    async fn start(addr: SocketAddr, token: &str, login: Option<(&str, &str)>) -> Self {
+        let id = format!("rev-{}", free_port());
+        let mut options = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+        options.set_keep_alive(Duration::from_secs(30));
+        if let Some((user, password)) = login {
+            options.set_credentials(user, password);
+        }
+        let (client, mut events) = AsyncClient::new(options, 16);
+        let topic = format!("kp1/demo-v1/dcx/{token}/json/1");
+        client.publish(&topic, QoS::AtLeastOnce, false, b"[{\"t\":1}]".to_vec()).await.unwrap();
+        let status = format!("{topic}/status");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, events.poll()).await {
+                Ok(Ok(Event::Incoming(Packet::Publish(p)))) if p.topic == status => break,
+                Ok(Ok(_)) => {}
+                other => panic!("{token}: no /status: {other:?}"),
+            }
+        }
+        Self { _client: client, events }
+    }
+
+    /// How long until the server closes the connection (at most `limit`).
+    async fn ends_within(&mut self, limit: Duration) -> Option<Duration> {
+        let t0 = Instant::now();
+        loop {
+            let left = limit.saturating_sub(t0.elapsed());
+            match tokio::time::timeout(left, self.events.poll()).await {
+                Err(_) => return None,
+                Ok(Err(_)) => return Some(t0.elapsed()),
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+}
+
+/// One HTTP/1.1 request on a kept-alive connection: the status code.
+fn http_post(conn: &mut TcpStream, token: &str) -> u16 {
+    let body = "[{\"t\":1}]";
+    let request = format!(
+        "POST /kp1/demo-v1/dcx/{token}/json HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    conn.write_all(request.as_bytes()).unwrap();
+    let mut buf = [0u8; 4096];
+    let n = conn.read(&mut buf).unwrap();
+    let head = String::from_utf8_lossy(&buf[..n]);
+    head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+}
+
+/// Replaces the file whole, as editors and Kubernetes do.
+fn write(path: &Path, text: &str) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+const BEFORE: &str = "
+process: {config_check_interval_ms: 100}
+auth:
+  endpoints:
+    - {app_version: demo-v1, token: tok-1, endpoint_id: ep-1}
+    - {app_version: demo-v1, token: tok-2, endpoint_id: ep-2}
+  clients: [{username: dev, password: pw}]
+gateway: {app_versions: [demo-v1]}
+";
+
+/// tok-1 and the client `dev` are gone.
+const AFTER: &str = "
+process: {config_check_interval_ms: 100}
+auth:
+  endpoints: [{app_version: demo-v1, token: tok-2, endpoint_id: ep-2}]
+gateway: {app_versions: [demo-v1]}
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_tokens_and_credentials_end_their_sessions_within_a_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fleetgate.yml");
+    write(&path, BEFORE);
+    let fg = Fleetgate::start("up", &[("FLEETGATE_CONFIG", path.display().to_string())]);
+    let mut revoked_token = Device::start(fg.mqtt, "tok-1", None).await;
+    let mut revoked_login = Device::start(fg.mqtt, "tok-2", Some(("dev", "pw"))).await;
+    let mut kept = Device::start(fg.mqtt, "tok-2", None).await;
+    let mut http = TcpStream::connect(fg.http).unwrap();
+    http.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(http_post(&mut http, "tok-1"), 204);
+
+    let written = Instant::now();
+    write(&path, AFTER);
+    // The file is checked every 100 ms; from then on a second at most.
+    let limit = Duration::from_millis(1_100);
+    let (a, b) = tokio::join!(revoked_token.ends_within(limit), revoked_login.ends_within(limit));
+    assert!(a.is_some(), "the session of the revoked token is still open");
+    assert!(b.is_some(), "the session of the revoked client credential is still open");
+    assert!(written.elapsed() < Duration::from_millis(1_500), "{:?}", written.elapsed());
+    assert_eq!(kept.ends_within(Duration::from_millis(500)).await, None, "tok-2 stays");
+    // The HTTP connection lives on; its session does not.
+    assert_eq!(http_post(&mut http, "tok-1"), 401);
+    assert_eq!(fg.metric("fleetgate_gateway_sessions_revoked_total"), Some(3.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_revocation_naming_the_application_ends_the_session() {
+    let nats = NatsServer::start();
+    let env = [
+        ("FLEETGATE_NATS_URL", nats.url()),
+        (
+            "FLEETGATE_AUTH_ENDPOINTS",
+            "[{app_version: demo-v1, token: tok-1, endpoint_id: ep-1}]".into(),
+        ),
+        ("FLEETGATE_GATEWAY_APP_VERSIONS", "[demo-v1]".into()),
+        ("FLEETGATE_APPLICATIONS", "{fleet: {versions: [demo-v1]}}".into()),
+    ];
+    let fg = Fleetgate::start("up", &env);
+    let mut device = Device::start(fg.mqtt, "tok-1", None).await;
+    let nats_client = async_nats::connect(nats.url()).await.unwrap();
+    let token_id = fleetgate_auth::token_id("demo-v1", "tok-1");
+    let revoke = |app: &'static str, token_id: String| {
+        let nats_client = nats_client.clone();
+        async move {
+            let event = EndpointTokenRevokedEvent {
+                correlation_id: "c-1",
+                timestamp_ms: 0,
+                timeout_ms: 0,
+                app_name: app,
+                endpoint_id: "ep-1",
+                token_ids: vec![&token_id],
+                originator_replica_id: "another-provider-1",
+            };
+            let subject = "kaa.v1.events.another-provider.endpoint.token.revoked";
+            nats_client.publish(subject, event.to_bytes()).await.unwrap();
+            nats_client.flush().await.unwrap();
+        }
+    };
+    // Another application's endpoint, or another token of this one: nothing ends.
+    revoke("other-app", token_id.clone()).await;
+    revoke("fleet", "tok-0000".into()).await;
+    assert_eq!(device.ends_within(Duration::from_millis(500)).await, None);
+    // The application's name (what 16/ECAP carries) and the token's id.
+    revoke("fleet", token_id).await;
+    let ended = device.ends_within(Duration::from_secs(1)).await;
+    assert!(ended.is_some(), "the session is still open a second after the revocation");
+    assert_eq!(fg.metric("fleetgate_gateway_sessions_revoked_total"), Some(1.0));
+}
