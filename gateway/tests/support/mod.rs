@@ -76,7 +76,10 @@ impl Fleetgate {
             .append(true)
             .open(&self.log)
             .expect("log file");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fleetgate"));
+        // FLEETGATE_TEST_BIN: another build to compare with (before/after figures).
+        let bin = std::env::var("FLEETGATE_TEST_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_fleetgate").to_owned());
+        let mut cmd = Command::new(bin);
         cmd.arg(&self.command)
             .current_dir(self.dir.path())
             .env_remove("FLEETGATE_CONFIG")
@@ -175,6 +178,17 @@ impl Fleetgate {
     }
 
     /// The value of a metric sample line that starts with `name` on `/metrics`.
+    /// The process's resident set size, KiB (Linux).
+    pub(crate) fn rss_kib(&self) -> u64 {
+        let pid = self.child.as_ref().expect("running").id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS")
+    }
+
     pub(crate) fn metric(&self, name: &str) -> Option<f64> {
         let (_, body) = http_get(self.admin, "/metrics")?;
         body.lines()
