@@ -1,8 +1,8 @@
 //! Bounded floods on loopback against the authentication path (issue 15): an anonymous client
 //! publishes with 60 KB tokens, then with 100,000 short unknown tokens, while a real device
 //! keeps publishing with its token. Each flood must leave the gateway's RSS within a stated
-//! bound and the device served throughout. `FLEETGATE_TEST_BIN=<older fleetgate>` with
-//! `FLEETGATE_TEST_BEFORE=1` runs the floods against another build for before/after figures
+//! bound and the device served throughout. `FG_TEST_BIN=<older fleetgate>` with
+//! `FG_TEST_BEFORE=1` runs the floods against another build for before/after figures
 //! (the bounds are not asserted then).
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a test fails by panicking
@@ -186,7 +186,7 @@ fn with_device(fg: &Fleetgate, flood: impl FnOnce()) -> u64 {
 }
 
 fn before() -> bool {
-    std::env::var_os("FLEETGATE_TEST_BEFORE").is_some()
+    std::env::var_os("FG_TEST_BEFORE").is_some()
 }
 
 #[test]

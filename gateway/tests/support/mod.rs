@@ -76,8 +76,8 @@ impl Fleetgate {
             .append(true)
             .open(&self.log)
             .expect("log file");
-        // FLEETGATE_TEST_BIN: another build to compare with (before/after figures).
-        let bin = std::env::var("FLEETGATE_TEST_BIN")
+        // FG_TEST_BIN: another build to compare with (before/after figures).
+        let bin = std::env::var("FG_TEST_BIN")
             .unwrap_or_else(|_| env!("CARGO_BIN_EXE_fleetgate").to_owned());
         let mut cmd = Command::new(bin);
         cmd.arg(&self.command)
