@@ -1,7 +1,8 @@
 //! 16/ECAP revocation ends sessions within a second: an endpoint token or a client credential
 //! dropped from the provider's settings (which broadcasts the revocation), and a token
 //! revocation that names the application (not the app version) arriving on NATS from another
-//! provider. Devices are real clients (rumqttc, a raw HTTP/1.1 keep-alive connection).
+//! provider. Devices are real clients (rumqttc) and raw protocol clients that keep their
+//! connection or source address (an HTTP/1.1 keep-alive connection, a CoAP socket).
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a test fails by panicking
 
@@ -75,6 +76,32 @@ fn http_post(conn: &mut TcpStream, token: &str) -> u16 {
     head.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
 }
 
+/// One confirmable CoAP POST of a sample to `kp1/demo-v1/dcx/<token>/json` from `socket`
+/// (the same source address each time: the same CoAP peer and gateway session); the response
+/// code as `class.detail`, e.g. `2.04`.
+fn coap_post(socket: &std::net::UdpSocket, to: SocketAddr, token: &str, message_id: u16) -> String {
+    let mut datagram = vec![0x41, 0x02]; // version 1, CON, token length 1; POST
+    datagram.extend_from_slice(&message_id.to_be_bytes());
+    datagram.push(0x7a); // the CoAP token
+    for (i, segment) in ["kp1", "demo-v1", "dcx", token, "json"].iter().enumerate() {
+        let delta = if i == 0 { 11 } else { 0 }; // Uri-Path
+        assert!(segment.len() < 13);
+        datagram.push((delta << 4) | segment.len() as u8);
+        datagram.extend_from_slice(segment.as_bytes());
+    }
+    datagram.push(0xff);
+    datagram.extend_from_slice(b"[{\"t\":1}]");
+    socket.send_to(&datagram, to).unwrap();
+    let mut buf = [0u8; 1500];
+    loop {
+        let (n, _) = socket.recv_from(&mut buf).expect("a CoAP answer");
+        // An empty ACK comes before a separate response.
+        if n >= 4 && buf[1] != 0 {
+            return format!("{}.{:02}", buf[1] >> 5, buf[1] & 0x1f);
+        }
+    }
+}
+
 /// Replaces the file whole, as editors and Kubernetes do.
 fn write(path: &Path, text: &str) {
     let tmp = path.with_extension("tmp");
@@ -112,6 +139,9 @@ async fn dropped_tokens_and_credentials_end_their_sessions_within_a_second() {
     let mut http = TcpStream::connect(fg.http).unwrap();
     http.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     assert_eq!(http_post(&mut http, "tok-1"), 204);
+    let coap = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    coap.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(coap_post(&coap, fg.coap, "tok-1", 1), "2.04");
 
     let written = Instant::now();
     write(&path, AFTER);
@@ -122,9 +152,11 @@ async fn dropped_tokens_and_credentials_end_their_sessions_within_a_second() {
     assert!(b.is_some(), "the session of the revoked client credential is still open");
     assert!(written.elapsed() < Duration::from_millis(1_500), "{:?}", written.elapsed());
     assert_eq!(kept.ends_within(Duration::from_millis(500)).await, None, "tok-2 stays");
-    // The HTTP connection lives on; its session does not.
+    // The HTTP connection and the CoAP peer live on; their sessions do not (without the
+    // revocation, the session would trust the token for the token cache's TTL, 60 s).
     assert_eq!(http_post(&mut http, "tok-1"), 401);
-    assert_eq!(fg.metric("fleetgate_gateway_sessions_revoked_total"), Some(3.0));
+    assert_eq!(coap_post(&coap, fg.coap, "tok-1", 2), "4.01");
+    assert_eq!(fg.metric("fleetgate_gateway_sessions_revoked_total"), Some(4.0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
