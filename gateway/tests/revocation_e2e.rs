@@ -26,9 +26,39 @@ struct Device {
 
 impl Device {
     async fn start(addr: SocketAddr, token: &str, login: Option<(&str, &str)>) -> Self {
+        Self::start_over(addr, token, login, None).await
+    }
+
+    /// The same over MQTT/TLS, trusting the CA in `ca_file`.
+    async fn start_tls(addr: SocketAddr, token: &str, ca_file: &Path) -> Self {
+        use fleetgate_tls::rustls::pki_types::CertificateDer;
+        use fleetgate_tls::rustls::pki_types::pem::PemObject;
+        use fleetgate_tls::rustls::{ClientConfig, RootCertStore};
+        let mut roots = RootCertStore::empty();
+        roots.add(CertificateDer::from_pem_file(ca_file).unwrap()).unwrap();
+        let config = ClientConfig::builder_with_provider(fleetgate_tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let tls = rumqttc::TlsConfiguration::Rustls(std::sync::Arc::new(config));
+        let addr = SocketAddr::from(([127, 0, 0, 1], addr.port()));
+        Self::start_over(addr, token, None, Some(rumqttc::Transport::Tls(tls))).await
+    }
+
+    async fn start_over(
+        addr: SocketAddr,
+        token: &str,
+        login: Option<(&str, &str)>,
+        transport: Option<rumqttc::Transport>,
+    ) -> Self {
         let id = format!("rev-{}", free_port());
-        let mut options = MqttOptions::new(id, addr.ip().to_string(), addr.port());
+        let host = if transport.is_some() { "localhost".to_owned() } else { addr.ip().to_string() };
+        let mut options = MqttOptions::new(id, host, addr.port());
         options.set_keep_alive(Duration::from_secs(30));
+        if let Some(transport) = transport {
+            options.set_transport(transport);
+        }
         if let Some((user, password)) = login {
             options.set_credentials(user, password);
         }
@@ -132,8 +162,18 @@ async fn dropped_tokens_and_credentials_end_their_sessions_within_a_second() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("fleetgate.yml");
     write(&path, BEFORE);
-    let fg = Fleetgate::start("up", &[("FLEETGATE_CONFIG", path.display().to_string())]);
+    let files = fleetgate_tls::test_certs::TestFiles::write(dir.path());
+    let mqtts = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let env = [
+        ("FLEETGATE_CONFIG", path.display().to_string()),
+        ("FLEETGATE_TRANSPORTS_MQTTS_ENABLED", "true".to_owned()),
+        ("FLEETGATE_TRANSPORTS_MQTTS_LISTEN", mqtts.to_string()),
+        ("FLEETGATE_TRANSPORTS_MQTTS_TLS_CERT_FILE", files.server_cert.display().to_string()),
+        ("FLEETGATE_TRANSPORTS_MQTTS_TLS_KEY_FILE", files.server_key.display().to_string()),
+    ];
+    let fg = Fleetgate::start("up", &env);
     let mut revoked_token = Device::start(fg.mqtt, "tok-1", None).await;
+    let mut revoked_tls = Device::start_tls(mqtts, "tok-1", &files.ca).await;
     let mut revoked_login = Device::start(fg.mqtt, "tok-2", Some(("dev", "pw"))).await;
     let mut kept = Device::start(fg.mqtt, "tok-2", None).await;
     let mut http = TcpStream::connect(fg.http).unwrap();
@@ -147,8 +187,13 @@ async fn dropped_tokens_and_credentials_end_their_sessions_within_a_second() {
     write(&path, AFTER);
     // The file is checked every 100 ms; from then on a second at most.
     let limit = Duration::from_millis(1_100);
-    let (a, b) = tokio::join!(revoked_token.ends_within(limit), revoked_login.ends_within(limit));
+    let (a, b, c) = tokio::join!(
+        revoked_token.ends_within(limit),
+        revoked_login.ends_within(limit),
+        revoked_tls.ends_within(limit)
+    );
     assert!(a.is_some(), "the session of the revoked token is still open");
+    assert!(c.is_some(), "the MQTT/TLS session of the revoked token is still open");
     assert!(b.is_some(), "the session of the revoked client credential is still open");
     assert!(written.elapsed() < Duration::from_millis(1_500), "{:?}", written.elapsed());
     assert_eq!(kept.ends_within(Duration::from_millis(500)).await, None, "tok-2 stays");
@@ -156,7 +201,7 @@ async fn dropped_tokens_and_credentials_end_their_sessions_within_a_second() {
     // revocation, the session would trust the token for the token cache's TTL, 60 s).
     assert_eq!(http_post(&mut http, "tok-1"), 401);
     assert_eq!(coap_post(&coap, fg.coap, "tok-1", 2), "4.01");
-    assert_eq!(fg.metric("fleetgate_gateway_sessions_revoked_total"), Some(4.0));
+    assert_eq!(fg.metric("fleetgate_gateway_sessions_revoked_total"), Some(5.0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
