@@ -92,6 +92,46 @@ impl Device {
     }
 }
 
+/// The aioquic MQTT-over-QUIC client (`tests/clients/mqtt_quic.py`) with tok-1, holding its
+/// connection after its `/status` until the server ends it.
+struct QuicDevice {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl QuicDevice {
+    fn start(port: u16, ca: &Path) -> Self {
+        use std::io::BufRead;
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/mqtt_quic.py");
+        let mut child = std::process::Command::new("python3")
+            .arg(script)
+            .args([&port.to_string(), ca.to_str().unwrap(), "mqtt"])
+            .args(["kp1/demo-v1/dcx/tok-1/json/1", "[{\"t\":1}]"])
+            .env("MQTT_QUIC_HOLD", "1")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 with aioquic");
+        let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stdout.lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let first = lines.recv_timeout(Duration::from_secs(10)).expect("a /status over QUIC");
+        assert_eq!(first, "kp1/demo-v1/dcx/tok-1/json/1/status");
+        Self { child, lines }
+    }
+
+    /// Whether the server closed the connection within `limit`.
+    fn ends_within(&mut self, limit: Duration) -> bool {
+        let ended = self.lines.recv_timeout(limit).is_ok_and(|l| l == "closed");
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        ended
+    }
+}
+
 /// One HTTP/1.1 request on a kept-alive connection: the status code.
 fn http_post(conn: &mut TcpStream, token: &str) -> u16 {
     let body = "[{\"t\":1}]";
@@ -164,16 +204,22 @@ async fn dropped_tokens_and_credentials_end_their_sessions_within_a_second() {
     write(&path, BEFORE);
     let files = fleetgate_tls::test_certs::TestFiles::write(dir.path());
     let mqtts = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let quic = SocketAddr::from(([127, 0, 0, 1], support::free_udp_port()));
     let env = [
         ("FLEETGATE_CONFIG", path.display().to_string()),
         ("FLEETGATE_TRANSPORTS_MQTTS_ENABLED", "true".to_owned()),
         ("FLEETGATE_TRANSPORTS_MQTTS_LISTEN", mqtts.to_string()),
         ("FLEETGATE_TRANSPORTS_MQTTS_TLS_CERT_FILE", files.server_cert.display().to_string()),
         ("FLEETGATE_TRANSPORTS_MQTTS_TLS_KEY_FILE", files.server_key.display().to_string()),
+        ("FLEETGATE_TRANSPORTS_MQTT_QUIC_ENABLED", "true".to_owned()),
+        ("FLEETGATE_TRANSPORTS_MQTT_QUIC_LISTEN", quic.to_string()),
+        ("FLEETGATE_TRANSPORTS_MQTT_QUIC_TLS_CERT_FILE", files.server_cert.display().to_string()),
+        ("FLEETGATE_TRANSPORTS_MQTT_QUIC_TLS_KEY_FILE", files.server_key.display().to_string()),
     ];
     let fg = Fleetgate::start("up", &env);
     let mut revoked_token = Device::start(fg.mqtt, "tok-1", None).await;
     let mut revoked_tls = Device::start_tls(mqtts, "tok-1", &files.ca).await;
+    let mut quic_device = QuicDevice::start(quic.port(), &files.ca);
     let mut revoked_login = Device::start(fg.mqtt, "tok-2", Some(("dev", "pw"))).await;
     let mut kept = Device::start(fg.mqtt, "tok-2", None).await;
     let mut http = TcpStream::connect(fg.http).unwrap();
@@ -194,6 +240,7 @@ async fn dropped_tokens_and_credentials_end_their_sessions_within_a_second() {
     );
     assert!(a.is_some(), "the session of the revoked token is still open");
     assert!(c.is_some(), "the MQTT/TLS session of the revoked token is still open");
+    assert!(quic_device.ends_within(Duration::from_millis(300)), "the QUIC session is still open");
     assert!(b.is_some(), "the session of the revoked client credential is still open");
     assert!(written.elapsed() < Duration::from_millis(1_500), "{:?}", written.elapsed());
     assert_eq!(kept.ends_within(Duration::from_millis(500)).await, None, "tok-2 stays");
@@ -201,7 +248,7 @@ async fn dropped_tokens_and_credentials_end_their_sessions_within_a_second() {
     // revocation, the session would trust the token for the token cache's TTL, 60 s).
     assert_eq!(http_post(&mut http, "tok-1"), 401);
     assert_eq!(coap_post(&coap, fg.coap, "tok-1", 2), "4.01");
-    assert_eq!(fg.metric("fleetgate_gateway_sessions_revoked_total"), Some(5.0));
+    assert_eq!(fg.metric("fleetgate_gateway_sessions_revoked_total"), Some(6.0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

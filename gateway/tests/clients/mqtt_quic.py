@@ -6,9 +6,11 @@ given), sends an MQTT 3.1.1 CONNECT and a QoS 1 PUBLISH of PAYLOAD to TOPIC on t
 bidirectional stream, and prints the topic of the first PUBLISH that comes back. Exits 2 when
 the QUIC handshake fails, 3 when the CONNECT is refused, 4 when the server closes the
 connection before its CONNACK (in TLS 1.3 a client may finish its side of the handshake before
-the server has checked the client's certificate).
+the server has checked the client's certificate). With MQTT_QUIC_HOLD set, it then keeps the
+connection until the server ends it and prints `closed` (exit 5: still open after 10 s).
 """
 import asyncio
+import os
 import ssl
 import sys
 
@@ -71,6 +73,17 @@ async def main(port, cafile, alpn, topic, payload, identity):
             if kind & 0x06:  # QoS 1: acknowledge
                 writer.write(packet(0x40, body[2 + n : 4 + n]))
             break
+    if os.environ.get("MQTT_QUIC_HOLD"):
+        # Keep the connection until the server ends it; say so on stdout.
+        sys.stdout.flush()
+        try:
+            while True:
+                await asyncio.wait_for(read_packet(reader), 10)
+        except asyncio.TimeoutError:
+            sys.exit(5)
+        except Exception:
+            print("closed", flush=True)
+            os._exit(0)
     writer.write(bytes([0xE0, 0]))  # DISCONNECT
     await asyncio.sleep(0.1)
     conn.close()
