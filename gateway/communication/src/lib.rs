@@ -8,7 +8,12 @@
 //!   extension's subject and, when an answer is due, a pending request.
 //! - [`downlink`]: bus → device. `ExtensionData` answers a pending request or is a push for an
 //!   endpoint's sessions; copies go to subscribers; a request nobody answered gets 504.
-//! - [`events`]: connectivity (9/ELCE connected and disconnected) and 16/ECAP token revocation.
+//! - [`events`]: connectivity (9/ELCE connected and disconnected) and 16/ECAP revocations
+//!   (endpoint tokens, matched by application name and token id; client credentials).
+//!
+//! What an unauthenticated peer can make it keep is bounded: tokens over `max_token_bytes`
+//! are refused unseen, unknown tokens go to a bounded negative cache apart from the positive
+//! one, and an address that keeps failing backs off (`guard`); refusals are counted by reason.
 //!
 //! The gateway is the transports' [`KpHandler`]; it knows the bus and the Avro records, and no
 //! transport, socket or wire format. The binary wires it to the transports of its registry.
