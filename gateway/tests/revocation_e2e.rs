@@ -1,8 +1,9 @@
 //! 16/ECAP revocation ends sessions within a second: an endpoint token or a client credential
 //! dropped from the provider's settings (which broadcasts the revocation), and a token
 //! revocation that names the application (not the app version) arriving on NATS from another
-//! provider. Devices are real clients (rumqttc) and raw protocol clients that keep their
-//! connection or source address (an HTTP/1.1 keep-alive connection, a CoAP socket).
+//! provider. Devices are real clients (rumqttc over TCP and TLS, paho-mqtt over WebSocket,
+//! aioquic over QUIC) and raw protocol clients that keep their connection or source address
+//! (an HTTP/1.1 keep-alive connection, a CoAP socket).
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a test fails by panicking
 
@@ -92,25 +93,52 @@ impl Device {
     }
 }
 
-/// The aioquic MQTT-over-QUIC client (`tests/clients/mqtt_quic.py`) with tok-1, holding its
-/// connection after its `/status` until the server ends it.
-struct QuicDevice {
+/// A client in another process that prints the topic of its `/status`, holds its connection
+/// until the server ends it, then prints `closed`: the aioquic MQTT-over-QUIC client
+/// (`tests/clients/mqtt_quic.py`) or paho-mqtt over WebSocket ([`PAHO_WS_HOLD`]).
+struct HoldingClient {
     child: std::process::Child,
     lines: std::sync::mpsc::Receiver<String>,
 }
 
-impl QuicDevice {
-    fn start(port: u16, ca: &Path) -> Self {
-        use std::io::BufRead;
+/// paho-mqtt over plain WebSocket with tok-1: prints the `/status` topic, then `closed` when the
+/// server ends the connection.
+const PAHO_WS_HOLD: &str = r#"
+import sys, time
+import paho.mqtt.client as mqtt
+c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="paho-ws-hold", transport="websockets")
+c.ws_set_options(path="/mqtt")
+c.on_message = lambda c, u, m: print(m.topic, flush=True)
+c.on_disconnect = lambda c, u, f, rc, p: (print("closed", flush=True), sys.exit(0))
+c.connect("127.0.0.1", int(sys.argv[1]), keepalive=30)
+c.publish("kp1/demo-v1/dcx/tok-1/json/1", '[{"t":1}]', qos=1)
+c.loop_forever(retry_first_connection=False)
+"#;
+
+impl HoldingClient {
+    fn quic(port: u16, ca: &Path) -> Self {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/clients/mqtt_quic.py");
-        let mut child = std::process::Command::new("python3")
+        let mut command = std::process::Command::new("python3");
+        command
             .arg(script)
             .args([&port.to_string(), ca.to_str().unwrap(), "mqtt"])
             .args(["kp1/demo-v1/dcx/tok-1/json/1", "[{\"t\":1}]"])
-            .env("MQTT_QUIC_HOLD", "1")
+            .env("MQTT_QUIC_HOLD", "1");
+        Self::start(command)
+    }
+
+    fn websocket(port: u16) -> Self {
+        let mut command = std::process::Command::new("python3");
+        command.args(["-c", PAHO_WS_HOLD, &port.to_string()]);
+        Self::start(command)
+    }
+
+    fn start(mut command: std::process::Command) -> Self {
+        use std::io::BufRead;
+        let mut child = command
             .stdout(std::process::Stdio::piped())
             .spawn()
-            .expect("python3 with aioquic");
+            .expect("python3 with aioquic and paho-mqtt");
         let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
         let (tx, lines) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -118,7 +146,7 @@ impl QuicDevice {
                 let _ = tx.send(line);
             }
         });
-        let first = lines.recv_timeout(Duration::from_secs(10)).expect("a /status over QUIC");
+        let first = lines.recv_timeout(Duration::from_secs(10)).expect("a /status");
         assert_eq!(first, "kp1/demo-v1/dcx/tok-1/json/1/status");
         Self { child, lines }
     }
@@ -205,12 +233,15 @@ async fn dropped_tokens_and_credentials_end_their_sessions_within_a_second() {
     let files = fleetgate_tls::test_certs::TestFiles::write(dir.path());
     let mqtts = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let quic = SocketAddr::from(([127, 0, 0, 1], support::free_udp_port()));
+    let ws = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let env = [
         ("FLEETGATE_CONFIG", path.display().to_string()),
         ("FLEETGATE_TRANSPORTS_MQTTS_ENABLED", "true".to_owned()),
         ("FLEETGATE_TRANSPORTS_MQTTS_LISTEN", mqtts.to_string()),
         ("FLEETGATE_TRANSPORTS_MQTTS_TLS_CERT_FILE", files.server_cert.display().to_string()),
         ("FLEETGATE_TRANSPORTS_MQTTS_TLS_KEY_FILE", files.server_key.display().to_string()),
+        ("FLEETGATE_TRANSPORTS_MQTT_WS_ENABLED", "true".to_owned()),
+        ("FLEETGATE_TRANSPORTS_MQTT_WS_LISTEN", ws.to_string()),
         ("FLEETGATE_TRANSPORTS_MQTT_QUIC_ENABLED", "true".to_owned()),
         ("FLEETGATE_TRANSPORTS_MQTT_QUIC_LISTEN", quic.to_string()),
         ("FLEETGATE_TRANSPORTS_MQTT_QUIC_TLS_CERT_FILE", files.server_cert.display().to_string()),
@@ -219,7 +250,8 @@ async fn dropped_tokens_and_credentials_end_their_sessions_within_a_second() {
     let fg = Fleetgate::start("up", &env);
     let mut revoked_token = Device::start(fg.mqtt, "tok-1", None).await;
     let mut revoked_tls = Device::start_tls(mqtts, "tok-1", &files.ca).await;
-    let mut quic_device = QuicDevice::start(quic.port(), &files.ca);
+    let mut quic_device = HoldingClient::quic(quic.port(), &files.ca);
+    let mut ws_device = HoldingClient::websocket(ws.port());
     let mut revoked_login = Device::start(fg.mqtt, "tok-2", Some(("dev", "pw"))).await;
     let mut kept = Device::start(fg.mqtt, "tok-2", None).await;
     let mut http = TcpStream::connect(fg.http).unwrap();
@@ -241,6 +273,10 @@ async fn dropped_tokens_and_credentials_end_their_sessions_within_a_second() {
     assert!(a.is_some(), "the session of the revoked token is still open");
     assert!(c.is_some(), "the MQTT/TLS session of the revoked token is still open");
     assert!(quic_device.ends_within(Duration::from_millis(300)), "the QUIC session is still open");
+    assert!(
+        ws_device.ends_within(Duration::from_millis(300)),
+        "the WebSocket session is still open"
+    );
     assert!(b.is_some(), "the session of the revoked client credential is still open");
     assert!(written.elapsed() < Duration::from_millis(1_500), "{:?}", written.elapsed());
     assert_eq!(kept.ends_within(Duration::from_millis(500)).await, None, "tok-2 stays");
@@ -248,7 +284,7 @@ async fn dropped_tokens_and_credentials_end_their_sessions_within_a_second() {
     // revocation, the session would trust the token for the token cache's TTL, 60 s).
     assert_eq!(http_post(&mut http, "tok-1"), 401);
     assert_eq!(coap_post(&coap, fg.coap, "tok-1", 2), "4.01");
-    assert_eq!(fg.metric("fleetgate_gateway_sessions_revoked_total"), Some(6.0));
+    assert_eq!(fg.metric("fleetgate_gateway_sessions_revoked_total"), Some(7.0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
