@@ -2,7 +2,7 @@
 //! dropped from the provider's settings (which broadcasts the revocation), and a token
 //! revocation that names the application (not the app version) arriving on NATS from another
 //! provider. Devices are real clients (rumqttc over TCP and TLS, paho-mqtt over WebSocket,
-//! aioquic over QUIC) and raw protocol clients that keep their connection or source address
+//! aioquic over QUIC, the FGU/1 device of fleetgate-transport-udp) and raw protocol clients that keep their connection or source address
 //! (an HTTP/1.1 keep-alive connection, a CoAP socket).
 
 #![allow(clippy::expect_used, clippy::unwrap_used)] // a test fails by panicking
@@ -247,6 +247,10 @@ async fn dropped_tokens_and_credentials_end_their_sessions_within_a_second() {
         ("FLEETGATE_TRANSPORTS_MQTT_QUIC_TLS_CERT_FILE", files.server_cert.display().to_string()),
         ("FLEETGATE_TRANSPORTS_MQTT_QUIC_TLS_KEY_FILE", files.server_key.display().to_string()),
     ];
+    let udp_key = dir.path().join("gateway.key");
+    let udp_keys = fleetgate_transport_udp::keys::generate(&udp_key).unwrap();
+    let mut env = env.to_vec();
+    env.push(("FLEETGATE_TRANSPORTS_UDP_PRIVATE_KEY_PATH", udp_key.display().to_string()));
     let fg = Fleetgate::start("up", &env);
     let mut revoked_token = Device::start(fg.mqtt, "tok-1", None).await;
     let mut revoked_tls = Device::start_tls(mqtts, "tok-1", &files.ca).await;
@@ -257,6 +261,19 @@ async fn dropped_tokens_and_credentials_end_their_sessions_within_a_second() {
     let mut http = TcpStream::connect(fg.http).unwrap();
     http.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     assert_eq!(http_post(&mut http, "tok-1"), 204);
+    let hello = fleetgate_transport_udp::handshake::Hello {
+        app_version: "demo-v1",
+        token: Some("tok-1"),
+        username: None,
+        password: None,
+    };
+    let wait = Duration::from_secs(5);
+    let mut fgu =
+        fleetgate_transport_udp::device::Device::connect(fg.udp, &udp_keys.public, &hello, wait)
+            .await
+            .unwrap();
+    let reply = fgu.request("dcx", "/json", 1, b"[{\"t\":1}]", wait).await.expect("an answer");
+    assert_eq!(reply.status, 200);
     let coap = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     coap.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     assert_eq!(coap_post(&coap, fg.coap, "tok-1", 1), "2.04");
@@ -284,7 +301,7 @@ async fn dropped_tokens_and_credentials_end_their_sessions_within_a_second() {
     // revocation, the session would trust the token for the token cache's TTL, 60 s).
     assert_eq!(http_post(&mut http, "tok-1"), 401);
     assert_eq!(coap_post(&coap, fg.coap, "tok-1", 2), "4.01");
-    assert_eq!(fg.metric("fleetgate_gateway_sessions_revoked_total"), Some(7.0));
+    assert_eq!(fg.metric("fleetgate_gateway_sessions_revoked_total"), Some(8.0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
