@@ -11,12 +11,15 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -90,6 +93,46 @@ def _render_chart(helm_python, chart: Path, out: Path) -> dict[str, Path]:
     except Exception as e:  # noqa: BLE001 - the refusal is what we want
         if "replica" not in str(e):
             problem(f"the chart refused a misspelt value without naming it: {e}")
+    # The embedded store is opened by one process only: more than one replica of a service that
+    # keeps data is refused (by values.schema.json, or by the template when it comes from
+    # `defaults`), as is a database URL in the ConfigMap; with PostgreSQL they scale.
+    refused = {
+        "services.epts.replicas": {"services": {"epts": {"replicas": 2}}},
+        "services.ecr.autoscaling": {"services": {"ecr": {"autoscaling": {"enabled": True}}}},
+        "services.ecr.replicas is 3": {
+            "defaults": {"replicas": 3},
+            "services": {"ecr": {"replicas": None}},
+        },
+        "config.storage.postgres.url": {
+            "config": {"storage": {"postgres": {"url": "postgres://u:pw@db/fg"}}}
+        },
+    }
+    for what, values in refused.items():
+        try:
+            loaded.render(values, name="fg", namespace="iot")
+            problem(f"the chart rendered {values}: {what} must be refused")
+        except Exception as e:  # noqa: BLE001 - the refusal is what we want
+            if what.split(" ")[0].split(".")[-1] not in str(e):
+                problem(f"the chart refused {values} without naming {what}: {e}")
+    scaled = {"postgres": {"existingSecret": "pg"}, "services": {"epts": {"replicas": 3}}}
+    try:
+        manifests = loaded.render(scaled, name="fg", namespace="iot")
+        docs = [
+            d
+            for k, m in manifests.items()
+            if k.endswith(".yaml")
+            for d in yaml.safe_load_all(m)
+            if d
+        ]
+        epts = [
+            (d["kind"], d["spec"].get("replicas"))
+            for d in workloads(docs)
+            if d["metadata"]["name"] == "fg-fleetgate-epts"
+        ]
+        if epts != [("Deployment", 3)]:
+            problem(f"with postgres, services.epts.replicas 3 rendered {epts}")
+    except Exception as e:  # noqa: BLE001
+        problem(f"the chart refused {scaled}: {e}")
     return rendered
 
 
@@ -239,15 +282,45 @@ def validate_strict(label: str, path: Path, out: Path) -> None:
 # --- what fleetgate's pods need ----------------------------------------------------------------
 
 
-def check_invariants(label: str, docs: list[dict], expect_checksum: bool) -> None:
-    deployments = [
+# Device ports of the gateway: (port, protocol).
+DEVICE_PORTS = [(1883, "TCP"), (8080, "TCP"), (5683, "UDP"), (5690, "UDP")]
+# Services that keep data in storage.path (the embedded store) unless PostgreSQL is set, and
+# serve a REST API on their admin port.
+DATA_SERVICES = {"epts", "ecr"}
+
+
+def workloads(docs: list[dict]) -> list[dict]:
+    """fleetgate's Deployments and StatefulSets."""
+    return [
         d
         for d in docs
-        if d["kind"] == "Deployment"
+        if d["kind"] in ("Deployment", "StatefulSet")
         and d["metadata"].get("labels", {}).get("app.kubernetes.io/name") == "fleetgate"
     ]
+
+
+def command_of(workload: dict) -> str:
+    return (workload["spec"]["template"]["spec"]["containers"][0].get("args") or ["up"])[0]
+
+
+def env_of(workload: dict) -> dict[str, dict]:
+    container = workload["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def under(path: str, mount: str) -> bool:
+    return path == mount or path.startswith(mount.rstrip("/") + "/")
+
+
+def check_invariants(label: str, docs: list[dict], expect_checksum: bool, config: dict) -> None:
+    deployments = workloads(docs)
     if not deployments:
         problem(f"{label}: no fleetgate Deployment")
+    hpa_targets = {
+        (h["spec"]["scaleTargetRef"]["kind"], h["spec"]["scaleTargetRef"]["name"])
+        for h in docs
+        if h["kind"] == "HorizontalPodAutoscaler"
+    }
     for d in deployments:
         name = d["metadata"]["name"]
         pod = d["spec"]["template"]["spec"]
@@ -270,25 +343,104 @@ def check_invariants(label: str, docs: list[dict], expect_checksum: bool) -> Non
         annotations = d["spec"]["template"]["metadata"].get("annotations") or {}
         if expect_checksum and "checksum/config" not in annotations:
             problem(f"{label}: {name}: no checksum/config annotation")
-        if c.get("args") == ["gateway"]:
+        command = command_of(d)
+        if command == "gateway":
             ports = {(p["containerPort"], p.get("protocol", "TCP")) for p in c["ports"]}
-            for want in [(1883, "TCP"), (8080, "TCP"), (5683, "UDP"), (5690, "UDP"), (8008, "TCP")]:
+            for want in [*DEVICE_PORTS, (8008, "TCP")]:
                 if want not in ports:
                     problem(f"{label}: {name}: port {want[0]}/{want[1]} not exposed")
+            spool = (config.get("gateway") or {}).get("spool") or {}
+            path = spool.get("path", "fleetgate-data/spool")
+            if spool.get("enabled", True) and not any(under(path, m) for m in mounts):
+                problem(f"{label}: {name}: gateway.spool.path {path} is on no volume")
+        env = env_of(d)
+        postgres = env.get("FLEETGATE_STORAGE_POSTGRES_URL")
+        if postgres is not None and "secretKeyRef" not in postgres.get("valueFrom", {}):
+            problem(f"{label}: {name}: FLEETGATE_STORAGE_POSTGRES_URL not from a Secret")
+        if command in DATA_SERVICES:
+            check_data_service(label, d, config, postgres is not None, mounts, hpa_targets)
+    check_services(label, docs, deployments)
+    check_wiring(label, deployments, config)
+
+
+def check_data_service(label, d, config, postgres, mounts, hpa_targets) -> None:
+    """EPTS and ECR: the embedded store is locked by the one process that opens it, so without
+    PostgreSQL exactly one pod, which is stopped before its replacement starts (a StatefulSet),
+    on a volume claim that holds storage.path; no autoscaler."""
+    name = d["metadata"]["name"]
+    if postgres or ((config.get("storage") or {}).get("postgres") or {}).get("url"):
+        return
+    if d["kind"] != "StatefulSet":
+        problem(f"{label}: {name}: the embedded store in a {d['kind']}, not a StatefulSet")
+        return
+    if d["spec"].get("replicas") != 1:
+        problem(f"{label}: {name}: {d['spec'].get('replicas')} replicas on the embedded store")
+    if ("StatefulSet", name) in hpa_targets:
+        problem(f"{label}: {name}: autoscaled on the embedded store")
+    claims = {t["metadata"]["name"] for t in d["spec"].get("volumeClaimTemplates", [])}
+    path = (config.get("storage") or {}).get("path", "fleetgate-data/storage")
+    held = [m for p, m in mounts.items() if under(path, p)]
+    if not held or held[0]["name"] not in claims:
+        problem(f"{label}: {name}: storage.path {path} is not on a volume claim of the StatefulSet")
+
+
+def check_services(label: str, docs: list[dict], deployments: list[dict]) -> None:
+    """Devices reach the gateway's ports; the REST APIs (EPTS, ECR) have a Service of their own
+    on the admin port, and no device-facing Service carries the admin port."""
     services = [d for d in docs if d["kind"] == "Service"]
+
+    def component(s):
+        return s["spec"].get("selector", {}).get("app.kubernetes.io/component")
+
     exposed = {
         (p["port"], p.get("protocol", "TCP"))
         for s in services
-        if s["spec"].get("selector", {}).get("app.kubernetes.io/component") == "gateway"
+        if component(s) == "gateway"
         for p in s["spec"]["ports"]
     }
-    for want in [(1883, "TCP"), (8080, "TCP"), (5683, "UDP"), (5690, "UDP")]:
+    for want in DEVICE_PORTS:
         if want not in exposed:
             problem(f"{label}: no Service exposes the gateway's {want[0]}/{want[1]}")
+    for s in services:
+        ports = s["spec"]["ports"]
+        devices = any(p.get("targetPort") in ("mqtt", "http", "coap", "fgu") for p in ports)
+        if devices and any(p.get("targetPort") == "admin" for p in ports):
+            problem(f"{label}: Service {s['metadata']['name']} mixes device and admin ports")
+    for d in deployments:
+        if command_of(d) not in DATA_SERVICES:
+            continue
+        comp = d["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component")
+        api = [
+            s
+            for s in services
+            if component(s) == comp and s["spec"].get("clusterIP") != "None"
+            and all(p.get("targetPort") == "admin" for p in s["spec"]["ports"])
+        ]
+        if not api:
+            problem(f"{label}: {d['metadata']['name']}: no Service for its REST API (admin port)")
 
 
-def config_files(docs: list[dict], out: Path, stem: str) -> list[tuple[Path, str]]:
-    """Each rendered service-config.yml, with the NATS URL the Deployments give it."""
+def check_wiring(label: str, deployments: list[dict], config: dict) -> None:
+    """The configuration names the services that run: EPTS a reliable receiver of DCX where it
+    is deployed (and only there), CMX among the gateway's extensions."""
+    commands = {command_of(d) for d in deployments}
+    epts = (config.get("epts") or {}).get("instance", "epts")
+    cmx = (config.get("cmx") or {}).get("instance", "cmx")
+    receivers = (config.get("dcx") or {}).get("reliable_receivers") or []
+    extensions = (config.get("gateway") or {}).get("extensions") or ["dcx"]
+    if "epts" in commands and "dcx" in commands and epts not in receivers:
+        problem(f"{label}: EPTS is deployed but not in dcx.reliable_receivers ({receivers})")
+    if epts in receivers and "epts" not in commands:
+        problem(f"{label}: dcx.reliable_receivers lists {epts}, which is not deployed")
+    if "cmx" in commands and cmx not in extensions:
+        problem(f"{label}: CMX is deployed but not in gateway.extensions ({extensions})")
+    if "epts" in commands and not config.get("applications"):
+        problem(f"{label}: EPTS is deployed but no application has time-series settings")
+
+
+def config_files(docs: list[dict], out: Path, stem: str) -> list[tuple[Path, str, str]]:
+    """Each rendered service-config.yml, with the NATS URL the Deployments give it and the kind
+    of object that holds it."""
     nats = next(
         (
             e["value"]
@@ -305,7 +457,7 @@ def config_files(docs: list[dict], out: Path, stem: str) -> list[tuple[Path, str
         if d["kind"] in ("ConfigMap", "Secret") and data and "service-config.yml" in data:
             path = out / f"{stem}-{d['metadata']['name']}.yml"
             path.write_text(data["service-config.yml"])
-            found.append((path, nats))
+            found.append((path, nats, d["kind"]))
     return found
 
 
@@ -319,6 +471,236 @@ def check_config(fleetgate: str, label: str, path: Path, nats: str) -> None:
         problem(f"{label}: fleetgate refuses its service-config.yml: {run.stderr.strip()}")
     else:
         print(f"{label}: fleetgate accepts its service-config.yml")
+
+
+# --- the rendered workloads, started ------------------------------------------------------------
+
+CHECK_TOKEN = "check-deploy-token"
+CHECK_ENDPOINT = "check-deploy-endpoint"
+
+
+def http(method: str, url: str, body: bytes | None = None, timeout: float = 15):
+    """(status, body, content type); HTTP errors are answers too."""
+    req = urllib.request.Request(url, data=body, method=method)
+    if body is not None:
+        req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read(), r.headers.get("Content-Type", "")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read(), e.headers.get("Content-Type", "")
+
+
+class Postgres:
+    """A PostgreSQL server of its own in a temporary directory, on a free port (Debian's
+    binaries; as the postgres user when run as root, which initdb requires)."""
+
+    def __init__(self, base: Path):
+        bindir = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
+        if not bindir:
+            raise RuntimeError("PostgreSQL is not installed (Debian's postgresql)")
+        self.bin = bindir[-1]
+        self.dir = base / "pgdata"
+        self.port = free_port(socket.SOCK_STREAM)
+        self.url = f"postgres://postgres@127.0.0.1:{self.port}/postgres"
+        self.as_user = ["runuser", "-u", "postgres", "--"] if os.getuid() == 0 else []
+        base.mkdir(parents=True, exist_ok=True)
+        if self.as_user:
+            os.chmod(base.parent, 0o711)  # a temporary directory: root's alone until now
+            shutil.chown(base, "postgres")
+        subprocess.run(
+            [*self.as_user, str(self.bin / "initdb"), "-D", str(self.dir), "-U", "postgres",
+             "--auth=trust", "--no-sync", "-E", "UTF8"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        self.proc = subprocess.Popen(
+            [*self.as_user, str(self.bin / "postgres"), "-D", str(self.dir), "-p", str(self.port),
+             "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={base}",
+             "-c", "fsync=off"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"postgres exited: {self.proc.stderr.read()[-1000:]}")
+            time.sleep(0.1)
+        raise RuntimeError("postgres did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def check_live(fleetgate: str, label: str, docs: list[dict], cfg: Path, config: dict) -> None:
+    """Runs every fleetgate workload of a rendering as its pods would (`fleetgate <args>` with the
+    rendered service-config.yml and the workload's environment; a data service on PostgreSQL as
+    two replicas) on a nats-server of its own (and PostgreSQL where a Secret names one), with
+    loopback ports, storage and spool in a temporary directory and one endpoint added to
+    auth.endpoints. Then a device's sample goes through the HTTP transport, DCX and EPTS (a
+    reliable receiver: the 2xx means stored) and is read back over EPTS's REST API; a
+    configuration set over ECR's REST API reaches the device through CMX; the plot page loads."""
+    apps = config.get("applications") or {}
+    app, app_config = next(iter(apps.items()), (None, {}))
+    version = (app_config.get("versions") or [None])[0]
+    if version is None:
+        problem(f"{label}: no application with an app version to try the services with")
+        return
+    started_at = time.monotonic()
+    procs: list[tuple[str, subprocess.Popen, str]] = []
+    pg = None
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp)
+        nats_port = free_port(socket.SOCK_STREAM)
+        nats = subprocess.Popen(
+            ["nats-server", "-a", "127.0.0.1", "-p", str(nats_port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            admin: dict[str, list[str]] = {}
+            http_port = None
+            for d in workloads(docs):
+                name = d["metadata"]["name"]
+                command = command_of(d)
+                env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETGATE_")}
+                secret_env = []
+                for e in env_of(d).values():
+                    if "value" in e:
+                        env[e["name"]] = e["value"]
+                    else:
+                        secret_env.append(e["name"])
+                copies = 1
+                if "FLEETGATE_STORAGE_POSTGRES_URL" in secret_env:
+                    if pg is None:
+                        try:
+                            pg = Postgres(base / "postgres")
+                        except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
+                            err = getattr(e, "stderr", b"") or b""
+                            problem(f"{label}: cannot start PostgreSQL: {e} {err[-500:]!r}")
+                            return
+                    env["FLEETGATE_STORAGE_POSTGRES_URL"] = pg.url
+                    secret_env.remove("FLEETGATE_STORAGE_POSTGRES_URL")
+                    copies = min(2, d["spec"].get("replicas") or 2)
+                if "FLEETGATE_ADMIN_API_TOKENS" in secret_env:
+                    secret_env.remove("FLEETGATE_ADMIN_API_TOKENS")  # left without: open API
+                if secret_env:
+                    problem(f"{label}: {name}: environment from unknown Secrets: {secret_env}")
+                for i in range(copies):
+                    cwd = base / f"{name}-{i}"
+                    cwd.mkdir()
+                    port = free_port(socket.SOCK_STREAM)
+                    env.update(
+                        FLEETGATE_NATS_URL=f"nats://127.0.0.1:{nats_port}",
+                        FLEETGATE_ADMIN_LISTEN=f"127.0.0.1:{port}",
+                        FLEETGATE_STORAGE_PATH=str(cwd / "storage"),
+                        FLEETGATE_GATEWAY_SPOOL_PATH=str(cwd / "spool"),
+                        FLEETGATE_AUTH_ENDPOINTS=(
+                            f"[{{app_version: {version}, token: {CHECK_TOKEN}, "
+                            f"endpoint_id: {CHECK_ENDPOINT}}}]"
+                        ),
+                        FLEETGATE_LOG_FORMAT="text",
+                    )
+                    if command == "gateway":
+                        http_port = free_port(socket.SOCK_STREAM)
+                        env["FLEETGATE_TRANSPORTS_HTTP_LISTEN"] = f"127.0.0.1:{http_port}"
+                        for t in ("MQTT", "COAP", "UDP"):
+                            env[f"FLEETGATE_TRANSPORTS_{t}_LISTEN"] = "127.0.0.1:0"
+                    args = d["spec"]["template"]["spec"]["containers"][0].get("args") or []
+                    log = open(cwd / "log", "w+")
+                    proc = subprocess.Popen(
+                        [os.path.abspath(fleetgate), "--config", str(cfg), *args],
+                        cwd=cwd, env=dict(env), stdout=log, stderr=subprocess.STDOUT,
+                    )  # fmt: skip
+                    procs.append((f"{name}[{i}]", proc, str(cwd / "log")))
+                    admin.setdefault(command, []).append(f"http://127.0.0.1:{port}")
+            if not wait_ready(label, procs, admin):
+                return
+            run_flow(label, admin, http_port, app, app_config, version)
+        finally:
+            for _, proc, _ in procs:
+                if proc.poll() is None:
+                    proc.terminate()
+            for who, proc, log in procs:
+                try:
+                    proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    problem(f"{label}: {who} did not stop within 15 s of SIGTERM")
+            nats.terminate()
+            nats.wait()
+            if pg is not None:
+                pg.stop()
+    n = len(procs)
+    print(f"{label}: {n} fleetgate processes as the workloads run them: device sample stored and "
+          f"read back, configuration pushed through CMX ({time.monotonic() - started_at:.1f} s)")
+
+
+def wait_ready(label: str, procs, admin: dict[str, list[str]]) -> bool:
+    urls = [u for us in admin.values() for u in us]
+    deadline = time.monotonic() + 60
+    pending = set(urls)
+    while pending and time.monotonic() < deadline:
+        for who, proc, log in procs:
+            if proc.poll() is not None:
+                tail = Path(log).read_text()[-1500:]
+                problem(f"{label}: {who} exited ({proc.returncode}): {tail}")
+                return False
+        for u in list(pending):
+            try:
+                if http("GET", f"{u}/readyz", timeout=2)[0] == 200:
+                    pending.discard(u)
+            except OSError:
+                pass
+        time.sleep(0.2)
+    if pending:
+        problem(f"{label}: not ready within 60 s: {sorted(pending)}")
+        return False
+    return True
+
+
+def run_flow(label, admin, http_port, app, app_config, version) -> None:
+    def need(ok: bool, what: str) -> bool:
+        if not ok:
+            problem(f"{label}: {what}")
+        return ok
+
+    has = set(admin)
+    if not need({"gateway", "dcx", "auth", "epts"} <= has, f"a service is missing: {sorted(has)}"):
+        return
+    gw = f"http://127.0.0.1:{http_port}/kp1/{version}"
+    temperature = 21.5
+    sample = json.dumps({"temperature": temperature}).encode()
+    status, body, _ = http("POST", f"{gw}/dcx/{CHECK_TOKEN}/json", sample)
+    if not need(200 <= status < 300, f"a device's sample got {status} {body[:200]!r}"):
+        return
+    # Stored before the device's 2xx (EPTS is a reliable receiver), and every replica answers
+    # with it (replicas on PostgreSQL share it, whichever stored it).
+    for epts in admin["epts"] if (app_config.get("time_series") or {}).get("auto_extract") else []:
+        q = urllib.parse.urlencode(
+            {"timeSeriesName": "auto~temperature", "endpointId": CHECK_ENDPOINT}
+        )
+        status, body, _ = http("GET", f"{epts}/epts/api/v1/applications/{app}/time-series/last?{q}")
+        point = json.loads(body or b"{}").get(CHECK_ENDPOINT, {}).get("auto~temperature", [{}])[0]
+        need(status == 200 and point.get("values") == {"value": temperature},
+             f"EPTS REST ({epts}): the stored point not read back: {status} {body[:300]!r}")  # fmt: skip
+    status, body, ctype = http("GET", f"{admin['epts'][0]}/epts/plot")
+    need(status == 200 and ctype.startswith("text/html"), f"the plot page: {status} {ctype}")
+    if not need({"ecr", "cmx"} <= has, f"ECR or CMX does not run: {sorted(has)}"):
+        return
+    ecr = admin["ecr"][0]
+    status, body, _ = http("PUT", f"{ecr}/ecr/api/v1/app-versions/{version}", b'{"interval_s": 30}')
+    config_id = json.loads(body or b"{}").get("configId") if status == 200 else None
+    if not need(config_id, f"ECR REST: setting a configuration got {status} {body[:300]!r}"):
+        return
+    status, body, _ = http("POST", f"{gw}/cmx/{CHECK_TOKEN}/config/json", b'{"observe": false}')
+    got = json.loads(body or b"{}") if status == 200 else {}
+    need(got.get("configId") == config_id and got.get("config") == {"interval_s": 30},
+         f"CMX: the device got {status} {body[:300]!r}, not configuration {config_id}")  # fmt: skip
 
 
 # --- alerts and dashboard ----------------------------------------------------------------------
@@ -509,7 +891,9 @@ def promtool(alerts: Path, tests: Path) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--kustomize", type=Path, required=True)
+    ap.add_argument(
+        "--kustomize", type=Path, action="append", required=True, help="a rendered kustomize tree"
+    )
     ap.add_argument("--chart", type=Path, required=True)
     ap.add_argument("--alerts", type=Path, required=True)
     ap.add_argument("--alert-tests", type=Path, required=True)
@@ -519,17 +903,30 @@ def main() -> int:
 
     started = time.monotonic()
     _metric_names_self_test()
-    trees = {"kustomize tree": a.kustomize, **render_chart(a.chart, a.out)}
+    trees = {f"kustomize tree {k.stem}": k for k in a.kustomize}
+    trees.update(render_chart(a.chart, a.out))
     for label, path in trees.items():
         validate_strict(label, path, a.out)
         docs = docs_of(path)
+        configs = config_files(docs, a.out, path.stem)
+        if len(configs) != 1:
+            problem(f"{label}: {len(configs)} service-config.yml, not one")
+            continue
+        cfg, nats, holder = configs[0]
+        config = yaml.safe_load(cfg.read_text()) or {}
+        postgres = ((config.get("storage") or {}).get("postgres") or {}).get("url")
+        if holder == "ConfigMap" and postgres:
+            problem(f"{label}: storage.postgres.url (a password) in a ConfigMap, not a Secret")
         # kustomize rolls pods through the ConfigMap's hashed name instead of an annotation.
         expect_checksum = label.endswith("default values")
-        check_invariants(label, docs, expect_checksum)
+        check_invariants(label, docs, expect_checksum, config)
         check_prometheus_rule(docs, a.alerts, label)
         if a.fleetgate:
-            for cfg, nats in config_files(docs, a.out, path.stem):
-                check_config(a.fleetgate, f"{label}: {cfg.name}", cfg, nats)
+            check_config(a.fleetgate, f"{label}: {cfg.name}", cfg, nats)
+            # Every workload started as its pods would run: the kustomize trees (embedded store;
+            # PostgreSQL) and the chart's defaults (the same as the kustomize tree, by values).
+            if label.startswith("kustomize") or label.endswith("default values"):
+                check_live(a.fleetgate, label, docs, cfg, config)
     promtool(a.alerts, a.alert_tests)
     if a.fleetgate:
         check_metric_names(a.fleetgate, a.alerts, a.alert_tests, a.dashboard)

@@ -194,7 +194,12 @@ pub const SERVICES: &[ServiceEntry] = &[
     ServiceEntry {
         name: "ecr",
         about: "Run the endpoint configuration repository and its REST API (needs nats.url)",
-        make: |c, _, _| Box::new(EcrService::new(c.ecr.clone(), c.storage.clone())),
+        // `ecr.filters` applies live; the rest at the next start.
+        make: |c, _, r| {
+            let ecr = EcrService::new(c.ecr.clone(), c.storage.clone());
+            r.follow("ecr", Keys::Only(&["filters"]), ecr.filters(), |c| &c.ecr.filters);
+            Box::new(ecr)
+        },
     },
     ServiceEntry {
         name: "cmx",

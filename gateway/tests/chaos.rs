@@ -629,3 +629,93 @@ async fn a_slow_extension_gets_each_request_once() {
         "the originals' answers emptied the spool"
     );
 }
+
+/// An extension that answers 5xx (a reliable receiver behind DCX is down, DCX answers 504) for
+/// a while: what was acknowledged as stored stays in the spool and is replayed until it is
+/// answered 200, never dropped on the 5xx.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spooled_request_answered_5xx_stays_until_it_is_delivered() {
+    use fleetgate_messages::{ClientData, ExtensionData, Record as _};
+    let nats = NatsServer::start();
+    let _auth = Fleetgate::start("auth", &env(&nats));
+    let mut gateway_env = env(&nats);
+    gateway_env.push(("FLEETGATE_GATEWAY_SPOOL_DELIVERY_TIMEOUT_MS", "500".into()));
+    let gateway = Fleetgate::start("gateway", &gateway_env);
+
+    // A DCX stand-in: for its first 4 s it answers every request 504 after 1 s (after the
+    // gateway's delivery timeout, so the device was already told "stored"); then 200 at once.
+    let client = async_nats::connect(nats.url()).await.expect("extension connects");
+    let mut requests = client
+        .queue_subscribe("kaa.v1.service.dcx.esp.ClientData", "dcx".into())
+        .await
+        .expect("sub");
+    client.flush().await.expect("flush");
+    let delivered = Arc::new(Mutex::new(HashSet::<u64>::new()));
+    let refused = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let extension = {
+        let (delivered, refused) = (delivered.clone(), refused.clone());
+        tokio::spawn(async move {
+            let started = tokio::time::Instant::now();
+            while let Some(msg) = requests.next().await {
+                let request = ClientData::decode(&msg.payload).expect("ClientData");
+                let failing = started.elapsed() < Duration::from_secs(4);
+                if failing {
+                    refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                } else {
+                    delivered.lock().unwrap().extend(numbers_in(request.payload));
+                }
+                let answer = ExtensionData {
+                    correlation_id: request.correlation_id,
+                    timestamp_ms: request.timestamp_ms,
+                    timeout_ms: 0,
+                    app_version_name: Some(request.app_version_name),
+                    extension_instance_name: Some("dcx"),
+                    endpoint_id: request.endpoint_id,
+                    resource_path: request.resource_path,
+                    request_id: request.request_id,
+                    payload: None,
+                    status_code: if failing { 504 } else { 200 },
+                    reason_phrase: failing.then_some("a reliable receiver did not confirm"),
+                }
+                .to_bytes();
+                let (client, reply) = (client.clone(), msg.reply.expect("reply subject"));
+                tokio::spawn(async move {
+                    if failing {
+                        tokio::time::sleep(Duration::from_millis(1000)).await;
+                    }
+                    client.publish(reply, answer).await.expect("answer");
+                });
+            }
+        })
+    };
+
+    let load = Load::start(gateway.mqtt, 50);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let ledger = load.finish().await;
+    // The back-off is at most 5 s; the spool drains once the extension answers 200.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while gateway.metric("fleetgate_gateway_spool_messages") != Some(0.0)
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    extension.abort();
+    let ledger = ledger.lock().unwrap();
+    let delivered = delivered.lock().unwrap();
+    let lost = ledger.acked.iter().filter(|n| !delivered.contains(n)).count();
+    let refusals = gateway.metric("fleetgate_gateway_spool_replay_refusals_total");
+    eprintln!(
+        "5xx then 200: sent {}, acknowledged {}, delivered {}, refused answers {}, acknowledged \
+         but lost {lost}, spool refusals counted {refusals:?}",
+        ledger.sent,
+        ledger.acked.len(),
+        delivered.len(),
+        refused.load(std::sync::atomic::Ordering::Relaxed)
+    );
+    assert!(ledger.acked.len() > 20, "acknowledged as stored: {}", ledger.acked.len());
+    assert!(refused.load(std::sync::atomic::Ordering::Relaxed) > 0, "the extension refused some");
+    assert!(refusals.is_some_and(|r| r > 0.0), "refusals counted: {refusals:?}");
+    assert_eq!(lost, 0, "every acknowledged request was delivered after the 5xx answers");
+    assert_eq!(gateway.metric("fleetgate_gateway_spool_messages"), Some(0.0), "spool drained");
+}

@@ -180,6 +180,119 @@ fn the_push_answers_an_http_long_poll() {
     );
 }
 
+/// Starts `curl` long-polling the default configuration of tok-1 for up to `secs` seconds,
+/// on a connection of its own; its stdout is the body, a newline and the HTTP status.
+fn long_poll(http: SocketAddr, secs: u64) -> Child {
+    let url = format!(
+        "http://{http}/kp1/demo-v1/cmx/tok-1/config/json?observe=true&timeout_ms={}",
+        secs * 1000
+    );
+    Command::new("curl")
+        .args(["-s", "--max-time", &(secs + 5).to_string(), "-w", "\n%{http_code}", &url])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("curl runs")
+}
+
+/// What a [`long_poll`] answered: (HTTP status, body as JSON, or null when empty).
+fn poll_answer(poll: Child) -> (String, Json) {
+    let out = poll.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or_else(|| panic!("curl said {text:?}"));
+    let body = if body.is_empty() { Json::Null } else { j(body) };
+    (code.to_owned(), body)
+}
+
+#[test]
+fn a_long_poll_as_the_first_request_gets_the_push() {
+    let nats = NatsServer::start();
+    let mut env = demo_endpoint_env();
+    env.push(("FLEETGATE_NATS_URL", nats.url()));
+    let fg = Fleetgate::start("up", &env);
+    // The long poll is the device's first request on its connection: nothing before it made
+    // the endpoint known. The app version's default, set afterwards, reaches it (CMX knows
+    // the endpoint from the long poll alone).
+    let poll = long_poll(fg.http, 10);
+    std::thread::sleep(Duration::from_millis(1000));
+    let (status, _, body) =
+        http(fg.admin, "PUT", "/ecr/api/v1/app-versions/demo-v1", r#"{"level":1}"#);
+    assert_eq!(status, 200, "{body}");
+    let default_id = j(&body)["configId"].as_str().unwrap().to_owned();
+    assert_eq!(
+        poll_answer(poll),
+        ("200".into(), json!({"configId": default_id, "config": {"level": 1}}))
+    );
+
+    // Unconfirmed, it is pushed again on the next connection's long poll at once (the
+    // endpoint connected without having confirmed it)...
+    let poll = long_poll(fg.http, 10);
+    assert_eq!(
+        poll_answer(poll),
+        ("200".into(), json!({"configId": default_id, "config": {"level": 1}}))
+    );
+    // ... and not once confirmed: then the endpoint's own configuration, set afterwards, is
+    // what the long poll gets.
+    let applied = Command::new("curl")
+        .args(["-s", "-w", "%{http_code}", "-X", "POST", "--data"])
+        .arg(format!(r#"{{"configId":"{default_id}"}}"#))
+        .arg(format!("http://{}/kp1/demo-v1/cmx/tok-1/applied/json/1", fg.http))
+        .output()
+        .unwrap();
+    // Confirmed: the empty answer of /applied.
+    assert_eq!(String::from_utf8_lossy(&applied.stdout), "204");
+    let poll = long_poll(fg.http, 10);
+    std::thread::sleep(Duration::from_millis(1000));
+    let id = put_config(&fg, r#"{"over":"http"}"#);
+    assert_eq!(
+        poll_answer(poll),
+        ("200".into(), json!({"configId": id, "config": {"over": "http"}}))
+    );
+}
+
+/// An FGU/1 device that only shook hands (no request yet) gets the push.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_fgu1_device_gets_the_push_before_its_first_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("gateway.key");
+    let pair = fleetgate_transport_udp::keys::generate(&key).unwrap();
+    let nats = NatsServer::start();
+    let mut env = demo_endpoint_env();
+    env.push(("FLEETGATE_NATS_URL", nats.url()));
+    env.push(("FLEETGATE_TRANSPORTS_UDP_PRIVATE_KEY_PATH", key.display().to_string()));
+    let fg = Fleetgate::start("up", &env);
+    let hello = fleetgate_transport_udp::handshake::Hello {
+        app_version: "demo-v1",
+        token: Some("tok-1"),
+        username: None,
+        password: None,
+    };
+    let wait = Duration::from_secs(5);
+    let mut device =
+        fleetgate_transport_udp::device::Device::connect(fg.udp, &pair.public, &hello, wait)
+            .await
+            .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let admin = fg.admin;
+    let id = tokio::task::spawn_blocking(move || {
+        let (status, _, body) = http(
+            admin,
+            "PUT",
+            "/ecr/api/v1/endpoints/ep-1/app-versions/demo-v1",
+            r#"{"over":"fgu1"}"#,
+        );
+        assert_eq!(status, 200, "{body}");
+        j(&body)["configId"].as_str().unwrap().to_owned()
+    })
+    .await
+    .unwrap();
+    let push = device.next_push(wait).await.expect("the push arrives");
+    assert_eq!((push.ext.as_str(), push.path.as_str()), ("cmx", "/config/json"));
+    assert_eq!(
+        j(std::str::from_utf8(&push.payload).unwrap()),
+        json!({"configId": id, "config": {"over": "fgu1"}})
+    );
+}
+
 #[test]
 fn the_push_is_a_coap_observe_notification() {
     let fg = Fleetgate::start("up", &demo_endpoint_env());
@@ -358,4 +471,203 @@ async fn every_7cmp_behaviour_over_mqtt() {
         (failed["status"].as_str(), failed["confirmationReasonPhrase"].as_str()),
         (Some("FAILED"), Some("disk full"))
     );
+}
+
+/// Asks ECR on NATS, as CMX does, for the configuration of `endpoint` (so that ECR records a
+/// dispatch and knows the endpoint), and waits until `/statuses` shows it.
+async fn known_to_ecr(fg: &Fleetgate, nats: &async_nats::Client, app: &str, endpoint: &str) {
+    let request = ConfigRequest {
+        correlation_id: endpoint,
+        timestamp_ms: fleetgate_bus::now_ms(),
+        timeout_ms: 5_000,
+        app_version_name: app,
+        endpoint_id: endpoint,
+        config_id: None,
+        config_name: None,
+    };
+    let reply = nats
+        .request("kaa.v1.service.ecr.cdtp.request", request.to_bytes().to_vec().into())
+        .await
+        .unwrap();
+    let answer = fleetgate_messages::ConfigResponse::decode(&reply.payload).unwrap();
+    assert_eq!(answer.status_code, 200);
+    let admin = fg.admin;
+    let path = format!("/ecr/api/v1/statuses?endpointId={endpoint}");
+    for _ in 0..100 {
+        let path = path.clone();
+        let (_, _, body) =
+            tokio::task::spawn_blocking(move || http(admin, "GET", &path, "")).await.unwrap();
+        if j(&body)["totalElements"] == 1 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("ECR did not record {endpoint}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_configuration_goes_to_the_endpoints_a_filter_matches() {
+    let nats = NatsServer::start();
+    let mut env = demo_endpoint_env();
+    env.push(("FLEETGATE_NATS_URL", nats.url()));
+    env.push((
+        "FLEETGATE_ECR_FILTERS",
+        r#"{sensors: {app_versions: [demo-v1], endpoint_pattern: "s-*"},
+            listed: {app_versions: [demo-v2], endpoints: [x-1, x-2]},
+            anywhere: {endpoint_pattern: "*-9"}}"#
+            .to_owned(),
+    ));
+    let fg = Fleetgate::start("up", &env);
+    let observer = async_nats::connect(nats.url()).await.unwrap();
+    let mut updates = observer.subscribe("kaa.v1.events.*.endpoint.config.updated").await.unwrap();
+    observer.flush().await.unwrap();
+    let rest = |method: &'static str, path: String, body: String| {
+        let admin = fg.admin;
+        async move {
+            tokio::task::spawn_blocking(move || http(admin, method, &path, &body)).await.unwrap()
+        }
+    };
+
+    // ECR knows endpoints once it served them: a default to serve, then four endpoints ask.
+    for app in ["demo-v1", "demo-v3"] {
+        let path = format!("/ecr/api/v1/app-versions/{app}");
+        let (status, _, _) = rest("PUT", path, r#"{"mode":"day"}"#.into()).await;
+        assert_eq!(status, 200);
+        updates.next().await.unwrap();
+    }
+    for (app, endpoint) in
+        [("demo-v1", "s-1"), ("demo-v1", "s-2"), ("demo-v1", "other"), ("demo-v3", "s-9")]
+    {
+        known_to_ecr(&fg, &observer, app, endpoint).await;
+    }
+
+    // An endpoint with a configuration of its own is known too, before it ever asked.
+    let path = "/ecr/api/v1/endpoints/s-7/app-versions/demo-v1".to_owned();
+    let (status, _, _) = rest("PUT", path, r#"{"mode":"own"}"#.into()).await;
+    assert_eq!(status, 200);
+    updates.next().await.unwrap();
+
+    // The pattern within the app version: s-1, s-2 and s-7, not `other`, not s-9 of demo-v3.
+    let body = r#"{"configPayload":{"mode":"night"}}"#;
+    let (status, head, answer) =
+        rest("PUT", "/ecr/api/v1/endpoints/filters/sensors".into(), body.into()).await;
+    assert_eq!(status, 200, "{answer}");
+    assert!(head.contains("content-type: application/json"), "{head}");
+    let stored = j(&answer);
+    let targets: Vec<(&str, &str)> = stored
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| (c["appVersionName"].as_str().unwrap(), c["endpointId"].as_str().unwrap()))
+        .collect();
+    assert_eq!(targets, [("demo-v1", "s-1"), ("demo-v1", "s-2"), ("demo-v1", "s-7")]);
+    for c in stored.as_array().unwrap() {
+        assert_eq!((&c["name"], &c["config"]), (&json!("default"), &json!({"mode": "night"})));
+        // Broadcast on NATS, for CMX to push.
+        let event = updates.next().await.unwrap();
+        let event = ConfigUpdated::decode(&event.payload).unwrap();
+        assert_eq!(event.endpoint_id, c["endpointId"].as_str().unwrap());
+        assert_eq!(event.config_id, c["configId"].as_str().unwrap());
+    }
+    let get = |endpoint: &str, app: &str| {
+        rest("GET", format!("/ecr/api/v1/endpoints/{endpoint}/app-versions/{app}"), String::new())
+    };
+    assert_eq!(j(&get("s-2", "demo-v1").await.2)["config"], json!({"mode": "night"}));
+    assert_eq!(get("other", "demo-v1").await.0, 404, "not matched: still the default");
+    assert_eq!(get("s-9", "demo-v3").await.0, 404);
+
+    // Endpoints named by id, in the listed app version, before ECR heard of them; named.
+    let (status, _, answer) = rest(
+        "PUT",
+        "/ecr/api/v1/endpoints/filters/listed?name=network".into(),
+        r#"{"configPayload":{"ssid":"x"}}"#.into(),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let ids: Vec<Json> = j(&answer)
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| json!([c["appVersionName"], c["endpointId"], c["name"]]))
+        .collect();
+    assert_eq!(ids, [json!(["demo-v2", "x-1", "network"]), json!(["demo-v2", "x-2", "network"])]);
+
+    // Any app version.
+    let (status, _, answer) = rest(
+        "PUT",
+        "/ecr/api/v1/endpoints/filters/anywhere".into(),
+        r#"{"configPayload":1}"#.into(),
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let ids: Vec<Json> =
+        j(&answer).as_array().unwrap().iter().map(|c| c["endpointId"].clone()).collect();
+    assert_eq!(ids, [json!("s-9")]);
+
+    // An unknown filter, a batch's `endpoints`, bad bodies and methods: clear 4xx, nothing stored.
+    for (method, path, body, code, reason) in [
+        ("PUT", "filters/nope", body, 404, "no endpoint filter `nope`"),
+        (
+            "PUT",
+            "filters/sensors",
+            r#"{"configPayload":1,"endpoints":{}}"#,
+            400,
+            "endpoints: unknown field",
+        ),
+        ("PUT", "filters/sensors", r#"{}"#, 400, "configPayload: required"),
+        ("PUT", "filters/sensors", "[1]", 400, "body: must be an object"),
+        ("PUT", "filters/sensors", "{x", 400, "body: not valid JSON"),
+        ("GET", "filters/sensors", "", 405, "method not allowed"),
+    ] {
+        let (status, _, answer) =
+            rest(method, format!("/ecr/api/v1/endpoints/{path}"), body.into()).await;
+        let e = j(&answer);
+        assert_eq!((status, &e["statusCode"]), (code, &json!(code)), "{path}: {e}");
+        assert!(e["reasonPhrase"].as_str().unwrap().starts_with(reason), "{path} {body}: {e}");
+    }
+    assert_eq!(j(&get("s-1", "demo-v1").await.2)["config"], json!({"mode": "night"}));
+    assert_eq!(get("other", "demo-v1").await.0, 404);
+}
+
+/// Polls `/metrics` until `name` (a whole sample name) has `value`.
+async fn metric_becomes(fg: &Fleetgate, name: &str, value: f64) {
+    let with_space = format!("{name} ");
+    for _ in 0..200 {
+        if fg.metric(&with_space) == Some(value) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("{name}: {:?}, expected {value}", fg.metric(&with_space));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cmx_forgets_an_endpoint_that_disconnected() {
+    let nats = NatsServer::start();
+    let mut env = demo_endpoint_env();
+    env.push(("FLEETGATE_NATS_URL", nats.url()));
+    let fg = Fleetgate::start("up", &env);
+    let set_default = |config: &'static str| {
+        let admin = fg.admin;
+        tokio::task::spawn_blocking(move || {
+            let (status, _, body) = http(admin, "PUT", "/ecr/api/v1/app-versions/demo-v1", config);
+            assert_eq!(status, 200, "{body}");
+        })
+    };
+
+    let mut d = Device::connect(fg.mqtt).await;
+    d.publish("config/json/1", "{}").await;
+    assert_eq!(d.next().await.0, "config/json/1/status");
+    metric_becomes(&fg, "fleetgate_cmx_endpoints", 1.0).await;
+    // Connected: a changed default is pushed to it.
+    set_default(r#"{"a":1}"#).await.unwrap();
+    assert_eq!(d.next().await.0, "config/json/status");
+    metric_becomes(&fg, "fleetgate_cmx_pushes_total", 1.0).await;
+
+    // Disconnected (9/ELCE on NATS): forgotten, and the next default goes to nobody.
+    d.client.disconnect().await.unwrap();
+    metric_becomes(&fg, "fleetgate_cmx_endpoints", 0.0).await;
+    set_default(r#"{"a":2}"#).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(fg.metric("fleetgate_cmx_pushes_total "), Some(1.0));
 }

@@ -173,3 +173,61 @@ async fn a_changed_file_applies_live_and_a_bad_one_is_refused() {
     assert_eq!(removed.send(SAMPLE).await.as_deref(), Ok("error"), "tok-1 was removed");
     assert!(kept.send(SAMPLE).await.is_err(), "the revoked token's connection is ended");
 }
+
+/// `PUT /ecr/api/v1/endpoints/filters/{id}` with curl: (HTTP status, body).
+fn put_by_filter(fg: &Fleetgate, id: &str) -> (String, String) {
+    let out = std::process::Command::new("curl")
+        .args(["-s", "-w", "\n%{http_code}", "-X", "PUT", "-H", "Content-Type: application/json"])
+        .args(["--data", r#"{"configPayload":{"on":true}}"#])
+        .arg(format!("http://{}/ecr/api/v1/endpoints/filters/{id}", fg.admin))
+        .output()
+        .expect("curl runs");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').expect("a status");
+    (code.to_owned(), body.to_owned())
+}
+
+const NO_FILTERS: &str = "
+process: {config_check_interval_ms: 100}
+";
+
+const A_FILTER: &str = "
+process: {config_check_interval_ms: 100}
+ecr:
+  filters:
+    pair: {app_versions: [demo-v1], endpoints: [ep-1, ep-2]}
+";
+
+const A_BAD_FILTER: &str = "
+process: {config_check_interval_ms: 100}
+ecr:
+  filters:
+    everything: {}
+";
+
+#[test]
+fn endpoint_filters_apply_live() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("fleetgate.yml");
+    write(&path, NO_FILTERS);
+    let fg = Fleetgate::start("up", &[("FLEETGATE_CONFIG", path.display().to_string())]);
+    assert_eq!(put_by_filter(&fg, "pair").0, "404");
+
+    write(&path, A_FILTER);
+    let log = fg.wait_log("configuration reloaded: applied", Duration::from_secs(10));
+    assert!(log.contains(r#"settings="ecr.filters.pair""#), "{log}");
+    assert!(!log.contains("only after a restart"), "applied live: {log}");
+    let (code, body) = put_by_filter(&fg, "pair");
+    assert_eq!(code, "200", "{body}");
+    let stored: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let ids: Vec<&str> =
+        stored.as_array().unwrap().iter().map(|c| c["endpointId"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["ep-1", "ep-2"]);
+
+    // A filter that would select every endpoint is refused; the running ones stay.
+    write(&path, A_BAD_FILTER);
+    let log = fg.wait_log("configuration reload refused", Duration::from_secs(10));
+    assert!(log.contains("ecr.filters"), "{log}");
+    assert_eq!(put_by_filter(&fg, "pair").0, "200");
+    assert_eq!(put_by_filter(&fg, "everything").0, "404");
+}

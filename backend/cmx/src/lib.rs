@@ -18,16 +18,18 @@
 //!
 //! What an endpoint confirmed and its observe choices are kept in memory: after a restart CMX
 //! pushes on the next connect once more (re-applying a configuration is harmless), and
-//! replicas each know what they served. The request id is already taken off the resource path
+//! replicas each know what they served. The table is bounded (`cmx.max_endpoints`, least
+//! recently used forgotten) and a 9/ELCE disconnect takes the endpoint out of the connected
+//! set an app version's changed default goes to (see `endpoints.rs`). The request id is already taken off the resource path
 //! by the gateway (DESIGN decision 1), so `/config/json/42` never reaches here as name `42`.
 //!
 //! It knows the bus and the Avro records; nothing of transports or storage.
 
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
+mod endpoints;
 pub mod request;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -35,13 +37,15 @@ use std::time::Duration;
 use fleetgate_bus::{AnyBus, Bus, Message, Requester, Subject, Subscription, now_ms};
 use fleetgate_messages::{
     ClientData, ConfigApplied, ConfigRequest, ConfigResponse, ConfigUpdated, ConnectedEvent,
-    ExtensionData, Record, subjects,
+    DisconnectedEvent, ExtensionData, Record, subjects,
 };
 use fleetgate_service::{BoxFuture, Running, ServiceError, StartContext};
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 
+use endpoints::{Endpoints, NameState};
 use request::{Applied, Resource, parse_applied, parse_config_request, resource_of};
 
 /// The configuration name when a device names none.
@@ -59,6 +63,9 @@ pub struct CmxConfig {
     pub gateway_instance: String,
     /// How long a `ConfigRequest` may wait for the provider (then the device gets 504).
     pub provider_timeout_ms: u64,
+    /// The most endpoints remembered (connected, or with a confirmation or observe choice);
+    /// past it the least recently used is forgotten (`fleetgate_cmx_endpoints_evicted_total`).
+    pub max_endpoints: usize,
 }
 
 impl Default for CmxConfig {
@@ -68,6 +75,7 @@ impl Default for CmxConfig {
             provider: "ecr".into(),
             gateway_instance: "kpc".into(),
             provider_timeout_ms: 5_000,
+            max_endpoints: 250_000,
         }
     }
 }
@@ -88,6 +96,9 @@ impl CmxConfig {
         if self.provider_timeout_ms == 0 {
             problems.push(("provider_timeout_ms", "0 is too small: the minimum is 1".into()));
         }
+        if self.max_endpoints == 0 {
+            problems.push(("max_endpoints", "0 is too small: the minimum is 1".into()));
+        }
         problems
     }
 }
@@ -100,6 +111,8 @@ pub struct CmxMetrics {
     pushes: Counter,
     applied: Counter,
     provider_failures: Counter,
+    endpoints: Gauge,
+    evicted: Counter,
 }
 
 impl CmxMetrics {
@@ -114,6 +127,16 @@ impl CmxMetrics {
             "provider_failures",
             "ConfigRequests the provider did not answer in time or answered with an error",
             self.provider_failures.clone(),
+        );
+        r.register(
+            "endpoints",
+            "Endpoints remembered (connected, or with a confirmation or observe choice)",
+            self.endpoints.clone(),
+        );
+        r.register(
+            "endpoints_evicted",
+            "Endpoints forgotten because cmx.max_endpoints were remembered",
+            self.evicted.clone(),
         );
     }
 }
@@ -166,31 +189,13 @@ impl fleetgate_service::Service for CmxService {
     }
 }
 
-/// What CMX remembers of one configuration (name) of one endpoint.
-#[derive(Debug, Default)]
-struct NameState {
-    /// What the device said last; `Some(false)`: no pushes.
-    observe: Option<bool>,
-    /// The configuration id the device last confirmed.
-    confirmed: Option<String>,
-}
-
-/// What CMX remembers of one endpoint.
-#[derive(Debug, Default)]
-struct EndpointState {
-    app_version: String,
-    /// Where the gateway replica that serves it listens.
-    reply: Option<Subject>,
-    names: HashMap<String, NameState>,
-}
-
 struct Shared {
     config: CmxConfig,
     bus: AnyBus,
     requester: Requester<AnyBus>,
     replica_id: String,
     next_id: AtomicU64,
-    endpoints: Mutex<HashMap<String, EndpointState>>,
+    endpoints: Mutex<Endpoints>,
     fallback_reply: Subject,
     metrics: CmxMetrics,
 }
@@ -215,7 +220,9 @@ async fn start(
         bus.subscribe(&subjects::esp_client_data(&config.instance), Some(&config.instance)).await?;
     let updates = bus.subscribe(subjects::CONFIG_UPDATED_ANY, Some(&config.instance)).await?;
     let connected = bus.subscribe(subjects::CONNECTED_ANY, Some(&config.instance)).await?;
+    let disconnected = bus.subscribe(subjects::DISCONNECTED_ANY, Some(&config.instance)).await?;
     bus.flush().await?;
+    let max_endpoints = config.max_endpoints;
     let shared = Arc::new(Shared {
         fallback_reply: Subject::from(subjects::esp_extension_data(&config.gateway_instance)),
         config,
@@ -223,7 +230,7 @@ async fn start(
         requester,
         replica_id,
         next_id: AtomicU64::new(0),
-        endpoints: Mutex::new(HashMap::new()),
+        endpoints: Mutex::new(Endpoints::new(max_endpoints)),
         metrics,
     });
     let tasks = [
@@ -235,6 +242,9 @@ async fn start(
         })),
         tokio::spawn(each(shared.clone(), connected, |s, m| {
             Box::pin(async move { s.on_connected(m).await })
+        })),
+        tokio::spawn(each(shared.clone(), disconnected, |s, m| {
+            Box::pin(async move { s.on_disconnected(m) })
         })),
     ];
     let mut shutdown = context.shutdown;
@@ -321,19 +331,43 @@ impl Shared {
         Ok((reply, status))
     }
 
+    fn endpoints(&self) -> std::sync::MutexGuard<'_, Endpoints> {
+        self.endpoints.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Updates the gauge and the eviction count after a change of `table`.
+    fn count(&self, table: &mut Endpoints) {
+        self.metrics.endpoints.set(i64::try_from(table.len()).unwrap_or(i64::MAX));
+        let evicted = std::mem::take(&mut table.evicted);
+        if evicted > 0 {
+            if self.metrics.evicted.get() == 0 {
+                tracing::warn!(
+                    max_endpoints = self.config.max_endpoints,
+                    "cmx.max_endpoints reached: the least recently used endpoints are forgotten \
+                     (fleetgate_cmx_endpoints_evicted_total counts them)"
+                );
+            }
+            self.metrics.evicted.inc_by(evicted);
+        }
+    }
+
+    /// A request of `endpoint`: it is connected, and its gateway replica listens at `reply`.
     fn remember(&self, endpoint: &str, app_version: &str, reply: Option<Subject>) {
-        let mut map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
-        let state = map.entry(endpoint.to_owned()).or_default();
+        let mut table = self.endpoints();
+        let state = table.entry(endpoint);
         app_version.clone_into(&mut state.app_version);
         if reply.is_some() {
             state.reply = reply;
         }
+        self.count(&mut table);
     }
 
     fn with_name<T>(&self, endpoint: &str, name: &str, f: impl FnOnce(&mut NameState) -> T) -> T {
-        let mut map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
-        let state = map.entry(endpoint.to_owned()).or_default();
-        f(state.names.entry(name.to_owned()).or_default())
+        let mut table = self.endpoints();
+        let state = table.entry(endpoint);
+        let out = f(state.names.entry(name.to_owned()).or_default());
+        self.count(&mut table);
+        out
     }
 
     async fn send(&self, reply: Subject, answer: ExtensionData<'_>) {
@@ -454,15 +488,21 @@ impl Shared {
     /// Pushes configuration `name` to `endpoint` if it lets pushes go and the provider has
     /// something it has not confirmed.
     async fn push(&self, app_version: &str, endpoint: &str, name: &str) {
+        // Read only: a push for an endpoint CMX does not know (it may be connected to a
+        // gateway whose 9/ELCE event another replica heard) remembers nothing new.
         let (observe, confirmed, reply) = {
-            let mut map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
-            let state = map.entry(endpoint.to_owned()).or_default();
-            if state.app_version.is_empty() {
-                app_version.clone_into(&mut state.app_version);
+            let table = self.endpoints();
+            match table.get(endpoint) {
+                Some(state) => {
+                    let n = state.names.get(name);
+                    (
+                        n.and_then(|n| n.observe),
+                        n.and_then(|n| n.confirmed.clone()),
+                        state.reply.clone(),
+                    )
+                }
+                None => (None, None, None),
             }
-            let reply = state.reply.clone();
-            let n = state.names.entry(name.to_owned()).or_default();
-            (n.observe, n.confirmed.clone(), reply)
         };
         if observe == Some(false) {
             return;
@@ -504,12 +544,8 @@ impl Shared {
         };
         let name = event.config_name.unwrap_or(DEFAULT_NAME);
         let targets: Vec<String> = if event.endpoint_id.is_empty() {
-            // An app version's default: every endpoint of it that CMX knows.
-            let map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
-            map.iter()
-                .filter(|(_, s)| s.app_version == event.app_version_name)
-                .map(|(e, _)| e.clone())
-                .collect()
+            // An app version's default: every connected endpoint of it that CMX knows.
+            self.endpoints().connected_of(event.app_version_name)
         } else {
             vec![event.endpoint_id.to_owned()]
         };
@@ -529,10 +565,10 @@ impl Shared {
             // The default and every name the endpoint used before.
             let mut names = vec![DEFAULT_NAME.to_owned()];
             {
-                let mut map = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
-                let state = map.entry(endpoint.to_owned()).or_default();
-                app_version.clone_into(&mut state.app_version);
+                let mut table = self.endpoints();
+                let state = table.connected(endpoint, app_version);
                 names.extend(state.names.keys().filter(|n| *n != DEFAULT_NAME).cloned());
+                self.count(&mut table);
             }
             for name in names {
                 let (shared, app, endpoint) =
@@ -540,5 +576,18 @@ impl Shared {
                 tokio::spawn(async move { shared.push(&app, &endpoint, &name).await });
             }
         }
+    }
+
+    /// 9/ELCE disconnected: the endpoints leave the connected set (see [`endpoints`]).
+    fn on_disconnected(&self, msg: Message) {
+        let Ok(event) = DisconnectedEvent::decode(&msg.payload) else {
+            tracing::debug!("undecodable DisconnectedEvent dropped");
+            return;
+        };
+        let mut table = self.endpoints();
+        for (endpoint, _) in event.endpoints {
+            table.disconnected(endpoint);
+        }
+        self.count(&mut table);
     }
 }

@@ -10,7 +10,7 @@ use fleetgate_bus::{AnyBus, Bus, InProcessBus, Subject, Subscription};
 use fleetgate_cmx::{CmxConfig, CmxService};
 use fleetgate_ecr::{EcrConfig, EcrService};
 use fleetgate_messages::{
-    ClientData, ConfigApplied, ConnectedEvent, ExtensionData, Record, subjects,
+    ClientData, ConfigApplied, ConnectedEvent, DisconnectedEvent, ExtensionData, Record, subjects,
 };
 use fleetgate_service::{AdminRequest, AdminRoutes, Running, Service, StartContext};
 use fleetgate_storage::EmbeddedConfigStore;
@@ -25,10 +25,12 @@ struct Harness {
     gateway: Subscription,
     applied: Subscription,
     ecr: Arc<dyn AdminRoutes>,
+    metrics: prometheus_client::registry::Registry,
 }
 
 #[derive(Debug)]
 struct Out {
+    endpoint: Option<String>,
     request_id: Option<i32>,
     path: String,
     status: i32,
@@ -37,6 +39,10 @@ struct Out {
 }
 
 async fn start() -> Harness {
+    start_with(CmxConfig::default()).await
+}
+
+async fn start_with(cmx: CmxConfig) -> Harness {
     let dir = tempfile::tempdir().unwrap();
     let bus = AnyBus::InProcess(InProcessBus::new(1024));
     let (stop, shutdown) = watch::channel(false);
@@ -45,10 +51,10 @@ async fn start() -> Harness {
         .start(StartContext { bus: bus.clone(), shutdown: shutdown.clone() })
         .await
         .unwrap();
-    let cmx = Box::new(CmxService::new(CmxConfig::default()))
-        .start(StartContext { bus: bus.clone(), shutdown })
-        .await
-        .unwrap();
+    let cmx = Box::new(CmxService::new(cmx));
+    let mut metrics = prometheus_client::registry::Registry::with_prefix("fleetgate");
+    cmx.register_metrics(&mut metrics);
+    let cmx = cmx.start(StartContext { bus: bus.clone(), shutdown }).await.unwrap();
     // Answers go to the requesting replica, pushes for endpoints CMX has no request from to
     // the gateway service: both land here.
     let gateway = bus.subscribe("kaa.v1.*.*.esp.ExtensionData", None).await.unwrap();
@@ -62,6 +68,7 @@ async fn start() -> Harness {
         gateway,
         applied,
         ecr: routes,
+        metrics,
     }
 }
 
@@ -96,6 +103,7 @@ impl Harness {
         let d = ExtensionData::decode(&msg.payload).unwrap();
         assert_eq!(d.extension_instance_name, Some("cmx"));
         Out {
+            endpoint: d.endpoint_id.map(str::to_owned),
             request_id: d.request_id,
             path: d.resource_path.to_owned(),
             status: d.status_code,
@@ -141,6 +149,38 @@ impl Harness {
             })
             .await;
         serde_json::from_slice::<Json>(&r.body).unwrap()["content"].clone()
+    }
+
+    /// The value of metric `name` (OpenMetrics text).
+    fn metric(&self, name: &str) -> f64 {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.metrics).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {text}"))
+    }
+
+    /// Waits until metric `name` is `value`.
+    async fn until(&self, name: &str, value: f64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while self.metric(name) != value {
+            assert!(tokio::time::Instant::now() < deadline, "{name}: {}", self.metric(name));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    async fn disconnect(&self, endpoint: &str) {
+        let event = DisconnectedEvent {
+            correlation_id: "e2",
+            timestamp_ms: 1,
+            timeout_ms: 0,
+            endpoints: vec![(endpoint, "demo-v1")],
+            originator_replica_id: "gw-1",
+        };
+        self.bus
+            .publish(Subject::from(subjects::elce_disconnected("kpc")), None, event.to_bytes())
+            .await
+            .unwrap();
     }
 
     async fn connect(&self, endpoint: &str) {
@@ -270,4 +310,38 @@ async fn bad_requests_get_precise_errors() {
     assert_eq!(h.out().await.status, 400);
     // Nothing was broadcast as applied.
     assert!(tokio::time::timeout(Duration::from_millis(200), h.applied.next()).await.is_err());
+}
+
+#[tokio::test]
+async fn a_disconnect_ends_default_pushes_and_the_endpoint_table_is_bounded() {
+    let mut h = start_with(CmxConfig { max_endpoints: 3, ..CmxConfig::default() }).await;
+    h.connect("ep-a").await;
+    h.connect("ep-b").await;
+    h.until("fleetgate_cmx_endpoints", 2.0).await;
+    // ep-a goes: out of the connected set, and forgotten (it confirmed nothing).
+    h.disconnect("ep-a").await;
+    h.until("fleetgate_cmx_endpoints", 1.0).await;
+
+    // The app version's default goes to ep-b only.
+    let r = h
+        .ecr
+        .handle(AdminRequest {
+            method: "PUT".into(),
+            path: "/ecr/api/v1/app-versions/demo-v1".into(),
+            query: String::new(),
+            body: br#"{"level":2}"#.to_vec(),
+        })
+        .await;
+    assert_eq!(r.status, 200);
+    let push = h.out().await;
+    assert_eq!((push.endpoint.as_deref(), push.path.as_str()), (Some("ep-b"), "/config/json"));
+    assert_eq!(push.payload.unwrap()["config"], json!({"level": 2}));
+    h.nothing().await;
+
+    // A flood of connects: never more than 3 remembered, the rest counted as evicted.
+    for i in 0..10 {
+        h.connect(&format!("flood-{i}")).await;
+    }
+    h.until("fleetgate_cmx_endpoints_evicted_total", 8.0).await;
+    assert_eq!(h.metric("fleetgate_cmx_endpoints"), 3.0);
 }

@@ -7,6 +7,9 @@
 //!   answer is `{configId, name, config, createdDate, updatedDate}` with `ETag: "<configId>"`;
 //! * `GET .../configurations`: the configurations of that endpoint or app version, by name;
 //! * `PUT /endpoints/batch`: `{"configPayload": <json>, "endpoints": {"<appVersion>": [ids]}}`;
+//! * `PUT /endpoints/filters/{filterId}`: `{"configPayload": <json>}` to every endpoint the
+//!   filter `filterId` of `ecr.filters` matches ([`crate::filters`]); 404 for an unknown one;
+//!   answered as the batch, with the configurations stored;
 //! * `GET /statuses?endpointId=&appVersionName=&configId=&page=&size=`: a Spring page of
 //!   `{configId, endpointId, appVersionName, name, status, config, lastDispatchedDate,
 //!   lastConfirmedDate, confirmationStatusCode, confirmationReasonPhrase}`;
@@ -18,7 +21,7 @@
 //! Every error body is `{"statusCode": ..., "reasonPhrase": "..."}` naming what is wrong; a
 //! refused change stores nothing.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use fleetgate_bus::now_ms;
@@ -98,6 +101,7 @@ pub fn fuzz_params(query_string: &str, body: &[u8]) {
         let _ = name_of(&params);
     }
     let _ = batch_body(body);
+    let _ = filter_body(body);
 }
 
 async fn route(shared: &Shared, req: &AdminRequest) -> Answer {
@@ -119,6 +123,10 @@ async fn route(shared: &Shared, req: &AdminRequest) -> Answer {
         },
         ["endpoints", "batch"] => match method {
             "PUT" => batch(shared, req).await,
+            _ => Err(not_allowed("PUT")),
+        },
+        ["endpoints", "filters", filter] => match method {
+            "PUT" => by_filter(shared, req, non_empty("filterId", filter)?).await,
             _ => Err(not_allowed("PUT")),
         },
         ["endpoints", endpoint, "app-versions", version] => {
@@ -350,13 +358,24 @@ async fn batch(shared: &Shared, req: &AdminRequest) -> Answer {
     for version in versions {
         conforms(shared, version, &payload).await?;
     }
+    put_all(shared, &name, &payload, &targets).await
+}
+
+/// Stores `payload` as configuration `name` of every (app version, endpoint) of `targets`
+/// (checked already), broadcasts each, and answers with what is stored.
+async fn put_all(
+    shared: &Shared,
+    name: &str,
+    payload: &[u8],
+    targets: &[(String, String)],
+) -> Answer {
     let keys: Vec<ConfigKey> =
-        targets.iter().map(|(version, id)| ConfigKey::endpoint(version, id, &name)).collect();
+        targets.iter().map(|(version, id)| ConfigKey::endpoint(version, id, name)).collect();
     let now = now_ms();
     let mut out = Vec::with_capacity(keys.len());
     for key in keys {
         let stored =
-            shared.store.put(key, payload.clone(), now).await.map_err(|e| storage_error(&e))?;
+            shared.store.put(key, payload.to_vec(), now).await.map_err(|e| storage_error(&e))?;
         shared.broadcast(&stored).await;
         let mut j = config_json(&stored);
         j["endpointId"] = json!(stored.key.endpoint);
@@ -364,6 +383,62 @@ async fn batch(shared: &Shared, req: &AdminRequest) -> Answer {
         out.push(j);
     }
     Ok(AdminResponse::json(200, Json::Array(out).to_string().into_bytes()))
+}
+
+/// `PUT /endpoints/filters/{filterId}`: the configuration of the body's `configPayload` goes
+/// to every endpoint the filter of `ecr.filters` matches ([`crate::filters`]).
+async fn by_filter(shared: &Shared, req: &AdminRequest, id: &str) -> Answer {
+    let params = query(req, &["name"])?;
+    let name = name_of(&params)?;
+    let filters = shared.filters.get();
+    let filter = filters.get(id).ok_or_else(|| {
+        error(404, format!("no endpoint filter `{id}`: filters are defined in ecr.filters"))
+    })?;
+    let payload = filter_body(&req.body)?;
+    check_config(shared, &payload)?;
+    let mut targets: BTreeSet<(String, String)> =
+        filter.named().map(|(v, e)| (v.to_owned(), e.to_owned())).collect();
+    // The endpoints ECR knows, in the filter's app versions: those with a configuration of
+    // their own or a recorded status.
+    let scopes: Vec<Option<String>> = if filter.app_versions.is_empty() {
+        vec![None]
+    } else {
+        filter.app_versions.iter().cloned().map(Some).collect()
+    };
+    for app_version in scopes {
+        let store = &shared.store;
+        let mut known = store
+            .configured_endpoints(app_version.as_deref())
+            .await
+            .map_err(|e| storage_error(&e))?;
+        let served = StatusFilter { endpoint: None, app_version, config_id: None };
+        let statuses = store.statuses(served).await.map_err(|e| storage_error(&e))?;
+        known.extend(statuses.into_iter().map(|s| (s.app_version, s.endpoint)));
+        targets.extend(known.into_iter().filter(|(v, e)| filter.matches(v, e)));
+    }
+    let targets: Vec<(String, String)> = targets.into_iter().collect();
+    let mut versions: Vec<&str> = targets.iter().map(|(v, _)| v.as_str()).collect();
+    versions.dedup();
+    for version in versions {
+        conforms(shared, version, &payload).await?;
+    }
+    put_all(shared, &name, &payload, &targets).await
+}
+
+/// The `PUT /endpoints/filters/{filterId}` body: `{"configPayload": <json>}`, the JSON text of
+/// the configuration.
+fn filter_body(body: &[u8]) -> Result<Vec<u8>, AdminResponse> {
+    let body: Json = serde_json::from_slice(body)
+        .map_err(|e| error(400, format!("body: not valid JSON: {e}")))?;
+    let Json::Object(body) = body else {
+        return Err(error(400, "body: must be an object {configPayload}"));
+    };
+    if let Some(k) = body.keys().find(|k| k.as_str() != "configPayload") {
+        let why = if k == "endpoints" { ": the filter selects the endpoints" } else { "" };
+        return Err(error(400, format!("{k}: unknown field (known: configPayload){why}")));
+    }
+    let payload = body.get("configPayload").ok_or_else(|| error(400, "configPayload: required"))?;
+    serde_json::to_vec(payload).map_err(|e| error(400, format!("configPayload: {e}")))
 }
 
 /// The `PUT /endpoints/batch` body: the configuration's JSON text and the (app version,

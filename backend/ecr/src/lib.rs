@@ -17,10 +17,13 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used))]
 
 pub mod api;
+pub mod filters;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use fleetgate_bus::{AnyBus, Bus, Message, Subject, Subscription, now_ms};
+use fleetgate_live::Live;
 use fleetgate_messages::{
     ConfigApplied, ConfigRequest, ConfigResponse, ConfigUpdated, Record, subjects,
 };
@@ -50,11 +53,16 @@ pub struct EcrConfig {
     pub instance: String,
     /// The largest configuration accepted, in bytes of JSON text (larger: 413).
     pub max_config_bytes: usize,
+    /// Endpoint filters by id, for `PUT /endpoints/filters/{filterId}` ([`filters`]).
+    pub filters: Filters,
 }
+
+/// Endpoint filters by id.
+pub type Filters = BTreeMap<String, filters::EndpointFilter>;
 
 impl Default for EcrConfig {
     fn default() -> Self {
-        Self { instance: "ecr".into(), max_config_bytes: 256 * 1024 }
+        Self { instance: "ecr".into(), max_config_bytes: 256 * 1024, filters: BTreeMap::new() }
     }
 }
 
@@ -81,6 +89,7 @@ impl EcrConfig {
             problems
                 .push(("instance", format!("`{}` is not a valid subject token", self.instance)));
         }
+        problems.extend(filters::problems(&self.filters).into_iter().map(|p| ("filters", p)));
         problems
     }
 }
@@ -160,6 +169,7 @@ pub enum EcrError {
 /// The ECR service as the binary runs it.
 pub struct EcrService {
     config: EcrConfig,
+    filters: Live<Filters>,
     storage: StorageConfig,
     store: Option<Arc<dyn ConfigStore>>,
     metrics: EcrMetrics,
@@ -168,12 +178,19 @@ pub struct EcrService {
 impl EcrService {
     /// ECR on the store `storage` names (opened at [`bind`](fleetgate_service::Service::bind)).
     pub fn new(config: EcrConfig, storage: StorageConfig) -> Self {
-        Self { config, storage, store: None, metrics: EcrMetrics::default() }
+        let filters = Live::new(config.filters.clone());
+        Self { config, filters, storage, store: None, metrics: EcrMetrics::default() }
+    }
+
+    /// `ecr.filters`, which a configuration reload replaces while ECR runs.
+    pub fn filters(&self) -> Live<Filters> {
+        self.filters.clone()
     }
 
     /// ECR on `store` (tests, benchmarks).
     pub fn with_store(config: EcrConfig, store: Arc<dyn ConfigStore>) -> Self {
         Self {
+            filters: Live::new(config.filters.clone()),
             config,
             storage: StorageConfig::default(),
             store: Some(store),
@@ -207,7 +224,7 @@ impl fleetgate_service::Service for EcrService {
         Box::pin(async move {
             self.bind()?;
             let store = self.store.take().ok_or_else(|| ServiceError::new("ecr", "no store"))?;
-            start(context, self.config, store, self.metrics)
+            start(context, self.config, self.filters, store, self.metrics)
                 .await
                 .map_err(|e| ServiceError::new("ecr", e))
         })
@@ -217,6 +234,8 @@ impl fleetgate_service::Service for EcrService {
 /// What the request handlers and the REST API share.
 pub(crate) struct Shared {
     pub(crate) config: EcrConfig,
+    /// `ecr.filters` as now configured (reloads replace it).
+    pub(crate) filters: Live<Filters>,
     pub(crate) store: Arc<dyn ConfigStore>,
     pub(crate) bus: AnyBus,
     pub(crate) replica_id: String,
@@ -236,6 +255,7 @@ impl ServiceStatus for Status {
 async fn start(
     context: StartContext,
     config: EcrConfig,
+    filters: Live<Filters>,
     store: Arc<dyn ConfigStore>,
     metrics: EcrMetrics,
 ) -> Result<Running, EcrError> {
@@ -252,6 +272,7 @@ async fn start(
     let shared = Arc::new(Shared {
         replica_id: fleetgate_bus::new_replica_id(&config.instance),
         config,
+        filters,
         store,
         bus,
         metrics,

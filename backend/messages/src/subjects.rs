@@ -84,6 +84,8 @@ pub const CONFIG_UPDATED_ANY: &str = "kaa.v1.events.*.endpoint.config.updated";
 pub const CONFIG_APPLIED_ANY: &str = "kaa.v1.events.*.endpoint.config.applied";
 /// Wildcard subscription to connected events from any originator.
 pub const CONNECTED_ANY: &str = "kaa.v1.events.*.endpoint.connectivity.connected";
+/// Wildcard subscription to disconnected events from any originator.
+pub const DISCONNECTED_ANY: &str = "kaa.v1.events.*.endpoint.connectivity.disconnected";
 
 /// Wildcard subscription to token-revoked events from any provider.
 pub const TOKEN_REVOKED_ANY: &str = "kaa.v1.events.*.endpoint.token.revoked";

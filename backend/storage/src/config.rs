@@ -163,6 +163,13 @@ pub trait ConfigStore: Send + Sync {
         filter: StatusFilter,
     ) -> BoxFuture<'_, Result<Vec<ConfigStatus>, StorageError>>;
 
+    /// The (app version, endpoint) pairs with configurations of their own (of
+    /// `app_version`, when given), in order.
+    fn configured_endpoints(
+        &self,
+        app_version: Option<&str>,
+    ) -> BoxFuture<'_, Result<Vec<(String, String)>, StorageError>>;
+
     /// `embedded` or `postgres`, for logs and metrics.
     fn kind(&self) -> &'static str;
 

@@ -206,6 +206,36 @@ impl ConfigStore for EmbeddedConfigStore {
         }))
     }
 
+    fn configured_endpoints(
+        &self,
+        app_version: Option<&str>,
+    ) -> BoxFuture<'_, Result<Vec<(String, String)>, StorageError>> {
+        let inner = self.inner.clone();
+        let app_version = app_version.map(str::to_owned);
+        Box::pin(blocking(move || {
+            let mut prefix = Vec::new();
+            if let Some(a) = &app_version {
+                push_str(&mut prefix, a)?;
+            }
+            let mut out: Vec<(String, String)> = Vec::new();
+            for item in inner.configs.prefix(&prefix) {
+                let (k, _) = item.into_inner()?;
+                // app version, 1 for an endpoint's (0 for a default), endpoint, name.
+                let mut rest: &[u8] = &k;
+                let version = take_str(&mut rest).ok_or(StorageError::Corrupt)?;
+                let (&flag, after) = rest.split_first().ok_or(StorageError::Corrupt)?;
+                rest = after;
+                if flag == 1 {
+                    let endpoint = take_str(&mut rest).ok_or(StorageError::Corrupt)?;
+                    out.push((version, endpoint));
+                }
+            }
+            out.sort();
+            out.dedup();
+            Ok(out)
+        }))
+    }
+
     fn statuses(
         &self,
         filter: StatusFilter,

@@ -232,6 +232,27 @@ impl ConfigStore for PostgresConfigStore {
         })
     }
 
+    fn configured_endpoints(
+        &self,
+        app_version: Option<&str>,
+    ) -> BoxFuture<'_, Result<Vec<(String, String)>, StorageError>> {
+        let app_version = app_version.map(str::to_owned);
+        Box::pin(async move {
+            let client = self.connection.get().await?;
+            let rows = client
+                .query(
+                    "SELECT app_version, endpoint FROM ecr_configs
+                     WHERE endpoint <> '' AND ($1::text IS NULL OR app_version = $1)
+                     GROUP BY app_version, endpoint
+                     ORDER BY app_version COLLATE \"C\", endpoint COLLATE \"C\"",
+                    &[&app_version],
+                )
+                .await
+                .map_err(backend)?;
+            Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        })
+    }
+
     fn statuses(
         &self,
         filter: StatusFilter,

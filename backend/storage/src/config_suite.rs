@@ -77,6 +77,14 @@ async fn named_configurations_are_listed_by_scope(store: &dyn ConfigStore) {
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].content, b"[]");
     assert_eq!(listed[0].key, ConfigKey::endpoint(v, "ep-10", "other"));
+    let pair = |v: &str, e: &str| (v.to_owned(), e.to_owned());
+    assert_eq!(
+        store.configured_endpoints(Some(v)).await.unwrap(),
+        [pair(v, "ep-1"), pair(v, "ep-10")]
+    );
+    let all = store.configured_endpoints(None).await.unwrap();
+    assert!(all.contains(&pair("suite-v4x", "ep-1")) && all.contains(&pair(v, "ep-10")), "{all:?}");
+    assert!(!all.iter().any(|(_, e)| e.is_empty()), "defaults are no endpoints: {all:?}");
 }
 
 async fn deletes_remove_one_configuration(store: &dyn ConfigStore) {

@@ -6,15 +6,17 @@
 //! device hears that it is stored ([`KpOutcome::Stored`]); from then on new requests go to the
 //! spool first, so that they stay behind the older ones, until the spool is empty again. The
 //! forwarder replays the spool in order, a window at a time, while the bus takes messages, and
-//! removes each record once its extension answered. The answer to a spooled request still
-//! reaches the device that sent it, if it is connected here.
+//! removes each record once its extension answered it with a success or a 4xx; a 5xx answer
+//! (the extension or a reliable receiver behind it failed) keeps the record for a later replay,
+//! after a back-off. The answer to a spooled request still reaches the device that sent it, if
+//! it is connected here.
 //!
 //! Without a spool (`gateway.spool.enabled: false`) a request that is not answered in time is
 //! answered 504, and a bus that refuses it gives 503: never an acknowledgement.
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
@@ -90,6 +92,9 @@ pub(crate) struct Delivery {
     /// The oldest record whose replay was not answered in time since the forwarder last
     /// looked (`u64::MAX`: none): its cursor goes back there.
     rewind: AtomicU64,
+    /// 5xx answers to replays since the last success: the forwarder waits longer before each
+    /// new attempt (100 ms doubling to 5 s), so a failing extension is not flooded.
+    refusals: AtomicU32,
     in_flight: AtomicUsize,
     /// Requests on their way into the spool (not durable yet).
     appending: AtomicUsize,
@@ -122,6 +127,7 @@ impl Delivery {
             routes: Mutex::default(),
             replaying: Mutex::default(),
             rewind: AtomicU64::new(u64::MAX),
+            refusals: AtomicU32::new(0),
             in_flight: AtomicUsize::new(0),
             appending: AtomicUsize::new(0),
             wake: Notify::new(),
@@ -281,9 +287,27 @@ impl<B: Bus> Gateway<B> {
     }
 
     /// The extension answered spool record `seq` (a replay, or the original): the record is
-    /// forgotten and the answer goes to the device that sent it, if it is here.
+    /// forgotten and the answer goes to the device that sent it, if it is here. A 5xx answer
+    /// (the extension, or a reliable receiver behind it, failed or timed out) does not settle
+    /// it: the device was told its request is stored, so the record stays and is replayed
+    /// after a back-off. A 4xx answer settles it: the request itself is wrong, and sending it
+    /// again would not change that.
     pub(crate) fn settle_record(&self, seq: u64, outcome: KpOutcome) {
         let Some(spool) = &self.delivery.spool else { return };
+        if let KpOutcome::Error(e) = &outcome
+            && e.status >= 500
+        {
+            tracing::debug!(seq, status = e.status, reason = %e.reason, "a spooled request was refused; it stays in the spool");
+            self.metrics.spool_replay_refusals.inc();
+            self.delivery.refusals.fetch_add(1, Ordering::Relaxed);
+            if self.delivery.replaying().remove(&seq) {
+                self.delivery.in_flight.fetch_sub(1, Ordering::Relaxed);
+            }
+            self.delivery.rewind.fetch_min(seq, Ordering::Relaxed);
+            self.delivery.wake.notify_one();
+            return;
+        }
+        self.delivery.refusals.store(0, Ordering::Relaxed);
         if let Err(e) = spool.remove(seq) {
             tracing::warn!(error = %e, seq, "cannot remove a delivered record from the spool");
         }
@@ -447,6 +471,16 @@ pub(crate) async fn forward<B: Bus>(
         if rewind != u64::MAX && cursor.is_some_and(|c| c >= rewind) {
             // Records still in flight are skipped on the way (they are in `replaying`).
             cursor = rewind.checked_sub(1);
+        }
+        let refusals = g.delivery.refusals.load(Ordering::Relaxed);
+        if rewind != u64::MAX && refusals > 0 {
+            // The extension answered 5xx: give it time before the next attempt.
+            let wait = Duration::from_millis(100u64 << refusals.min(6)).min(Duration::from_secs(5));
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                () = fleetgate_bus::stopped(&mut shutdown) => {}
+            }
+            continue;
         }
         if spool.is_empty() {
             cursor = None;

@@ -46,6 +46,7 @@ pub struct GatewayMetrics {
     pub(crate) spool_full: Counter,
     pub(crate) spool_delivery_timeouts: Counter,
     pub(crate) spool_replay_timeouts: Counter,
+    pub(crate) spool_replay_refusals: Counter,
     pub(crate) spool_messages: Gauge,
     pub(crate) spool_bytes: Gauge,
     pub(crate) spool_oldest_age_ms: Gauge,
@@ -123,6 +124,12 @@ impl GatewayMetrics {
                 "spool_replay_timeouts",
                 "Replays of spooled requests not answered in time (replayed again)",
                 &self.spool_replay_timeouts,
+            ),
+            (
+                "spool_replay_refusals",
+                "Spooled requests their extension answered with a 5xx status (kept, replayed again \
+                 after a back-off)",
+                &self.spool_replay_refusals,
             ),
         ];
         for (name, help, counter) in spool_counters {

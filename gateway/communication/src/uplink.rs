@@ -242,11 +242,23 @@ impl<B: Bus> Gateway<B> {
         if !routes.app_versions.is_empty() && !routes.app_versions.contains(app_version) {
             return Err(KpError::not_found(format!("unknown app version `{app_version}`")));
         }
-        self.resolve(session, app_version, token).await?;
-        if self.sessions.subscribe(session, token, filter, tag) {
-            Ok(())
-        } else {
-            Err(KpError::unavailable("the session has ended"))
+        let resolved = self.resolve(session, app_version, token).await?;
+        if !self.sessions.subscribe(session, token, filter, tag) {
+            return Err(KpError::unavailable("the session has ended"));
+        }
+        // Naming the token is using it: the session is where pushes for the endpoint go from
+        // now on, even before its first request (an HTTP long poll, an FGU/1 handshake, an
+        // MQTT client that subscribes before it publishes), and extensions hear that it
+        // connected (CMX then pushes a configuration it has not confirmed).
+        let id = resolved.endpoint_id;
+        let (token_id, expires) = (resolved.token_id, resolved.expires);
+        match self.sessions.note_endpoint(session, &id, app_version, token, token_id, expires) {
+            None => Err(KpError::unavailable("the session has ended")),
+            Some(true) => {
+                self.publish_connected(&[(&id, app_version)]).await;
+                Ok(())
+            }
+            Some(false) => Ok(()),
         }
     }
 

@@ -33,7 +33,9 @@ pub trait KpHandler: Send + Sync + 'static {
 
     /// The session asks for copies of responses and pushes whose path matches `filter` (MQTT
     /// topic filter syntax: `+` one level, `#` the rest), besides those for its own requests,
-    /// which it gets anyway. Copies carry `tag`. An error refuses the filter (401 unknown token,
+    /// which it gets anyway. Copies carry `tag`. Naming the token counts as using it: from then
+    /// on the session also gets the endpoint's pushes (tag 0), as after a request, and the
+    /// endpoint is announced connected. An error refuses the filter (401 unknown token,
     /// 403 a filter that does not name one endpoint token, 404 unknown app version or
     /// extension).
     fn subscribe<'a>(

@@ -25,9 +25,11 @@
 //! `GET /kp1/<appver>/<ext>/<token>/<path>?observe=true&timeout_ms=N` subscribes the session to
 //! `kp1/<appver>/<ext>/<token>/<path>/#` and holds the request until the next push whose path
 //! is exactly `<path>` (200 with its payload, or its error status and body) or until N ms
-//! (at most `long_poll_max_ms`, which is also the default) have passed (204). Pushes that
-//! arrive while no long poll waits are not kept: a client polls again at once to miss as few
-//! as possible.
+//! (at most `long_poll_max_ms`, which is also the default) have passed (204). The subscription
+//! makes the session a user of the token, so a long poll may be the connection's first request
+//! (the gateway announces the endpoint connected, and CMX pushes a configuration the device has
+//! not confirmed). Pushes that arrive while no long poll waits are not kept: a client polls
+//! again at once to miss as few as possible.
 //!
 //! # Protocols and timeouts
 //!
