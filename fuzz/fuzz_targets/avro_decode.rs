@@ -14,6 +14,9 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let _ = ClientUsernamePasswordValidationRequest::decode(data);
     let _ = ClientUsernamePasswordValidationResponse::decode(data);
     let _ = EndpointTokenRevokedEvent::decode(data);
+    let _ = ClientCertificateValidationRequest::decode(data);
+    let _ = ClientCertificateValidationResponse::decode(data);
+    let _ = ClientCredentialRevokedEvent::decode(data);
     let _ = ConnectedEvent::decode(data);
     let _ = DisconnectedEvent::decode(data);
     let _ = TimeSeriesEvent::decode(data);

@@ -30,7 +30,13 @@ impl GatewayService {
             .iter()
             .filter_map(|t| (t.make)(&config.transports, metrics, reloads))
             .collect();
-        let settings = Live::new(config.gateway.clone());
+        let mut gateway = config.gateway.clone();
+        gateway.app_names = config
+            .applications
+            .iter()
+            .flat_map(|(app, a)| a.versions.iter().map(move |v| (v.clone(), app.clone())))
+            .collect();
+        let settings = Live::new(gateway);
         let keys = Keys::Only(&["extensions", "app_versions"]);
         reloads.follow("gateway", keys, settings.clone(), |c| &c.gateway);
         let tokens = settings.clone();

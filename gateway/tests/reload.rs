@@ -163,8 +163,8 @@ async fn a_changed_file_applies_live_and_a_bad_one_is_refused() {
     let mut again = Device::connect(fg.mqtt, "demo-v2", "tok-2").await.expect("connect");
     assert_eq!(again.send(SAMPLE).await.as_deref(), Ok("status"));
 
-    // A removed token is refused on its next new use (the token cache is emptied), while the
-    // connection that already used it stays up.
+    // A removed token is refused on its next new use (the token cache is emptied), and the
+    // connection that already used it is ended (the provider announces the revocation).
     write(&path, V3);
     let applied = r#"fleetgate_config_reloads_total{result="applied"}"#;
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -174,7 +174,7 @@ async fn a_changed_file_applies_live_and_a_bad_one_is_refused() {
     }
     let mut removed = Device::connect(fg.mqtt, "demo-v1", "tok-1").await.expect("connect");
     assert_eq!(removed.send(SAMPLE).await.as_deref(), Ok("error"), "tok-1 was removed");
-    assert!(kept.send(SAMPLE).await.is_ok(), "the connection is not dropped");
+    assert!(kept.send(SAMPLE).await.is_err(), "the revoked token's connection is ended");
 }
 
 /// `PUT /ecr/api/v1/endpoints/filters/{id}` with curl: (HTTP status, body).

@@ -1,6 +1,7 @@
 //! `fleetgate up` with its secure MQTT transports, driven by clients that are not ours:
 //! Mosquitto's command-line clients over TLS and mTLS, paho-mqtt (Python) over WebSocket,
-//! plain and TLS. Certificates are made at test time.
+//! plain and TLS, with and without client certificates. Certificates are made at test time;
+//! the 16/ECAP provider (`auth.certificates`) knows the client certificate `device-1` only.
 
 // Test code: a failed expectation fails the test.
 #![allow(clippy::expect_used, clippy::unwrap_used)]
@@ -14,7 +15,7 @@ use std::time::Duration;
 
 use fleetgate_testkit::free_port;
 use fleetgate_tls::test_certs::TestFiles;
-use support::{Fleetgate, demo_endpoint_env};
+use support::{Fleetgate, certificate_env, demo_endpoint_env};
 
 const BATCH: &str = r#"[{"temperature":21},{"temperature":22}]"#;
 
@@ -32,8 +33,12 @@ fn path(p: &Path) -> String {
 }
 
 /// `fleetgate up` with MQTT/TLS (mTLS when `mtls`) and MQTT/WebSocket (plain, or TLS when
-/// `wss`).
+/// `wss`, mTLS when both).
 fn up(mtls: bool, wss: bool) -> Secure {
+    up_with(mtls, wss, &[])
+}
+
+fn up_with(mtls: bool, wss: bool, more: &[(&'static str, &str)]) -> Secure {
     let dir = tempfile::tempdir().unwrap();
     let files = TestFiles::write(dir.path());
     let mqtts = SocketAddr::from(([127, 0, 0, 1], free_port()));
@@ -51,6 +56,7 @@ fn up(mtls: bool, wss: bool) -> Secure {
         env.extend([
             ("FLEETGATE_TRANSPORTS_MQTTS_TLS_CLIENT_CA_FILE", path(&files.ca)),
             ("FLEETGATE_TRANSPORTS_MQTTS_TLS_CRL_FILES", format!("[{}]", path(&files.crl))),
+            certificate_env(&files),
         ]);
     }
     if wss {
@@ -60,6 +66,13 @@ fn up(mtls: bool, wss: bool) -> Secure {
             ("FLEETGATE_TRANSPORTS_MQTT_WS_TLS_KEY_FILE", path(&files.server_key)),
         ]);
     }
+    if wss && mtls {
+        env.extend([
+            ("FLEETGATE_TRANSPORTS_MQTT_WS_TLS_CLIENT_CA_FILE", path(&files.ca)),
+            ("FLEETGATE_TRANSPORTS_MQTT_WS_TLS_CRL_FILES", format!("[{}]", path(&files.crl))),
+        ]);
+    }
+    env.extend(more.iter().map(|(k, v)| (*k, (*v).to_owned())));
     let fg = Fleetgate::start("up", &env);
     Secure { fg, mqtts, ws, wss: wss.then_some(ws), files, _dir: dir }
 }
@@ -163,18 +176,63 @@ fn mosquitto_over_mtls_needs_a_valid_client_certificate() {
     assert!(!publish.status.success());
     assert!(failures(&s.fg, "mqtts", "no_client_certificate") >= 1.0);
     assert_eq!(s.fg.metric("fleetgate_dcx_samples_total"), Some(2.0));
+    // The MQTT session's own metrics are reported for this transport too.
+    let keep_alive = r#"fleetgate_transport_keep_alive_timeouts_total{transport="mqtts"}"#;
+    assert_eq!(s.fg.metric(keep_alive), Some(0.0));
+    let too_large = r#"fleetgate_transport_messages_too_large_total{transport="mqtts"}"#;
+    assert_eq!(s.fg.metric(too_large), Some(0.0));
+}
+
+/// One `mosquitto_pub` of a batch over mTLS with `cert` and `key`; whether it succeeded.
+fn mosquitto_publish(port: u16, ca: &Path, cert: &Path, key: &Path) -> Output {
+    Command::new("mosquitto_pub")
+        .args(["-h", "localhost", "-p", &port.to_string()])
+        .args(tls_args(ca, Some((cert, key))))
+        .args(["-q", "1", "-t", "kp1/demo-v1/dcx/tok-1/json", "-m", BATCH])
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn the_provider_decides_on_certificates_that_pass_the_handshake() {
+    // The provider knows device-1 only: device-2 (valid, same CA) passes the handshake and is
+    // refused at CONNECT by 16/ECAP.
+    let s = up(true, false);
+    let f = &s.files;
+    let refused = "fleetgate_gateway_sessions_refused_total";
+    let ok = mosquitto_publish(s.mqtts.port(), &f.ca, &f.client_cert, &f.client_key);
+    assert!(ok.status.success(), "{ok:?}");
+    assert_eq!(s.fg.metric(refused), Some(0.0));
+    let out = mosquitto_publish(s.mqtts.port(), &f.ca, &f.unlisted_cert, &f.unlisted_key);
+    assert!(!out.status.success(), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stderr).to_lowercase();
+    assert!(said.contains("not authori") || said.contains("refused"), "{said}");
+    assert_eq!(s.fg.metric(refused), Some(1.0));
+    assert_eq!(
+        s.fg.metric("fleetgate_transport_tls_handshakes_total{transport=\"mqtts\"}"),
+        Some(2.0)
+    );
+    assert_eq!(s.fg.metric("fleetgate_dcx_samples_total"), Some(2.0));
+    drop(s);
+
+    // `gateway.certificate_check: local`: the handshake's check alone decides.
+    let s = up_with(true, false, &[("FLEETGATE_GATEWAY_CERTIFICATE_CHECK", "local")]);
+    let f = &s.files;
+    let out = mosquitto_publish(s.mqtts.port(), &f.ca, &f.unlisted_cert, &f.unlisted_key);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(s.fg.metric("fleetgate_dcx_samples_total"), Some(2.0));
 }
 
 /// paho-mqtt over WebSocket: publishes a batch with a request id and prints what arrives.
 const PAHO: &str = r#"
 import sys, time, ssl
 import paho.mqtt.client as mqtt
-port, ca = int(sys.argv[1]), sys.argv[2]
+port, ca, cert, key = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 got = []
 c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="paho-ws", transport="websockets")
 c.ws_set_options(path="/mqtt")
 if ca:
-    c.tls_set(ca_certs=ca)
+    c.tls_set(ca_certs=ca, certfile=cert or None, keyfile=key or None)
 c.on_message = lambda c, u, m: got.append(m.topic)
 c.connect("localhost", port, keepalive=30)
 c.loop_start()
@@ -187,8 +245,15 @@ print(" ".join(got))
 "#;
 
 fn paho(port: u16, ca: Option<&Path>) -> Output {
+    paho_with(port, ca, None)
+}
+
+/// paho-mqtt over WebSocket, over TLS trusting `ca` when given, with a client certificate and
+/// key when given.
+fn paho_with(port: u16, ca: Option<&Path>, identity: Option<(&Path, &Path)>) -> Output {
+    let (cert, key) = identity.map(|(c, k)| (path(c), path(k))).unwrap_or_default();
     Command::new("python3")
-        .args(["-c", PAHO, &port.to_string(), &ca.map(path).unwrap_or_default()])
+        .args(["-c", PAHO, &port.to_string(), &ca.map(path).unwrap_or_default(), &cert, &key])
         .output()
         .expect("python3 with paho-mqtt (scripts/test installs it)")
 }
@@ -244,6 +309,42 @@ fn paho_over_secure_websocket_gets_status() {
     assert_eq!(s.fg.metric("fleetgate_dcx_samples_total"), Some(2.0));
 }
 
+#[test]
+fn paho_over_secure_websocket_with_client_certificates() {
+    let s = up(true, true);
+    let (wss, f) = (s.wss.unwrap(), &s.files);
+    let out = paho_with(wss.port(), Some(&f.ca), Some((&f.client_cert, &f.client_key)));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "kp1/demo-v1/dcx/tok-1/json/5/status",
+        "{out:?}"
+    );
+    assert_eq!(s.fg.metric("fleetgate_dcx_samples_total"), Some(2.0));
+    let keep_alive = r#"fleetgate_transport_keep_alive_timeouts_total{transport="mqtt_ws"}"#;
+    assert_eq!(s.fg.metric(keep_alive), Some(0.0));
+    let too_large = r#"fleetgate_transport_messages_too_large_total{transport="mqtt_ws"}"#;
+    assert_eq!(s.fg.metric(too_large), Some(0.0));
+
+    // Valid for the CA but unknown to the provider: refused at CONNECT.
+    let out = paho_with(wss.port(), Some(&f.ca), Some((&f.unlisted_cert, &f.unlisted_key)));
+    assert!(out.stdout.trim_ascii().is_empty(), "{out:?}");
+    // paho's network loop tries again after a refused CONNECT: once or more.
+    let refused = s.fg.metric("fleetgate_gateway_sessions_refused_total");
+    assert!(refused.is_some_and(|n| n >= 1.0), "{refused:?}");
+    // Refused at the handshake: expired, revoked, or no certificate.
+    for (identity, reason) in [
+        (Some((&f.expired_cert, &f.expired_key)), "client_certificate_expired"),
+        (Some((&f.revoked_cert, &f.revoked_key)), "client_certificate_revoked"),
+        (None, "no_client_certificate"),
+    ] {
+        let identity = identity.map(|(c, k)| (c.as_path(), k.as_path()));
+        let out = paho_with(wss.port(), Some(&f.ca), identity);
+        assert!(!out.status.success() || out.stdout.trim_ascii().is_empty(), "{out:?}");
+        assert!(failures(&s.fg, "mqtt_ws", reason) >= 1.0, "{reason}");
+    }
+    assert_eq!(s.fg.metric("fleetgate_dcx_samples_total"), Some(2.0));
+}
+
 /// Runs curl; returns its exit code, the status code and the HTTP version of the response.
 fn curl(args: &[String]) -> (Option<i32>, String) {
     let out = Command::new("curl")
@@ -265,6 +366,7 @@ fn curl_over_https_and_mtls() {
         ("FLEETGATE_TRANSPORTS_HTTP_TLS_KEY_FILE", path(&f.server_key)),
         ("FLEETGATE_TRANSPORTS_HTTP_TLS_CLIENT_CA_FILE", path(&f.ca)),
         ("FLEETGATE_TRANSPORTS_HTTP_TLS_CRL_FILES", format!("[{}]", path(&f.crl))),
+        certificate_env(&f),
     ]);
     let fg = Fleetgate::start("up", &env);
     let url = format!("https://localhost:{}/kp1/demo-v1/dcx/tok-1/json/1", fg.http.port());
@@ -280,6 +382,10 @@ fn curl_over_https_and_mtls() {
     let ok = request("--http2", &f.ca, &f.client_cert, &f.client_key);
     assert_eq!(ok, (Some(0), "204 2".to_owned()));
     assert_eq!(fg.metric("fleetgate_dcx_samples_total"), Some(4.0));
+    // Valid for the CA, unknown to the 16/ECAP provider: the request is refused (401).
+    let refused = request("--http1.1", &f.ca, &f.unlisted_cert, &f.unlisted_key);
+    assert_eq!(refused, (Some(0), "401 1.1".to_owned()));
+    assert_eq!(fg.metric("fleetgate_gateway_sessions_refused_total"), Some(1.0));
 
     // Refused at the handshake: the server is not trusted (curl 60), or the client's
     // certificate is expired, revoked or from another CA.

@@ -4,12 +4,17 @@
 //! `auth.auto_register`, makes any token an endpoint: for load tests), and
 //! `client-username-password-request` from `auth.clients` and `auth.bearer_tokens` (a password
 //! without a user name is a bearer token; clients with no credentials at all are let in when
-//! `auth.allow_anonymous`). fleetgate passes the app version name as the 16/ECAP `appName`, so a
+//! `auth.allow_anonymous`), and `client-certificate-request` from `auth.certificates` (issuer
+//! and base-10 serial of certificates the gateway has verified; any other is refused). fleetgate passes the app version name as the 16/ECAP `appName`, so a
 //! token belongs to one app version.
 //!
+//! When new settings drop an endpoint token or a client credential (or change its password),
+//! it broadcasts the 16/ECAP revocation (`EndpointTokenRevokedEvent`,
+//! `ClientCredentialRevokedEvent`), so that gateways end the sessions that use it at once.
+//!
 //! It knows the bus and the Avro records; it keeps no state beyond its configuration, so any
-//! number of replicas can share the queue group. It does not store credentials elsewhere, rotate
-//! tokens or publish revocations yet.
+//! number of replicas can share the queue group (each replica announces a revocation; gateways
+//! end a session once). It does not store credentials elsewhere or rotate tokens.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,7 +22,9 @@ use std::sync::Arc;
 use fleetgate_bus::{Bus, BusError, Message, Subject, now_ms};
 use fleetgate_live::Live;
 use fleetgate_messages::{
-    ClientUsernamePasswordValidationRequest, ClientUsernamePasswordValidationResponse,
+    ClientCertificateValidationRequest, ClientCertificateValidationResponse,
+    ClientCredentialRevokedEvent, ClientUsernamePasswordValidationRequest,
+    ClientUsernamePasswordValidationResponse, EndpointTokenRevokedEvent,
     EndpointTokenValidationRequest, EndpointTokenValidationResponse, Record, subjects,
 };
 use fleetgate_service::{BoxFuture, Running, ServiceError, StartContext};
@@ -44,6 +51,38 @@ pub struct AuthConfig {
     /// then its only proof). Off by default; `fleetgate up` on built-in defaults (the demo)
     /// turns it on unless `FLEETGATE_AUTH_ALLOW_ANONYMOUS` says otherwise.
     pub allow_anonymous: bool,
+    /// Known client certificates (mutual TLS), by issuer and serial number.
+    pub certificates: Vec<CertificateEntry>,
+}
+
+/// A client certificate credential. The gateway checks chain, signature, validity and CRLs;
+/// the provider only says whether it knows the certificate and which client it is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateEntry {
+    /// The issuer's distinguished name as the gateway reports it (RFC 4514 order, e.g.
+    /// `CN=Fleet CA, O=Example`).
+    pub issuer: String,
+    /// The serial number in base 10.
+    pub serial_number: String,
+    /// Client id reported to the gateway; the serial number when unset.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// Credential id (what a 16/ECAP credential revocation names); the client id when unset.
+    #[serde(default)]
+    pub credential_id: Option<String>,
+}
+
+impl CertificateEntry {
+    /// The client id reported for it.
+    pub fn client_id(&self) -> &str {
+        self.client_id.as_deref().unwrap_or(&self.serial_number)
+    }
+
+    /// The credential id reported for it.
+    pub fn credential_id(&self) -> &str {
+        self.credential_id.as_deref().unwrap_or(self.client_id())
+    }
 }
 
 /// A bearer token credential.
@@ -65,6 +104,7 @@ impl Default for AuthConfig {
             clients: Vec::new(),
             bearer_tokens: Vec::new(),
             allow_anonymous: false,
+            certificates: Vec::new(),
         }
     }
 }
@@ -132,6 +172,20 @@ impl AuthConfig {
                 problems.push(("endpoints", message));
             }
         }
+        let mut seen = std::collections::HashSet::new();
+        for c in &self.certificates {
+            if !c.serial_number.bytes().all(|b| b.is_ascii_digit()) || c.serial_number.is_empty() {
+                let message = format!("serial_number `{}` is not base 10", c.serial_number);
+                problems.push(("certificates", message));
+            }
+            if !seen.insert((&c.issuer, &c.serial_number)) {
+                let message = format!(
+                    "certificate {} of issuer `{}` is listed twice",
+                    c.serial_number, c.issuer
+                );
+                problems.push(("certificates", message));
+            }
+        }
         problems
     }
 }
@@ -183,6 +237,8 @@ struct Directory {
     bearer_tokens: Vec<BearerEntry>,
     endpoints: HashMap<(String, String), String>,
     clients: HashMap<String, ClientEntry>,
+    /// By (issuer, serial number).
+    certificates: HashMap<(String, String), CertificateEntry>,
 }
 
 impl AuthProvider {
@@ -202,16 +258,22 @@ impl AuthProvider {
         let mut passwords = bus
             .subscribe(&subjects::ecap_username_password_request(&config.instance), group)
             .await?;
+        let mut certificates =
+            bus.subscribe(&subjects::ecap_certificate_request(&config.instance), group).await?;
         bus.flush().await?;
+        let instance = config.instance.clone();
+        let replica = fleetgate_bus::new_replica_id(&instance);
         let task = tokio::spawn(async move {
             loop {
                 tokio::select! {
                     Some(m) = tokens.next() => answer(&bus, m, |p| directory.validate_token(p)).await,
                     Some(m) = passwords.next() => answer(&bus, m, |p| directory.validate_client(p)).await,
+                    Some(m) = certificates.next() => answer(&bus, m, |p| directory.validate_certificate(p)).await,
                     Ok(()) = changed.changed() => match Directory::new(&settings.get()) {
                         Ok(new) => {
                             tracing::info!(endpoints = new.endpoints.len(), clients = new.clients.len(), "auth: new settings applied");
-                            directory = Arc::new(new);
+                            let old = std::mem::replace(&mut directory, Arc::new(new));
+                            announce_revocations(&bus, &instance, &replica, &old, &directory).await;
                         }
                         Err(e) => tracing::error!(error = %e, "auth: new settings refused; the old ones stay"),
                     },
@@ -228,6 +290,80 @@ impl AuthProvider {
     pub async fn join(self) {
         let _ = self.task.await;
     }
+}
+
+/// Broadcasts what `new` no longer accepts of what `old` did: endpoint tokens removed or moved
+/// to another endpoint, client credentials removed or given another secret.
+async fn announce_revocations<B: Bus>(
+    bus: &B,
+    instance: &str,
+    replica: &str,
+    old: &Directory,
+    new: &Directory,
+) {
+    for ((app_version, token), endpoint_id) in &old.endpoints {
+        let key = (app_version.clone(), token.clone());
+        if new.endpoints.get(&key) == Some(endpoint_id) {
+            continue;
+        }
+        let token_id = token_id(app_version, token);
+        let event = EndpointTokenRevokedEvent {
+            correlation_id: &next_correlation_id(replica),
+            timestamp_ms: now_ms(),
+            timeout_ms: 0,
+            app_name: app_version,
+            endpoint_id,
+            token_ids: vec![&token_id],
+            originator_replica_id: replica,
+        };
+        tracing::info!(app_version, endpoint_id, "auth: endpoint token revoked");
+        let subject = Subject::from(subjects::token_revoked(instance));
+        if let Err(e) = bus.publish(subject, None, event.to_bytes()).await {
+            tracing::warn!(error = %e, "cannot announce a token revocation");
+        }
+    }
+    let mut revoked: Vec<String> = Vec::new();
+    for (user, c) in &old.clients {
+        if new.clients.get(user) != Some(c) {
+            revoked.push(c.client_id.clone().unwrap_or_else(|| c.username.clone()));
+        }
+    }
+    for b in &old.bearer_tokens {
+        if !new.bearer_tokens.contains(b) {
+            revoked.push(b.client_id.clone());
+        }
+    }
+    for (key, c) in &old.certificates {
+        if new.certificates.get(key).is_none_or(|n| n.credential_id() != c.credential_id()) {
+            revoked.push(c.credential_id().to_owned());
+        }
+    }
+    for credential_id in &revoked {
+        let event = ClientCredentialRevokedEvent {
+            correlation_id: &next_correlation_id(replica),
+            timestamp_ms: now_ms(),
+            timeout_ms: 0,
+            credential_id,
+            originator_replica_id: replica,
+        };
+        tracing::info!(credential_id, "auth: client credential revoked");
+        let subject = Subject::from(subjects::credential_revoked(instance));
+        if let Err(e) = bus.publish(subject, None, event.to_bytes()).await {
+            tracing::warn!(error = %e, "cannot announce a credential revocation");
+        }
+    }
+}
+
+/// A correlation id for an event of this replica.
+fn next_correlation_id(replica: &str) -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{replica}-revoked-{n}")
+}
+
+/// The token id the provider reports for `token` of `app_version` (stable, one per token).
+pub fn token_id(app_version: &str, token: &str) -> String {
+    format!("tok-{}", &derived_endpoint_id(app_version, token)[3..])
 }
 
 async fn answer<B: Bus>(
@@ -277,6 +413,11 @@ impl Directory {
             bearer_tokens: config.bearer_tokens.clone(),
             endpoints,
             clients: config.clients.iter().map(|c| (c.username.clone(), c.clone())).collect(),
+            certificates: config
+                .certificates
+                .iter()
+                .map(|c| ((c.issuer.clone(), c.serial_number.clone()), c.clone()))
+                .collect(),
         })
     }
 
@@ -292,7 +433,7 @@ impl Directory {
             }
             None => None,
         };
-        let token_id = endpoint_id.as_ref().map(|id| format!("token-{id}"));
+        let token_id = endpoint_id.as_ref().map(|_| token_id(request.app_name, request.token));
         let response = EndpointTokenValidationResponse {
             correlation_id: request.correlation_id,
             timestamp_ms: now_ms(),
@@ -343,6 +484,33 @@ impl Directory {
             client_id: client_id.as_deref(),
             status_code: status,
             reason_phrase: reason,
+        };
+        Some(response.to_bytes())
+    }
+}
+
+impl Directory {
+    fn validate_certificate(&self, payload: &[u8]) -> Option<bytes::Bytes> {
+        let request = ClientCertificateValidationRequest::decode(payload)
+            .inspect_err(|e| tracing::warn!(error = %e, "undecodable certificate request dropped"))
+            .ok()?;
+        let key = (request.issuer.to_owned(), request.serial_number.to_owned());
+        let known = self.certificates.get(&key);
+        if known.is_none() {
+            tracing::debug!(
+                issuer = request.issuer,
+                serial = request.serial_number,
+                "unknown client certificate"
+            );
+        }
+        let response = ClientCertificateValidationResponse {
+            correlation_id: request.correlation_id,
+            timestamp_ms: now_ms(),
+            timeout_ms: 0,
+            credential_id: known.map(CertificateEntry::credential_id),
+            client_id: known.map(CertificateEntry::client_id),
+            status_code: if known.is_some() { 200 } else { 401 },
+            reason_phrase: known.is_none().then_some("unknown client certificate"),
         };
         Some(response.to_bytes())
     }
@@ -439,6 +607,47 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn dropped_tokens_and_credentials_are_announced_revoked() {
+        let client = |user: &str, pw: &str| ClientEntry {
+            username: user.into(),
+            password: pw.into(),
+            client_id: None,
+        };
+        let config = AuthConfig {
+            endpoints: vec![endpoint("demo-v1", "t1", "ep-1"), endpoint("demo-v1", "t2", "ep-2")],
+            clients: vec![client("a", "pw"), client("b", "pw")],
+            ..Default::default()
+        };
+        let settings = Live::new(config.clone());
+        let bus = InProcessBus::new(64);
+        let mut tokens = bus.subscribe(subjects::TOKEN_REVOKED_ANY, None).await.expect("sub");
+        let mut credentials =
+            bus.subscribe(subjects::CREDENTIAL_REVOKED_ANY, None).await.expect("sub");
+        let (_stop, rx) = watch::channel(false);
+        AuthProvider::start(bus.clone(), settings.clone(), rx).await.expect("start");
+        settings.set(AuthConfig {
+            endpoints: vec![endpoint("demo-v1", "t1", "ep-1")],
+            clients: vec![client("a", "new password")],
+            ..config
+        });
+        let wait = Duration::from_secs(2);
+        let m = tokio::time::timeout(wait, tokens.next()).await.expect("event").expect("open");
+        let event = EndpointTokenRevokedEvent::decode(&m.payload).expect("decode");
+        assert_eq!((event.app_name, event.endpoint_id), ("demo-v1", "ep-2"));
+        assert_eq!(event.token_ids, vec![token_id("demo-v1", "t2").as_str()]);
+        let mut revoked = Vec::new();
+        for _ in 0..2 {
+            let m =
+                tokio::time::timeout(wait, credentials.next()).await.expect("event").expect("open");
+            let event = ClientCredentialRevokedEvent::decode(&m.payload).expect("decode");
+            revoked.push(event.credential_id.to_owned());
+        }
+        revoked.sort();
+        assert_eq!(revoked, ["a", "b"], "a's password changed, b was removed");
+        assert_ne!(token_id("demo-v1", "t1"), token_id("demo-v1", "t2"));
+    }
+
+    #[tokio::test]
     async fn duplicate_tokens_are_a_config_error() {
         let config = AuthConfig {
             endpoints: vec![endpoint("a", "t", "1"), endpoint("a", "t", "2")],
@@ -475,6 +684,71 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn certificates_known_by_issuer_and_serial() {
+        let entry = |serial: &str, client: Option<&str>| CertificateEntry {
+            issuer: "CN=Fleet CA, O=Example".into(),
+            serial_number: serial.into(),
+            client_id: client.map(str::to_owned),
+            credential_id: None,
+        };
+        let config = AuthConfig {
+            certificates: vec![entry("1001", Some("device-1")), entry("1002", None)],
+            ..Default::default()
+        };
+        assert!(config.problems().is_empty());
+        let (bus, _stop) = provider(config).await;
+        let requester = Requester::start(
+            bus.clone(),
+            Subject::from_static("me.ecap.client-certificate-response"),
+            correlation,
+        )
+        .await
+        .expect("requester");
+        let ask = |issuer: &'static str, serial: &'static str| {
+            let requester = &requester;
+            async move {
+                let request = ClientCertificateValidationRequest {
+                    correlation_id: serial,
+                    timestamp_ms: now_ms(),
+                    timeout_ms: 0,
+                    issuer,
+                    serial_number: serial,
+                };
+                let subject = Subject::from(subjects::ecap_certificate_request("auth"));
+                let reply = requester
+                    .request(subject, serial, request.to_bytes(), Duration::from_secs(2))
+                    .await
+                    .expect("reply");
+                let r =
+                    ClientCertificateValidationResponse::decode(&reply.payload).expect("decode");
+                (r.status_code, r.client_id.map(str::to_owned), r.credential_id.map(str::to_owned))
+            }
+        };
+        let known = Some("device-1".to_owned());
+        assert_eq!(ask("CN=Fleet CA, O=Example", "1001").await, (200, known.clone(), known));
+        let serial = Some("1002".to_owned());
+        assert_eq!(ask("CN=Fleet CA, O=Example", "1002").await, (200, serial.clone(), serial));
+        assert_eq!(ask("CN=Fleet CA, O=Example", "1003").await, (401, None, None));
+        assert_eq!(ask("CN=Other CA", "1001").await, (401, None, None), "issuer and serial");
+    }
+
+    #[test]
+    fn certificate_entries_are_checked() {
+        let entry = |serial: &str| CertificateEntry {
+            issuer: "CN=CA".into(),
+            serial_number: serial.into(),
+            client_id: None,
+            credential_id: None,
+        };
+        let config = AuthConfig {
+            certificates: vec![entry("12"), entry("12"), entry("0x1f")],
+            ..Default::default()
+        };
+        let problems = config.problems();
+        assert_eq!(problems.len(), 2, "{problems:?}");
+    }
+
     #[test]
     fn passwords() {
         let d = Directory {
@@ -488,6 +762,7 @@ mod tests {
             )]
             .into_iter()
             .collect(),
+            certificates: HashMap::new(),
         };
         let check = |user: Option<&str>, pw: Option<&str>| {
             let req = ClientUsernamePasswordValidationRequest {

@@ -154,61 +154,171 @@ impl<'a> Record<'a> for ClientUsernamePasswordValidationRequest<'a> {
     }
 }
 
-/// `ClientUsernamePasswordValidationResponse`: the provider's answer to a
-/// [`ClientUsernamePasswordValidationRequest`], sent to the request's reply subject.
+/// A client validation response: the username/password and the certificate responses have the
+/// same fields, in the same order, under their own record names.
+macro_rules! client_validation_response {
+    ($(#[$doc:meta])* $name:ident, $schema:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub struct $name<'a> {
+            /// `correlationId`: echoes the request's.
+            pub correlation_id: &'a str,
+            /// `timestamp`: creation time, Unix milliseconds.
+            pub timestamp_ms: i64,
+            /// `timeout`: milliseconds after `timestamp_ms` until the message expires; 0 = never.
+            pub timeout_ms: i64,
+            /// `credentialId` (`["string","null"]`): id of the matched credential; `None` if
+            /// not found.
+            pub credential_id: Option<&'a str>,
+            /// `clientId` (`["string","null"]`): id of the client; `None` if not found.
+            pub client_id: Option<&'a str>,
+            /// `statusCode`: HTTP status code of the validation.
+            pub status_code: i32,
+            /// `reasonPhrase` (`["null","string"]`, default null): human-readable status reason.
+            pub reason_phrase: Option<&'a str>,
+        }
+
+        impl<'a> Record<'a> for $name<'a> {
+            const SCHEMA: &'static str = include_str!($schema);
+
+            fn encoded_len(&self) -> usize {
+                header::len(self.correlation_id, self.timestamp_ms, self.timeout_ms)
+                    + avro::opt_str_len(self.credential_id)
+                    + avro::opt_str_len(self.client_id)
+                    + avro::int_len(self.status_code)
+                    + avro::opt_str_len(self.reason_phrase)
+            }
+
+            fn encode<B: BufMut>(&self, out: &mut B) {
+                header::put(out, self.correlation_id, self.timestamp_ms, self.timeout_ms);
+                avro::put_opt_str(out, self.credential_id, NullBranch::Second);
+                avro::put_opt_str(out, self.client_id, NullBranch::Second);
+                avro::put_int(out, self.status_code);
+                avro::put_opt_str(out, self.reason_phrase, NullBranch::First);
+            }
+
+            fn decode(input: &'a [u8]) -> Result<Self, DecodeError> {
+                let mut r = Reader::new(input);
+                let (correlation_id, timestamp_ms, timeout_ms) = header::read(&mut r)?;
+                Ok($name {
+                    correlation_id,
+                    timestamp_ms,
+                    timeout_ms,
+                    credential_id: r.opt_str("credentialId", NullBranch::Second)?,
+                    client_id: r.opt_str("clientId", NullBranch::Second)?,
+                    status_code: r.int("statusCode")?,
+                    reason_phrase: if r.is_at_end() {
+                        None
+                    } else {
+                        r.opt_str("reasonPhrase", NullBranch::First)?
+                    },
+                })
+            }
+        }
+    };
+}
+
+client_validation_response!(
+    /// `ClientUsernamePasswordValidationResponse`: the provider's answer to a
+    /// [`ClientUsernamePasswordValidationRequest`], sent to the request's reply subject.
+    ClientUsernamePasswordValidationResponse,
+    "../schemas/0016-client-username-password-validation-response.avsc"
+);
+
+/// `ClientCertificateValidationRequest`: the consumer asks the provider whether a client
+/// certificate it has already verified (chain, signature, validity) may connect, on
+/// `kaa.v1.service.<provider>.ecap.client-certificate-request`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ClientUsernamePasswordValidationResponse<'a> {
-    /// `correlationId`: echoes the request's.
+pub struct ClientCertificateValidationRequest<'a> {
+    /// `correlationId`: message id used to trace processing across services.
     pub correlation_id: &'a str,
     /// `timestamp`: creation time, Unix milliseconds.
     pub timestamp_ms: i64,
     /// `timeout`: milliseconds after `timestamp_ms` until the message expires; 0 = never.
     pub timeout_ms: i64,
-    /// `credentialId` (`["string","null"]`): id of the matched credential; `None` if not found.
-    pub credential_id: Option<&'a str>,
-    /// `clientId` (`["string","null"]`): id of the client; `None` if not found.
-    pub client_id: Option<&'a str>,
-    /// `statusCode`: HTTP status code of the validation.
-    pub status_code: i32,
-    /// `reasonPhrase` (`["null","string"]`, default null): human-readable status reason.
-    pub reason_phrase: Option<&'a str>,
+    /// `issuer`: the certificate's issuer field.
+    pub issuer: &'a str,
+    /// `serialNumber`: the certificate's serial number, base 10.
+    pub serial_number: &'a str,
 }
 
-impl<'a> Record<'a> for ClientUsernamePasswordValidationResponse<'a> {
+impl<'a> Record<'a> for ClientCertificateValidationRequest<'a> {
     const SCHEMA: &'static str =
-        include_str!("../schemas/0016-client-username-password-validation-response.avsc");
+        include_str!("../schemas/0016-client-certificate-validation-request.avsc");
 
     fn encoded_len(&self) -> usize {
         header::len(self.correlation_id, self.timestamp_ms, self.timeout_ms)
-            + avro::opt_str_len(self.credential_id)
-            + avro::opt_str_len(self.client_id)
-            + avro::int_len(self.status_code)
-            + avro::opt_str_len(self.reason_phrase)
+            + avro::str_len(self.issuer)
+            + avro::str_len(self.serial_number)
     }
 
     fn encode<B: BufMut>(&self, out: &mut B) {
         header::put(out, self.correlation_id, self.timestamp_ms, self.timeout_ms);
-        avro::put_opt_str(out, self.credential_id, NullBranch::Second);
-        avro::put_opt_str(out, self.client_id, NullBranch::Second);
-        avro::put_int(out, self.status_code);
-        avro::put_opt_str(out, self.reason_phrase, NullBranch::First);
+        avro::put_str(out, self.issuer);
+        avro::put_str(out, self.serial_number);
     }
 
     fn decode(input: &'a [u8]) -> Result<Self, DecodeError> {
         let mut r = Reader::new(input);
         let (correlation_id, timestamp_ms, timeout_ms) = header::read(&mut r)?;
-        Ok(ClientUsernamePasswordValidationResponse {
+        Ok(ClientCertificateValidationRequest {
             correlation_id,
             timestamp_ms,
             timeout_ms,
-            credential_id: r.opt_str("credentialId", NullBranch::Second)?,
-            client_id: r.opt_str("clientId", NullBranch::Second)?,
-            status_code: r.int("statusCode")?,
-            reason_phrase: if r.is_at_end() {
-                None
-            } else {
-                r.opt_str("reasonPhrase", NullBranch::First)?
-            },
+            issuer: r.str("issuer")?,
+            serial_number: r.str("serialNumber")?,
+        })
+    }
+}
+
+client_validation_response!(
+    /// `ClientCertificateValidationResponse`: the provider's answer to a
+    /// [`ClientCertificateValidationRequest`], sent to the request's reply subject.
+    ClientCertificateValidationResponse,
+    "../schemas/0016-client-certificate-validation-response.avsc"
+);
+
+/// `ClientCredentialRevokedEvent`: broadcast by the provider on
+/// `kaa.v1.events.<provider>.client.credential.revoked`; consumers must end the sessions of
+/// clients that authenticated with that credential.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientCredentialRevokedEvent<'a> {
+    /// `correlationId`: message id used to trace processing across services.
+    pub correlation_id: &'a str,
+    /// `timestamp`: creation time, Unix milliseconds.
+    pub timestamp_ms: i64,
+    /// `timeout`: milliseconds after `timestamp_ms` until the message expires; 0 = never.
+    pub timeout_ms: i64,
+    /// `credentialId`: the revoked credential.
+    pub credential_id: &'a str,
+    /// `originatorReplicaId`: replica that emitted the event.
+    pub originator_replica_id: &'a str,
+}
+
+impl<'a> Record<'a> for ClientCredentialRevokedEvent<'a> {
+    const SCHEMA: &'static str = include_str!("../schemas/0016-client-credential-revoked.avsc");
+
+    fn encoded_len(&self) -> usize {
+        header::len(self.correlation_id, self.timestamp_ms, self.timeout_ms)
+            + avro::str_len(self.credential_id)
+            + avro::str_len(self.originator_replica_id)
+    }
+
+    fn encode<B: BufMut>(&self, out: &mut B) {
+        header::put(out, self.correlation_id, self.timestamp_ms, self.timeout_ms);
+        avro::put_str(out, self.credential_id);
+        avro::put_str(out, self.originator_replica_id);
+    }
+
+    fn decode(input: &'a [u8]) -> Result<Self, DecodeError> {
+        let mut r = Reader::new(input);
+        let (correlation_id, timestamp_ms, timeout_ms) = header::read(&mut r)?;
+        Ok(ClientCredentialRevokedEvent {
+            correlation_id,
+            timestamp_ms,
+            timeout_ms,
+            credential_id: r.str("credentialId")?,
+            originator_replica_id: r.str("originatorReplicaId")?,
         })
     }
 }
@@ -434,6 +544,97 @@ mod tests {
                     older_len,
                     ClientUsernamePasswordValidationResponse { reason_phrase: None, ..rec }
                 ))
+            );
+        }
+
+        #[test]
+        fn certificate_request_matches_apache_avro(
+            correlation_id in text(), timestamp_ms in long(), timeout_ms in long(),
+            issuer in text(), serial_number in text(),
+        ) {
+            let rec = ClientCertificateValidationRequest {
+                correlation_id: &correlation_id,
+                timestamp_ms,
+                timeout_ms,
+                issuer: &issuer,
+                serial_number: &serial_number,
+            };
+            let value = record(
+                &correlation_id,
+                timestamp_ms,
+                timeout_ms,
+                vec![("issuer", s(&issuer)), ("serialNumber", s(&serial_number))],
+            );
+            check_against_apache!(ClientCertificateValidationRequest, rec, value);
+            check_prefixes!(
+                ClientCertificateValidationRequest,
+                rec.to_bytes(),
+                None::<(usize, ClientCertificateValidationRequest<'_>)>
+            );
+        }
+
+        #[test]
+        fn certificate_response_matches_apache_avro(
+            correlation_id in text(), timestamp_ms in long(), timeout_ms in long(),
+            credential_id in opt_text(), client_id in opt_text(), status_code in int(),
+            reason_phrase in opt_text(),
+        ) {
+            let rec = ClientCertificateValidationResponse {
+                correlation_id: &correlation_id,
+                timestamp_ms,
+                timeout_ms,
+                credential_id: credential_id.as_deref(),
+                client_id: client_id.as_deref(),
+                status_code,
+                reason_phrase: reason_phrase.as_deref(),
+            };
+            let value = record(
+                &correlation_id,
+                timestamp_ms,
+                timeout_ms,
+                vec![
+                    ("credentialId", opt_s(rec.credential_id, NullBranch::Second)),
+                    ("clientId", opt_s(rec.client_id, NullBranch::Second)),
+                    ("statusCode", Value::Int(status_code)),
+                    ("reasonPhrase", opt_s(rec.reason_phrase, NullBranch::First)),
+                ],
+            );
+            check_against_apache!(ClientCertificateValidationResponse, rec, value);
+            let bytes = rec.to_bytes();
+            let older_len = bytes.len() - avro::opt_str_len(rec.reason_phrase);
+            check_prefixes!(
+                ClientCertificateValidationResponse,
+                bytes,
+                Some((
+                    older_len,
+                    ClientCertificateValidationResponse { reason_phrase: None, ..rec }
+                ))
+            );
+        }
+
+        #[test]
+        fn credential_revoked_matches_apache_avro(
+            correlation_id in text(), timestamp_ms in long(), timeout_ms in long(),
+            credential_id in text(), originator in text(),
+        ) {
+            let rec = ClientCredentialRevokedEvent {
+                correlation_id: &correlation_id,
+                timestamp_ms,
+                timeout_ms,
+                credential_id: &credential_id,
+                originator_replica_id: &originator,
+            };
+            let value = record(
+                &correlation_id,
+                timestamp_ms,
+                timeout_ms,
+                vec![("credentialId", s(&credential_id)), ("originatorReplicaId", s(&originator))],
+            );
+            check_against_apache!(ClientCredentialRevokedEvent, rec, value);
+            check_prefixes!(
+                ClientCredentialRevokedEvent,
+                rec.to_bytes(),
+                None::<(usize, ClientCredentialRevokedEvent<'_>)>
             );
         }
 

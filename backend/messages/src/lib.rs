@@ -45,8 +45,10 @@ pub use avro::DecodeError;
 pub use cdtp::{ConfigApplied, ConfigRequest, ConfigResponse, ConfigUpdated};
 pub use dstp::{DataSamplesEvent, DataSamplesHeader, DataSamplesProcessed};
 pub use ecap::{
-    ClientUsernamePasswordValidationRequest, ClientUsernamePasswordValidationResponse,
-    EndpointTokenRevokedEvent, EndpointTokenValidationRequest, EndpointTokenValidationResponse,
+    ClientCertificateValidationRequest, ClientCertificateValidationResponse,
+    ClientCredentialRevokedEvent, ClientUsernamePasswordValidationRequest,
+    ClientUsernamePasswordValidationResponse, EndpointTokenRevokedEvent,
+    EndpointTokenValidationRequest, EndpointTokenValidationResponse,
 };
 pub use elce::{ConnectedEvent, DisconnectedEvent};
 pub use esp::{ClientData, ExtensionData};

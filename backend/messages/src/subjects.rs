@@ -33,6 +33,10 @@ pub const EP_TOKEN_RESPONSE: &str = "ep-token-response";
 pub const CLIENT_USERNAME_PASSWORD_REQUEST: &str = "client-username-password-request";
 /// 16/ECAP client username/password validation response type.
 pub const CLIENT_USERNAME_PASSWORD_RESPONSE: &str = "client-username-password-response";
+/// 16/ECAP client certificate validation request type.
+pub const CLIENT_CERTIFICATE_REQUEST: &str = "client-certificate-request";
+/// 16/ECAP client certificate validation response type.
+pub const CLIENT_CERTIFICATE_RESPONSE: &str = "client-certificate-response";
 
 /// 13/DSTP protocol name (used in reply subjects).
 pub const DSTP: &str = "dstp";
@@ -55,8 +59,12 @@ pub const CONNECTED: &str = "connected";
 pub const DISCONNECTED: &str = "disconnected";
 /// Event group of 16/ECAP token events.
 pub const TOKEN: &str = "token";
-/// 16/ECAP event type: tokens revoked.
+/// 16/ECAP event type: tokens (or a client credential) revoked.
 pub const REVOKED: &str = "revoked";
+/// Target entity type `client` of 16/ECAP credential events.
+pub const CLIENT: &str = "client";
+/// Event group of 16/ECAP client credential events.
+pub const CREDENTIAL: &str = "credential";
 
 /// Protocol name of 6/CDTP.
 pub const CDTP: &str = "cdtp";
@@ -81,6 +89,8 @@ pub const DISCONNECTED_ANY: &str = "kaa.v1.events.*.endpoint.connectivity.discon
 
 /// Wildcard subscription to token-revoked events from any provider.
 pub const TOKEN_REVOKED_ANY: &str = "kaa.v1.events.*.endpoint.token.revoked";
+/// Wildcard subscription to client-credential-revoked events from any provider.
+pub const CREDENTIAL_REVOKED_ANY: &str = "kaa.v1.events.*.client.credential.revoked";
 /// Wildcard subscription to data-samples events from any transmitter.
 pub const DATA_SAMPLES_RECEIVED_ANY: &str =
     "kaa.v1.events.*.endpoint.data-collection.data-samples-received";
@@ -162,6 +172,22 @@ pub fn ecap_username_password_request(provider_instance: &str) -> String {
 /// a username/password validation request.
 pub fn ecap_username_password_response_reply(consumer_replica_id: &str) -> String {
     replica(consumer_replica_id, ECAP, CLIENT_USERNAME_PASSWORD_RESPONSE)
+}
+
+/// `kaa.v1.service.{provider}.ecap.client-certificate-request`.
+pub fn ecap_certificate_request(provider_instance: &str) -> String {
+    service(provider_instance, ECAP, CLIENT_CERTIFICATE_REQUEST)
+}
+
+/// `kaa.v1.replica.{consumer_replica}.ecap.client-certificate-response`: reply subject of a
+/// client certificate validation request.
+pub fn ecap_certificate_response_reply(consumer_replica_id: &str) -> String {
+    replica(consumer_replica_id, ECAP, CLIENT_CERTIFICATE_RESPONSE)
+}
+
+/// `kaa.v1.events.{provider}.client.credential.revoked`.
+pub fn credential_revoked(provider_instance: &str) -> String {
+    event(provider_instance, CLIENT, CREDENTIAL, REVOKED)
 }
 
 /// `kaa.v1.events.{provider}.endpoint.token.revoked`.
@@ -258,6 +284,15 @@ mod tests {
             "kaa.v1.events.kpc.endpoint.connectivity.disconnected"
         );
         assert_eq!(token_revoked("*"), TOKEN_REVOKED_ANY);
+        assert_eq!(credential_revoked("*"), CREDENTIAL_REVOKED_ANY);
+        assert_eq!(
+            ecap_certificate_request("auth"),
+            "kaa.v1.service.auth.ecap.client-certificate-request"
+        );
+        assert_eq!(
+            ecap_certificate_response_reply("gw-1"),
+            "kaa.v1.replica.gw-1.ecap.client-certificate-response"
+        );
         assert_eq!(dstp_data_samples_received("*"), DATA_SAMPLES_RECEIVED_ANY);
     }
 

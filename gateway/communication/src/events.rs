@@ -1,10 +1,14 @@
 //! Connectivity and revocation: 9/ELCE `connected` when a session first uses an endpoint and
-//! `disconnected` when it ends; a 16/ECAP token revocation ends every session of the endpoint.
+//! `disconnected` when it ends; a 16/ECAP token revocation ends every session of the endpoint,
+//! a client credential revocation every session that authenticated with it.
 
 use std::sync::Weak;
 
 use fleetgate_bus::{Bus, Subscription, now_ms};
-use fleetgate_messages::{ConnectedEvent, DisconnectedEvent, EndpointTokenRevokedEvent, Record};
+use fleetgate_messages::{
+    ClientCredentialRevokedEvent, ConnectedEvent, DisconnectedEvent, EndpointTokenRevokedEvent,
+    Record,
+};
 use fleetgate_transport_core::SessionId;
 use tokio::sync::watch;
 
@@ -75,17 +79,57 @@ pub(crate) async fn end_revoked<B: Bus>(
         };
         match EndpointTokenRevokedEvent::decode(&msg.payload) {
             Ok(event) => {
-                gateway.tokens.evict_endpoint(event.app_name, event.endpoint_id);
-                for session in gateway.sessions.sessions_of(event.endpoint_id, event.app_name) {
+                // 16/ECAP names the application; a provider that keys tokens by app version
+                // (fleetgate's own) names that, so either matches.
+                let app = event.app_name;
+                let in_app = |version: &str| {
+                    version == app || gateway.app_names.get(version).is_some_and(|a| a == app)
+                };
+                let (endpoint_id, token_ids) = (event.endpoint_id, &event.token_ids);
+                gateway.tokens.evict_revoked(endpoint_id, &in_app, token_ids);
+                for session in gateway.sessions.revoked(endpoint_id, &in_app, token_ids) {
                     tracing::info!(
                         session = session.0,
-                        endpoint_id = event.endpoint_id,
+                        endpoint_id,
                         "token revoked: session ended"
                     );
+                    gateway.metrics.sessions_revoked.inc();
                     gateway.end_session(session);
                 }
             }
             Err(e) => tracing::warn!(error = %e, "undecodable token revocation dropped"),
+        }
+    }
+}
+
+/// Ends the sessions of every client whose credential is revoked (16/ECAP
+/// `ClientCredentialRevokedEvent`), until shutdown.
+pub(crate) async fn end_revoked_credentials<B: Bus>(
+    gateway: Weak<Gateway<B>>,
+    mut events: Subscription,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let msg = tokio::select! {
+            m = events.next() => match m { Some(m) => m, None => break },
+            _ = fleetgate_bus::stopped(&mut shutdown) => break,
+        };
+        let Some(gateway) = gateway.upgrade() else {
+            break;
+        };
+        match ClientCredentialRevokedEvent::decode(&msg.payload) {
+            Ok(event) => {
+                for session in gateway.sessions.sessions_with_credential(event.credential_id) {
+                    tracing::info!(
+                        session = session.0,
+                        credential_id = event.credential_id,
+                        "client credential revoked: session ended"
+                    );
+                    gateway.metrics.sessions_revoked.inc();
+                    gateway.end_session(session);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "undecodable credential revocation dropped"),
         }
     }
 }

@@ -8,7 +8,12 @@
 //!   extension's subject and, when an answer is due, a pending request.
 //! - [`downlink`]: bus → device. `ExtensionData` answers a pending request or is a push for an
 //!   endpoint's sessions; copies go to subscribers; a request nobody answered gets 504.
-//! - [`events`]: connectivity (9/ELCE connected and disconnected) and 16/ECAP token revocation.
+//! - [`events`]: connectivity (9/ELCE connected and disconnected) and 16/ECAP revocations
+//!   (endpoint tokens, matched by application name and token id; client credentials).
+//!
+//! What an unauthenticated peer can make it keep is bounded: tokens over `max_token_bytes`
+//! are refused unseen, unknown tokens go to a bounded negative cache apart from the positive
+//! one, and an address that keeps failing backs off (`guard`); refusals are counted by reason.
 //!
 //! The gateway is the transports' [`KpHandler`]; it knows the bus and the Avro records, and no
 //! transport, socket or wire format. The binary wires it to the transports of its registry.
@@ -17,6 +22,7 @@ mod correlation;
 mod delivery;
 pub mod downlink;
 pub mod events;
+mod guard;
 mod metrics;
 mod pending;
 mod sessions;
@@ -41,10 +47,12 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 pub use delivery::{SpoolConfig, SpoolMode};
+pub use guard::AuthFailuresConfig;
 pub use metrics::GatewayMetrics;
 
 use correlation::CorrelationId;
 use delivery::Delivery;
+use guard::AuthGuard;
 use pending::PendingTable;
 use sessions::Sessions;
 use tokens::TokenCache;
@@ -74,8 +82,39 @@ pub struct GatewayConfig {
     pub token_cache_ttl_ms: u64,
     /// How long an unknown token stays unknown without asking again.
     pub token_negative_cache_ttl_ms: u64,
+    /// Unknown or refused tokens remembered at most (the negative cache, apart from the
+    /// positive one; the least useful go first).
+    pub token_negative_cache_capacity: usize,
+    /// Longer endpoint tokens are refused (401) without a lookup or a cache entry.
+    pub max_token_bytes: usize,
+    /// Back-off for source addresses that keep failing to authenticate.
+    pub auth_failures: AuthFailuresConfig,
     /// Store and forward when the bus cannot deliver in time.
     pub spool: SpoolConfig,
+    /// When a client certificate (verified by the transport against its client CA and CRLs)
+    /// is also checked with the 16/ECAP provider.
+    pub certificate_check: CertificateCheck,
+    /// App version → application name, from `applications.<app>.versions` (set by the binary,
+    /// not a key of `gateway`): 16/ECAP revocations name the application.
+    #[serde(skip)]
+    pub app_names: std::collections::BTreeMap<String, String>,
+}
+
+/// When the 16/ECAP provider is asked about a client certificate
+/// (`client-certificate-request`). The transport's own check (chain to the client CA,
+/// validity, CRLs) happens at the handshake in every mode.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CertificateCheck {
+    /// Never: a certificate that passed the handshake authenticates the client.
+    Local,
+    /// Always: the provider must accept it; no answer refuses the client (503).
+    Provider,
+    /// Asked always; a provider that does not handle certificate requests (no responder on
+    /// the subject, or it answers 501) leaves the decision to the local check. A refusal or no
+    /// answer in time refuses the client, as in `provider`.
+    #[default]
+    ProviderWhenSupported,
 }
 
 impl Default for GatewayConfig {
@@ -90,7 +129,12 @@ impl Default for GatewayConfig {
             auth_timeout_ms: 5_000,
             token_cache_ttl_ms: 60_000,
             token_negative_cache_ttl_ms: 5_000,
+            token_negative_cache_capacity: 10_000,
+            max_token_bytes: 512,
+            auth_failures: AuthFailuresConfig::default(),
             spool: SpoolConfig::default(),
+            certificate_check: CertificateCheck::default(),
+            app_names: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -99,9 +143,16 @@ impl GatewayConfig {
     /// Values out of range, as `(setting, what is wrong)`.
     pub fn problems(&self) -> Vec<(&'static str, String)> {
         let spool = &self.spool;
+        let failures = &self.auth_failures;
+        let backing_off = u64::from(failures.max_failures > 0);
         below_minimum(&[
             ("request_timeout_ms", self.request_timeout_ms, 1),
             ("auth_timeout_ms", self.auth_timeout_ms, 1),
+            ("token_negative_cache_capacity", self.token_negative_cache_capacity as u64, 1),
+            ("max_token_bytes", self.max_token_bytes as u64, 1),
+            ("auth_failures.window_ms", failures.window_ms, backing_off),
+            ("auth_failures.backoff_ms", failures.backoff_ms, backing_off),
+            ("auth_failures.max_addresses", failures.max_addresses as u64, backing_off),
             // Less than a MiB holds a few requests at most: the spool would be full at once.
             ("spool.max_bytes", spool.max_bytes, 1024 * 1024),
             ("spool.delivery_timeout_ms", spool.delivery_timeout_ms, 1),
@@ -152,9 +203,15 @@ pub struct Gateway<B: Bus> {
     disconnected_subject: Subject,
     client_requests: Subject,
     client_requester: Requester<B>,
+    certificate_requests: Subject,
+    certificate_requester: Requester<B>,
     sessions: Sessions,
     pending: PendingTable,
     tokens: TokenCache<B>,
+    /// Failed authentications per source address.
+    guard: AuthGuard,
+    /// App version → application name (16/ECAP revocations name the application).
+    app_names: std::collections::BTreeMap<String, String>,
     next_session: AtomicU64,
     next_request: AtomicU64,
     /// Set on SIGTERM: no new requests are taken (nothing new is acknowledged).
@@ -264,11 +321,18 @@ impl<B: Bus> Gateway<B> {
             correlation,
         )
         .await?;
+        let certificate_requester = Requester::start(
+            bus.clone(),
+            subjects::ecap_certificate_response_reply(&replica_id).into(),
+            correlation,
+        )
+        .await?;
         let reply_subject = Subject::from(subjects::esp_extension_data_reply(&replica_id));
         let replies = bus.subscribe(&reply_subject, None).await?;
         // Pushes without affinity go to every replica; only the one holding the session sends.
         let pushes = bus.subscribe(&subjects::esp_extension_data(&config.instance), None).await?;
         let revocations = bus.subscribe(subjects::TOKEN_REVOKED_ANY, None).await?;
+        let credential_revocations = bus.subscribe(subjects::CREDENTIAL_REVOKED_ANY, None).await?;
         bus.flush().await?;
         let routes = Live::new(Routes::new(&config, &metrics)?);
         let gateway = Arc::new(Self {
@@ -278,6 +342,8 @@ impl<B: Bus> Gateway<B> {
             disconnected_subject: subjects::elce_disconnected(&config.instance).into(),
             client_requests: subjects::ecap_username_password_request(&config.auth_instance).into(),
             client_requester,
+            certificate_requests: subjects::ecap_certificate_request(&config.auth_instance).into(),
+            certificate_requester,
             sessions: Sessions::default(),
             pending: PendingTable::default(),
             next_session: AtomicU64::new(1),
@@ -287,6 +353,8 @@ impl<B: Bus> Gateway<B> {
             metrics,
             reply_subject,
             tokens,
+            guard: AuthGuard::new(&config.auth_failures),
+            app_names: config.app_names.clone(),
             replica_id,
             config,
             bus,
@@ -298,6 +366,11 @@ impl<B: Bus> Gateway<B> {
         tokio::spawn(delivery::forward(weak(), shutdown.clone()));
         tokio::spawn(events::probe_auth(weak(), shutdown.clone()));
         tokio::spawn(events::end_revoked(weak(), revocations, shutdown.clone()));
+        tokio::spawn(events::end_revoked_credentials(
+            weak(),
+            credential_revocations,
+            shutdown.clone(),
+        ));
         tokio::spawn(follow_settings(weak(), settings, shutdown));
         tracing::info!(replica = %gateway.replica_id, "communication service started");
         Ok(gateway)

@@ -10,6 +10,12 @@ pub(crate) struct StatusLabel {
     pub(crate) status: u16,
 }
 
+/// The `reason` label of authentication refusals.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ReasonLabel {
+    pub(crate) reason: &'static str,
+}
+
 /// The `extension` label of the request latency.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct ExtensionLabel {
@@ -29,6 +35,9 @@ pub struct GatewayMetrics {
     pub(crate) slow_sessions: Counter,
     pub(crate) sessions_opened: Counter,
     pub(crate) sessions_refused: Counter,
+    pub(crate) sessions_revoked: Counter,
+    pub(crate) auth_refusals: Family<ReasonLabel, Counter>,
+    pub(crate) auth_backoffs: Counter,
     pub(crate) token_cache_misses: Counter,
     pub(crate) sessions_open: Gauge,
     pub(crate) requests_pending: Gauge,
@@ -59,11 +68,26 @@ impl GatewayMetrics {
             ("slow_sessions_closed", "Sessions closed for not reading", &self.slow_sessions),
             ("sessions_opened", "Sessions opened", &self.sessions_opened),
             ("sessions_refused", "Sessions refused by authentication", &self.sessions_refused),
+            (
+                "sessions_revoked",
+                "Sessions ended by a 16/ECAP token or credential revocation",
+                &self.sessions_revoked,
+            ),
             ("token_cache_misses", "Token validations sent to 16/ECAP", &self.token_cache_misses),
         ];
         for (name, help, counter) in counters {
             r.register(name, help, counter.clone());
         }
+        r.register(
+            "auth_refusals",
+            "Authentication refusals (tokens and client credentials), by reason",
+            self.auth_refusals.clone(),
+        );
+        r.register(
+            "auth_backoffs",
+            "Back-offs started for a source address after too many failed authentications",
+            self.auth_backoffs.clone(),
+        );
         r.register(
             "requests_rejected",
             "Requests refused before reaching an extension, by status (none of them acknowledged)",
@@ -129,6 +153,11 @@ impl GatewayMetrics {
     /// Counts a request refused with `status`.
     pub(crate) fn rejected(&self, status: u16) {
         self.rejected.get_or_create(&StatusLabel { status }).inc();
+    }
+
+    /// Counts an authentication refused for `reason`.
+    pub(crate) fn auth_refused(&self, reason: &'static str) {
+        self.auth_refusals.get_or_create(&ReasonLabel { reason }).inc();
     }
 
     /// The request latency of `extension`.

@@ -1,6 +1,7 @@
 //! Open sessions, the endpoints each has used, and the reverse index from endpoint to sessions
 //! that pushes need.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use fleetgate_transport_core::{KpResponse, Outbox, SessionId, TrySendError};
@@ -11,6 +12,11 @@ use crate::sharded::Sharded;
 
 struct Session {
     outbox: Outbox,
+    /// The client's address (failed authentications are counted per address).
+    peer: IpAddr,
+    /// The ids of the client credentials it authenticated with (16/ECAP revocation names
+    /// them).
+    credentials: Vec<Box<str>>,
     /// Endpoints used in this session.
     endpoints: Vec<UsedEndpoint>,
     /// Topic filters subscribed to: (token, filter).
@@ -22,6 +28,8 @@ struct UsedEndpoint {
     endpoint_id: Arc<str>,
     app_version: Arc<str>,
     token: Arc<str>,
+    /// The provider's id for the token, when it gave one.
+    token_id: Option<Arc<str>>,
     /// Until when the token's validation may be trusted without asking the token cache.
     trusted_until: Instant,
 }
@@ -66,10 +74,65 @@ pub(crate) struct Sessions {
 }
 
 impl Sessions {
-    pub(crate) fn open(&self, id: SessionId, outbox: Outbox) {
-        self.sessions
-            .shard(&id)
-            .insert(id, Session { outbox, endpoints: Vec::new(), filters: Vec::new() });
+    pub(crate) fn open(
+        &self,
+        id: SessionId,
+        outbox: Outbox,
+        peer: IpAddr,
+        credentials: Vec<Box<str>>,
+    ) {
+        let session =
+            Session { outbox, peer, credentials, endpoints: Vec::new(), filters: Vec::new() };
+        self.sessions.shard(&id).insert(id, session);
+    }
+
+    /// The address of `session`'s client.
+    pub(crate) fn peer(&self, session: SessionId) -> Option<IpAddr> {
+        self.sessions.shard(&session).get(&session).map(|s| s.peer)
+    }
+
+    /// Sessions that use `endpoint_id` under an app version `in_app` accepts, with a token
+    /// among `token_ids` (see [`crate::tokens::revoked_token`]): what a 16/ECAP token
+    /// revocation ends.
+    pub(crate) fn revoked(
+        &self,
+        endpoint_id: &str,
+        in_app: &dyn Fn(&str) -> bool,
+        token_ids: &[&str],
+    ) -> Vec<SessionId> {
+        let mut candidates: Vec<SessionId> = self
+            .routes_of(endpoint_id, None)
+            .into_iter()
+            .filter(|r| in_app(&r.app_version))
+            .map(|r| r.session)
+            .collect();
+        candidates.sort_unstable();
+        candidates.dedup();
+        candidates.retain(|id| {
+            let shard = self.sessions.shard(id);
+            shard.get(id).is_some_and(|s| {
+                s.endpoints.iter().any(|u| {
+                    *u.endpoint_id == *endpoint_id
+                        && in_app(&u.app_version)
+                        && crate::tokens::revoked_token(u.token_id.as_deref(), token_ids)
+                })
+            })
+        });
+        candidates
+    }
+
+    /// Sessions that authenticated with the client credential `credential_id`. Looks at every
+    /// session: revocations are rare.
+    pub(crate) fn sessions_with_credential(&self, credential_id: &str) -> Vec<SessionId> {
+        let mut found = Vec::new();
+        self.sessions.for_each_shard(|map| {
+            found.extend(
+                map.iter()
+                    .filter(|(_, s)| s.credentials.iter().any(|c| &**c == credential_id))
+                    .map(|(id, _)| *id),
+            );
+        });
+        found
     }
 
     /// The endpoint `token` resolved to when `session` last used it, while that is still
@@ -100,6 +163,7 @@ impl Sessions {
         endpoint_id: &Arc<str>,
         app_version: &str,
         token: &str,
+        token_id: Option<Arc<str>>,
         trusted_until: Instant,
     ) -> Option<bool> {
         let (app_version, token) = {
@@ -118,6 +182,7 @@ impl Sessions {
                 endpoint_id: endpoint_id.clone(),
                 app_version: Arc::from(app_version),
                 token: Arc::from(token),
+                token_id,
                 trusted_until,
             };
             let pair = (used.app_version.clone(), used.token.clone());
@@ -248,11 +313,6 @@ impl Sessions {
                 token: r.token.clone(),
             })
             .collect()
-    }
-
-    /// Sessions using `endpoint_id` under `app_version`.
-    pub(crate) fn sessions_of(&self, endpoint_id: &str, app_version: &str) -> Vec<SessionId> {
-        self.routes_of(endpoint_id, Some(app_version)).into_iter().map(|r| r.session).collect()
     }
 
     /// Ends a session (dropping its outbox closes the connection) and returns the endpoints it

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, RandomState};
 use std::sync::{Mutex, MutexGuard};
 
-const SHARDS: usize = 32;
+pub(crate) const SHARDS: usize = 32;
 
 /// A map of `K` to `V` in [`SHARDS`] mutex-protected shards.
 pub(crate) struct Sharded<K, V> {

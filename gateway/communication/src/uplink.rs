@@ -1,6 +1,7 @@
 //! Device → bus: sessions open, tokens resolve, requests become `ClientData`.
 //!
-//! A session opens with the client's credentials checked through 16/ECAP. A request is checked
+//! A session opens with the client's credentials checked through 16/ECAP (its certificate,
+//! user name and password, or whether anonymous clients may connect). A request is checked
 //! (extension, app version, token, resource path), its token resolved (through the session when
 //! it used the token before, else the token cache and 16/ECAP, which also announces the
 //! endpoint connected), and it goes to the extension's subject as `ClientData` with this
@@ -14,18 +15,32 @@ use std::time::Duration;
 use bytes::Bytes;
 use fleetgate_bus::{Bus, BusError, now_ms};
 use fleetgate_messages::{
-    ClientData, ClientUsernamePasswordValidationRequest, ClientUsernamePasswordValidationResponse,
-    Record, encode_pooled,
+    ClientCertificateValidationRequest, ClientCertificateValidationResponse, ClientData,
+    ClientUsernamePasswordValidationRequest, ClientUsernamePasswordValidationResponse, Record,
+    encode_pooled,
 };
 use fleetgate_transport_core::{
-    ClientCredentials, ClientIdentity, KpError, KpOutcome, KpRequest, KpResponse, Outbox, SessionId,
+    ClientCertificate, ClientCredentials, ClientIdentity, KpError, KpOutcome, KpRequest,
+    KpResponse, Outbox, SessionId,
 };
 use tokio::time::Instant;
 
-use crate::Gateway;
 use crate::correlation::CorrelationId;
 use crate::pending::{Pending, Route, State};
 use crate::sessions::Reserve;
+use crate::tokens::{Refusal, Resolved};
+use crate::{CertificateCheck, Gateway};
+
+/// The refusal while an address backs off.
+fn backoff_error() -> KpError {
+    KpError::new(429, "too many failed authentications from this address; try again later")
+}
+
+/// The status a device gets for a provider's refusal: the provider's own when it is an error
+/// status, else 401 (a provider that says "no" with a success or odd code still refuses).
+fn refusal_status(status: i32) -> u16 {
+    u16::try_from(status).ok().filter(|s| (400..600).contains(s)).unwrap_or(401)
+}
 
 impl<B: Bus> Gateway<B> {
     /// Checks a connecting client's credentials through 16/ECAP and opens its session.
@@ -34,6 +49,119 @@ impl<B: Bus> Gateway<B> {
         credentials: ClientCredentials<'_>,
         outbox: Outbox,
     ) -> Result<ClientIdentity, KpError> {
+        let ip = credentials.peer.ip();
+        let authenticated = match self.guard.blocked(ip, Instant::now()) {
+            true => Err((backoff_error(), Refusal::Backoff.reason())),
+            false => self.authenticate(&credentials).await,
+        };
+        let (client_id, credential_ids) = authenticated.map_err(|(e, reason)| {
+            self.metrics.sessions_refused.inc();
+            self.metrics.auth_refused(reason);
+            if e.status != 503 && e.status != 429 {
+                self.count_failure(ip);
+            }
+            tracing::debug!(transport = credentials.transport, peer = %credentials.peer, status = e.status, reason = %e.reason, "client refused");
+            e
+        })?;
+        let session = SessionId(self.next_session.fetch_add(1, Ordering::Relaxed));
+        self.sessions.open(session, outbox, ip, credential_ids);
+        tracing::debug!(session = session.0, transport = credentials.transport, peer = %credentials.peer, "session opened");
+        self.metrics.sessions_opened.inc();
+        self.metrics.sessions_open.inc();
+        Ok(ClientIdentity { session, client_id })
+    }
+
+    /// What the client presented, checked: its certificate (as `gateway.certificate_check`
+    /// says) and its user name and password; with neither, whether anonymous clients may
+    /// connect. Returns the client id and the ids of the credentials that were accepted (a
+    /// 16/ECAP credential revocation names one of them).
+    async fn authenticate(
+        &self,
+        credentials: &ClientCredentials<'_>,
+    ) -> Result<(Option<String>, Vec<Box<str>>), (KpError, &'static str)> {
+        let why = |refused: &'static str| {
+            move |e: KpError| {
+                let reason = if e.status == 503 { "provider_unavailable" } else { refused };
+                (e, reason)
+            }
+        };
+        let mut client_id = None;
+        let mut credential_ids: Vec<Box<str>> = Vec::new();
+        if let Some(certificate) = credentials.certificate
+            && self.config.certificate_check != CertificateCheck::Local
+            && let Some((credential, client)) =
+                self.check_certificate(certificate).await.map_err(why("certificate_refused"))?
+        {
+            credential_ids.extend(credential.map(Box::from));
+            client_id = client;
+        }
+        // A certificate authenticates the client: no anonymous check after it.
+        let presented = credentials.username.is_some() || credentials.password.is_some();
+        if presented || credentials.certificate.is_none() {
+            let (credential, client) =
+                self.check_password(credentials).await.map_err(why("bad_credentials"))?;
+            credential_ids.extend(credential.map(Box::from));
+            client_id = client_id.or(client);
+        }
+        Ok((client_id, credential_ids))
+    }
+
+    /// `client-certificate-request`: `Some((credential id, client id))` when the provider
+    /// accepts the certificate, `None` when it does not handle certificates and
+    /// `provider_when_supported` lets the local check decide, an error when it refuses or does
+    /// not answer.
+    async fn check_certificate(
+        &self,
+        certificate: &ClientCertificate,
+    ) -> Result<Option<(Option<String>, Option<String>)>, KpError> {
+        let (_, correlation_id) = self.new_correlation_id();
+        let correlation_id = correlation_id.as_str();
+        let request = ClientCertificateValidationRequest {
+            correlation_id,
+            timestamp_ms: now_ms(),
+            timeout_ms: i64::try_from(self.config.auth_timeout_ms).unwrap_or(0),
+            issuer: &certificate.issuer,
+            serial_number: &certificate.serial,
+        };
+        let timeout = Duration::from_millis(self.config.auth_timeout_ms);
+        let when_supported =
+            self.config.certificate_check == CertificateCheck::ProviderWhenSupported;
+        let reply = match self
+            .certificate_requester
+            .request(self.certificate_requests.clone(), correlation_id, request.to_bytes(), timeout)
+            .await
+        {
+            Ok(reply) => reply,
+            Err(BusError::NoResponders(_)) if when_supported => return Ok(None),
+            Err(e) => {
+                tracing::warn!(error = %e, "client certificate check unavailable");
+                return Err(KpError::unavailable("the authentication service did not answer"));
+            }
+        };
+        let answer = ClientCertificateValidationResponse::decode(&reply.payload).map_err(|e| {
+            tracing::warn!(error = %e, "undecodable client-certificate-response");
+            KpError::unavailable("the authentication service gave an unreadable answer")
+        })?;
+        match answer.status_code {
+            200..=299 => Ok(Some((
+                answer.credential_id.map(str::to_owned),
+                answer.client_id.map(str::to_owned),
+            ))),
+            501 if when_supported => Ok(None),
+            status => {
+                let reason = answer.reason_phrase.unwrap_or("client certificate refused");
+                tracing::debug!(status, issuer = %certificate.issuer, serial = %certificate.serial, reason, "client certificate refused by the provider");
+                Err(KpError::new(refusal_status(status), reason.to_owned()))
+            }
+        }
+    }
+
+    /// `client-username-password-request` (also for bearer tokens and anonymous clients):
+    /// (credential id, client id) when the provider accepts.
+    async fn check_password(
+        &self,
+        credentials: &ClientCredentials<'_>,
+    ) -> Result<(Option<String>, Option<String>), KpError> {
         let (_, correlation_id) = self.new_correlation_id();
         let correlation_id = correlation_id.as_str();
         let password = credentials.password.map(String::from_utf8_lossy);
@@ -50,7 +178,6 @@ impl<B: Bus> Gateway<B> {
             .request(self.client_requests.clone(), correlation_id, request.to_bytes(), timeout)
             .await
             .map_err(|e| {
-                self.metrics.sessions_refused.inc();
                 tracing::warn!(error = %e, "client authentication unavailable");
                 KpError::unavailable("the authentication service did not answer")
             })?;
@@ -60,16 +187,10 @@ impl<B: Bus> Gateway<B> {
                 KpError::unavailable("the authentication service gave an unreadable answer")
             })?;
         if !(200..300).contains(&answer.status_code) {
-            self.metrics.sessions_refused.inc();
             let reason = answer.reason_phrase.unwrap_or("bad credentials").to_owned();
-            return Err(KpError::new(u16::try_from(answer.status_code).unwrap_or(401), reason));
+            return Err(KpError::new(refusal_status(answer.status_code), reason));
         }
-        let session = SessionId(self.next_session.fetch_add(1, Ordering::Relaxed));
-        self.sessions.open(session, outbox);
-        tracing::debug!(session = session.0, transport = credentials.transport, peer = %credentials.peer, "session opened");
-        self.metrics.sessions_opened.inc();
-        self.metrics.sessions_open.inc();
-        Ok(ClientIdentity { session, client_id: answer.client_id.map(str::to_owned) })
+        Ok((answer.credential_id.map(str::to_owned), answer.client_id.map(str::to_owned)))
     }
 
     /// Takes one request from a session: on the bus, or refused (and the refusal copied to
@@ -121,8 +242,7 @@ impl<B: Bus> Gateway<B> {
         if !routes.app_versions.is_empty() && !routes.app_versions.contains(app_version) {
             return Err(KpError::not_found(format!("unknown app version `{app_version}`")));
         }
-        let resolved =
-            self.tokens.resolve(app_version, token, &self.metrics.token_cache_misses).await?;
+        let resolved = self.resolve(session, app_version, token).await?;
         if !self.sessions.subscribe(session, token, filter, tag) {
             return Err(KpError::unavailable("the session has ended"));
         }
@@ -131,13 +251,51 @@ impl<B: Bus> Gateway<B> {
         // MQTT client that subscribes before it publishes), and extensions hear that it
         // connected (CMX then pushes a configuration it has not confirmed).
         let id = resolved.endpoint_id;
-        match self.sessions.note_endpoint(session, &id, app_version, token, resolved.expires) {
+        let (token_id, expires) = (resolved.token_id, resolved.expires);
+        match self.sessions.note_endpoint(session, &id, app_version, token, token_id, expires) {
             None => Err(KpError::unavailable("the session has ended")),
             Some(true) => {
                 self.publish_connected(&[(&id, app_version)]).await;
                 Ok(())
             }
             Some(false) => Ok(()),
+        }
+    }
+
+    /// `token`'s endpoint in `app_version`, for `session`: from the caches when they know it,
+    /// else from the provider unless the session's address is backing off. Refusals are
+    /// counted by reason, and failures against the address.
+    async fn resolve(
+        &self,
+        session: SessionId,
+        app_version: &str,
+        token: &str,
+    ) -> Result<Resolved, KpError> {
+        let peer = self.sessions.peer(session);
+        let answer = match self.tokens.known(app_version, token) {
+            Some(answer) => answer,
+            None if peer.is_some_and(|ip| self.guard.blocked(ip, Instant::now())) => {
+                Err((backoff_error(), Refusal::Backoff))
+            }
+            None => self.tokens.lookup(app_version, token, &self.metrics.token_cache_misses).await,
+        };
+        answer.map_err(|(e, why)| {
+            self.metrics.auth_refused(why.reason());
+            let failure = !matches!(why, Refusal::Backoff | Refusal::ProviderUnavailable);
+            if let Some(ip) = peer
+                && failure
+            {
+                self.count_failure(ip);
+            }
+            e
+        })
+    }
+
+    /// Counts a failed authentication from `ip`; logs (at debug) when it starts a back-off.
+    fn count_failure(&self, ip: std::net::IpAddr) {
+        if self.guard.failed(ip, Instant::now()) {
+            self.metrics.auth_backoffs.inc();
+            tracing::debug!(peer = %ip, "too many failed authentications: backing off");
         }
     }
 
@@ -149,10 +307,10 @@ impl<B: Bus> Gateway<B> {
         app_version: &str,
         token: &str,
     ) -> Result<Arc<str>, KpError> {
-        let resolved =
-            self.tokens.resolve(app_version, token, &self.metrics.token_cache_misses).await?;
+        let resolved = self.resolve(session, app_version, token).await?;
         let id = resolved.endpoint_id;
-        match self.sessions.note_endpoint(session, &id, app_version, token, resolved.expires) {
+        let (token_id, expires) = (resolved.token_id, resolved.expires);
+        match self.sessions.note_endpoint(session, &id, app_version, token, token_id, expires) {
             None => return Err(KpError::unavailable("the session has ended")),
             Some(true) => self.publish_connected(&[(&id, app_version)]).await,
             Some(false) => {}
@@ -213,7 +371,13 @@ impl<B: Bus> Gateway<B> {
         // session; the trust expires with the cache entry it came from).
         let endpoint_id =
             match self.sessions.trusted_endpoint(session, app_version, token, Instant::now()) {
-                None => return Err(KpError::unavailable("the session has ended")),
+                // Ended by the gateway under a connection that lives on (an HTTP keep-alive):
+                // a revocation, so the client must authenticate again.
+                None => {
+                    return Err(KpError::unauthorized(
+                        "the session has ended (its token or credentials were revoked)",
+                    ));
+                }
                 Some(Some(endpoint_id)) => endpoint_id,
                 // Boxed: the first use of a token in a session is rare, and its future (a 16/ECAP
                 // request with a timer) would otherwise sit inline in every request's future.

@@ -76,7 +76,10 @@ impl Fleetgate {
             .append(true)
             .open(&self.log)
             .expect("log file");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_fleetgate"));
+        // FG_TEST_BIN: another build to compare with (before/after figures).
+        let bin = std::env::var("FG_TEST_BIN")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_fleetgate").to_owned());
+        let mut cmd = Command::new(bin);
         cmd.arg(&self.command)
             .current_dir(self.dir.path())
             .env_remove("FLEETGATE_CONFIG")
@@ -175,6 +178,17 @@ impl Fleetgate {
     }
 
     /// The value of a metric sample line that starts with `name` on `/metrics`.
+    /// The process's resident set size, KiB (Linux).
+    pub(crate) fn rss_kib(&self) -> u64 {
+        let pid = self.child.as_ref().expect("running").id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS")
+    }
+
     pub(crate) fn metric(&self, name: &str) -> Option<f64> {
         let (_, body) = http_get(self.admin, "/metrics")?;
         body.lines()
@@ -225,6 +239,19 @@ pub(crate) fn demo_endpoint_env() -> Vec<(&'static str, String)> {
         ),
         ("FLEETGATE_GATEWAY_APP_VERSIONS", "[demo-v1]".into()),
     ]
+}
+
+/// `auth.certificates` listing the test client certificate `client_cert` (CN `device-1`) as
+/// client `device-1`, so that the provider accepts it and no other.
+pub(crate) fn certificate_env(
+    files: &fleetgate_tls::test_certs::TestFiles,
+) -> (&'static str, String) {
+    let id = fleetgate_tls::test_certs::TestFiles::identity(&files.client_cert);
+    let entry = format!(
+        "[{{issuer: {:?}, serial_number: \"{}\", client_id: device-1}}]",
+        id.issuer, id.serial
+    );
+    ("FLEETGATE_AUTH_CERTIFICATES", entry)
 }
 
 /// A NATS subscriber that records what arrives on the subjects of interest.

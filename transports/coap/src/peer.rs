@@ -227,6 +227,7 @@ impl Peer {
                         username: username.as_deref(),
                         password: password.as_deref(),
                         peer: self.addr,
+                        certificate: None,
                     };
                     let result = self.handler.open_session(credentials, outbox).await;
                     let opened = match &result {

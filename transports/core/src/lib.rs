@@ -20,9 +20,9 @@ mod outbox;
 pub mod settings;
 
 pub use fleetgate_kp::{
-    ClientCredentials, ClientIdentity, KpError, KpOutcome, KpRequest, KpResponse, KpTopic,
-    KpTopicError, SessionId, error_body, parse_request_id, response_topic, status_reason,
-    topic_filter_matches,
+    ClientCertificate, ClientCredentials, ClientIdentity, KpError, KpOutcome, KpRequest,
+    KpResponse, KpTopic, KpTopicError, SessionId, error_body, parse_request_id, response_topic,
+    status_reason, topic_filter_matches,
 };
 pub use handler::{BindError, BoxFuture, KpHandler, Transport};
 pub use outbox::{Outbox, OutboxReceiver, TryRecvError, TrySendError, outbox};

@@ -41,6 +41,8 @@ pub struct TransportMetrics {
     request_accept: Family<TransportLabel, Latency>,
     tls_handshakes: Family<TransportLabel, Counter>,
     tls_handshake_failures: Family<TlsFailureLabel, Counter>,
+    messages_too_large: Family<TransportLabel, Counter>,
+    keep_alive_timeouts: Family<TransportLabel, Counter>,
 }
 
 /// The labels of a failed TLS handshake: the transport and why it failed.
@@ -104,6 +106,18 @@ impl TransportMetrics {
             "TLS handshakes that failed, by reason",
             m.tls_handshake_failures.clone(),
         );
+        // MQTT's own two, shared here because four transports carry MQTT sessions (one family
+        // each, labelled, rather than one registration per transport).
+        r.register(
+            "messages_too_large",
+            "Responses over the client's maximum packet size, not sent",
+            m.messages_too_large.clone(),
+        );
+        r.register(
+            "keep_alive_timeouts",
+            "Connections closed for keep-alive timeout",
+            m.keep_alive_timeouts.clone(),
+        );
         metrics
     }
 
@@ -147,6 +161,8 @@ handles! {
     sessions_open: Gauge,
     request_accept: Latency,
     tls_handshakes: Counter,
+    messages_too_large: Counter,
+    keep_alive_timeouts: Counter,
 }
 
 impl TransportCounters {

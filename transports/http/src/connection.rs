@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use fleetgate_transport_core::{
-    ClientCredentials, KpError, KpHandler, KpOutcome, KpRequest, KpResponse, KpTopic, Outbox,
-    OutboxReceiver, SessionId, outbox,
+    ClientCertificate, ClientCredentials, KpError, KpHandler, KpOutcome, KpRequest, KpResponse,
+    KpTopic, Outbox, OutboxReceiver, SessionId, outbox,
 };
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Body, Incoming};
@@ -57,6 +57,8 @@ pub(crate) struct Connection {
     handler: Arc<dyn KpHandler>,
     shared: Arc<Shared>,
     peer: SocketAddr,
+    /// The client certificate the TLS handshake verified (HTTPS with a client CA).
+    certificate: Option<ClientCertificate>,
     shutdown: watch::Receiver<bool>,
     /// Given to every session the connection opens.
     outbox: Outbox,
@@ -105,6 +107,7 @@ impl Connection {
         handler: Arc<dyn KpHandler>,
         shared: Arc<Shared>,
         peer: SocketAddr,
+        certificate: Option<ClientCertificate>,
         shutdown: watch::Receiver<bool>,
         tripwire: Arc<Tripwire>,
     ) -> Arc<Self> {
@@ -117,6 +120,7 @@ impl Connection {
             handler,
             shared,
             peer,
+            certificate,
             shutdown,
             outbox,
             responses: Mutex::new(responses),
@@ -230,6 +234,7 @@ impl Connection {
             username: credentials.username.as_deref(),
             password: credentials.password.as_deref(),
             peer: self.peer,
+            certificate: self.certificate.as_ref(),
         };
         let identity = match self.handler.open_session(presented, self.outbox.clone()).await {
             Ok(identity) => identity,

@@ -333,7 +333,16 @@ async fn serve_connection(
                 // HTTP/2 when ALPN chose it; no sniffing over TLS.
                 let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
                 let protocol = if h2 { Preface::Http2 } else { Preface::Http1 };
-                serve_http(handler, shared, stream, peer, shutdown, protocol, watch).await;
+                let certificate = tls.client_certificate(&stream);
+                let conn = Connection::new(
+                    handler,
+                    shared.clone(),
+                    peer,
+                    certificate,
+                    shutdown.clone(),
+                    watch.tripwire.clone(),
+                );
+                serve_http(conn, shared, stream, shutdown, protocol, watch).await;
             }
         }
     }
@@ -366,16 +375,23 @@ async fn serve_plain(
         }
     };
     if let Some(protocol) = protocol {
-        serve_http(handler, shared, stream, peer, shutdown, protocol, watch).await;
+        let conn = Connection::new(
+            handler,
+            shared.clone(),
+            peer,
+            None,
+            shutdown.clone(),
+            watch.tripwire.clone(),
+        );
+        serve_http(conn, shared, stream, shutdown, protocol, watch).await;
     }
 }
 
-/// Serves HTTP on `stream` until the connection ends.
+/// Serves HTTP on `stream` for `conn` until the connection ends.
 async fn serve_http<S>(
-    handler: Arc<dyn KpHandler>,
+    conn: Arc<Connection>,
     shared: Arc<Shared>,
     stream: S,
-    peer: SocketAddr,
     shutdown: watch::Receiver<bool>,
     protocol: Preface,
     watch: Watch,
@@ -388,8 +404,6 @@ async fn serve_http<S>(
         let h2 = protocol == Preface::Http2 && config.http2;
         let max_streams = config.max_in_flight_per_connection;
         let Watch { header_timeout, tripwire } = watch;
-        let conn =
-            Connection::new(handler, shared.clone(), peer, shutdown.clone(), tripwire.clone());
         let service = {
             let conn = conn.clone();
             hyper::service::service_fn(move |req| {

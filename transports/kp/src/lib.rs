@@ -14,7 +14,8 @@ mod status;
 mod topic;
 
 pub use request::{
-    ClientCredentials, ClientIdentity, KpOutcome, KpRequest, KpResponse, SessionId, response_topic,
+    ClientCertificate, ClientCredentials, ClientIdentity, KpOutcome, KpRequest, KpResponse,
+    SessionId, response_topic,
 };
 pub use status::{KpError, error_body, status_reason};
 pub use topic::{KpTopic, KpTopicError, parse_request_id, topic_filter_matches};

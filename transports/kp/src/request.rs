@@ -24,6 +24,21 @@ pub struct ClientCredentials<'a> {
     pub password: Option<&'a [u8]>,
     /// Address of the peer.
     pub peer: SocketAddr,
+    /// The client certificate the transport verified at its TLS handshake (chain, validity,
+    /// CRLs), when the client presented one.
+    pub certificate: Option<&'a ClientCertificate>,
+}
+
+/// What a verified client certificate says: what 16/ECAP's certificate request carries and
+/// the field the transport is configured to name the endpoint with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCertificate {
+    /// The issuer's distinguished name.
+    pub issuer: String,
+    /// The serial number in base 10.
+    pub serial: String,
+    /// The configured endpoint field (common name, DNS name, ...), when the certificate has it.
+    pub endpoint: Option<String>,
 }
 
 /// What the gateway knows of an authenticated client.

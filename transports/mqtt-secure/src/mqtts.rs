@@ -110,7 +110,8 @@ impl Transport for MqttsTransport {
     }
 
     fn register_metrics(&self, _registry: &mut Registry) {
-        // Its families are the shared ones (connections, messages, TLS handshakes).
+        // Its families are the shared ones (connections, messages, TLS handshakes, and the
+        // MQTT session's keep-alive timeouts and responses too large).
     }
 
     fn serve(
@@ -136,8 +137,9 @@ impl Transport for MqttsTransport {
                     async move {
                         // Failures are counted and logged (at debug) by `accept`.
                         let Ok(stream) = tls.accept(tcp).await else { return };
+                        let certificate = tls.client_certificate(&stream);
                         let halves = tokio::io::split(stream);
-                        streams.serve(c.handler, c.peer, halves, c.stop, c.live).await;
+                        streams.serve(c.handler, c.peer, certificate, halves, c.stop, c.live).await;
                     }
                 },
             )

@@ -8,7 +8,9 @@ use bytes::BytesMut;
 use fleetgate_tls::{TlsConfig, TlsServer, Versions};
 use fleetgate_transport_core::metrics::{Registry, TransportMetrics};
 use fleetgate_transport_core::settings::below_minimum;
-use fleetgate_transport_core::{BindError, BoxFuture, KpHandler, Shutdown, Transport, net};
+use fleetgate_transport_core::{
+    BindError, BoxFuture, ClientCertificate, KpHandler, Shutdown, Transport, net,
+};
 use fleetgate_transport_mqtt::server::{MqttConfig, MqttStreams};
 use fleetgate_websocket::{WsStream, handshake};
 use serde::{Deserialize, Serialize};
@@ -131,7 +133,8 @@ impl Transport for MqttWsTransport {
     }
 
     fn register_metrics(&self, _registry: &mut Registry) {
-        // Its families are the shared ones (connections, messages, TLS handshakes).
+        // Its families are the shared ones (connections, messages, TLS handshakes, and the
+        // MQTT session's keep-alive timeouts and responses too large).
     }
 
     fn serve(
@@ -161,10 +164,11 @@ impl Transport for MqttWsTransport {
                     let (tls, upgrade) = (tls.clone(), upgrade.clone());
                     async move {
                         match tls {
-                            None => upgrade.run(tcp, c).await,
+                            None => upgrade.run(tcp, None, c).await,
                             Some(tls) => {
                                 let Ok(stream) = tls.accept(tcp).await else { return };
-                                upgrade.run(stream, c).await;
+                                let certificate = tls.client_certificate(&stream);
+                                upgrade.run(stream, certificate, c).await;
                             }
                         }
                     }
@@ -184,9 +188,15 @@ struct Upgrade {
 }
 
 impl Upgrade {
-    /// Reads the upgrade request from `io` (the TCP socket of `c`, or the TLS stream over it),
-    /// answers it, and serves MQTT on the WebSocket until the connection ends.
-    async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(&self, mut io: S, c: Conn) {
+    /// Reads the upgrade request from `io` (the TCP socket of `c`, or the TLS stream over it
+    /// and the client certificate it verified), answers it, and serves MQTT on the WebSocket
+    /// until the connection ends.
+    async fn run<S: AsyncRead + AsyncWrite + Unpin + Send>(
+        &self,
+        mut io: S,
+        certificate: Option<ClientCertificate>,
+        c: Conn,
+    ) {
         let mut buf = BytesMut::with_capacity(1024);
         let read = async {
             loop {
@@ -223,6 +233,6 @@ impl Upgrade {
         }
         let ws = WsStream::new(io, &buf[upgrade.consumed..], self.max_frame);
         let halves = tokio::io::split(ws);
-        self.streams.serve(c.handler, c.peer, halves, c.stop, c.live).await;
+        self.streams.serve(c.handler, c.peer, certificate, halves, c.stop, c.live).await;
     }
 }

@@ -27,13 +27,11 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use fleetgate_live::Live;
-use fleetgate_transport_core::metrics::{
-    Counter, Gauge, Latency, Registry, TransportMetrics, transport_registry,
-};
+use fleetgate_transport_core::metrics::{Counter, Gauge, Latency, Registry, TransportMetrics};
 use fleetgate_transport_core::settings::{above_maximum, below_minimum};
 use fleetgate_transport_core::{
-    BindError, BoxFuture, ClientCredentials, KpHandler, KpResponse, OutboxReceiver, SessionId,
-    Shutdown, Transport, TryRecvError, net, stopped,
+    BindError, BoxFuture, ClientCertificate, ClientCredentials, KpHandler, KpResponse,
+    OutboxReceiver, SessionId, Shutdown, Transport, TryRecvError, net, stopped,
 };
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -117,7 +115,9 @@ impl MqttConfig {
     }
 }
 
-/// MQTT metrics: the shared transport families, labelled `transport="mqtt"`, and two of its own.
+/// MQTT metrics: handles of the shared transport families, labelled `transport="mqtt"` (or
+/// the transport that carries the sessions), `messages_too_large` and `keep_alive_timeouts`
+/// among them.
 #[derive(Debug, Clone)]
 pub struct MqttMetrics {
     /// Connections accepted.
@@ -158,24 +158,9 @@ impl MqttMetrics {
             messages_sent: c.messages_sent(),
             protocol_errors: c.protocol_errors(),
             request_accept: c.request_accept(),
-            messages_too_large: Counter::default(),
-            keep_alive_timeouts: Counter::default(),
+            messages_too_large: c.messages_too_large(),
+            keep_alive_timeouts: c.keep_alive_timeouts(),
         }
-    }
-
-    /// Registers the families of its own under `transport`'s label.
-    pub fn register(&self, registry: &mut Registry, transport: &'static str) {
-        let r = transport_registry(registry, transport);
-        r.register(
-            "messages_too_large",
-            "Responses over the client's maximum packet size, not sent",
-            self.messages_too_large.clone(),
-        );
-        r.register(
-            "keep_alive_timeouts",
-            "Connections closed for keep-alive timeout",
-            self.keep_alive_timeouts.clone(),
-        );
     }
 }
 
@@ -250,8 +235,8 @@ impl Transport for MqttTransport {
         self.listener.iter().filter_map(|l| l.local_addr().ok()).collect()
     }
 
-    fn register_metrics(&self, registry: &mut Registry) {
-        self.shared.metrics.register(registry, NAME);
+    fn register_metrics(&self, _registry: &mut Registry) {
+        // Every family it reports is a shared one (`TransportMetrics`).
     }
 
     fn serve(
@@ -338,22 +323,19 @@ impl MqttStreams {
         &self.shared.metrics
     }
 
-    /// Registers the MQTT families of its own under the transport's label.
-    pub fn register_metrics(&self, registry: &mut Registry) {
-        self.shared.metrics.register(registry, self.shared.name);
-    }
-
     /// From now on the sessions hand the gateway no new requests (see [`Shutdown`]).
     pub fn drain(&self) {
         self.shared.draining.store(true, Ordering::Relaxed);
     }
 
     /// One connection, from its first byte to its end: reads from `rd`, writes to `wr` (shut
-    /// down at the end), closes at `stop`. `live` is held until it ends.
+    /// down at the end), closes at `stop`. `live` is held until it ends. `certificate` is the
+    /// client certificate the stream's TLS handshake verified, presented with the CONNECT.
     pub fn serve<R, W>(
         &self,
         handler: Arc<dyn KpHandler>,
         peer: SocketAddr,
+        certificate: Option<ClientCertificate>,
         (rd, wr): (R, W),
         stop: watch::Receiver<bool>,
         live: mpsc::Sender<()>,
@@ -363,7 +345,8 @@ impl MqttStreams {
         W: AsyncWrite + Unpin + Send,
     {
         self.shared.metrics.connections_accepted.inc();
-        let conn = Connection::new(handler, self.shared.clone(), peer, stop, live);
+        let mut conn = Connection::new(handler, self.shared.clone(), peer, stop, live);
+        conn.certificate = certificate.map(Box::new);
         conn.run((StreamRead(rd), wr))
     }
 }
@@ -389,6 +372,8 @@ struct Connection {
     handler: Arc<dyn KpHandler>,
     shared: Arc<Shared>,
     peer: SocketAddr,
+    /// The verified client certificate of a TLS connection (one pointer when there is none).
+    certificate: Option<Box<ClientCertificate>>,
     shutdown: watch::Receiver<bool>,
     session: Session,
     /// Held until the connection ends; the listener waits for all of them at shutdown.
@@ -405,7 +390,7 @@ impl Connection {
     ) -> Self {
         let config = session_config(&shared.settings.read());
         let session = Session::new(&config, Instant::now().into_std());
-        Self { handler, shared, peer, shutdown, session, _live: live }
+        Self { handler, shared, peer, certificate: None, shutdown, session, _live: live }
     }
 
     // Not an `async fn`: that would keep a second copy of `self` (its argument) in the
@@ -591,6 +576,7 @@ impl Connection {
                     username: request.username(),
                     password: request.password(),
                     peer: self.peer,
+                    certificate: self.certificate.as_deref(),
                 };
                 // The connect timeout covers authentication too.
                 let open = self.handler.open_session(credentials, tx);

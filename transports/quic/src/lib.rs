@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use fleetgate_tls::rustls::pki_types::CertificateDer;
 use fleetgate_tls::{HandshakeFailure, TlsConfig, TlsServer, Versions};
 use fleetgate_transport_core::metrics::{Registry, TransportMetrics};
 use fleetgate_transport_core::settings::{above_maximum, below_minimum};
@@ -145,7 +146,8 @@ impl Transport for QuicTransport {
     }
 
     fn register_metrics(&self, _registry: &mut Registry) {
-        // Its families are the shared ones (connections, messages, TLS handshakes).
+        // Its families are the shared ones (connections, messages, TLS handshakes, and the
+        // MQTT session's keep-alive timeouts and responses too large).
     }
 
     fn serve(
@@ -235,6 +237,12 @@ impl Conn {
             }
         };
         self.tls.count_handshake();
+        // rustls verified it during the handshake (chain, validity, CRLs).
+        let certificate = connection
+            .peer_identity()
+            .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
+            .and_then(|chain| self.tls.peer_certificate(Some(&chain)))
+            .map(Into::into);
         // The control stream: the first bidirectional stream the client opens.
         let stream = tokio::time::timeout(timeout, connection.accept_bi()).await;
         let Ok(Ok((mut send, mut recv))) = stream else {
@@ -243,7 +251,8 @@ impl Conn {
             return;
         };
         let stop = self.shutdown.stop.clone();
-        self.streams.serve(self.handler, peer, (&mut recv, &mut send), stop, self.live).await;
+        let io = (&mut recv, &mut send);
+        self.streams.serve(self.handler, peer, certificate, io, stop, self.live).await;
         // The stream has ended: so does the connection (EMQX single-stream semantics), once
         // the client has what was written last (a refusing CONNACK, a DISCONNECT): closing at
         // once would discard it.

@@ -19,6 +19,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use fleetgate_transport_core::ClientCertificate;
 use fleetgate_transport_core::metrics::{Counter, TransportMetrics};
 use fleetgate_transport_core::settings::below_minimum;
 use rustls::crypto::CryptoProvider;
@@ -344,6 +345,11 @@ impl TlsServer {
         self.counters.metrics.tls_handshake_failures(failure.reason()).inc();
     }
 
+    /// The verified client certificate of an accepted TLS stream, as the gateway sees it.
+    pub fn client_certificate<IO>(&self, stream: &TlsStream<IO>) -> Option<ClientCertificate> {
+        self.peer_certificate(stream.get_ref().1.peer_certificates()).map(Into::into)
+    }
+
     /// What the client's leaf certificate says, when it presented one.
     pub fn peer_certificate(
         &self,
@@ -396,6 +402,12 @@ impl PeerCertificate {
             EndpointField::SerialNumber => Some(serial.clone()),
         };
         Some(Self { issuer: cert.issuer().to_string(), serial, endpoint })
+    }
+}
+
+impl From<PeerCertificate> for ClientCertificate {
+    fn from(c: PeerCertificate) -> Self {
+        ClientCertificate { issuer: c.issuer, serial: c.serial, endpoint: c.endpoint }
     }
 }
 

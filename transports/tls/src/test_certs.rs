@@ -108,6 +108,10 @@ pub struct TestFiles {
     /// CN `device-revoked`, serial 1003, in the CRL.
     pub revoked_cert: PathBuf,
     pub revoked_key: PathBuf,
+    /// CN `device-2`, serial 1004: valid, from the CA, but unknown to a 16/ECAP provider that
+    /// lists only `client_cert`.
+    pub unlisted_cert: PathBuf,
+    pub unlisted_key: PathBuf,
     /// The CRL revoking serial 1003.
     pub crl: PathBuf,
     /// A CA nobody trusts, and a client it signed (CN `device-1` too).
@@ -130,6 +134,7 @@ impl TestFiles {
         let client = ca.client("device-1", 1001, false);
         let expired = ca.client("device-old", 1002, true);
         let revoked = ca.client("device-revoked", 1003, false);
+        let unlisted = ca.client("device-2", 1004, false);
         let stranger = other.client("device-1", 1001, false);
         Self {
             dir: dir.to_owned(),
@@ -142,11 +147,21 @@ impl TestFiles {
             expired_key: put("expired.key", &expired.key),
             revoked_cert: put("revoked.pem", &revoked.cert),
             revoked_key: put("revoked.key", &revoked.key),
+            unlisted_cert: put("unlisted.pem", &unlisted.cert),
+            unlisted_key: put("unlisted.key", &unlisted.key),
             crl: put("crl.pem", &ca.crl(&[1003])),
             other_ca: put("other-ca.pem", &other.pem),
             stranger_cert: put("stranger.pem", &stranger.cert),
             stranger_key: put("stranger.key", &stranger.key),
         }
+    }
+
+    /// What the gateway reads from the certificate in `cert_file` (issuer, base-10 serial,
+    /// common name).
+    pub fn identity(cert_file: &Path) -> crate::PeerCertificate {
+        use rustls_pki_types::pem::PemObject;
+        let der = rustls_pki_types::CertificateDer::from_pem_file(cert_file).unwrap();
+        crate::PeerCertificate::parse(&der, crate::EndpointField::CommonName).unwrap()
     }
 
     /// A `tls` section serving the server certificate; with `mtls`, client certificates

@@ -745,6 +745,7 @@ impl SessionTask {
             username: start.username.as_deref(),
             password: start.password.as_deref(),
             peer: start.from,
+            certificate: None,
         };
         let identity = self.handler.open_session(credentials, outbox).await?;
         let session = identity.session;
