@@ -31,7 +31,7 @@ impl GatewayService {
             .filter_map(|t| (t.make)(&config.transports, metrics, reloads))
             .collect();
         let settings = Live::new(config.gateway.clone());
-        let keys = Keys::Only(&["extensions", "app_versions"]);
+        let keys = Keys::Only(&["extensions", "app_versions", "max_subscriptions_per_session"]);
         reloads.follow("gateway", keys, settings.clone(), |c| &c.gateway);
         let tokens = settings.clone();
         reloads.on("auth", Keys::AllBut(&["instance"]), move |_| tokens.touch());

@@ -74,6 +74,9 @@ pub struct GatewayConfig {
     pub token_cache_ttl_ms: u64,
     /// How long an unknown token stays unknown without asking again.
     pub token_negative_cache_ttl_ms: u64,
+    /// Topic filters one session may subscribe to (MQTT SUBSCRIBE; a refused filter gets
+    /// 429: SUBACK 0x97 on MQTT 5, 0x80 on 3.1.1). 0: no limit.
+    pub max_subscriptions_per_session: u32,
     /// Store and forward when the bus cannot deliver in time.
     pub spool: SpoolConfig,
 }
@@ -90,6 +93,7 @@ impl Default for GatewayConfig {
             auth_timeout_ms: 5_000,
             token_cache_ttl_ms: 60_000,
             token_negative_cache_ttl_ms: 5_000,
+            max_subscriptions_per_session: 100,
             spool: SpoolConfig::default(),
         }
     }
@@ -167,6 +171,8 @@ pub struct Gateway<B: Bus> {
 struct Routes {
     extensions: HashMap<String, Extension>,
     app_versions: HashSet<String>,
+    /// `max_subscriptions_per_session` (0: no limit).
+    max_subscriptions_per_session: usize,
 }
 
 impl Routes {
@@ -182,7 +188,11 @@ impl Routes {
                 (e.clone(), Extension { subject, latency: metrics.request_duration_of(e) })
             })
             .collect();
-        Ok(Self { extensions, app_versions: config.app_versions.iter().cloned().collect() })
+        Ok(Self {
+            extensions,
+            app_versions: config.app_versions.iter().cloned().collect(),
+            max_subscriptions_per_session: config.max_subscriptions_per_session as usize,
+        })
     }
 }
 

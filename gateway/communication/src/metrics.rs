@@ -30,6 +30,7 @@ pub struct GatewayMetrics {
     pub(crate) sessions_opened: Counter,
     pub(crate) sessions_refused: Counter,
     pub(crate) token_cache_misses: Counter,
+    pub(crate) subscriptions_refused: Counter,
     pub(crate) sessions_open: Gauge,
     pub(crate) requests_pending: Gauge,
     pub(crate) spooled: Counter,
@@ -59,6 +60,11 @@ impl GatewayMetrics {
             ("sessions_opened", "Sessions opened", &self.sessions_opened),
             ("sessions_refused", "Sessions refused by authentication", &self.sessions_refused),
             ("token_cache_misses", "Token validations sent to 16/ECAP", &self.token_cache_misses),
+            (
+                "subscriptions_refused",
+                "Subscriptions refused: the session had max_subscriptions_per_session",
+                &self.subscriptions_refused,
+            ),
         ];
         for (name, help, counter) in counters {
             r.register(name, help, counter.clone());

@@ -25,7 +25,7 @@ use tokio::time::Instant;
 use crate::Gateway;
 use crate::correlation::CorrelationId;
 use crate::pending::{Pending, Route, State};
-use crate::sessions::Reserve;
+use crate::sessions::{Reserve, SubscribeRefused};
 
 impl<B: Bus> Gateway<B> {
     /// Checks a connecting client's credentials through 16/ECAP and opens its session.
@@ -122,10 +122,14 @@ impl<B: Bus> Gateway<B> {
             return Err(KpError::not_found(format!("unknown app version `{app_version}`")));
         }
         self.tokens.resolve(app_version, token, &self.metrics.token_cache_misses).await?;
-        if self.sessions.subscribe(session, token, filter, tag) {
-            Ok(())
-        } else {
-            Err(KpError::unavailable("the session has ended"))
+        let max = routes.max_subscriptions_per_session;
+        match self.sessions.subscribe(session, token, filter, tag, max) {
+            Ok(()) => Ok(()),
+            Err(SubscribeRefused::NoSession) => Err(KpError::unavailable("the session has ended")),
+            Err(SubscribeRefused::TooMany) => {
+                self.metrics.subscriptions_refused.inc();
+                Err(KpError::new(429, format!("a session may have at most {max} subscriptions")))
+            }
         }
     }
 

@@ -171,6 +171,11 @@ impl QuicTransport {
             tokio::select! {
                 incoming = endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
+                    // Refused by a connection limit: refused at once, before the handshake.
+                    let Some(admitted) = self.streams.admit(incoming.remote_address()) else {
+                        incoming.refuse();
+                        continue;
+                    };
                     let conn = Conn {
                         streams: self.streams.clone(),
                         tls: tls.clone(),
@@ -178,7 +183,10 @@ impl QuicTransport {
                         shutdown: shutdown.clone(),
                         live: live.clone(),
                     };
-                    tokio::spawn(conn.run(incoming));
+                    tokio::spawn(async move {
+                        conn.run(incoming).await;
+                        drop(admitted);
+                    });
                 }
                 _ = stopped(&mut drain) => break,
             }

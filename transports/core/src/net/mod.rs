@@ -1,11 +1,14 @@
 //! The socket machinery every transport needs, in one place: listening TCP sockets and UDP
 //! sockets (with SO_REUSEPORT, so several sockets or processes share a port and the kernel
 //! spreads peers over them), batched UDP reads with `recvmmsg`, and per-peer queues that let a
-//! reader hand each datagram to the task that owns its peer without waiting for it.
+//! reader hand each datagram to the task that owns its peer without waiting for it; and the
+//! admission of new connections under limits on how many and how fast ([`Admission`]).
 
+mod admission;
 mod peers;
 mod udp;
 
+pub use admission::{Admission, Admitted, ConnectionLimits, Refusal};
 pub use peers::{PeerQueues, Routed};
 pub use udp::{MAX_DATAGRAM, ReceiveBatch, bind_udp, bind_udp_per_core};
 
