@@ -6,7 +6,7 @@
 //! (127.0.0.1), as they would from elsewhere on a network. Each test prints what the attack cost
 //! (RSS growth, CPU seconds of the fleetgate process) for the record.
 //!
-//! `FLEETGATE_TEST_BIN=<path>` runs the attacks against another build (say main's, for the
+//! `TEST_FLEETGATE_BIN=<path>` runs the attacks against another build (say main's, for the
 //! figures before) and `HOSTILE_MEASURE_ONLY=1` then prints the figures without asserting the
 //! bounds.
 
@@ -176,6 +176,12 @@ async fn closed(stream: &mut TcpStream, within: Duration) -> bool {
     }
 }
 
+/// How many of `streams` the server closes within `within` (waited for together).
+async fn count_closed(streams: &mut [TcpStream], within: Duration) -> usize {
+    let all = streams.iter_mut().map(|s| closed(s, within));
+    futures_util::future::join_all(all).await.into_iter().filter(|c| *c).count()
+}
+
 /// The sample of `name` whose labels include each of `labels` (`key="value"`), 0 if none.
 fn metric(fg: &Fleetgate, name: &str, labels: &[&str]) -> f64 {
     let Some((_, body)) = support::http_get(fg.admin, "/metrics") else { return 0.0 };
@@ -226,17 +232,11 @@ async fn unauthenticated_connections_cost_a_small_fixed_budget() {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (grown, _) = cost.report("pre-CONNECT: 200 × 1 MB CONNECT + 200 silent");
-    let mut big_closed = 0;
-    for s in &mut big {
-        big_closed += usize::from(closed(s, Duration::from_millis(200)).await);
-    }
+    let big_closed = count_closed(&mut big, Duration::from_millis(500)).await;
     served(device);
     eprintln!("big CONNECTs closed: {big_closed}/{}", big.len());
     // Silent ones go at the connect timeout.
-    let mut silent_closed = 0;
-    for s in &mut silent {
-        silent_closed += usize::from(closed(s, Duration::from_secs(5)).await);
-    }
+    let silent_closed = count_closed(&mut silent, Duration::from_secs(5)).await;
     eprintln!("silent connections closed after the connect timeout: {silent_closed}/200");
     if measure_only() {
         return;
@@ -284,10 +284,7 @@ async fn keep_alive_zero_is_not_forever() {
     }
     assert_eq!(held.len(), 200);
     cost.report("keep-alive 0: 200 idle connections");
-    let mut closed_count = 0;
-    for s in &mut held {
-        closed_count += usize::from(closed(s, Duration::from_secs(6)).await);
-    }
+    let closed_count = count_closed(&mut held, Duration::from_secs(6)).await;
     served(device);
     let timeouts = metric(&fg, "fleetgate_transport_keep_alive_timeouts_total", &[MQTT]);
     eprintln!("closed by the server: {closed_count}/200, keep-alive timeouts {timeouts}");

@@ -76,8 +76,8 @@ impl Fleetgate {
             .append(true)
             .open(&self.log)
             .expect("log file");
-        // FLEETGATE_TEST_BIN: another build, to measure it with the same test (hostile_mqtt).
-        let bin = std::env::var_os("FLEETGATE_TEST_BIN")
+        // TEST_FLEETGATE_BIN: another build, to measure it with the same test (hostile_mqtt).
+        let bin = std::env::var_os("TEST_FLEETGATE_BIN")
             .unwrap_or_else(|| env!("CARGO_BIN_EXE_fleetgate").into());
         let mut cmd = Command::new(bin);
         cmd.arg(&self.command)
