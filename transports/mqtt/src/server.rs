@@ -1122,4 +1122,59 @@ mod tests {
         assert_eq!(limited("per_address"), 1);
         stop.stop();
     }
+
+    /// The takeover holds across the MQTT transports of one gateway: a session over another
+    /// byte stream (TLS, WebSocket and QUIC serve theirs through `MqttStreams`) takes over the
+    /// TCP one with its client id, and the other way round.
+    #[tokio::test]
+    async fn takeover_holds_across_transports() {
+        let transport = MqttTransport::new(local_config(), &TransportMetrics::default());
+        let gateway = Arc::new(ScriptedGateway::default());
+        let handler: Arc<dyn KpHandler> = gateway.clone();
+        let (addr, stop) = compliance::start(Box::new(transport), gateway);
+        let streams = MqttStreams::new("mqtts", local_config(), &TransportMetrics::default());
+
+        let mut tcp = connect_as(addr, ProtocolVersion::V5, "roaming", 60).await;
+        // The same client id over an in-memory stream served by the other transport's glue.
+        let (client, server) = tokio::io::duplex(4096);
+        let (_stop_tx, stop_rx) = watch::channel(false);
+        let (live, _ended) = mpsc::channel(1);
+        let peer: SocketAddr = "127.0.0.9:1".parse().unwrap();
+        let (rd, wr) = tokio::io::split(server);
+        tokio::spawn(streams.serve(handler.clone(), peer, (rd, wr), stop_rx, live));
+        let (mut crd, mut cwr) = tokio::io::split(client);
+        let mut codec = Codec::new(1 << 20);
+        codec.set_version(ProtocolVersion::V5);
+        let connect = Connect {
+            protocol_version: ProtocolVersion::V5,
+            clean_start: true,
+            keep_alive_secs: 60,
+            client_id: bytes::Bytes::from_static(b"roaming"),
+            will: None,
+            username: None,
+            password: None,
+            properties: Default::default(),
+        };
+        let mut out = BytesMut::new();
+        codec.encode(&Packet::Connect(Box::new(connect)), &mut out).unwrap();
+        cwr.write_all(&out).await.unwrap();
+        let mut buf = BytesMut::new();
+        let mut next_other = async || loop {
+            if let Some(p) = codec.decode(&mut buf).unwrap() {
+                return Some(p);
+            }
+            let read = tokio::time::timeout(Duration::from_secs(5), crd.read_buf(&mut buf));
+            if read.await.unwrap().unwrap() == 0 {
+                return None;
+            }
+        };
+        assert!(matches!(next_other().await, Some(Packet::ConnAck(_))));
+        assert_eq!(disconnect_reason(next(&mut tcp).await), ReasonCode::SessionTakenOver);
+        assert_eq!(streams.metrics().sessions_taken_over.get(), 1);
+
+        // And back: TCP takes it over from the other one.
+        let _tcp_again = connect_as(addr, ProtocolVersion::V5, "roaming", 60).await;
+        assert_eq!(disconnect_reason(next_other().await), ReasonCode::SessionTakenOver);
+        stop.stop();
+    }
 }
