@@ -198,7 +198,7 @@ async fn connection_and_session_limits_reload_live() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("fleetgate.yml");
     write(&path, LIMITS_1);
-    let mut fg = Fleetgate::start("up", &[("FLEETGATE_CONFIG", path.display().to_string())]);
+    let fg = Fleetgate::start("up", &[("FLEETGATE_CONFIG", path.display().to_string())]);
     let mut first = Device::connect(fg.mqtt, "demo-v1", "tok-1").await.expect("connect");
     assert!(
         Device::connect(fg.mqtt, "demo-v1", "tok-1").await.is_err(),
