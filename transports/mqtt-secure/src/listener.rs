@@ -45,7 +45,10 @@ pub(crate) async fn serve<F, Fut>(
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
                     // Refused by a connection limit: closed at once, before the handshake.
-                    let Some(admitted) = streams.admit(peer) else { continue };
+                    let Some(admitted) = streams.admit(peer) else {
+                        fleetgate_transport_core::net::refuse_tcp(tcp);
+                        continue;
+                    };
                     let _ = tcp.set_nodelay(true);
                     let conn = Conn { peer, handler: handler.clone(), stop: shutdown.stop.clone(), live: live.clone() };
                     let run = connection(tcp, conn);

@@ -386,7 +386,10 @@ impl MqttTransport {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
                         // Refused: closed at once, before anything is spent on it.
-                        let Some(admitted) = self.shared.admit(peer) else { continue };
+                        let Some(admitted) = self.shared.admit(peer) else {
+                            net::refuse_tcp(stream);
+                            continue;
+                        };
                         self.shared.metrics.connections_accepted.inc();
                         let conn = Connection::new(handler.clone(), self.shared.clone(), peer, shutdown.stop.clone(), live.clone());
                         // No tracing span per connection (it would be part of every idle

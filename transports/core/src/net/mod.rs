@@ -34,3 +34,11 @@ pub fn bind_tcp(addr: SocketAddr, reuse_port: bool) -> std::io::Result<TcpListen
     socket.listen(4096)?;
     TcpListener::from_std(socket.into())
 }
+
+/// Closes a connection refused at accept with a reset (SO_LINGER 0) instead of a FIN: the
+/// refusing side then keeps no TIME_WAIT socket for it, so that a connection flood does not
+/// fill the kernel's table with the flood's own leftovers.
+pub fn refuse_tcp(stream: tokio::net::TcpStream) {
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO));
+    drop(stream);
+}
