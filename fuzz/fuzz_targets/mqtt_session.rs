@@ -116,11 +116,15 @@ fuzz_target!(|data: &[u8]| {
     let knobs = s.byte();
     let config = SessionConfig {
         max_packet_size: if knobs & 1 == 0 { 1 << 20 } else { 96 },
+        // The first-packet cap, and the rate limits that pause decoding, on for some inputs.
+        max_connect_packet_size: if knobs & 16 == 0 { 4096 } else { 80 },
         connect_timeout: Duration::from_secs(10),
         max_keep_alive_secs: u16::from(knobs >> 6),
         receive_maximum: if knobs & 2 == 0 { 1024 } else { 2 },
         topic_alias_maximum: if knobs & 4 == 0 { 64 } else { 2 },
         max_inflight_v311: if knobs & 8 == 0 { 64 } else { 1 },
+        max_messages_per_sec: if knobs & 32 == 0 { 0 } else { 3 },
+        max_bytes_per_sec: if knobs & 32 == 0 { 0 } else { 200 },
     };
     let mut now = Instant::now();
     let mut session = Session::new(&config, now);

@@ -37,7 +37,7 @@ impl GatewayService {
             .flat_map(|(app, a)| a.versions.iter().map(move |v| (v.clone(), app.clone())))
             .collect();
         let settings = Live::new(gateway);
-        let keys = Keys::Only(&["extensions", "app_versions"]);
+        let keys = Keys::Only(&["extensions", "app_versions", "max_subscriptions_per_session"]);
         reloads.follow("gateway", keys, settings.clone(), |c| &c.gateway);
         let tokens = settings.clone();
         reloads.on("auth", Keys::AllBut(&["instance"]), move |_| tokens.touch());

@@ -341,10 +341,14 @@ fn a_device_that_publishes_and_hangs_up_is_let_go() {
     let mut publish = vec![0x30, (2 + topic.len() + payload.len()) as u8, 0, topic.len() as u8];
     publish.extend_from_slice(topic);
     publish.extend_from_slice(payload);
-    // Keep-alive 0: the gateway never times these out, so only reading the FIN ends them. The
-    // FIN follows the last packet at once, often in the same read as the data before it.
-    let keep_alive_off = b"\x10\x10\x00\x04MQTT\x04\x02\x00\x00\x00\x04test";
+    // Keep-alive 0: the gateway times these out only after 1.5 × max_keep_alive_secs, so
+    // reading the FIN is what ends them. The FIN follows the last packet at once, often in the
+    // same read as the data before it.
     for round in 0..20 {
+        // A client id of its own each (4 bytes): one in use would take the last one over.
+        let mut keep_alive_off = b"\x10\x10\x00\x04MQTT\x04\x02\x00\x00\x00\x04".to_vec();
+        keep_alive_off.extend_from_slice(format!("t{round:03}").as_bytes());
+        let keep_alive_off = &keep_alive_off[..];
         let mut s = TcpStream::connect(fg.mqtt).expect("connect");
         if round % 2 == 0 {
             let mut both = keep_alive_off.to_vec();

@@ -234,3 +234,41 @@ fn endpoint_filters_apply_live() {
     assert_eq!(put_by_filter(&fg, "pair").0, "200");
     assert_eq!(put_by_filter(&fg, "everything").0, "404");
 }
+
+const LIMITS_1: &str = "
+process: {config_check_interval_ms: 100}
+auth:
+  endpoints: [{app_version: demo-v1, token: tok-1, endpoint_id: ep-1}]
+gateway: {app_versions: [demo-v1], max_subscriptions_per_session: 10}
+transports:
+  mqtt: {max_connections_per_address: 1, max_messages_per_sec: 100}
+";
+
+const LIMITS_2: &str = "
+process: {config_check_interval_ms: 100}
+auth:
+  endpoints: [{app_version: demo-v1, token: tok-1, endpoint_id: ep-1}]
+gateway: {app_versions: [demo-v1], max_subscriptions_per_session: 20}
+transports:
+  mqtt: {max_connections_per_address: 3, max_messages_per_sec: 200}
+";
+
+/// The limits of issue 15 apply to new connections after a reload, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_and_session_limits_reload_live() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("fleetgate.yml");
+    write(&path, LIMITS_1);
+    let fg = Fleetgate::start("up", &[("FLEETGATE_CONFIG", path.display().to_string())]);
+    let mut first = Device::connect(fg.mqtt, "demo-v1", "tok-1").await.expect("connect");
+    assert!(
+        Device::connect(fg.mqtt, "demo-v1", "tok-1").await.is_err(),
+        "one connection per address"
+    );
+    write(&path, LIMITS_2);
+    let log = fg.wait_log("configuration reloaded: applied", Duration::from_secs(10));
+    assert!(!log.contains("take effect only after a restart"), "{log}");
+    let mut second = Device::connect(fg.mqtt, "demo-v1", "tok-1").await.expect("now allowed");
+    assert_eq!(second.send(SAMPLE).await.as_deref(), Ok("status"));
+    assert_eq!(first.send(SAMPLE).await.as_deref(), Ok("status"), "the first one stays");
+}

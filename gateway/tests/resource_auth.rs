@@ -1,7 +1,7 @@
 //! Bounded floods on loopback against the authentication path (issue 15): an anonymous client
 //! publishes with 60 KB tokens, then with 100,000 short unknown tokens, while a real device
 //! keeps publishing with its token. Each flood must leave the gateway's RSS within a stated
-//! bound and the device served throughout. `FG_TEST_BIN=<older fleetgate>` with
+//! bound and the device served throughout. `TEST_FLEETGATE_BIN=<older fleetgate>` with
 //! `FG_TEST_BEFORE=1` runs the floods against another build for before/after figures
 //! (the bounds are not asserted then).
 

@@ -49,6 +49,13 @@ impl Gateway {
         let mut config = Config::default();
         config.nats.url = Some(nats.url());
         config.transports.mqtt.listen = mqtt;
+        // The fleet connects faster and sends more per connection than the limits allow.
+        let limits = &mut config.transports.mqtt;
+        limits.max_connections = 0;
+        limits.max_connections_per_address = 0;
+        limits.max_new_connections_per_address_per_sec = 0;
+        limits.max_messages_per_sec = 0;
+        limits.max_bytes_per_sec = 0;
         config.transports.coap.listen = coap;
         config.transports.http.listen = http;
         config.transports.udp.listen = udp;

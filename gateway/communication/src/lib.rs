@@ -89,6 +89,9 @@ pub struct GatewayConfig {
     pub max_token_bytes: usize,
     /// Back-off for source addresses that keep failing to authenticate.
     pub auth_failures: AuthFailuresConfig,
+    /// Topic filters one session may subscribe to (MQTT SUBSCRIBE; a refused filter gets
+    /// 429: SUBACK 0x97 on MQTT 5, 0x80 on 3.1.1). 0: no limit.
+    pub max_subscriptions_per_session: u32,
     /// Store and forward when the bus cannot deliver in time.
     pub spool: SpoolConfig,
     /// When a client certificate (verified by the transport against its client CA and CRLs)
@@ -132,6 +135,7 @@ impl Default for GatewayConfig {
             token_negative_cache_capacity: 10_000,
             max_token_bytes: 512,
             auth_failures: AuthFailuresConfig::default(),
+            max_subscriptions_per_session: 100,
             spool: SpoolConfig::default(),
             certificate_check: CertificateCheck::default(),
             app_names: std::collections::BTreeMap::new(),
@@ -224,6 +228,8 @@ pub struct Gateway<B: Bus> {
 struct Routes {
     extensions: HashMap<String, Extension>,
     app_versions: HashSet<String>,
+    /// `max_subscriptions_per_session` (0: no limit).
+    max_subscriptions_per_session: usize,
 }
 
 impl Routes {
@@ -239,7 +245,11 @@ impl Routes {
                 (e.clone(), Extension { subject, latency: metrics.request_duration_of(e) })
             })
             .collect();
-        Ok(Self { extensions, app_versions: config.app_versions.iter().cloned().collect() })
+        Ok(Self {
+            extensions,
+            app_versions: config.app_versions.iter().cloned().collect(),
+            max_subscriptions_per_session: config.max_subscriptions_per_session as usize,
+        })
     }
 }
 

@@ -39,6 +39,7 @@ pub struct GatewayMetrics {
     pub(crate) auth_refusals: Family<ReasonLabel, Counter>,
     pub(crate) auth_backoffs: Counter,
     pub(crate) token_cache_misses: Counter,
+    pub(crate) subscriptions_refused: Counter,
     pub(crate) sessions_open: Gauge,
     pub(crate) requests_pending: Gauge,
     pub(crate) spooled: Counter,
@@ -74,6 +75,11 @@ impl GatewayMetrics {
                 &self.sessions_revoked,
             ),
             ("token_cache_misses", "Token validations sent to 16/ECAP", &self.token_cache_misses),
+            (
+                "subscriptions_refused",
+                "Subscriptions refused: the session had max_subscriptions_per_session",
+                &self.subscriptions_refused,
+            ),
         ];
         for (name, help, counter) in counters {
             r.register(name, help, counter.clone());

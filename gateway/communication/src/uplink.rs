@@ -27,7 +27,7 @@ use tokio::time::Instant;
 
 use crate::correlation::CorrelationId;
 use crate::pending::{Pending, Route, State};
-use crate::sessions::Reserve;
+use crate::sessions::{Reserve, SubscribeRefused};
 use crate::tokens::{Refusal, Resolved};
 use crate::{CertificateCheck, Gateway};
 
@@ -243,8 +243,19 @@ impl<B: Bus> Gateway<B> {
             return Err(KpError::not_found(format!("unknown app version `{app_version}`")));
         }
         let resolved = self.resolve(session, app_version, token).await?;
-        if !self.sessions.subscribe(session, token, filter, tag) {
-            return Err(KpError::unavailable("the session has ended"));
+        let max = routes.max_subscriptions_per_session;
+        match self.sessions.subscribe(session, token, filter, tag, max) {
+            Ok(()) => {}
+            Err(SubscribeRefused::NoSession) => {
+                return Err(KpError::unavailable("the session has ended"));
+            }
+            Err(SubscribeRefused::TooMany) => {
+                self.metrics.subscriptions_refused.inc();
+                return Err(KpError::new(
+                    429,
+                    format!("a session may have at most {max} subscriptions"),
+                ));
+            }
         }
         // Naming the token is using it: the session is where pushes for the endpoint go from
         // now on, even before its first request (an HTTP long poll, an FGU/1 handshake, an

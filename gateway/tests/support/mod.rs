@@ -76,9 +76,10 @@ impl Fleetgate {
             .append(true)
             .open(&self.log)
             .expect("log file");
-        // FG_TEST_BIN: another build to compare with (before/after figures).
-        let bin = std::env::var("FG_TEST_BIN")
-            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_fleetgate").to_owned());
+        // TEST_FLEETGATE_BIN: another build, to measure it with the same test (the hostile and
+        // resource tests' before/after figures). Not FLEETGATE_*: fleetgate reads those.
+        let bin = std::env::var_os("TEST_FLEETGATE_BIN")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_fleetgate").into());
         let mut cmd = Command::new(bin);
         cmd.arg(&self.command)
             .current_dir(self.dir.path())
@@ -175,6 +176,11 @@ impl Fleetgate {
         let child = self.child.as_ref()?;
         let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
         self.wait_exit(Duration::from_secs(15)).0
+    }
+
+    /// The process id, while it runs.
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// The value of a metric sample line that starts with `name` on `/metrics`.

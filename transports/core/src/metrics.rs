@@ -43,6 +43,18 @@ pub struct TransportMetrics {
     tls_handshake_failures: Family<TlsFailureLabel, Counter>,
     messages_too_large: Family<TransportLabel, Counter>,
     keep_alive_timeouts: Family<TransportLabel, Counter>,
+    connections_limited: Family<LimitLabel, Counter>,
+    sessions_taken_over: Family<TransportLabel, Counter>,
+    reads_throttled: Family<TransportLabel, Counter>,
+}
+
+/// The labels of a connection refused by a connection limit: the transport and which limit.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabel {
+    /// The transport's name.
+    pub transport: &'static str,
+    /// `total`, `per_address` or `rate`.
+    pub reason: &'static str,
 }
 
 /// The labels of a failed TLS handshake: the transport and why it failed.
@@ -118,6 +130,21 @@ impl TransportMetrics {
             "Connections closed for keep-alive timeout",
             m.keep_alive_timeouts.clone(),
         );
+        r.register(
+            "connections_limited",
+            "Connections closed at accept by a connection limit, by reason (total, per_address, rate)",
+            m.connections_limited.clone(),
+        );
+        r.register(
+            "sessions_taken_over",
+            "MQTT sessions closed because a new CONNECT used their client id",
+            m.sessions_taken_over.clone(),
+        );
+        r.register(
+            "reads_throttled",
+            "Times a connection's reads were paused by max_messages_per_sec or max_bytes_per_sec",
+            m.reads_throttled.clone(),
+        );
         metrics
     }
 
@@ -163,9 +190,17 @@ handles! {
     tls_handshakes: Counter,
     messages_too_large: Counter,
     keep_alive_timeouts: Counter,
+    sessions_taken_over: Counter,
+    reads_throttled: Counter,
 }
 
 impl TransportCounters {
+    /// `fleetgate_transport_connections_limited_total` of this transport for `reason`.
+    pub fn connections_limited(&self, reason: &'static str) -> Counter {
+        let label = LimitLabel { transport: self.label.transport, reason };
+        self.families.connections_limited.get_or_create_owned(&label)
+    }
+
     /// `fleetgate_transport_tls_handshake_failures_total` of this transport for `reason`.
     pub fn tls_handshake_failures(&self, reason: &'static str) -> Counter {
         let label = TlsFailureLabel { transport: self.label.transport, reason };

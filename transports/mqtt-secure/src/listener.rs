@@ -1,5 +1,6 @@
-//! The accept loop both transports share: accept, hand each connection to its own task,
-//! stop taking connections at the drain signal, wait for the open ones to end.
+//! The accept loop both transports share: accept (under the connection limits of
+//! `transports.mqtt`), hand each connection to its own task, stop taking connections at the
+//! drain signal, wait for the open ones to end.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -43,9 +44,18 @@ pub(crate) async fn serve<F, Fut>(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
+                    // Refused by a connection limit: closed at once, before the handshake.
+                    let Some(admitted) = streams.admit(peer) else {
+                        fleetgate_transport_core::net::refuse_tcp(tcp);
+                        continue;
+                    };
                     let _ = tcp.set_nodelay(true);
                     let conn = Conn { peer, handler: handler.clone(), stop: shutdown.stop.clone(), live: live.clone() };
-                    tokio::spawn(connection(tcp, conn));
+                    let run = connection(tcp, conn);
+                    tokio::spawn(async move {
+                        run.await;
+                        drop(admitted);
+                    });
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.

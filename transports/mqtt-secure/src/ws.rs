@@ -231,7 +231,11 @@ impl Upgrade {
         if io.write_all(&upgrade.response).await.is_err() || io.flush().await.is_err() {
             return;
         }
-        let ws = WsStream::new(io, &buf[upgrade.consumed..], self.max_frame);
+        // The first frame carries CONNECT: it gets the smaller limit of a peer that has proven
+        // nothing yet.
+        let first_frame = u64::from(self.streams.settings().read().max_connect_packet_size_bytes);
+        let ws = WsStream::new(io, &buf[upgrade.consumed..], self.max_frame)
+            .with_first_frame_limit(first_frame);
         let halves = tokio::io::split(ws);
         self.streams.serve(c.handler, c.peer, certificate, halves, c.stop, c.live).await;
     }

@@ -9,10 +9,14 @@
 //!   tested on simulated time and fuzzed without sockets.
 //! - [`server`]: the tokio glue: a listener and one small task per connection that moves bytes
 //!   between the socket and its session and hands the session's events to a
-//!   [`fleetgate_transport_core::KpHandler`].
+//!   [`fleetgate_transport_core::KpHandler`]. It applies the limits a peer meets before it
+//!   has proven anything: connections per listener and per address, a small first packet, a
+//!   connect timeout; and after: a keep-alive cap, message and byte rates, and client-id
+//!   takeover across every MQTT transport of the process (`takeover`).
 //!
 //! This crate knows nothing of the bus.
 
 pub mod codec;
 pub mod server;
 pub mod session;
+mod takeover;

@@ -27,7 +27,10 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use fleetgate_live::Live;
-use fleetgate_transport_core::metrics::{Counter, Gauge, Latency, Registry, TransportMetrics};
+use fleetgate_transport_core::metrics::{
+    Counter, Gauge, Latency, Registry, TransportCounters, TransportMetrics,
+};
+use fleetgate_transport_core::net::{Admission, Admitted, ConnectionLimits, Refusal};
 use fleetgate_transport_core::settings::{above_maximum, below_minimum};
 use fleetgate_transport_core::{
     BindError, BoxFuture, ClientCertificate, ClientCredentials, KpHandler, KpResponse,
@@ -42,6 +45,7 @@ use tokio::time::Instant;
 
 use crate::codec::{ProtocolVersion, ReasonCode};
 use crate::session::{Close, Event, Session, SessionConfig, Stats};
+use crate::takeover;
 
 /// MQTT listener settings (`transports.mqtt.*`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,11 +61,34 @@ pub struct MqttConfig {
     /// Largest packet accepted from a client, fixed header included; larger ones close the
     /// connection (MQTT 5: DISCONNECT 0x95) before their body is read.
     pub max_packet_size_bytes: u32,
-    /// Time a new connection has to send CONNECT.
+    /// Largest first packet (CONNECT) accepted, fixed header included: what a peer that has
+    /// proven nothing may make the connection buffer. A bigger one closes the connection
+    /// before its body is read. Applies up to `max_packet_size_bytes`.
+    pub max_connect_packet_size_bytes: u32,
+    /// Time a new connection has to send CONNECT and be authenticated.
     pub connect_timeout_ms: u64,
-    /// Longest keep-alive granted; a client asking for more (or for none) gets this (MQTT 5
-    /// Server Keep Alive). 0: whatever the client asks.
+    /// Longest keep-alive granted; a client asking for more, or for none (0), gets this. MQTT 5
+    /// clients are told (Server Keep Alive); 3.1.1 clients cannot be, so for them it is the
+    /// server's idle timeout (closed after 1.5 times it without a packet).
     pub max_keep_alive_secs: u16,
+    /// Connections open at once on each MQTT listener (TCP, TLS, WebSocket, QUIC count
+    /// apart); more are closed at once, counted in `connections_limited{reason="total"}`. 0: no
+    /// limit.
+    pub max_connections: u32,
+    /// Connections open at once from one source address, per listener (`reason="per_address"`).
+    /// Devices behind one NAT share an address. 0: no limit.
+    pub max_connections_per_address: u32,
+    /// New connections per second from one source address, per listener: a token bucket
+    /// holding `new_connections_burst_per_address` (`reason="rate"`). 0: no limit.
+    pub max_new_connections_per_address_per_sec: u32,
+    /// Connections one source address may open at once after a quiet spell.
+    pub new_connections_burst_per_address: u32,
+    /// PUBLISH packets per second taken from one connection. Above it the connection is read
+    /// no further until the rate allows (TCP flow control slows the client; nothing is lost
+    /// or refused, on 3.1.1 and 5 alike); counted in `reads_throttled`. 0: no limit.
+    pub max_messages_per_sec: u32,
+    /// Bytes of packets per second taken from one connection, likewise. 0: no limit.
+    pub max_bytes_per_sec: u32,
     /// QoS 1 PUBLISH packets a client may have unacknowledged (MQTT 5 Receive Maximum).
     pub receive_maximum: u16,
     /// Topic aliases a client may use (MQTT 5 Topic Alias Maximum).
@@ -82,8 +109,15 @@ impl Default for MqttConfig {
             listen: SocketAddr::from(([0, 0, 0, 0], 1883)),
             reuse_port: false,
             max_packet_size_bytes: 1024 * 1024,
+            max_connect_packet_size_bytes: 4096,
             connect_timeout_ms: 10_000,
-            max_keep_alive_secs: 0,
+            max_keep_alive_secs: 1200,
+            max_connections: 100_000,
+            max_connections_per_address: 1_000,
+            max_new_connections_per_address_per_sec: 50,
+            new_connections_burst_per_address: 200,
+            max_messages_per_sec: 1_000,
+            max_bytes_per_sec: 1024 * 1024,
             receive_maximum: 1024,
             topic_alias_maximum: 64,
             max_inflight_v311: 64,
@@ -99,7 +133,12 @@ impl MqttConfig {
             // A CONNECT with a short client id and no will or credentials is about 20 bytes; 64
             // leaves room for a useful PUBLISH. Smaller limits close every connection.
             ("max_packet_size_bytes", self.max_packet_size_bytes.into(), 64),
+            // As for max_packet_size_bytes; CONNECT carries credentials, so a few KiB is usual.
+            ("max_connect_packet_size_bytes", self.max_connect_packet_size_bytes.into(), 64),
             ("connect_timeout_ms", self.connect_timeout_ms, 1),
+            // 0 would hold an idle connection forever, the default before issue 15.
+            ("max_keep_alive_secs", self.max_keep_alive_secs.into(), 1),
+            ("new_connections_burst_per_address", self.new_connections_burst_per_address.into(), 1),
             // MQTT 5 §3.2.2.3.3: a Receive Maximum of 0 is a protocol error.
             ("receive_maximum", self.receive_maximum.into(), 1),
             ("max_inflight_v311", self.max_inflight_v311.into(), 1),
@@ -112,6 +151,16 @@ impl MqttConfig {
             268_435_460,
         ));
         problems
+    }
+
+    /// The connection limits, for [`fleetgate_transport_core::net::Admission`].
+    pub fn connection_limits(&self) -> ConnectionLimits {
+        ConnectionLimits {
+            max_connections: self.max_connections,
+            max_per_address: self.max_connections_per_address,
+            new_per_address_per_sec: self.max_new_connections_per_address_per_sec,
+            new_per_address_burst: self.new_connections_burst_per_address,
+        }
     }
 }
 
@@ -136,6 +185,12 @@ pub struct MqttMetrics {
     pub messages_too_large: Counter,
     /// Connections closed for exceeding the keep-alive.
     pub keep_alive_timeouts: Counter,
+    /// The transport's handles, for `connections_limited` by reason.
+    limits: TransportCounters,
+    /// Sessions closed because a new CONNECT came with their client id.
+    pub sessions_taken_over: Counter,
+    /// Times a connection's reads were paused by its message or byte rate limit.
+    pub reads_throttled: Counter,
     /// From the read that brought a request to the gateway's acceptance.
     pub request_accept: Latency,
 }
@@ -160,7 +215,21 @@ impl MqttMetrics {
             request_accept: c.request_accept(),
             messages_too_large: c.messages_too_large(),
             keep_alive_timeouts: c.keep_alive_timeouts(),
+            sessions_taken_over: c.sessions_taken_over(),
+            reads_throttled: c.reads_throttled(),
+            limits: c,
         }
+    }
+
+    /// `fleetgate_transport_connections_limited_total` of this transport for `reason`
+    /// (`total`, `per_address` or `rate`).
+    pub fn connections_limited(&self, reason: &'static str) -> Counter {
+        self.limits.connections_limited(reason)
+    }
+
+    /// Counts a connection refused by a limit.
+    pub fn limited(&self, refusal: Refusal) {
+        self.connections_limited(refusal.reason()).inc();
     }
 }
 
@@ -189,16 +258,40 @@ struct Shared {
     metrics: MqttMetrics,
     /// Set when the transport drains: connections hand the gateway no new requests.
     draining: AtomicBool,
+    /// The listener's open connections, for its connection limits.
+    admission: Arc<Admission>,
+}
+
+impl Shared {
+    fn new(name: &'static str, config: MqttConfig, metrics: MqttMetrics) -> Arc<Self> {
+        Arc::new(Self {
+            name,
+            settings: Live::new(config),
+            metrics,
+            draining: AtomicBool::new(false),
+            admission: Admission::new(),
+        })
+    }
+
+    /// Admits a new connection from `peer` under the current limits, or counts its refusal.
+    fn admit(&self, peer: SocketAddr) -> Option<Admitted> {
+        let limits = self.settings.read().connection_limits();
+        match self.admission.admit(peer.ip(), &limits, std::time::Instant::now()) {
+            Ok(admitted) => Some(admitted),
+            Err(refusal) => {
+                self.metrics.limited(refusal);
+                tracing::debug!(%peer, reason = refusal.reason(), "connection refused by a limit");
+                None
+            }
+        }
+    }
 }
 
 impl MqttTransport {
     /// The transport for `config`, reporting into `metrics`; [`Transport::bind`] opens its
     /// listener.
     pub fn new(config: MqttConfig, metrics: &TransportMetrics) -> Self {
-        let metrics = MqttMetrics::new(metrics);
-        let settings = Live::new(config);
-        let shared =
-            Arc::new(Shared { name: NAME, settings, metrics, draining: AtomicBool::new(false) });
+        let shared = Shared::new(NAME, config, MqttMetrics::new(metrics));
         Self { listener: None, shared }
     }
 
@@ -262,6 +355,11 @@ impl MqttTransport {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, peer)) => {
+                        // Refused: closed at once, before anything is spent on it.
+                        let Some(admitted) = self.shared.admit(peer) else {
+                            net::refuse_tcp(stream);
+                            continue;
+                        };
                         self.shared.metrics.connections_accepted.inc();
                         let conn = Connection::new(handler.clone(), self.shared.clone(), peer, shutdown.stop.clone(), live.clone());
                         // No tracing span per connection (it would be part of every idle
@@ -269,7 +367,10 @@ impl MqttTransport {
                         let _ = stream.set_nodelay(true);
                         let (rd, wr) = stream.into_split();
                         let fut = conn.run((TcpRead(rd), wr));
-                        tokio::spawn(fut);
+                        tokio::spawn(async move {
+                            fut.await;
+                            drop(admitted);
+                        });
                     }
                     Err(e) => {
                         // Out of file descriptors and the like: back off instead of spinning.
@@ -301,14 +402,7 @@ impl MqttStreams {
     /// Sessions configured by `config` (its `listen`, `enabled` and `reuse_port` are not read),
     /// reporting as `transport`.
     pub fn new(transport: &'static str, config: MqttConfig, metrics: &TransportMetrics) -> Self {
-        let metrics = MqttMetrics::labelled(metrics, transport);
-        let settings = Live::new(config);
-        let shared = Arc::new(Shared {
-            name: transport,
-            settings,
-            metrics,
-            draining: AtomicBool::new(false),
-        });
+        let shared = Shared::new(transport, config, MqttMetrics::labelled(metrics, transport));
         Self { shared }
     }
 
@@ -321,6 +415,13 @@ impl MqttStreams {
     /// The sessions' metrics.
     pub fn metrics(&self) -> &MqttMetrics {
         &self.shared.metrics
+    }
+
+    /// Admits a connection just accepted from `peer` under the connection limits of
+    /// `transports.mqtt` (this transport's own counts); `None` (counted) means close it at
+    /// once, before a handshake. Hold the result until the connection ends.
+    pub fn admit(&self, peer: SocketAddr) -> Option<Admitted> {
+        self.shared.admit(peer)
     }
 
     /// From now on the sessions hand the gateway no new requests (see [`Shutdown`]).
@@ -355,11 +456,14 @@ impl MqttStreams {
 fn session_config(config: &MqttConfig) -> SessionConfig {
     SessionConfig {
         max_packet_size: config.max_packet_size_bytes,
+        max_connect_packet_size: config.max_connect_packet_size_bytes,
         connect_timeout: Duration::from_millis(config.connect_timeout_ms),
         max_keep_alive_secs: config.max_keep_alive_secs,
         receive_maximum: config.receive_maximum,
         topic_alias_maximum: config.topic_alias_maximum,
         max_inflight_v311: config.max_inflight_v311,
+        max_messages_per_sec: config.max_messages_per_sec,
+        max_bytes_per_sec: config.max_bytes_per_sec,
     }
 }
 
@@ -409,6 +513,7 @@ impl Connection {
             }
             let _ = wr.shutdown().await;
             if let Some(session) = self.session.session_id() {
+                takeover::ended(&self.handler, session);
                 self.handler.close_session(session);
             }
             self.report_stats();
@@ -507,7 +612,12 @@ impl Connection {
             let window_open = outbox.is_some() && self.session.wants_responses();
             tokio::select! {
                 read = read_more(&mut self.session, rd), if wants_input => match read {
-                    Ok(()) => self.session.handle_input(Instant::now().into_std()),
+                    Ok(()) => {
+                        self.session.handle_input(Instant::now().into_std());
+                        if self.session.is_throttled() {
+                            self.shared.metrics.reads_throttled.inc();
+                        }
+                    }
                     // The client closed the connection, or the socket failed: what it sent
                     // before still goes to the gateway.
                     Err(()) => self.session.end_input(Instant::now().into_std()),
@@ -555,9 +665,17 @@ impl Connection {
         }
     }
 
-    /// The gateway dropped the session's outbox: it could not keep up with its responses.
+    /// The gateway dropped the session's outbox: another connection took its client id over,
+    /// or the gateway could not keep up with its responses.
     fn gateway_gone(&mut self) {
-        self.session.close(ReasonCode::ServerBusy);
+        let taken_over = self
+            .session
+            .session_id()
+            .is_some_and(|session| takeover::was_taken_over(&self.handler, session));
+        self.session.close(match taken_over {
+            true => ReasonCode::SessionTakenOver,
+            false => ReasonCode::ServerBusy,
+        });
     }
 
     /// Every event but a request and the end: ask the gateway, answer the session.
@@ -608,6 +726,12 @@ impl Connection {
                     && self.session.session_id() != Some(opened)
                 {
                     self.handler.close_session(opened);
+                } else if let Some(opened) = opened
+                    && let Some(old) =
+                        takeover::connected(&self.handler, request.client_id(), opened)
+                {
+                    self.shared.metrics.sessions_taken_over.inc();
+                    tracing::debug!(peer = %self.peer, client_id = request.client_id(), old = old.0, "session taken over");
                 }
             }
             Event::Subscribe { id, filters } => {
@@ -785,13 +909,7 @@ mod tests {
         let (live, _all_ended) = mpsc::channel(1);
         let metrics = MqttMetrics::new(&TransportMetrics::default());
         let handler = Arc::new(ScriptedGateway::default());
-        let config = MqttConfig::default();
-        let shared = Arc::new(Shared {
-            name: NAME,
-            settings: Live::new(config),
-            metrics,
-            draining: AtomicBool::new(false),
-        });
+        let shared = Shared::new(NAME, MqttConfig::default(), metrics);
         let conn = Connection::new(handler, shared, peer, shutdown, live);
         let (rd, wr) = stream.into_split();
         let run = conn.run((TcpRead(rd), wr));
@@ -802,14 +920,23 @@ mod tests {
     }
 
     async fn connect_v5(addr: SocketAddr, keep_alive_secs: u16) -> (TcpStream, Codec) {
+        connect_as(addr, ProtocolVersion::V5, "glue", keep_alive_secs).await
+    }
+
+    async fn connect_as(
+        addr: SocketAddr,
+        version: ProtocolVersion,
+        client_id: &'static str,
+        keep_alive_secs: u16,
+    ) -> (TcpStream, Codec) {
         let mut stream = TcpStream::connect(addr).await.unwrap();
         let mut codec = Codec::new(1 << 20);
-        codec.set_version(ProtocolVersion::V5);
+        codec.set_version(version);
         let connect = Connect {
-            protocol_version: ProtocolVersion::V5,
+            protocol_version: version,
             clean_start: true,
             keep_alive_secs,
-            client_id: bytes::Bytes::from_static(b"glue"),
+            client_id: bytes::Bytes::from_static(client_id.as_bytes()),
             will: None,
             username: None,
             password: None,
@@ -882,5 +1009,145 @@ mod tests {
         }
         assert_eq!(gateway.closed_sessions(), 2);
         assert_eq!(metrics.connections_open.get(), 0);
+    }
+
+    fn local_config() -> MqttConfig {
+        MqttConfig { listen: "127.0.0.1:0".parse().unwrap(), ..MqttConfig::default() }
+    }
+
+    /// MQTT 3.1.1 §3.1.4 and MQTT 5 §3.1.4: a CONNECT with a client id in use closes the
+    /// session that had it (MQTT 5: DISCONNECT 0x8E first); the table forgets both once they
+    /// have ended.
+    #[tokio::test]
+    async fn a_second_connect_with_the_same_client_id_takes_the_session_over() {
+        let transport = MqttTransport::new(local_config(), &TransportMetrics::default());
+        let metrics = transport.metrics();
+        let gateway = Arc::new(ScriptedGateway::default());
+        let handler: Arc<dyn KpHandler> = gateway.clone();
+        let (addr, stop) = compliance::start(Box::new(transport), gateway.clone());
+
+        let mut first = connect_as(addr, ProtocolVersion::V5, "dev-1", 60).await;
+        let mut second = connect_as(addr, ProtocolVersion::V5, "dev-1", 60).await;
+        assert_eq!(disconnect_reason(next(&mut first).await), ReasonCode::SessionTakenOver);
+        assert!(next(&mut first).await.is_none());
+        // 3.1.1 has no DISCONNECT from the server: the old connection is closed.
+        let mut third = connect_as(addr, ProtocolVersion::V311, "dev-1", 60).await;
+        assert_eq!(disconnect_reason(next(&mut second).await), ReasonCode::SessionTakenOver);
+        let mut fourth = connect_as(addr, ProtocolVersion::V311, "dev-1", 60).await;
+        assert!(next(&mut third).await.is_none());
+        assert_eq!(metrics.sessions_taken_over.get(), 3);
+        // Another client id is left alone.
+        let mut other = connect_as(addr, ProtocolVersion::V311, "dev-2", 60).await;
+        let ping = |c: &mut (TcpStream, Codec)| {
+            let mut out = BytesMut::new();
+            c.1.encode(&Packet::PingReq, &mut out).unwrap();
+            out
+        };
+        for c in [&mut fourth, &mut other] {
+            let out = ping(c);
+            c.0.write_all(&out).await.unwrap();
+            assert!(matches!(next(c).await, Some(Packet::PingResp)));
+        }
+        drop((fourth, other));
+        for _ in 0..200 {
+            if metrics.connections_open.get() == 0 && takeover::entries(&handler) == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(takeover::entries(&handler), 0, "the table keeps nothing of ended sessions");
+        stop.stop();
+    }
+
+    /// Connections over a limit are closed at once, before a byte is read, and counted by
+    /// reason; closing one makes room; a reload applies to the next connection.
+    #[tokio::test]
+    async fn connections_over_a_limit_are_closed_at_once_and_counted() {
+        let config = MqttConfig { max_connections_per_address: 2, ..local_config() };
+        let transport = MqttTransport::new(config.clone(), &TransportMetrics::default());
+        let metrics = transport.metrics();
+        let settings = transport.settings();
+        let gateway = Arc::new(ScriptedGateway::default());
+        let (addr, stop) = compliance::start(Box::new(transport), gateway);
+        let limited = |reason| metrics.connections_limited(reason).get();
+
+        let a = connect_as(addr, ProtocolVersion::V311, "a", 60).await;
+        let _b = connect_as(addr, ProtocolVersion::V311, "b", 60).await;
+        let mut refused = TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 8];
+        let read = tokio::time::timeout(Duration::from_secs(5), refused.read(&mut buf));
+        assert_eq!(read.await.unwrap().unwrap_or(0), 0, "closed without a word");
+        assert_eq!(limited("per_address"), 1);
+
+        drop(a);
+        let mut room = None;
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            if metrics.connections_open.get() == 1 {
+                room = Some(connect_as(addr, ProtocolVersion::V311, "c", 60).await);
+                break;
+            }
+        }
+        assert!(room.is_some(), "a closed connection makes room");
+
+        settings.set(MqttConfig { max_connections_per_address: 3, ..config });
+        let _d = connect_as(addr, ProtocolVersion::V311, "d", 60).await;
+        assert_eq!(limited("per_address"), 1);
+        stop.stop();
+    }
+
+    /// The takeover holds across the MQTT transports of one gateway: a session over another
+    /// byte stream (TLS, WebSocket and QUIC serve theirs through `MqttStreams`) takes over the
+    /// TCP one with its client id, and the other way round.
+    #[tokio::test]
+    async fn takeover_holds_across_transports() {
+        let transport = MqttTransport::new(local_config(), &TransportMetrics::default());
+        let gateway = Arc::new(ScriptedGateway::default());
+        let handler: Arc<dyn KpHandler> = gateway.clone();
+        let (addr, stop) = compliance::start(Box::new(transport), gateway);
+        let streams = MqttStreams::new("mqtts", local_config(), &TransportMetrics::default());
+
+        let mut tcp = connect_as(addr, ProtocolVersion::V5, "roaming", 60).await;
+        // The same client id over an in-memory stream served by the other transport's glue.
+        let (client, server) = tokio::io::duplex(4096);
+        let (_stop_tx, stop_rx) = watch::channel(false);
+        let (live, _ended) = mpsc::channel(1);
+        let peer: SocketAddr = "127.0.0.9:1".parse().unwrap();
+        let (rd, wr) = tokio::io::split(server);
+        tokio::spawn(streams.serve(handler.clone(), peer, None, (rd, wr), stop_rx, live));
+        let (mut crd, mut cwr) = tokio::io::split(client);
+        let mut codec = Codec::new(1 << 20);
+        codec.set_version(ProtocolVersion::V5);
+        let connect = Connect {
+            protocol_version: ProtocolVersion::V5,
+            clean_start: true,
+            keep_alive_secs: 60,
+            client_id: bytes::Bytes::from_static(b"roaming"),
+            will: None,
+            username: None,
+            password: None,
+            properties: Default::default(),
+        };
+        let mut out = BytesMut::new();
+        codec.encode(&Packet::Connect(Box::new(connect)), &mut out).unwrap();
+        cwr.write_all(&out).await.unwrap();
+        let mut buf = BytesMut::new();
+        let mut next_other = async || loop {
+            if let Some(p) = codec.decode(&mut buf).unwrap() {
+                return Some(p);
+            }
+            let read = tokio::time::timeout(Duration::from_secs(5), crd.read_buf(&mut buf));
+            if read.await.unwrap().unwrap() == 0 {
+                return None;
+            }
+        };
+        assert!(matches!(next_other().await, Some(Packet::ConnAck(_))));
+        assert_eq!(disconnect_reason(next(&mut tcp).await), ReasonCode::SessionTakenOver);
+        assert_eq!(streams.metrics().sessions_taken_over.get(), 1);
+
+        // And back: TCP takes it over from the other one.
+        let _tcp_again = connect_as(addr, ProtocolVersion::V5, "roaming", 60).await;
+        assert_eq!(disconnect_reason(next_other().await), ReasonCode::SessionTakenOver);
+        stop.stop();
     }
 }

@@ -92,6 +92,9 @@ impl QuicTransport {
     }
 }
 
+/// Bytes a peer may have in flight unread, per stream and per connection.
+const QUIC_RECEIVE_WINDOW: u32 = 64 * 1024;
+
 /// quinn's server configuration around a rustls one.
 fn server_config(
     config: &QuicConfig,
@@ -103,6 +106,12 @@ fn server_config(
     // EMQX single-stream mode: one client bidirectional stream, no unidirectional ones.
     transport.max_concurrent_bidi_streams(VarInt::from_u32(1));
     transport.max_concurrent_uni_streams(VarInt::from_u32(0));
+    // What a peer may send that the session has not read yet (quinn's default is 1.25 MB):
+    // before CONNECT is through the session reads little, so this is what an unauthenticated
+    // peer could make the connection hold (issue 15). 64 KiB still keeps a busy connection's
+    // pipe full at LAN round trips; a larger packet streams through it as it is read.
+    transport.stream_receive_window(VarInt::from_u32(QUIC_RECEIVE_WINDOW));
+    transport.receive_window(VarInt::from_u32(QUIC_RECEIVE_WINDOW));
     let idle = VarInt::from_u64(config.idle_timeout_ms).ok()?;
     transport.max_idle_timeout(Some(idle.into()));
     server.transport_config(Arc::new(transport));
@@ -173,6 +182,11 @@ impl QuicTransport {
             tokio::select! {
                 incoming = endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
+                    // Refused by a connection limit: refused at once, before the handshake.
+                    let Some(admitted) = self.streams.admit(incoming.remote_address()) else {
+                        incoming.refuse();
+                        continue;
+                    };
                     let conn = Conn {
                         streams: self.streams.clone(),
                         tls: tls.clone(),
@@ -180,7 +194,10 @@ impl QuicTransport {
                         shutdown: shutdown.clone(),
                         live: live.clone(),
                     };
-                    tokio::spawn(conn.run(incoming));
+                    tokio::spawn(async move {
+                        conn.run(incoming).await;
+                        drop(admitted);
+                    });
                 }
                 _ = stopped(&mut drain) => break,
             }

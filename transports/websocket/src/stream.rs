@@ -27,6 +27,11 @@ pub struct WsStream<S> {
     /// Frames to write (data, pongs, close).
     write: BytesMut,
     max_payload: u64,
+    /// The frame limit until that many bytes of data have come (MQTT's CONNECT, from a peer
+    /// that has proven nothing yet, fragmented or not); then `max_payload`.
+    first_max_payload: u64,
+    /// Data bytes received so far (counted up to `first_max_payload`).
+    data_seen: u64,
     /// Whether a close frame has been queued (nothing more is sent).
     close_sent: bool,
     /// The reading side has ended (close frame, error or EOF).
@@ -45,10 +50,20 @@ impl<S> WsStream<S> {
             payload: Bytes::new(),
             write: BytesMut::new(),
             max_payload,
+            first_max_payload: max_payload,
+            data_seen: 0,
             close_sent: false,
             read_done: false,
             in_binary: false,
         }
+    }
+
+    /// Until `max` bytes of data have come, no frame may carry more than `max` (one over it
+    /// closes the stream with 1009): what a peer that has sent nothing else yet (MQTT: before
+    /// CONNECT is through) can make the server buffer.
+    pub fn with_first_frame_limit(mut self, max: u64) -> Self {
+        self.first_max_payload = max.min(self.max_payload);
+        self
     }
 
     fn close(&mut self, code: u16) {
@@ -81,11 +96,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsStream<S> {
             if self.read_done {
                 return Poll::Ready(Ok(false));
             }
-            match frame::decode(&mut self.read, self.max_payload) {
+            let limit = if self.data_seen < self.first_max_payload {
+                self.first_max_payload
+            } else {
+                self.max_payload
+            };
+            match frame::decode(&mut self.read, limit) {
                 Ok(Some(f)) => match f.opcode {
                     Opcode::Binary | Opcode::Continuation
                         if f.opcode == Opcode::Binary || self.in_binary =>
                     {
+                        self.data_seen = self.data_seen.saturating_add(f.payload.len() as u64);
                         self.in_binary = !f.fin;
                         self.payload = f.payload;
                     }
@@ -229,6 +250,34 @@ mod tests {
         crd.read_to_end(&mut out).await.unwrap();
         // Pong "hi", then the close answer, and nothing else.
         assert_eq!(out, [0x8A, 2, b'h', b'i', 0x88, 2, 0x03, 0xE8]);
+    }
+
+    /// Issue 15: before CONNECT a peer may make the server buffer only a small frame.
+    #[tokio::test]
+    async fn the_first_data_frame_has_its_own_smaller_limit() {
+        let (_client, server) = duplex(4096);
+        let mut first = masked(0x82, &[b'c'; 100]);
+        first.extend(masked(0x82, &[b'p'; 120]));
+        let mut ws = WsStream::new(server, &first, 125).with_first_frame_limit(100);
+        let mut got = vec![0u8; 220];
+        ws.read_exact(&mut got).await.unwrap();
+        assert_eq!(&got[100..], &[b'p'; 120], "later frames may be larger");
+
+        // Over the limit at once, or after a small first fragment.
+        let mut fragmented = masked(0x02, b"c");
+        fragmented.extend(masked(0x80, &[b'c'; 101]));
+        for first in [masked(0x82, &[b'c'; 101]), fragmented] {
+            let (_client, server) = duplex(4096);
+            let mut ws = WsStream::new(server, &first, 125).with_first_frame_limit(100);
+            let mut buf = [0u8; 8];
+            // The first byte of the fragmented one is read; then the error.
+            for _ in 0..2 {
+                if ws.read(&mut buf).await.is_err() {
+                    break;
+                }
+            }
+            assert_eq!(&ws.write[..4], [0x88, 2, 0x03, 0xF1], "closed with 1009");
+        }
     }
 
     #[tokio::test]

@@ -146,6 +146,12 @@ impl Codec {
         self.max_inbound
     }
 
+    /// Changes the inbound packet size limit (a server allows a bigger one once CONNECT is
+    /// through).
+    pub fn set_max_inbound_packet_size(&mut self, max: u32) {
+        self.max_inbound = max;
+    }
+
     /// Limits outbound packets to the peer's Maximum Packet Size (from its CONNECT or CONNACK).
     pub fn set_max_outbound_packet_size(&mut self, max: u32) {
         self.max_outbound = max;

@@ -56,9 +56,14 @@ const TRANSMIT_HIGH_WATER: usize = 64 * 1024;
 pub struct SessionConfig {
     /// Largest packet accepted from the client, fixed header included (advertised in MQTT 5).
     pub max_packet_size: u32,
+    /// Largest first packet (CONNECT) accepted: what an unauthenticated peer may make the
+    /// session buffer. The smaller of this and `max_packet_size` applies until CONNACK.
+    pub max_connect_packet_size: u32,
     /// Time a new connection has to send CONNECT and be authenticated.
     pub connect_timeout: Duration,
-    /// Longest keep-alive granted to an MQTT 5 client (Server Keep Alive); 0: whatever it asks.
+    /// Longest keep-alive granted; a client asking for more, or for none, gets this (MQTT 5:
+    /// as Server Keep Alive; 3.1.1 cannot be told, so it is the server's idle timeout). 0:
+    /// whatever the client asks, none included.
     pub max_keep_alive_secs: u16,
     /// QoS 1 PUBLISH packets the client may have unacknowledged (our MQTT 5 Receive Maximum);
     /// also how many requests the session decodes ahead of the gateway's answers.
@@ -68,17 +73,27 @@ pub struct SessionConfig {
     /// QoS 1 PUBLISH packets we send a 3.1.1 client before waiting for its PUBACKs (an MQTT 5
     /// client states its own Receive Maximum).
     pub max_inflight_v311: u16,
+    /// PUBLISH packets per second taken from the client once connected; above it the session
+    /// stops decoding (and the glue reading) until the rate allows more: TCP flow control
+    /// slows the client down, nothing is lost. 0: no limit.
+    pub max_messages_per_sec: u32,
+    /// Bytes of packets per second taken from the client once connected, likewise. 0: no
+    /// limit.
+    pub max_bytes_per_sec: u32,
 }
 
 impl Default for SessionConfig {
     fn default() -> Self {
         Self {
             max_packet_size: 1024 * 1024,
+            max_connect_packet_size: 4096,
             connect_timeout: Duration::from_secs(10),
-            max_keep_alive_secs: 0,
+            max_keep_alive_secs: 1200,
             receive_maximum: 1024,
             topic_alias_maximum: 64,
             max_inflight_v311: 64,
+            max_messages_per_sec: 0,
+            max_bytes_per_sec: 0,
         }
     }
 }
@@ -306,6 +321,9 @@ pub struct Session {
     unacked: u16,
     next_packet_id: u16,
     stats: Stats,
+    /// The rate limits, applied once connected; `None` when none are configured (boxed: it
+    /// stays out of the memory of connections without limits).
+    throttle: Option<Box<Throttle>>,
     /// Give the buffers back once the CONNACK has been written: most devices idle after it.
     release_after_write: bool,
     close_reported: bool,
@@ -322,6 +340,67 @@ struct Limits {
     receive_maximum: u16,
     topic_alias_maximum: u16,
     max_inflight_v311: u16,
+}
+
+/// Token buckets on the packets a connected client sends: messages (PUBLISH) and bytes per
+/// second, each holding at most one second's worth. A packet is decoded only while both hold a
+/// token; its cost is taken after, so one large packet may leave the byte bucket in debt.
+#[derive(Debug)]
+struct Throttle {
+    messages_per_sec: f64,
+    bytes_per_sec: f64,
+    messages: f64,
+    bytes: f64,
+    at: Instant,
+}
+
+impl Throttle {
+    /// The buckets `config` asks for, full at `now`; `None` when it asks for none.
+    fn new(config: &SessionConfig, now: Instant) -> Option<Box<Self>> {
+        if config.max_messages_per_sec == 0 && config.max_bytes_per_sec == 0 {
+            return None;
+        }
+        let (messages_per_sec, bytes_per_sec) =
+            (f64::from(config.max_messages_per_sec), f64::from(config.max_bytes_per_sec));
+        Some(Box::new(Self {
+            messages_per_sec,
+            bytes_per_sec,
+            messages: messages_per_sec,
+            bytes: bytes_per_sec,
+            at: now,
+        }))
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.at = now;
+        self.messages =
+            (self.messages + elapsed * self.messages_per_sec).min(self.messages_per_sec);
+        self.bytes = (self.bytes + elapsed * self.bytes_per_sec).min(self.bytes_per_sec);
+    }
+
+    /// When the next packet may be decoded; `None`: now.
+    fn resume_at(&self) -> Option<Instant> {
+        let wait = |tokens: f64, need: f64, rate: f64| {
+            if rate > 0.0 && tokens < need { (need - tokens) / rate } else { 0.0 }
+        };
+        let secs = wait(self.messages, 1.0, self.messages_per_sec).max(wait(
+            self.bytes,
+            1.0,
+            self.bytes_per_sec,
+        ));
+        // At least a millisecond: a wait rounded to nothing would wake the timer for nothing.
+        (secs > 0.0).then(|| self.at + Duration::from_secs_f64(secs).max(Duration::from_millis(1)))
+    }
+
+    fn take(&mut self, publish: bool, bytes: usize) {
+        if self.messages_per_sec > 0.0 && publish {
+            self.messages -= 1.0;
+        }
+        if self.bytes_per_sec > 0.0 {
+            self.bytes -= bytes as f64;
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -434,8 +513,11 @@ impl Session {
     /// A session for a connection accepted at `now`. It waits for CONNECT until
     /// `now + config.connect_timeout` and holds no buffer memory yet.
     pub fn new(config: &SessionConfig, now: Instant) -> Self {
+        // Until CONNACK, a peer that has proven nothing may make the session hold at most one
+        // small packet.
+        let first_packet_max = config.max_packet_size.min(config.max_connect_packet_size.max(64));
         Self {
-            codec: Codec::new(config.max_packet_size),
+            codec: Codec::new(first_packet_max),
             read: BytesMut::new(),
             write: BytesMut::new(),
             state: State::Connecting { deadline: add(now, config.connect_timeout) },
@@ -447,6 +529,7 @@ impl Session {
                 topic_alias_maximum: config.topic_alias_maximum,
                 max_inflight_v311: config.max_inflight_v311,
             },
+            throttle: Throttle::new(config, now),
             session: None,
             aliases: Box::default(),
             pending: VecDeque::new(),
@@ -480,6 +563,9 @@ impl Session {
         if let State::Connected { last_input } = &mut self.state {
             *last_input = now;
         }
+        if let Some(throttle) = &mut self.throttle {
+            throttle.refill(now);
+        }
         self.drive();
     }
 
@@ -501,9 +587,15 @@ impl Session {
         }
         match self.state {
             State::Connecting { .. } => true,
-            State::Connected { .. } => self.has_room(),
+            State::Connected { .. } => self.has_room() && !self.is_throttled(),
             State::Authenticating { .. } | State::Closed(_) => false,
         }
+    }
+
+    /// Whether the rate limits (`max_messages_per_sec`, `max_bytes_per_sec`) hold the next
+    /// packet back; [`Session::poll_timeout`] then says when they allow it.
+    pub fn is_throttled(&self) -> bool {
+        self.throttle.as_ref().is_some_and(|t| t.resume_at().is_some())
     }
 
     /// Room to decode another packet: at most `receive_maximum + 1` entries wait, so that an
@@ -606,10 +698,8 @@ impl Session {
                     (self.keep_alive_ms > 0).then(|| add(*last_input, self.keep_alive())).flatten();
                 let release =
                     self.holds_idle_buffers().then(|| add(*last_input, IDLE_RELEASE)).flatten();
-                match (expire, release) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    (a, b) => a.or(b),
-                }
+                let resume = self.throttle.as_ref().and_then(|t| t.resume_at());
+                [expire, release, resume].into_iter().flatten().min()
             }
             State::Closed(_) => None,
         }
@@ -626,6 +716,18 @@ impl Session {
             }
             State::Connected { last_input } => {
                 let idle = now.saturating_duration_since(*last_input);
+                if let Some(throttle) = &mut self.throttle
+                    && throttle.resume_at().is_some()
+                {
+                    throttle.refill(now);
+                    if throttle.resume_at().is_none() {
+                        // The session stopped reading by its own choice: that pause is not
+                        // the client's silence.
+                        self.state = State::Connected { last_input: now };
+                        self.drive();
+                        return;
+                    }
+                }
                 if self.keep_alive_ms > 0 && idle >= self.keep_alive() {
                     self.close_with(Close::KeepAliveTimeout);
                 } else if idle >= IDLE_RELEASE {
@@ -685,6 +787,11 @@ impl Session {
         self.session = Some(identity.session);
         let v5 = self.is_v5();
         let limits = self.limits;
+        self.codec.set_max_inbound_packet_size(limits.max_packet_size);
+        if let Some(throttle) = &mut self.throttle {
+            // Full buckets from CONNACK on (the handshake took none).
+            throttle.refill(now);
+        }
         self.max_inflight = if v5 {
             handshake.receive_maximum.unwrap_or(u16::MAX)
         } else {
@@ -696,8 +803,8 @@ impl Session {
         }
         let asked = handshake.keep_alive_secs;
         let max_ka = limits.max_keep_alive_secs;
-        let granted =
-            if v5 && max_ka > 0 && (asked == 0 || asked > max_ka) { max_ka } else { asked };
+        // 3.1.1 cannot be told: there the cap is the server's own idle timeout.
+        let granted = if max_ka > 0 && (asked == 0 || asked > max_ka) { max_ka } else { asked };
         self.keep_alive_ms = u32::from(granted) * 1500;
         let mut properties = ConnAckProperties::default();
         if v5 {
@@ -774,6 +881,7 @@ impl Session {
                 Some(Err(e)) => match e.status {
                     401 | 403 => ReasonCode::NotAuthorized,
                     404 => ReasonCode::TopicFilterInvalid,
+                    429 => ReasonCode::QuotaExceeded,
                     _ => ReasonCode::UnspecifiedError,
                 },
                 None => ReasonCode::UnspecifiedError,
@@ -907,7 +1015,8 @@ impl Session {
             && !self.is_closed()
             && self.next_event as usize == self.pending.len()
             && !matches!(self.state, State::Authenticating { .. })
-            && (!matches!(self.state, State::Connected { .. }) || self.has_room())
+            && (!matches!(self.state, State::Connected { .. })
+                || (self.has_room() && !self.is_throttled()))
         {
             self.close_with(Close::ClientDisconnected);
         }
@@ -928,10 +1037,15 @@ impl Session {
     fn decode_one(&mut self) -> bool {
         let connecting = match self.state {
             State::Connecting { .. } => true,
-            State::Connected { .. } if self.has_room() => false,
+            State::Connected { .. } if self.has_room() && !self.is_throttled() => false,
             _ => return false,
         };
-        match self.codec.decode(&mut self.read) {
+        let before = self.read.len();
+        let decoded = self.codec.decode(&mut self.read);
+        if let (Some(throttle), Ok(Some(packet))) = (&mut self.throttle, &decoded) {
+            throttle.take(matches!(packet, Packet::Publish(_)), before - self.read.len());
+        }
+        match decoded {
             Ok(Some(packet)) if connecting => match packet {
                 Packet::Connect(connect) => self.on_connect(*connect),
                 // The codec refuses anything else before CONNECT.

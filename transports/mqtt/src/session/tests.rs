@@ -451,21 +451,132 @@ fn max_keep_alive_caps_what_mqtt5_clients_get() {
         client.advance(Duration::from_millis(1));
         client.expect_disconnect(ReasonCode::KeepAliveTimeout);
     }
-    // 3.1.1 has no way to tell the client: what it asks for is what it gets.
-    let mut client = Client::new(V311, config);
-    client.connect_with(connect(V311, "d", 100));
-    client.advance(Duration::from_secs(149));
-    assert!(!client.session.is_closed());
-    client.advance(Duration::from_secs(1));
-    assert_eq!(client.closed(), Close::KeepAliveTimeout);
+}
+
+/// 3.1.1 has no way to tell the client, so the cap is the server's own idle timeout: a client
+/// asking for more, or for none, is closed after 1.5 times the cap without a packet (issue 15:
+/// keep-alive 0 held a connection forever).
+#[test]
+fn max_keep_alive_is_the_idle_timeout_of_mqtt311_clients() {
+    let config = SessionConfig { max_keep_alive_secs: 30, ..Default::default() };
+    for (asked, expires_ms) in [(0, 45_000), (100, 45_000), (20, 30_000)] {
+        let mut client = Client::new(V311, config);
+        let connack = client.connect_with(connect(V311, "d", asked));
+        assert_eq!(connack.properties.server_keep_alive, None, "3.1.1 cannot be told");
+        client.advance(Duration::from_millis(expires_ms - 1));
+        assert!(!client.session.is_closed(), "asked {asked}");
+        client.advance(Duration::from_millis(1));
+        assert_eq!(client.closed(), Close::KeepAliveTimeout, "asked {asked}");
+    }
 }
 
 #[test]
-fn without_keep_alive_nothing_is_due_once_buffers_are_back() {
-    let mut client = connected(V311, SessionConfig::default());
+fn without_a_keep_alive_cap_nothing_is_due_once_buffers_are_back() {
+    let config = SessionConfig { max_keep_alive_secs: 0, ..Default::default() };
+    let mut client = connected(V311, config);
     assert_eq!(client.session.poll_timeout(), None);
     client.advance(Duration::from_secs(86_400));
     assert!(!client.session.is_closed());
+}
+
+#[test]
+fn by_default_keep_alive_zero_is_capped() {
+    let mut client = connected(V311, SessionConfig::default());
+    let due = client.session.poll_timeout().expect("a deadline");
+    assert!(due <= client.now + Duration::from_secs(1800), "{due:?}");
+    client.advance(Duration::from_secs(1800));
+    assert_eq!(client.closed(), Close::KeepAliveTimeout);
+}
+
+// ----- limits before CONNECT --------------------------------------------------------------
+
+/// A peer that has proven nothing may make the session buffer one small packet: a CONNECT
+/// over `max_connect_packet_size` is refused from its fixed header, before its body comes.
+#[test]
+fn a_big_first_packet_closes_before_its_body_is_read() {
+    let config = SessionConfig { max_connect_packet_size: 256, ..Default::default() };
+    for version in [V5, V311] {
+        let mut client = Client::new(version, config);
+        let mut big = connect(version, "d", 60);
+        big.username = Some(Bytes::from_static(b"u"));
+        big.password = Some(Bytes::from(vec![b'x'; 300]));
+        let bytes = client.bytes(&Packet::Connect(Box::new(big)));
+        // The fixed header alone is enough.
+        client.session.receive(&bytes[..4], client.now);
+        assert!(client.session.is_closed(), "{version:?}");
+        assert!(matches!(client.closed(), Close::Violation(Violation::Malformed(_))));
+    }
+    // Once connected, the packet size limit is the larger one.
+    let mut client = connected(V311, config);
+    client.publish("kp1/a/dcx/t/json", QoS::AtMostOnce, 0);
+    client.send(&publish_with_payload("kp1/a/dcx/t/json", 1000));
+    assert!(!client.session.is_closed());
+    assert_eq!(client.requests().len(), 2);
+}
+
+fn publish_with_payload(topic: &str, size: usize) -> Packet {
+    match publish(topic, QoS::AtMostOnce, 0) {
+        Packet::Publish(mut p) => {
+            p.payload = Bytes::from(vec![b'p'; size]);
+            Packet::Publish(p)
+        }
+        other => other,
+    }
+}
+
+// ----- rate limits ------------------------------------------------------------------------
+
+/// Over `max_messages_per_sec` the session stops decoding and asks for no input until the
+/// rate allows the next packet: nothing is refused or lost, the client is only slowed down.
+#[test]
+fn the_message_rate_limit_pauses_decoding_without_losing_anything() {
+    let config = SessionConfig { max_messages_per_sec: 10, ..Default::default() };
+    for version in [V5, V311] {
+        let mut client = connected(version, config);
+        for _ in 0..25 {
+            client.publish("kp1/a/dcx/t/json", QoS::AtMostOnce, 0);
+        }
+        // A second's worth at once, then nothing until the bucket refills.
+        assert_eq!(client.requests().len(), 10);
+        assert!(!client.session.wants_input());
+        assert!(client.session.is_throttled());
+        let resume = client.session.poll_timeout().expect("a resume time");
+        assert!(resume <= client.now + Duration::from_millis(100), "{version:?}");
+        client.advance(Duration::from_millis(500));
+        assert_eq!(client.requests().len(), 5);
+        client.advance(Duration::from_secs(2));
+        assert_eq!(client.requests().len(), 10);
+        assert!(client.session.wants_input());
+        assert!(!client.session.is_closed());
+        assert!(client.received().is_empty(), "{version:?}: nothing refused");
+    }
+}
+
+#[test]
+fn the_byte_rate_limit_pauses_decoding_too() {
+    let config = SessionConfig { max_bytes_per_sec: 2000, ..Default::default() };
+    let mut client = connected(V311, config);
+    for _ in 0..5 {
+        client.send(&publish_with_payload("kp1/a/dcx/t/json", 1000));
+    }
+    assert_eq!(client.requests().len(), 2, "2000 bytes a second, about 1 KB each");
+    client.advance(Duration::from_secs(3));
+    assert_eq!(client.requests().len(), 3);
+}
+
+#[test]
+fn a_throttled_pause_is_not_the_clients_silence() {
+    let config = SessionConfig { max_messages_per_sec: 1, ..Default::default() };
+    let mut client = Client::new(V311, config);
+    client.connect_with(connect(V311, "d", 2));
+    for _ in 0..4 {
+        client.publish("kp1/a/dcx/t/json", QoS::AtMostOnce, 0);
+    }
+    // Keep-alive 2 s expires after 3 s of silence; the session reads the last of these only
+    // after 3 s, and the client was never silent.
+    client.advance(Duration::from_millis(3100));
+    assert!(!client.session.is_closed());
+    assert_eq!(client.requests().len(), 4);
 }
 
 // ----- idle buffers -----------------------------------------------------------------------
@@ -506,7 +617,8 @@ fn idle_connections_give_their_buffers_back() {
 
 #[test]
 fn a_partial_packet_is_kept_and_does_not_make_the_timer_spin() {
-    let mut client = connected(V311, SessionConfig::default());
+    let config = SessionConfig { max_keep_alive_secs: 0, ..Default::default() };
+    let mut client = connected(V311, config);
     let bytes = client.bytes(&publish("kp1/a/dcx/t/json/1", QoS::AtMostOnce, 0));
     let (head, tail) = bytes.split_at(5);
     client.session.receive(head, client.now);
@@ -1011,7 +1123,7 @@ fn stats_count_messages_and_reset_when_taken() {
     client.session.request_done(requests[0].0, Ok(()));
     client.publish("other", QoS::AtMostOnce, 0);
     let stats = client.session.take_stats();
-    assert_eq!(stats, Stats { messages_received: 2, messages_sent: 1, messages_too_large: 0 });
+    assert_eq!(stats, Stats { messages_received: 2, messages_sent: 1, ..Stats::default() });
     assert_eq!(client.session.take_stats(), Stats::default());
 }
 
