@@ -249,7 +249,9 @@ fn a_long_poll_as_the_first_request_gets_the_push() {
     );
 }
 
-/// An FGU/1 device that only shook hands (no request yet) gets the push.
+/// An FGU/1 device that only shook hands and pinged (no request yet) gets the push. The PING
+/// is its first authentic DATA packet, which validates its address (SPEC §6): before it the
+/// gateway sends nothing there, so that a spoofed handshake cannot aim pushes at a third party.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_fgu1_device_gets_the_push_before_its_first_request() {
     let dir = tempfile::tempdir().unwrap();
@@ -271,6 +273,7 @@ async fn an_fgu1_device_gets_the_push_before_its_first_request() {
         fleetgate_transport_udp::device::Device::connect(fg.udp, &pair.public, &hello, wait)
             .await
             .unwrap();
+    assert!(device.ping(wait).await, "the gateway answers the PING");
     tokio::time::sleep(Duration::from_millis(500)).await;
     let admin = fg.admin;
     let id = tokio::task::spawn_blocking(move || {

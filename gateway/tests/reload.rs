@@ -239,6 +239,7 @@ const LIMITS_1: &str = "
 process: {config_check_interval_ms: 100}
 auth:
   endpoints: [{app_version: demo-v1, token: tok-1, endpoint_id: ep-1}]
+  allow_anonymous: true
 gateway: {app_versions: [demo-v1], max_subscriptions_per_session: 10}
 transports:
   mqtt: {max_connections_per_address: 1, max_messages_per_sec: 100}
@@ -248,6 +249,7 @@ const LIMITS_2: &str = "
 process: {config_check_interval_ms: 100}
 auth:
   endpoints: [{app_version: demo-v1, token: tok-1, endpoint_id: ep-1}]
+  allow_anonymous: true
 gateway: {app_versions: [demo-v1], max_subscriptions_per_session: 20}
 transports:
   mqtt: {max_connections_per_address: 3, max_messages_per_sec: 200}

@@ -214,6 +214,7 @@ auth:
     - {app_version: demo-v1, token: tok-1, endpoint_id: ep-1}
     - {app_version: demo-v1, token: tok-2, endpoint_id: ep-2}
   clients: [{username: dev, password: pw}]
+  allow_anonymous: true
 gateway: {app_versions: [demo-v1]}
 ";
 
@@ -222,6 +223,7 @@ const AFTER: &str = "
 process: {config_check_interval_ms: 100}
 auth:
   endpoints: [{app_version: demo-v1, token: tok-2, endpoint_id: ep-2}]
+  allow_anonymous: true
 gateway: {app_versions: [demo-v1]}
 ";
 

@@ -899,7 +899,8 @@ mod tests {
     use tokio::net::TcpStream;
 
     /// The connection's future is part of every idle connection's memory (M4). It was 832
-    /// bytes before the protocol moved into the session; it must not grow past that.
+    /// bytes before the protocol moved into the session; 840 since it carries the client
+    /// certificate of an mTLS connection (one pointer, issue 13). It must not grow past that.
     #[tokio::test]
     async fn connection_state_stays_small() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -915,7 +916,7 @@ mod tests {
         let run = conn.run((TcpRead(rd), wr));
         let size = std::mem::size_of_val(&run);
         eprintln!("connection future: {size} bytes");
-        assert!(size <= 832, "the connection future grew to {size} bytes");
+        assert!(size <= 840, "the connection future grew to {size} bytes");
         drop(client);
     }
 
