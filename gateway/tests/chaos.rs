@@ -553,7 +553,7 @@ async fn chaos_sigterm_with_requests_queued_in_a_connection() {
 /// to replay every record at once: under load twice the work, more timeouts, more replays).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_extension_gets_each_request_once() {
-    use fleetgate_messages::{ClientData, ExtensionData, Record as _};
+    use fleetgate_messages::{ClientData, Record as _};
     let nats = NatsServer::start();
     let _auth = Fleetgate::start("auth", &env(&nats));
     let mut gateway_env = env(&nats);
@@ -577,20 +577,7 @@ async fn a_slow_extension_gets_each_request_once() {
                 for n in numbers_in(request.payload) {
                     *copies.lock().unwrap().entry(n).or_default() += 1;
                 }
-                let answer = ExtensionData {
-                    correlation_id: request.correlation_id,
-                    timestamp_ms: request.timestamp_ms,
-                    timeout_ms: 0,
-                    app_version_name: Some(request.app_version_name),
-                    extension_instance_name: Some("dcx"),
-                    endpoint_id: request.endpoint_id,
-                    resource_path: request.resource_path,
-                    request_id: request.request_id,
-                    payload: None,
-                    status_code: 200,
-                    reason_phrase: None,
-                }
-                .to_bytes();
+                let answer = dcx_answer(&request, 200, None);
                 let (client, reply) = (client.clone(), msg.reply.expect("reply subject"));
                 tokio::spawn(async move {
                     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -635,7 +622,7 @@ async fn a_slow_extension_gets_each_request_once() {
 /// answered 200, never dropped on the 5xx.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_spooled_request_answered_5xx_stays_until_it_is_delivered() {
-    use fleetgate_messages::{ClientData, ExtensionData, Record as _};
+    use fleetgate_messages::{ClientData, Record as _};
     let nats = NatsServer::start();
     let _auth = Fleetgate::start("auth", &env(&nats));
     let mut gateway_env = env(&nats);
@@ -664,20 +651,11 @@ async fn a_spooled_request_answered_5xx_stays_until_it_is_delivered() {
                 } else {
                     delivered.lock().unwrap().extend(numbers_in(request.payload));
                 }
-                let answer = ExtensionData {
-                    correlation_id: request.correlation_id,
-                    timestamp_ms: request.timestamp_ms,
-                    timeout_ms: 0,
-                    app_version_name: Some(request.app_version_name),
-                    extension_instance_name: Some("dcx"),
-                    endpoint_id: request.endpoint_id,
-                    resource_path: request.resource_path,
-                    request_id: request.request_id,
-                    payload: None,
-                    status_code: if failing { 504 } else { 200 },
-                    reason_phrase: failing.then_some("a reliable receiver did not confirm"),
-                }
-                .to_bytes();
+                let answer = if failing {
+                    dcx_answer(&request, 504, Some("a reliable receiver did not confirm"))
+                } else {
+                    dcx_answer(&request, 200, None)
+                };
                 let (client, reply) = (client.clone(), msg.reply.expect("reply subject"));
                 tokio::spawn(async move {
                     if failing {
@@ -718,4 +696,27 @@ async fn a_spooled_request_answered_5xx_stays_until_it_is_delivered() {
     assert!(refusals.is_some_and(|r| r > 0.0), "refusals counted: {refusals:?}");
     assert_eq!(lost, 0, "every acknowledged request was delivered after the 5xx answers");
     assert_eq!(gateway.metric("fleetgate_gateway_spool_messages"), Some(0.0), "spool drained");
+}
+
+/// What a DCX stand-in answers to `request`: `status`, no payload.
+fn dcx_answer(
+    request: &fleetgate_messages::ClientData<'_>,
+    status: i32,
+    reason: Option<&str>,
+) -> bytes::Bytes {
+    use fleetgate_messages::{ExtensionData, Record as _};
+    ExtensionData {
+        correlation_id: request.correlation_id,
+        timestamp_ms: request.timestamp_ms,
+        timeout_ms: 0,
+        app_version_name: Some(request.app_version_name),
+        extension_instance_name: Some("dcx"),
+        endpoint_id: request.endpoint_id,
+        resource_path: request.resource_path,
+        request_id: request.request_id,
+        payload: None,
+        status_code: status,
+        reason_phrase: reason,
+    }
+    .to_bytes()
 }

@@ -79,28 +79,36 @@ fn publish_hot_path_does_not_allocate() {
         assert_eq!(stats.allocations, 0, "{name}: decode allocated");
         assert_eq!(stats.reallocations, 0, "{name}: decode reallocated");
 
-        // Encoding into a buffer with room.
-        let mut out = BytesMut::with_capacity(N * 256);
+        // Encoding into a buffer with room. The counter is process-wide, so another thread of
+        // the test process (the harness's) can allocate inside the region now and then: the
+        // best of three attempts counts. An allocation on the path itself shows in every
+        // attempt, N times over.
         let header = PublishHeader {
             qos,
             packet_id: (qos != QoS::AtMostOnce).then_some(7),
             ..PublishHeader::qos0()
         };
-        let region = Region::new(GLOBAL);
-        for _ in 0..N {
-            c.encode(&packet, &mut out).unwrap();
-            c.encode_publish_parts(
-                header,
-                &[b"kp1/demo-v1/dcx/", b"token-0001", b"/json/42/status"],
-                None,
-                b"{}",
-                &mut out,
-            )
+        let best = (0..3)
+            .map(|_| {
+                let mut out = BytesMut::with_capacity(N * 256);
+                let region = Region::new(GLOBAL);
+                for _ in 0..N {
+                    c.encode(&packet, &mut out).unwrap();
+                    c.encode_publish_parts(
+                        header,
+                        &[b"kp1/demo-v1/dcx/", b"token-0001", b"/json/42/status"],
+                        None,
+                        b"{}",
+                        &mut out,
+                    )
+                    .unwrap();
+                }
+                let stats = region.change();
+                (stats.allocations, stats.reallocations)
+            })
+            .min()
             .unwrap();
-        }
-        let stats = region.change();
-        assert_eq!(stats.allocations, 0, "{name}: encode allocated");
-        assert_eq!(stats.reallocations, 0, "{name}: encode reallocated");
+        assert_eq!(best, (0, 0), "{name}: encode allocated (allocations, reallocations)");
     }
 
     // Positive control: the counter does see allocations (subscription identifiers are a Vec).
