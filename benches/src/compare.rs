@@ -557,7 +557,7 @@ impl Env {
                 .env("FLEETGATE_NATS_URL", &url)
                 .env("FLEETGATE_TRANSPORTS_MQTT_LISTEN", mqtt.to_string())
                 .env("FLEETGATE_TRANSPORTS_MQTT_REUSE_PORT", "true")
-                .envs(crate::MQTT_LIMITS_OFF.iter().copied())
+                .envs(crate::LIMITS_OFF.iter().copied())
                 // MQTT scenarios only; replicas would also clash on the CoAP and HTTP ports.
                 .env("FLEETGATE_TRANSPORTS_COAP_ENABLED", "false")
                 .env("FLEETGATE_TRANSPORTS_HTTP_ENABLED", "false")

@@ -34,13 +34,15 @@ pub mod svg;
 pub mod threshold;
 pub mod udp_device;
 
-/// The environment that turns fleetgate's MQTT connection and rate limits off (issue 15): a
-/// benchmark measures the gateway's throughput, and its fleet connects faster, from fewer
-/// addresses and with more messages per connection than those limits allow a real fleet.
-pub const MQTT_LIMITS_OFF: &[(&str, &str)] = &[
+/// The environment that turns fleetgate's MQTT and HTTP connection and rate limits off (issue
+/// 15): a benchmark measures the gateway's throughput, and its fleet connects faster, from
+/// fewer addresses and with more messages per connection than those limits allow a real fleet.
+pub const LIMITS_OFF: &[(&str, &str)] = &[
     ("FLEETGATE_TRANSPORTS_MQTT_MAX_CONNECTIONS", "0"),
     ("FLEETGATE_TRANSPORTS_MQTT_MAX_CONNECTIONS_PER_ADDRESS", "0"),
     ("FLEETGATE_TRANSPORTS_MQTT_MAX_NEW_CONNECTIONS_PER_ADDRESS_PER_SEC", "0"),
     ("FLEETGATE_TRANSPORTS_MQTT_MAX_MESSAGES_PER_SEC", "0"),
     ("FLEETGATE_TRANSPORTS_MQTT_MAX_BYTES_PER_SEC", "0"),
+    ("FLEETGATE_TRANSPORTS_HTTP_MAX_CONNECTIONS_PER_ADDRESS", "0"),
+    ("FLEETGATE_TRANSPORTS_HTTP_MAX_NEW_CONNECTIONS_PER_ADDRESS_PER_SEC", "0"),
 ];

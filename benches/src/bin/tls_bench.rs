@@ -177,7 +177,7 @@ impl Server {
                 .env("FLEETGATE_TRANSPORTS_COAP_ENABLED", "false")
                 .env("FLEETGATE_TRANSPORTS_HTTP_ENABLED", "false")
                 .env("FLEETGATE_TRANSPORTS_MQTTS_ENABLED", "true")
-                .envs(fleetgate_benches::MQTT_LIMITS_OFF.iter().copied())
+                .envs(fleetgate_benches::LIMITS_OFF.iter().copied())
                 .env("FLEETGATE_TRANSPORTS_MQTTS_LISTEN", tls.to_string())
                 .env("FLEETGATE_TRANSPORTS_MQTTS_TLS_CERT_FILE", p(&files.server_cert))
                 .env("FLEETGATE_TRANSPORTS_MQTTS_TLS_KEY_FILE", p(&files.server_key))

@@ -56,6 +56,8 @@ impl Gateway {
         limits.max_new_connections_per_address_per_sec = 0;
         limits.max_messages_per_sec = 0;
         limits.max_bytes_per_sec = 0;
+        config.transports.http.max_connections_per_address = 0;
+        config.transports.http.max_new_connections_per_address_per_sec = 0;
         config.transports.coap.listen = coap;
         config.transports.http.listen = http;
         config.transports.udp.listen = udp;

@@ -228,8 +228,13 @@ fn main() {
 
     let servers = runtime("server");
     let (transport_addr, bare_addr) = servers.block_on(async {
-        let config =
-            HttpConfig { listen: "127.0.0.1:0".parse().expect("addr"), ..Default::default() };
+        // No per-address limits: every connection of the bench comes from one address.
+        let config = HttpConfig {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            max_connections_per_address: 0,
+            max_new_connections_per_address_per_sec: 0,
+            ..Default::default()
+        };
         let mut transport = HttpTransport::new(config, &TransportMetrics::default());
         transport.bind().expect("bind the transport");
         let transport_addr = transport.local_addrs()[0];

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 
 use fleetgate_tls::TlsConfig;
+use fleetgate_transport_core::net::ConnectionLimits;
 use fleetgate_transport_core::settings::below_minimum;
 use serde::{Deserialize, Serialize};
 
@@ -43,6 +44,14 @@ pub struct HttpConfig {
     pub min_body_bytes_per_sec: u64,
     /// Connections served at once; further clients wait in the listen backlog.
     pub max_connections: usize,
+    /// Connections open at once from one source address; more are closed at accept (reset).
+    /// 0: no limit.
+    pub max_connections_per_address: u32,
+    /// New connections per second from one source address (a token bucket); faster ones are
+    /// closed at accept. 0: no limit.
+    pub max_new_connections_per_address_per_sec: u32,
+    /// New connections one address may open at once after a quiet spell (the bucket's size).
+    pub new_connections_burst_per_address: u32,
     /// Longest a long poll (`GET ...?observe=true&timeout_ms=N`) is held; a larger or missing
     /// `timeout_ms` is cut to this.
     pub long_poll_max_ms: u64,
@@ -73,6 +82,9 @@ impl Default for HttpConfig {
             request_timeout_ms: 30_000,
             min_body_bytes_per_sec: 1024,
             max_connections: 10_000,
+            max_connections_per_address: 1_000,
+            max_new_connections_per_address_per_sec: 50,
+            new_connections_burst_per_address: 200,
             long_poll_max_ms: 60_000,
             max_in_flight_per_connection: 256,
             response_queue_capacity: 1024,
@@ -84,6 +96,17 @@ impl Default for HttpConfig {
 }
 
 impl HttpConfig {
+    /// The per-address limits applied at accept (`max_connections` is the listener's own
+    /// semaphore).
+    pub fn connection_limits(&self) -> ConnectionLimits {
+        ConnectionLimits {
+            max_connections: 0,
+            max_per_address: self.max_connections_per_address,
+            new_per_address_per_sec: self.max_new_connections_per_address_per_sec,
+            new_per_address_burst: self.new_connections_burst_per_address,
+        }
+    }
+
     /// Values out of range, as `(setting, what is wrong)`.
     pub fn problems(&self) -> Vec<(&'static str, String)> {
         let mut problems = below_minimum(&[

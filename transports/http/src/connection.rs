@@ -51,6 +51,8 @@ pub(crate) struct Shared {
     /// arrives (the listener's address and connection limit stay as started).
     pub settings: Live<HttpConfig>,
     pub metrics: Arc<HttpMetrics>,
+    /// The listener's per-address connection counts.
+    pub addresses: Arc<fleetgate_transport_core::net::Admission>,
 }
 
 pub(crate) struct Connection {

@@ -47,6 +47,8 @@ pub struct HttpMetrics {
     pub long_polls_waiting: Gauge,
     /// From a request's body read to the gateway's acceptance.
     pub request_accept: Latency,
+    /// The transport's handles, for `connections_limited` by reason.
+    limits: fleetgate_transport_core::metrics::TransportCounters,
 }
 
 /// Index into [`HttpMetrics::responses`].
@@ -83,7 +85,19 @@ impl HttpMetrics {
             busy_connections: Counter::default(),
             chunk_size_refusals: Counter::default(),
             long_polls_waiting: Gauge::default(),
+            limits: c,
         }
+    }
+
+    /// Counts a connection refused at accept by a per-address limit
+    /// (`fleetgate_transport_connections_limited_total{transport="http",reason}`).
+    pub fn limited(&self, refusal: fleetgate_transport_core::net::Refusal) {
+        self.limits.connections_limited(refusal.reason()).inc();
+    }
+
+    /// `connections_limited` for `reason` (`per_address` or `rate`).
+    pub fn connections_limited(&self, reason: &'static str) -> Counter {
+        self.limits.connections_limited(reason)
     }
 
     /// Counts one response with `status`.

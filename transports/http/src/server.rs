@@ -89,7 +89,7 @@ impl HttpTransport {
         let settings = Live::new(config);
         Self {
             listener: None,
-            shared: Arc::new(Shared { settings, metrics }),
+            shared: Arc::new(Shared { settings, metrics, addresses: net::Admission::new() }),
             tls: None,
             transport_metrics,
         }
@@ -196,6 +196,18 @@ impl HttpTransport {
             tokio::select! {
                 accepted = accept(listener, &limit, &mut heads, reap) => match accepted {
                     Ok((stream, peer, permit)) => {
+                        // Over a per-address limit: closed at once (reset), before a TLS
+                        // handshake or a read buffer is spent on it.
+                        let limits = self.shared.settings.read().connection_limits();
+                        let counted = match self.shared.addresses.admit(peer.ip(), &limits, std::time::Instant::now()) {
+                            Ok(counted) => counted,
+                            Err(refusal) => {
+                                self.shared.metrics.limited(refusal);
+                                tracing::debug!(%peer, reason = refusal.reason(), "connection refused by a limit");
+                                net::refuse_tcp(stream);
+                                continue;
+                            }
+                        };
                         self.shared.metrics.connections_accepted.inc();
                         let header_timeout = {
                             let config = self.shared.settings.read();
@@ -215,7 +227,12 @@ impl HttpTransport {
                             stream,
                             peer,
                             draining.clone(),
-                            Admission { _permit: permit, header_timeout, tripwire: tripwire.clone() },
+                            Admission {
+                                _permit: permit,
+                                _counted: counted,
+                                header_timeout,
+                                tripwire: tripwire.clone(),
+                            },
                             self.tls.clone(),
                         );
                         let task =
@@ -293,6 +310,8 @@ async fn sniff(stream: &TcpStream) -> std::io::Result<Option<Preface>> {
 /// its requests and its stream signal (a head arrived, a chunk too large).
 struct Admission {
     _permit: OwnedSemaphorePermit,
+    /// Its place in the per-address counts, given back when the connection ends.
+    _counted: net::Admitted,
     header_timeout: Duration,
     tripwire: Arc<Tripwire>,
 }

@@ -166,3 +166,48 @@ async fn slowloris_heads_and_bodies_cannot_hold_max_connections() {
     assert!(slow_bodies_408 >= 100, "slow bodies are answered 408: {slow_bodies_408}");
     assert!(after.saturating_sub(before) < 32 * 1024, "RSS grew {before} -> {after} KiB");
 }
+
+/// A connection flood from one address: over `max_new_connections_per_address_per_sec` (its
+/// burst used) and over `max_connections_per_address`, connections are reset at accept and
+/// counted by reason; a client from another address is served throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_over_the_per_address_limits_are_refused_at_accept() {
+    let config = HttpConfig {
+        max_connections_per_address: 20,
+        max_new_connections_per_address_per_sec: 5,
+        new_connections_burst_per_address: 30,
+        ..common::config()
+    };
+    let served = common::serve(Arc::new(ScriptedGateway::default()), config);
+    // The attacker connects from 127.0.0.2 (its own address), curl from 127.0.0.1.
+    let attacker = SocketAddr::from(([127, 0, 0, 2], 0));
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..200 {
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket.bind(attacker).expect("bind 127.0.0.2");
+        let Ok(mut stream) = socket.connect(served.addr).await else {
+            refused += 1;
+            continue;
+        };
+        // A refused connection is reset before anything is read: its read ends at once.
+        let mut byte = [0u8; 1];
+        match tokio::time::timeout(Duration::from_millis(50), stream.read(&mut byte)).await {
+            Ok(Ok(0) | Err(_)) => refused += 1,
+            _ => held.push(stream),
+        }
+    }
+    let (status, took) = curl(served.addr).await;
+    let per_address = served.metrics.connections_limited("per_address").get();
+    let rate = served.metrics.connections_limited("rate").get();
+    eprintln!(
+        "200 connections from one address: {} held, {refused} refused (per_address \
+         {per_address}, rate {rate}); curl {status} in {took:?}",
+        held.len()
+    );
+    assert_eq!(status, "200", "curl (another address) is served during the flood");
+    assert!(held.len() <= 20, "at most max_connections_per_address held: {}", held.len());
+    assert!(per_address + rate >= 170, "refusals counted: {per_address} + {rate}");
+    assert!(per_address > 0, "the per-address cap refused some");
+    assert!(served.metrics_text().contains("connections_limited"), "{}", served.metrics_text());
+}
